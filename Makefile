@@ -1,0 +1,52 @@
+# One entry point for a fresh clone: `make test` / `make demo` create .venv, install the pinned
+# dependencies (requirements.txt), build the C++ extension, then run.
+PYTHON_BOOT ?= python3
+VENV        := .venv
+PY          := $(VENV)/bin/python
+PIP         := $(PY) -m pip
+CSRC        := $(shell find csrc -name '*.cpp' -o -name '*.h' 2>/dev/null)
+EXT_STAMP   := .stamp-ext
+# Triton runs on the CPU interpreter here (no GPU); a GPU box overrides this with TRITON_INTERPRET=0.
+export TRITON_INTERPRET ?= 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: all venv build test test-fast demo bench info cuda-check clean
+
+all: build
+
+$(VENV)/.stamp-deps: requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q -r requirements.txt
+	touch $@
+
+venv: $(VENV)/.stamp-deps
+
+# Editable install maps fastft.kernels -> kernels/ and builds fastft/_C*.so in place; rebuilt
+# (incrementally, ninja keeps build/) whenever a C++ source changes.
+$(EXT_STAMP): $(VENV)/.stamp-deps $(CSRC) setup.py
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	$(PY) setup.py -q build_ext --inplace
+	touch $@
+
+build: $(EXT_STAMP)
+
+test: build
+	$(PY) -m pytest -q tests
+
+test-fast: build
+	$(PY) -m pytest -q -x tests -m "not slow"
+
+demo: build
+	$(PY) -m benchmarks.run_demo
+
+bench: demo
+
+info: build
+	$(PY) -m fastft info
+
+cuda-check:
+	bash scripts/cuda_compile_check.sh
+
+clean:
+	rm -rf build $(EXT_STAMP) fastft/_C*.so *.egg-info

@@ -1,0 +1,58 @@
+"""Cross-entropy with ignore_index, class weights, label smoothing, z-loss and logit softcapping.
+
+Per counted row i with target y, softcapped logits x (x <- s*tanh(x/s) when softcap=s),
+lse = logsumexp(x), class weights w (all ones when absent), W = sum(w), eps = label_smoothing:
+
+    loss_i = (1-eps) * w_y * (lse - x_y) + (eps/V) * sum_c w_c * (lse - x_c) + z_loss * lse^2
+
+Ignored rows (y == ignore_index) contribute 0. "mean" divides the sum by sum_i w_{y_i} over counted
+rows (torch's convention); with no counted row it returns 0 (torch returns NaN). The class dimension
+is the last one. Math in fp32 (fp64 for fp64 input); the result has the input's dtype.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+) -> Tensor:
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    num_classes = input.shape[-1]
+    x = input.reshape(-1, num_classes).to(acc)
+    t = target.reshape(-1)
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    counted = t != ignore_index
+    safe_t = torch.where(counted, t, torch.zeros_like(t))
+    lse = torch.logsumexp(x, dim=-1)
+    x_t = x.gather(1, safe_t[:, None]).squeeze(1)
+    w = weight.to(acc) if weight is not None else None
+    w_t = w[safe_t] if w is not None else torch.ones_like(lse)
+    loss = (1.0 - label_smoothing) * w_t * (lse - x_t)
+    if label_smoothing > 0:
+        if w is None:
+            smooth = num_classes * lse - x.sum(-1)
+        else:
+            smooth = w.sum() * lse - (x * w).sum(-1)
+        loss = loss + (label_smoothing / num_classes) * smooth
+    if z_loss > 0:
+        loss = loss + z_loss * lse * lse
+    loss = torch.where(counted, loss, torch.zeros_like(loss))
+    if reduction == "none":
+        return loss.reshape(target.shape).to(input.dtype)
+    total = loss.sum()
+    if reduction == "sum":
+        return total.to(input.dtype)
+    denom = torch.where(counted, w_t, torch.zeros_like(w_t)).sum()
+    safe = torch.where(denom > 0, denom, torch.ones_like(denom))
+    return torch.where(denom > 0, total / safe, torch.zeros_like(total)).to(input.dtype)

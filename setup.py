@@ -1,0 +1,62 @@
+"""Build script: the Python package, Triton kernels shipped as ``fastft.kernels``, and the C++ extension.
+
+The extension ``fastft._C`` holds every C++ CPU kernel (csrc/cpu) and, when built with CUDA
+(``FASTFT_BUILD_CUDA=1``, or auto when torch sees a GPU and nvcc), the CUDA kernels (csrc/cuda).
+Each kernel file registers itself in the ``fastft`` torch.library namespace, so the Python
+side finds them as ``torch.ops.fastft.*`` after ``import fastft._C``.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda() -> bool:
+    flag = os.environ.get("FASTFT_BUILD_CUDA", "auto").lower()
+    if flag in ("0", "no", "false"):
+        return False
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if flag in ("1", "yes", "true"):
+        return True
+    import torch
+
+    return torch.cuda.is_available() and CUDA_HOME is not None
+
+
+def _extensions():
+    if os.environ.get("FASTFT_NO_EXTENSION") == "1":
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    rel = lambda paths: sorted(os.path.relpath(p, ROOT) for p in paths)  # noqa: E731
+    sources = rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-DFASTFT_CPU_CAPABILITY"]
+    if os.environ.get("FASTFT_NATIVE", "1") == "1":
+        # The wheel built on a user's machine is for that machine; -march=native lets at::vec use AVX-512/AVX2.
+        cxx.append("-march=native")
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if _want_cuda():
+        sources += rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+        ext = CUDAExtension(
+            "fastft._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx + ["-DFASTFT_WITH_CUDA"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-DFASTFT_WITH_CUDA"]},
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        ext = CppExtension("fastft._C", sources, include_dirs=include_dirs, extra_compile_args=cxx, extra_link_args=["-fopenmp"])
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    packages=find_packages(include=["fastft", "fastft.*"]) + ["fastft.kernels"],
+    package_dir={"fastft.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
