@@ -1,0 +1,444 @@
+"""Triton cross-entropy: loss, logsumexp and (optionally) the gradient in one kernel per row.
+
+Per counted row (target y != ignore_index), with logits x softcapped first when softcap = s > 0
+(x <- s * tanh(x / s)), class weights w (all ones when absent), W = sum_c w_c, eps = label smoothing,
+lse = logsumexp(x) and p = softmax(x):
+
+    loss    = (1-eps) w_y (lse - x_y) + (eps/V) (W lse - sum_c w_c x_c) + z_loss lse^2
+    dloss/dx_j = p_j ((1-eps) w_y + (eps/V) W + 2 z_loss lse) - (eps/V) w_j - [j == y] (1-eps) w_y
+                 (times 1 - tanh(x_j / s)^2 with a softcap: the chain rule through the cap)
+
+Ignored rows give loss 0 and a zero gradient row (their lse is still computed). A target outside
+[0, V) that is not ignore_index is never used as an address: its loss and gradient row are NaN.
+The math is fastft.reference.cross_entropy; the contract is the docstring of fastft.ops.cross_entropy.
+
+Launchers (what fastft.ops.cross_entropy calls for backend "triton"):
+  cross_entropy_fwd(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap)
+      -> (loss[N] f32, lse[N] f32, grad[N, V] in logits' dtype, or an empty (0,) tensor when grad_scale is None)
+  cross_entropy_bwd(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap)
+      -> grad[N, V]
+  scale_if_not_one_(grad, scale): grad *= scale in place, a no-op on the device when scale == 1.
+
+Every value is loaded, cast to fp32, computed on and cast back on store (bf16 arithmetic is also
+wrong in the Triton interpreter). One program handles one row; row offsets are int64 because
+N * V passes 2**31 at LLM sizes (8192 x 128256).
+"""
+import functools
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["cross_entropy_fwd", "cross_entropy_bwd", "scale_if_not_one_"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Device helpers
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tanh(z):
+    # Not every Triton version has tl.tanh (it lives in libdevice on some), so build it from exp:
+    # tanh(|z|) = (1 - e) / (1 + e) with e = exp(-2|z|) in (0, 1]: no intermediate overflows for
+    # any finite z (logits of +-1e4 included), the sign is put back at the end. For small |z| the
+    # difference 1 - e cancels; there the odd Taylor series z - z^3/3 + 2 z^5/15 is exact to fp32
+    # (next term 17 z^7 / 315 < 3e-9 |z| at |z| < 1/16). Max error measured: 6e-8 abs, 4e-7 rel.
+    a = tl.abs(z)
+    e = tl.exp(-2.0 * a)
+    t = (1.0 - e) / (1.0 + e)
+    a2 = a * a
+    t_small = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0)))
+    t = tl.where(a < 0.0625, t_small, t)
+    return tl.where(z < 0.0, -t, t)
+
+
+@triton.jit
+def _cast_for_store(g, out_dtype: tl.constexpr, BF16_RNE_BY_HAND: tl.constexpr):
+    """g (fp32) cast to the output dtype for tl.store."""
+    if BF16_RNE_BY_HAND:
+        # Interpreter workaround: TRITON_INTERPRET=1 (3.7.1) casts fp32 -> bf16 by truncation, even with
+        # fp_downcast_rounding="rtne", so bf16 gradients came out one ulp low (3x torch's rounding error).
+        # Round to nearest even on the bits, after which the truncating cast is exact. GPUs round
+        # correctly and never take this branch (the launcher sets it only off CUDA).
+        bits = g.to(tl.int32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
+        r = tl.where(g != g, g, bits.to(tl.float32, bitcast=True))  # keep NaN a NaN
+        return r.to(tl.bfloat16)
+    else:
+        return g.to(out_dtype)
+
+
+@triton.jit
+def _grad_block(
+    x, offs, mask, y, lse, a, c_smooth, c_hit, weight_ptr, softcap,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+):
+    """Gradient of one block of raw fp32 logits x (columns offs) given the row's lse:
+    p_j * a - c_smooth * w_j - [j == y] * c_hit, times the softcap derivative."""
+    if HAS_SOFTCAP:
+        t = _tanh(x / softcap)
+        x = softcap * t
+    g = tl.exp(x - lse) * a
+    if HAS_SMOOTHING:
+        if HAS_WEIGHT:
+            w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
+            g = g - c_smooth * w
+        else:
+            g = g - c_smooth
+    g = tl.where(offs == y, g - c_hit, g)
+    if HAS_SOFTCAP:
+        g = g * (1.0 - t * t)
+    return g
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward: loss, lse and, with RETURN_GRAD, grad_scale * dloss/dlogits
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _cross_entropy_fwd_kernel(
+    logits_ptr, stride_row, target_ptr, weight_ptr, grad_scale_ptr,
+    loss_ptr, lse_ptr, grad_ptr,
+    V, ignore_index, label_smoothing, z_loss, softcap,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, RETURN_GRAD: tl.constexpr, BF16_RNE_BY_HAND: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = logits_ptr + row * stride_row
+    y = tl.load(target_ptr + row)
+    counted = y != ignore_index
+    in_range = (y >= 0) & (y < V)
+    cols = tl.arange(0, BLOCK)
+
+    # One pass over the row with the online softmax (Milakov & Gimelshein 2018, "Online normalizer
+    # calculation for softmax"): keep the running max m and s = sum_j exp(x_j - m). A block with
+    # max b moves the max to m' = max(m, b) and rescales: s' = s * exp(m - m') + sum_block exp(x - m').
+    # At the end lse = m + log(s). sum_c w_c x_c (label smoothing) accumulates in the same pass.
+    m = float("-inf")
+    s = 0.0
+    sum_wx = 0.0
+    sum_w = 0.0
+    for start in range(0, V, BLOCK):
+        offs = start + cols
+        mask = offs < V
+        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            x = softcap * _tanh(x / softcap)
+        if HAS_SMOOTHING:  # masked lanes hold x = 0 (softcap(0) = 0) and w = 0
+            if HAS_WEIGHT:
+                w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
+                sum_wx += tl.sum(w * x, axis=0)
+                sum_w += tl.sum(w, axis=0)
+            else:
+                sum_wx += tl.sum(x, axis=0)
+        x = tl.where(mask, x, float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(s)
+
+    # The target's logit and weight: one scalar load each, at column 0 when y is out of range.
+    safe_y = tl.where(in_range, y, 0)
+    x_y = tl.load(x_row + safe_y).to(tl.float32)
+    if HAS_SOFTCAP:
+        x_y = softcap * _tanh(x_y / softcap)
+    if HAS_WEIGHT:
+        w_y = tl.load(weight_ptr + safe_y)
+    else:
+        w_y = 1.0
+    if HAS_SMOOTHING:
+        hit = (1.0 - label_smoothing) * w_y
+        eps_v = label_smoothing / tl.cast(V, tl.float32)
+        if HAS_WEIGHT:
+            W = sum_w
+        else:
+            W = tl.cast(V, tl.float32)
+    else:
+        hit = w_y
+
+    loss = hit * (lse - x_y)
+    if HAS_SMOOTHING:
+        loss += eps_v * (W * lse - sum_wx)
+    if HAS_Z_LOSS:
+        loss += z_loss * lse * lse
+    loss = tl.where(in_range, loss, float("nan"))
+    loss = tl.where(counted, loss, 0.0)
+    tl.store(loss_ptr + row, loss)
+    tl.store(lse_ptr + row, lse)
+
+    if RETURN_GRAD:
+        # Second sweep over the same row (on a GPU it is usually still in L2). Ignored rows load
+        # nothing (the load mask is off) and store zeros.
+        scale = tl.load(grad_scale_ptr)
+        a = hit
+        if HAS_SMOOTHING:
+            a += eps_v * W
+            c_smooth = scale * eps_v
+        else:
+            c_smooth = 0.0
+        if HAS_Z_LOSS:
+            a += 2.0 * z_loss * lse
+        a = tl.where(in_range, a, float("nan")) * scale
+        c_hit = scale * hit
+        g_row = grad_ptr + row * V
+        for start in range(0, V, BLOCK):
+            offs = start + cols
+            mask = offs < V
+            x = tl.load(x_row + offs, mask=mask & counted, other=0.0).to(tl.float32)
+            g = _grad_block(x, offs, mask, y, lse, a, c_smooth, c_hit, weight_ptr, softcap,
+                            HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+            g = tl.where(counted, g, 0.0)
+            tl.store(g_row + offs, _cast_for_store(g, grad_ptr.dtype.element_ty, BF16_RNE_BY_HAND), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# Backward from a saved lse (reduction "none": a per-row upstream gradient)
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _cross_entropy_bwd_kernel(
+    grad_loss_ptr, logits_ptr, stride_row, target_ptr, weight_ptr, weight_sum_ptr, lse_ptr, grad_ptr,
+    V, ignore_index, label_smoothing, z_loss, softcap,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, BF16_RNE_BY_HAND: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = logits_ptr + row * stride_row
+    y = tl.load(target_ptr + row)
+    counted = y != ignore_index
+    in_range = (y >= 0) & (y < V)
+    safe_y = tl.where(in_range, y, 0)
+    go = tl.load(grad_loss_ptr + row)
+    lse = tl.load(lse_ptr + row)
+    if HAS_WEIGHT:
+        w_y = tl.load(weight_ptr + safe_y)
+    else:
+        w_y = 1.0
+    if HAS_SMOOTHING:
+        hit = (1.0 - label_smoothing) * w_y
+        eps_v = label_smoothing / tl.cast(V, tl.float32)
+        if HAS_WEIGHT:
+            W = tl.load(weight_sum_ptr)
+        else:
+            W = tl.cast(V, tl.float32)
+        a = hit + eps_v * W
+        c_smooth = go * eps_v
+    else:
+        hit = w_y
+        a = hit
+        c_smooth = 0.0
+    if HAS_Z_LOSS:
+        a += 2.0 * z_loss * lse
+    a = tl.where(in_range, a, float("nan")) * go
+    c_hit = go * hit
+
+    cols = tl.arange(0, BLOCK)
+    g_row = grad_ptr + row * V
+    for start in range(0, V, BLOCK):
+        offs = start + cols
+        mask = offs < V
+        x = tl.load(x_row + offs, mask=mask & counted, other=0.0).to(tl.float32)
+        g = _grad_block(x, offs, mask, y, lse, a, c_smooth, c_hit, weight_ptr, softcap,
+                        HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+        g = tl.where(counted, g, 0.0)
+        tl.store(g_row + offs, _cast_for_store(g, grad_ptr.dtype.element_ty, BF16_RNE_BY_HAND), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# In-place scale that costs one scalar load when the scale is 1
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _scale_if_not_one_kernel(grad_ptr, scale_ptr, numel, num_blocks, BF16_RNE_BY_HAND: tl.constexpr, BLOCK: tl.constexpr):
+    # Persistent grid-stride loop: the launch is a few programs per SM whatever the size, so the
+    # common scale == 1 case (plain loss.backward()) is one tiny launch and no memory traffic.
+    scale = tl.load(scale_ptr)
+    if scale != 1.0:
+        pid = tl.program_id(0)
+        num_programs = tl.num_programs(0)
+        cols = tl.arange(0, BLOCK)
+        for blk in range(pid, num_blocks, num_programs):
+            offs = tl.cast(blk, tl.int64) * BLOCK + cols  # int64: numel may pass 2**31
+            mask = offs < numel
+            g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(grad_ptr + offs, _cast_for_store(g * scale, grad_ptr.dtype.element_ty, BF16_RNE_BY_HAND), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers
+# ------------------------------------------------------------------------------------------------
+
+
+def _row_config(V: int, device: torch.device) -> Tuple[int, int]:
+    """(BLOCK, num_warps) for the per-row kernels. On CUDA an 8192-column tile (16 bf16 per thread at
+    16 warps) keeps the loads vectorized with few loop trips at V = 32k..256k. Under the interpreter
+    the cost is per program and per op, not per element, so the whole row is one tile up to 16384."""
+    block = triton.next_power_of_2(V)
+    if device.type == "cuda":
+        block = min(block, 8192)
+        num_warps = 16 if block >= 8192 else 8 if block >= 2048 else 4
+    else:
+        block = min(block, 16384)
+        num_warps = 4
+    return block, num_warps
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _device_ctx(t: Tensor):
+    # Triton launches on the current CUDA device; make it the tensor's.
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return _NullCtx()
+
+
+class _NullCtx:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _bf16_by_hand(t: Tensor) -> bool:
+    # See _cast_for_store: only the interpreter (tensors off CUDA) needs bf16 rounding done by hand.
+    return t.dtype == torch.bfloat16 and t.device.type != "cuda"
+
+
+def _check_logits(logits: Tensor, target: Tensor, name: str) -> Tuple[int, int]:
+    if logits.dim() != 2:
+        raise ValueError(f"{name}: logits must be 2-D [N, V], got shape {tuple(logits.shape)}")
+    if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"{name}: logits must be float32, float16 or bfloat16, got {logits.dtype}")
+    n, v = logits.shape
+    if v == 0:
+        raise ValueError(f"{name}: logits have 0 classes")
+    if n > 0 and logits.stride(1) != 1:
+        raise ValueError(f"{name}: logits must have a unit stride on the class dimension, got {logits.stride()}")
+    if target.shape != (n,):
+        raise ValueError(f"{name}: target must have shape ({n},), got {tuple(target.shape)}")
+    if target.dtype != torch.int64:
+        raise TypeError(f"{name}: target must be int64, got {target.dtype}")
+    return n, v
+
+
+def cross_entropy_fwd(
+    logits: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    grad_scale: Optional[Tensor],
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-row loss and lse (fp32, [N]) and, when ``grad_scale`` (a 0-dim fp32 tensor) is given,
+    ``grad_scale * dloss_i/dlogits`` as a contiguous [N, V] tensor in logits' dtype (else an empty
+    (0,) tensor and no gradient work). ``softcap`` 0.0 means no cap."""
+    n, v = _check_logits(logits, target, "cross_entropy_fwd")
+    device = logits.device
+    loss = torch.empty(n, dtype=torch.float32, device=device)
+    lse = torch.empty(n, dtype=torch.float32, device=device)
+    return_grad = grad_scale is not None
+    grad = torch.empty((n, v) if return_grad else (0,), dtype=logits.dtype, device=device)
+    if n == 0:
+        return loss, lse, grad
+    target = target.contiguous()
+    has_weight = weight is not None
+    w = weight.to(torch.float32).contiguous() if has_weight else loss  # placeholder, never read
+    scale = grad_scale.reshape(()).to(torch.float32) if return_grad else loss  # placeholder, never read
+    block, num_warps = _row_config(v, device)
+    with _device_ctx(logits):
+        _cross_entropy_fwd_kernel[(n,)](
+            logits, logits.stride(0), target, w, scale,
+            loss, lse, grad if return_grad else loss,
+            v, int(ignore_index), float(label_smoothing), float(z_loss), float(softcap),
+            HAS_WEIGHT=has_weight,
+            HAS_SMOOTHING=float(label_smoothing) > 0.0,
+            HAS_Z_LOSS=float(z_loss) > 0.0,
+            HAS_SOFTCAP=float(softcap) > 0.0,
+            RETURN_GRAD=return_grad,
+            BF16_RNE_BY_HAND=_bf16_by_hand(logits),
+            BLOCK=block,
+            num_warps=num_warps,
+        )
+    return loss, lse, grad
+
+
+def cross_entropy_bwd(
+    grad_loss: Tensor,
+    logits: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    lse: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+) -> Tensor:
+    """``grad_loss[i] * dloss_i/dlogits_i`` as a contiguous [N, V] tensor in logits' dtype, from the
+    ``lse`` saved by :func:`cross_entropy_fwd`; ignored rows are zero."""
+    n, v = _check_logits(logits, target, "cross_entropy_bwd")
+    device = logits.device
+    grad = torch.empty((n, v), dtype=logits.dtype, device=device)
+    if n == 0:
+        return grad
+    if grad_loss.numel() != n or lse.numel() != n:
+        raise ValueError(
+            f"cross_entropy_bwd: grad_loss and lse must hold {n} values, got {grad_loss.numel()} and {lse.numel()}"
+        )
+    target = target.contiguous()
+    grad_loss = grad_loss.reshape(n).to(torch.float32).contiguous()
+    lse = lse.reshape(n).to(torch.float32).contiguous()
+    has_weight = weight is not None
+    has_smoothing = float(label_smoothing) > 0.0
+    w = weight.to(torch.float32).contiguous() if has_weight else lse  # placeholder, never read
+    # W = sum(w) is needed only with weights and smoothing: one tiny reduction, no host sync.
+    w_sum = w.sum().reshape(()) if has_weight and has_smoothing else lse
+    block, num_warps = _row_config(v, device)
+    with _device_ctx(logits):
+        _cross_entropy_bwd_kernel[(n,)](
+            grad_loss, logits, logits.stride(0), target, w, w_sum, lse, grad,
+            v, int(ignore_index), float(label_smoothing), float(z_loss), float(softcap),
+            HAS_WEIGHT=has_weight,
+            HAS_SMOOTHING=has_smoothing,
+            HAS_Z_LOSS=float(z_loss) > 0.0,
+            HAS_SOFTCAP=float(softcap) > 0.0,
+            BF16_RNE_BY_HAND=_bf16_by_hand(logits),
+            BLOCK=block,
+            num_warps=num_warps,
+        )
+    return grad
+
+
+_SCALE_BLOCK = 4096
+
+
+def scale_if_not_one_(grad: Tensor, scale: Tensor) -> None:
+    """``grad *= scale`` in place, ``scale`` a 0-dim fp32 tensor on grad's device. The kernel reads
+    the scalar on the device and returns at once when it is 1.0: no host sync, no memory traffic."""
+    numel = grad.numel()
+    if numel == 0:
+        return
+    scale = scale.reshape(()).to(torch.float32)
+    if not grad.is_contiguous():
+        grad.mul_(scale)  # not reached from fastft.ops (its gradient buffers are contiguous)
+        return
+    num_blocks = triton.cdiv(numel, _SCALE_BLOCK)
+    if grad.device.type == "cuda":
+        programs = min(num_blocks, 4 * _sm_count(grad.device.index if grad.device.index is not None else torch.cuda.current_device()))
+    else:
+        programs = min(num_blocks, 2)
+    with _device_ctx(grad):
+        _scale_if_not_one_kernel[(programs,)](
+            grad, scale, numel, num_blocks, BF16_RNE_BY_HAND=_bf16_by_hand(grad), BLOCK=_SCALE_BLOCK, num_warps=8
+        )
