@@ -33,7 +33,7 @@ def _extensions():
 
     rel = lambda paths: sorted(os.path.relpath(p, ROOT) for p in paths)  # noqa: E731
     sources = rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-DFASTFT_CPU_CAPABILITY"]
+    cxx = ["-O3", "-fopenmp"]
     if os.environ.get("FASTFT_NATIVE", "1") == "1":
         # The wheel built on a user's machine is for that machine; -march=native lets at::vec use AVX-512/AVX2.
         cxx.append("-march=native")
@@ -44,7 +44,7 @@ def _extensions():
             "fastft._C",
             sources,
             include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx + ["-DFASTFT_WITH_CUDA"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-DFASTFT_WITH_CUDA"]},
+            extra_compile_args={"cxx": cxx + ["-DFASTFT_WITH_CUDA"], "nvcc": ["-O3", "-DFASTFT_WITH_CUDA"]},
             extra_link_args=["-fopenmp"],
         )
     else:

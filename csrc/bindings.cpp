@@ -3,8 +3,11 @@
 // loads those registrations. It also reports what was compiled in, for `python -m fastft info`.
 #include <torch/extension.h>
 
+#include "cpu/_buffer_cache.h"
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastft C++/CUDA kernels (registered as torch.ops.fastft.*)";
+  m.def("release_buffer_cache", &fastft::release_buffer_cache, "Free the cached CPU output buffers");
 #ifdef FASTFT_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

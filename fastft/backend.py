@@ -8,21 +8,23 @@ unusable falls back to the pure-torch reference with a one-time warning.
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import os
-import threading
 import warnings
 from typing import Iterator
 
+import torch
+
 BACKENDS = ("reference", "cpp", "triton", "cuda")
 
-_state = threading.local()
+# A process-wide override (plain globals, not thread-locals, so torch.compile traces select()).
+_override: list[str | None] = [None]
 _warned: set[str] = set()
+_status_cache: dict[str, tuple[bool, str]] = {}
 
 
 def _forced() -> str | None:
-    name = getattr(_state, "name", None) or os.environ.get("FASTFT_BACKEND") or None
+    name = _override[0] or os.environ.get("FASTFT_BACKEND") or None
     if name is not None and name not in BACKENDS:
         raise ValueError(f"unknown fastft backend {name!r}; expected one of {BACKENDS}")
     return name
@@ -33,12 +35,12 @@ def use(name: str | None) -> Iterator[None]:
     """Force one backend inside a ``with`` block (``None`` restores automatic choice)."""
     if name is not None and name not in BACKENDS:
         raise ValueError(f"unknown fastft backend {name!r}; expected one of {BACKENDS}")
-    previous = getattr(_state, "name", None)
-    _state.name = name
+    previous = _override[0]
+    _override[0] = name
     try:
         yield
     finally:
-        _state.name = previous
+        _override[0] = previous
 
 
 # ----------------------------------------------------------------------------------------------
@@ -46,22 +48,25 @@ def use(name: str | None) -> Iterator[None]:
 # ----------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+_extension: list = []  # [module or None, error message], filled on first use
+
+
+def _load_extension() -> list:
+    if not _extension:
+        try:
+            _extension[:] = [importlib.import_module("fastft._C"), ""]
+        except ImportError as exc:
+            _extension[:] = [None, f"fastft._C not importable ({exc}); build it with `make build` or `pip install .`"]
+    return _extension
+
+
 def extension():
     """The compiled ``fastft._C`` module, or None when it was not built."""
-    try:
-        return importlib.import_module("fastft._C")
-    except ImportError:
-        return None
+    return _load_extension()[0]
 
 
-@functools.lru_cache(maxsize=None)
 def extension_error() -> str:
-    try:
-        importlib.import_module("fastft._C")
-    except ImportError as exc:  # pragma: no cover - depends on the build
-        return f"fastft._C not importable ({exc}); build it with `make build` or `pip install .`"
-    return ""
+    return _load_extension()[1]
 
 
 def cpp_status() -> tuple[bool, str]:
@@ -83,7 +88,6 @@ def cuda_ext_status() -> tuple[bool, str]:
     return True, "CUDA kernels compiled into fastft._C"
 
 
-@functools.lru_cache(maxsize=None)
 def triton_status() -> tuple[bool, str]:
     import torch
 
@@ -99,17 +103,18 @@ def triton_status() -> tuple[bool, str]:
 
 
 def status(name: str) -> tuple[bool, str]:
-    if name == "reference":
-        return True, "pure torch"
-    if name == "cpp":
-        return cpp_status()
-    if name == "cuda":
-        return cuda_ext_status()
-    if name == "triton":
-        return triton_status()
-    raise ValueError(f"unknown fastft backend {name!r}; expected one of {BACKENDS}")
+    """(usable, reason) for a backend; probed once per process."""
+    if name not in _status_cache:
+        probes = {"reference": lambda: (True, "pure torch"), "cpp": cpp_status, "cuda": cuda_ext_status,
+                  "triton": triton_status}
+        if name not in probes:
+            raise ValueError(f"unknown fastft backend {name!r}; expected one of {BACKENDS}")
+        _status_cache[name] = probes[name]()
+    return _status_cache[name]
 
 
+# Evaluated eagerly while torch.compile traces; the chosen name is a constant of the graph.
+@torch.compiler.assume_constant_result
 def select(device_type: str, supported: tuple[str, ...] = BACKENDS) -> str:
     """The backend for a call on tensors of ``device_type``; ``supported`` lists what the op has."""
     forced = _forced()

@@ -10,10 +10,12 @@ backward writes the gradient in one pass from it.
 Kernels (same signature on every backend):
   cross_entropy_fwd(logits[N,V], target[N] i64, weight[V] f32?, grad_scale[] f32?,
                     ignore_index, label_smoothing, z_loss, softcap) -> (loss[N] f32, lse[N] f32, grad)
+      (loss and lse are fp64 for fp64 logits on the C++ backend, the only one that takes fp64)
       grad = grad_scale * d(loss_i)/d(logits) in logits' dtype when grad_scale is given, else empty.
   cross_entropy_bwd(grad_loss[N] f32, logits, target, weight?, lse, ignore_index, label_smoothing,
                     z_loss, softcap) -> grad[N,V]
-  scale_if_not_one_(grad, scale[] f32): grad *= scale, touching nothing when scale == 1.
+  scale_if_not_one_(grad, scale[] f32): grad *= scale, touching nothing when scale == 1 (called
+      in eager backward; under torch.compile the scaling is a plain multiply in the traced graph).
 Backends: "cpp" and "cuda" are torch.ops.fastft.*_kernel from fastft._C (csrc/cpu, csrc/cuda);
 "triton" is fastft.kernels.cross_entropy; "reference" is fastft.reference.cross_entropy (plain
 autograd, no custom op).
@@ -43,18 +45,20 @@ def _kernels(backend: str):
     return ops.cross_entropy_fwd_kernel, ops.cross_entropy_bwd_kernel, ops.scale_if_not_one_kernel_
 
 
-def reduction_scale(target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: int) -> Tensor:
-    """The factor that turns the sum of row losses into the reduced loss, as a 0-dim fp32 tensor on
+def reduction_scale(
+    target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: int, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """The factor that turns the sum of row losses into the reduced loss, as a 0-dim tensor on
     the target's device (no host sync): 1 for "sum", 1/sum(w_y over counted rows) for "mean",
     and 0 when no row counts (so an all-ignored batch gives loss 0 and a zero gradient)."""
     if reduction != _MEAN:
-        return torch.ones((), dtype=torch.float32, device=target.device)
+        return torch.ones((), dtype=dtype, device=target.device)
     counted = target != ignore_index
     if weight is None:
-        denom = counted.sum(dtype=torch.float32)
+        denom = counted.sum(dtype=dtype)
     else:
         safe_t = torch.where(counted, target, torch.zeros_like(target)).clamp_(0, weight.numel() - 1)
-        denom = (weight.float()[safe_t] * counted).sum()
+        denom = (weight.to(dtype)[safe_t] * counted).sum()
     return torch.where(denom > 0, 1.0 / denom, torch.zeros_like(denom))
 
 
@@ -77,7 +81,8 @@ def _cross_entropy_op(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     fwd, _, _ = _kernels(backend)
-    scale = reduction_scale(target, weight, ignore_index, reduction)
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    scale = reduction_scale(target, weight, ignore_index, reduction, acc)
     fuse_grad = compute_grad and reduction != _NONE
     loss_rows, lse, grad = fwd(
         logits, target, weight, scale if fuse_grad else None, ignore_index, label_smoothing, z_loss, softcap
@@ -93,7 +98,7 @@ def _cross_entropy_op(
 def _(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, compute_grad, backend):
     n, v = logits.shape
     loss = logits.new_empty((n,) if reduction == _NONE else ())
-    lse = logits.new_empty((n,), dtype=torch.float32)
+    lse = logits.new_empty((n,), dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
     grad = logits.new_empty((n, v) if compute_grad and reduction != _NONE else (0,))
     return loss, lse, grad
 
@@ -112,7 +117,7 @@ def _cross_entropy_backward_op(
     backend: str,
 ) -> Tensor:
     _, bwd, _ = _kernels(backend)
-    return bwd(grad_loss.float().contiguous(), logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap)
+    return bwd(grad_loss.to(lse.dtype).contiguous(), logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap)
 
 
 @_cross_entropy_backward_op.register_fake
@@ -120,16 +125,12 @@ def _(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing, z_l
     return torch.empty_like(logits)
 
 
-@torch.library.custom_op("fastft::scale_grad_", mutates_args=("grad",))
-def _scale_grad_op(grad: Tensor, scale: Tensor, backend: str) -> None:
-    """grad *= scale in place; free when scale == 1 (the common loss.backward())."""
-    _, _, scale_ = _kernels(backend)
-    scale_(grad, scale.reshape(()).float())
+def _is_traced(t: Tensor) -> bool:
+    """True while torch.compile / AOTAutograd traces (fake or functional tensors): no in-place tricks then."""
+    from torch._subclasses.fake_tensor import is_fake
+    from torch._subclasses.functional_tensor import FunctionalTensor
 
-
-@_scale_grad_op.register_fake
-def _(grad, scale, backend):
-    return None
+    return torch.compiler.is_compiling() or is_fake(t) or isinstance(t, FunctionalTensor)
 
 
 def _setup_context(ctx, inputs, output):
@@ -138,32 +139,38 @@ def _setup_context(ctx, inputs, output):
     ctx.options = (ignore_index, label_smoothing, z_loss, softcap)
     ctx.reduction = reduction
     ctx.backend = backend
+    ctx.fused = compute_grad and reduction != _NONE
     ctx.grad_consumed = False
-    if reduction == _NONE:
-        ctx.save_for_backward(logits, target, weight, lse)
-    else:
+    if ctx.fused:
         ctx.save_for_backward(grad)
-        ctx.compute_grad = compute_grad
+    else:
+        ctx.save_for_backward(logits, target, weight, lse)
 
 
 def _backward(ctx, grad_loss, _grad_lse, _grad_grad):
-    if ctx.reduction == _NONE:
+    if not ctx.fused:
+        # Per-row upstream gradient (reduction "none", or a mean/sum whose logits did not require
+        # grad in forward): one sweep from the saved logsumexp.
         logits, target, weight, lse = ctx.saved_tensors
+        if ctx.reduction != _NONE:
+            scale = reduction_scale(target, weight, ctx.options[0], ctx.reduction, lse.dtype)
+            grad_loss = (grad_loss.to(lse.dtype) * scale).expand(target.shape[0])
         grad = _cross_entropy_backward_op(grad_loss, logits, target, weight, lse, *ctx.options, ctx.backend)
+        return grad, None, None, None, None, None, None, None, None, None
+    (grad,) = ctx.saved_tensors
+    if _is_traced(grad):
+        grad = grad * grad_loss.to(grad.dtype)
     else:
-        if not ctx.compute_grad:
-            raise RuntimeError(
-                "fastft.cross_entropy: the gradient was not computed in forward because the logits did not "
-                "require grad when the loss was computed"
-            )
+        # Eager: scale the forward's gradient buffer in place; a no-op for the usual upstream 1.0.
         if ctx.grad_consumed:
             raise RuntimeError(
                 "fastft.cross_entropy: backward ran twice through the same loss (retain_graph=True); the fused "
                 "gradient buffer is scaled in place by the first backward. Recompute the loss instead."
             )
         ctx.grad_consumed = True
-        (grad,) = ctx.saved_tensors
-        _scale_grad_op(grad, grad_loss, ctx.backend)
+        _, _, scale_ = _kernels(ctx.backend)
+        acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+        scale_(grad, grad_loss.detach().reshape(()).to(acc))
     return grad, None, None, None, None, None, None, None, None, None
 
 

@@ -1,0 +1,331 @@
+// Cross-entropy CPU kernels (the "cpp" backend of fastft.ops.cross_entropy).
+//
+// Per counted row (x softcapped when softcap > 0, w = class weights or ones, W = sum w, eps = smoothing):
+//   loss = (1-eps) w_y (lse - x_y) + (eps/V) (W lse - sum_c w_c x_c) + z lse^2
+//   dloss/dx_j = p_j ((1-eps) w_y + (eps/V) W + 2 z lse) - (eps/V) w_j - [j==y] (1-eps) w_y
+//   (times 1 - tanh(x_j/softcap)^2 through the cap).
+// A row of a 32k vocabulary is 128 KB of fp32: it stays in L2 while we sweep it. Forward with the fused
+// gradient reads each logit from memory once (max pass), then from cache: exp(x - max) is computed once
+// per logit and parked in the gradient row, which the last sweep rescales in place. So memory traffic is
+// one read of the logits and one write of the gradient, and one exp per logit.
+#include "cpu/_vec.h"  // must precede other ATen includes (sets the Vectorized ISA)
+#include "cpu/_buffer_cache.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace fastft {
+namespace {
+
+using at::vec::Vectorized;
+
+struct CEOptions {
+  int64_t ignore_index;
+  double smoothing;
+  double z_loss;
+  double softcap;  // 0: off
+};
+
+template <typename scalar_t>
+using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// The (softcapped) row in accumulation precision. Aliases the input when no conversion is needed.
+template <typename scalar_t, typename acc>
+const acc* row_values(const scalar_t* x, int64_t V, acc softcap, acc* scratch) {
+  using Vec = Vectorized<acc>;
+  if constexpr (std::is_same_v<scalar_t, acc>) {
+    if (softcap == acc(0)) return x;
+    const Vec cap(softcap), inv(acc(1) / softcap);
+    int64_t j = 0;
+    for (; j + Vec::size() <= V; j += Vec::size()) (cap * (Vec::loadu(x + j) * inv).tanh()).store(scratch + j);
+    if (j < V) (cap * (Vec::loadu(x + j, V - j) * inv).tanh()).store(scratch + j, V - j);
+    return scratch;
+  } else {
+    for (int64_t j = 0; j < V; ++j) scratch[j] = static_cast<acc>(x[j]);
+    if (softcap != acc(0)) return row_values<acc, acc>(scratch, V, softcap, scratch);
+    return scratch;
+  }
+}
+
+template <typename acc>
+acc row_max(const acc* xs, int64_t V) {
+  using Vec = Vectorized<acc>;
+  Vec m(-std::numeric_limits<acc>::infinity());
+  int64_t j = 0;
+  for (; j + Vec::size() <= V; j += Vec::size()) m = at::vec::maximum(m, Vec::loadu(xs + j));
+  acc out = at::vec::vec_reduce_all<acc>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, m);
+  for (; j < V; ++j) out = std::max(out, xs[j]);
+  return out;
+}
+
+// sum_j w_j x_j (w == nullptr: sum_j x_j)
+template <typename acc>
+acc row_weighted_sum(const acc* xs, const acc* w, int64_t V) {
+  using Vec = Vectorized<acc>;
+  Vec s(acc(0));
+  int64_t j = 0;
+  for (; j + Vec::size() <= V; j += Vec::size()) {
+    Vec v = Vec::loadu(xs + j);
+    s = w ? at::vec::fmadd(v, Vec::loadu(w + j), s) : s + v;
+  }
+  acc out = at::vec::vec_reduce_all<acc>([](Vec& a, Vec& b) { return a + b; }, s);
+  for (; j < V; ++j) out += w ? w[j] * xs[j] : xs[j];
+  return out;
+}
+
+// sum_j exp(x_j - shift); stores each exp into e_out when given.
+template <typename acc>
+acc row_sum_exp(const acc* xs, int64_t V, acc shift, acc* e_out) {
+  using Vec = Vectorized<acc>;
+  const Vec sh(shift);
+  Vec s(acc(0));
+  int64_t j = 0;
+  for (; j + Vec::size() <= V; j += Vec::size()) {
+    Vec e = (Vec::loadu(xs + j) - sh).exp_u20();
+    if (e_out) e.store(e_out + j);
+    s = s + e;
+  }
+  acc out = at::vec::vec_reduce_all<acc>([](Vec& a, Vec& b) { return a + b; }, s);
+  for (; j < V; ++j) {
+    acc e = std::exp(xs[j] - shift);
+    if (e_out) e_out[j] = e;
+    out += e;
+  }
+  return out;
+}
+
+template <typename scalar_t, typename acc>
+void store_row(scalar_t* dst, const acc* src, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, acc>) {
+    if (dst != src) std::memcpy(dst, src, n * sizeof(acc));
+  } else {
+    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<scalar_t>(src[j]);
+  }
+}
+
+// Gradient sweep: g_j = (e_j * a - c * w_j) * softcap'(x_j), with e_j = e[j] when given, else
+// exp(xs_j - shift); the target column also has -b.
+// out may alias e (fp32 path: the exps were parked in the gradient row).
+template <typename scalar_t, typename acc>
+void write_grad_row(scalar_t* out, const acc* xs, const acc* e, acc shift, acc a, acc c, acc b, const acc* w,
+                    int64_t V, int64_t y, acc softcap, acc* tmp) {
+  using Vec = Vectorized<acc>;
+  const Vec av(a), cv(c), sh(shift);
+  const Vec inv_cap2(softcap != acc(0) ? acc(1) / (softcap * softcap) : acc(0)), one(acc(1));
+  // fp32 writes straight into out; reduced precision goes through tmp then converts.
+  acc* dst;
+  if constexpr (std::is_same_v<scalar_t, acc>) dst = out; else dst = tmp;
+  // The target column, in full precision, before the sweep overwrites the parked exps it needs.
+  acc gy = 0;
+  if (y >= 0) {
+    const acc ey = e ? e[y] : std::exp(xs[y] - shift);
+    gy = ey * a - c * (w ? w[y] : acc(1)) - b;
+    if (softcap != acc(0)) gy *= acc(1) - xs[y] * xs[y] / (softcap * softcap);
+  }
+  auto chunk = [&](int64_t j, int64_t n) {
+    Vec ev = e ? Vec::loadu(e + j, n) : (Vec::loadu(xs + j, n) - sh).exp_u20();
+    Vec g = w ? ev * av - cv * Vec::loadu(w + j, n) : ev * av - cv;
+    if (softcap != acc(0)) {
+      Vec xv = Vec::loadu(xs + j, n);
+      g = g * (one - xv * xv * inv_cap2);  // tanh(x/s) = x_capped / s
+    }
+    g.store(dst + j, n);
+  };
+  int64_t j = 0;
+  for (; j + Vec::size() <= V; j += Vec::size()) chunk(j, Vec::size());
+  if (j < V) chunk(j, V - j);
+  if (y >= 0) dst[y] = gy;
+  if constexpr (!std::is_same_v<scalar_t, acc>) store_row<scalar_t, acc>(out, tmp, V);
+}
+
+template <typename scalar_t>
+void fill_row(scalar_t* out, int64_t V, double value) {
+  std::fill(out, out + V, static_cast<scalar_t>(value));
+}
+
+void check_common(const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight) {
+  TORCH_CHECK(logits.dim() == 2, "cross_entropy: logits must be [N, V], got ", logits.sizes());
+  TORCH_CHECK(logits.stride(1) == 1, "cross_entropy: logits' last dimension must be contiguous");
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), "cross_entropy: target must be [N]");
+  TORCH_CHECK(target.scalar_type() == at::kLong, "cross_entropy: target must be int64");
+  if (weight.has_value()) {
+    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == logits.size(1) && weight->is_contiguous() &&
+                    weight->scalar_type() == at::kFloat,
+                "cross_entropy: weight must be a contiguous fp32 [V] tensor");
+  }
+}
+
+// Thread-local scratch: [0, V) row values, [V, 2V) parked exps / converted gradient.
+template <typename acc>
+struct Scratch {
+  std::vector<acc> buf;
+  acc* get(int64_t n) {
+    if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+    return buf.data();
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
+    const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& grad_scale, int64_t ignore_index, double label_smoothing, double z_loss,
+    double softcap) {
+  check_common(logits, target, weight);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  const bool has_grad = grad_scale.has_value();
+  // Row losses and logsumexps in the accumulation type (fp32; fp64 for fp64 logits).
+  auto acc_opts = logits.options().dtype(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  at::Tensor loss = at::empty({N}, acc_opts), lse = at::empty({N}, acc_opts);
+  at::Tensor grad = has_grad ? cached_empty("cross_entropy.grad", {N, V}, logits.options()) : at::empty({0}, logits.options());
+  const CEOptions o{ignore_index, label_smoothing, z_loss, softcap};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_fwd_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const at::Tensor w_acc = weight.has_value() ? weight->to(c10::CppTypeToScalarType<acc>::value) : at::Tensor();
+    const acc* w = weight.has_value() ? w_acc.data_ptr<acc>() : nullptr;
+    const acc W = w ? static_cast<acc>(w_acc.sum().item<double>()) : static_cast<acc>(V);
+    const acc scale = has_grad ? static_cast<acc>(grad_scale->item<double>()) : acc(0);
+    const acc eps = static_cast<acc>(o.smoothing), cap = static_cast<acc>(o.softcap), z = static_cast<acc>(o.z_loss);
+    const scalar_t* x0 = logits.data_ptr<scalar_t>();
+    const int64_t row_stride = logits.stride(0);
+    const int64_t* tgt = target.data_ptr<int64_t>();
+    acc* loss_p = loss.data_ptr<acc>();
+    acc* lse_p = lse.data_ptr<acc>();
+    scalar_t* g0 = has_grad ? grad.data_ptr<scalar_t>() : nullptr;
+    constexpr bool same = std::is_same_v<scalar_t, acc>;
+
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      Scratch<acc> scratch;
+      for (int64_t i = begin; i < end; ++i) {
+        const scalar_t* x = x0 + i * row_stride;
+        scalar_t* g = has_grad ? g0 + i * V : nullptr;
+        const int64_t y = tgt[i];
+        const bool ignored = y == o.ignore_index;
+        const bool valid = !ignored && y >= 0 && y < V;
+        acc* buf = (same && cap == acc(0)) ? nullptr : scratch.get(2 * V);
+        const acc* xs = row_values<scalar_t, acc>(x, V, cap, buf);
+        const acc m = row_max(xs, V);
+        const acc sum_wx = eps != acc(0) ? row_weighted_sum(xs, w, V) : acc(0);
+        const bool park = has_grad && valid;
+        acc* e = nullptr;
+        if (park) {
+          if constexpr (same) e = reinterpret_cast<acc*>(g); else e = buf + V;
+        }
+        const acc s = row_sum_exp(xs, V, m, e);
+        const acc lse_i = m + std::log(s);
+        lse_p[i] = lse_i;
+        if (ignored) {
+          loss_p[i] = acc(0);
+          if (has_grad) fill_row(g, V, 0.0);
+          continue;
+        }
+        if (!valid) {
+          loss_p[i] = std::numeric_limits<acc>::quiet_NaN();
+          if (has_grad) fill_row(g, V, std::numeric_limits<double>::quiet_NaN());
+          continue;
+        }
+        const acc w_y = w ? w[y] : acc(1);
+        acc l = (acc(1) - eps) * w_y * (lse_i - xs[y]) + z * lse_i * lse_i;
+        if (eps != acc(0)) l += eps / V * (W * lse_i - sum_wx);
+        loss_p[i] = l;
+        if (has_grad) {
+          const acc a = scale * ((acc(1) - eps) * w_y + eps / V * W + acc(2) * z * lse_i) / s;
+          const acc c = scale * eps / V;
+          const acc b = scale * (acc(1) - eps) * w_y;
+          // Reduced precision: the converted gradient is staged in buf + V, over the parked exps
+          // (each chunk reads its exps before writing), so no third buffer is needed.
+          write_grad_row<scalar_t, acc>(g, xs, e, m, a, c, b, w, V, y, cap, buf + V);
+        }
+      }
+    });
+  });
+  return {loss, lse, grad};
+}
+
+at::Tensor cross_entropy_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                                 const c10::optional<at::Tensor>& weight, const at::Tensor& lse,
+                                 int64_t ignore_index, double label_smoothing, double z_loss, double softcap) {
+  check_common(logits, target, weight);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  const auto acc_type = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(grad_loss.numel() == N && grad_loss.scalar_type() == acc_type && grad_loss.is_contiguous(),
+              "cross_entropy_bwd: grad_loss must be a contiguous [N] tensor of the accumulation type");
+  TORCH_CHECK(lse.numel() == N && lse.scalar_type() == acc_type && lse.is_contiguous(),
+              "cross_entropy_bwd: lse must be a contiguous [N] tensor of the accumulation type");
+  at::Tensor grad = cached_empty("cross_entropy.grad", {N, V}, logits.options());
+  const CEOptions o{ignore_index, label_smoothing, z_loss, softcap};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_bwd_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const at::Tensor w_acc = weight.has_value() ? weight->to(c10::CppTypeToScalarType<acc>::value) : at::Tensor();
+    const acc* w = weight.has_value() ? w_acc.data_ptr<acc>() : nullptr;
+    const acc W = w ? static_cast<acc>(w_acc.sum().item<double>()) : static_cast<acc>(V);
+    const acc eps = static_cast<acc>(o.smoothing), cap = static_cast<acc>(o.softcap), z = static_cast<acc>(o.z_loss);
+    const scalar_t* x0 = logits.data_ptr<scalar_t>();
+    const int64_t row_stride = logits.stride(0);
+    const int64_t* tgt = target.data_ptr<int64_t>();
+    const acc* gl = grad_loss.data_ptr<acc>();
+    const acc* lse_p = lse.data_ptr<acc>();
+    scalar_t* g0 = grad.data_ptr<scalar_t>();
+    constexpr bool same = std::is_same_v<scalar_t, acc>;
+
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      Scratch<acc> scratch;
+      for (int64_t i = begin; i < end; ++i) {
+        scalar_t* g = g0 + i * V;
+        const int64_t y = tgt[i];
+        if (y == o.ignore_index) {
+          fill_row(g, V, 0.0);
+          continue;
+        }
+        if (y < 0 || y >= V) {
+          fill_row(g, V, std::numeric_limits<double>::quiet_NaN());
+          continue;
+        }
+        acc* buf = (same && cap == acc(0)) ? nullptr : scratch.get(2 * V);
+        const acc* xs = row_values<scalar_t, acc>(x0 + i * row_stride, V, cap, buf);
+        const acc lse_i = lse_p[i], go = gl[i];
+        const acc w_y = w ? w[y] : acc(1);
+        const acc a = go * ((acc(1) - eps) * w_y + eps / V * W + acc(2) * z * lse_i);
+        write_grad_row<scalar_t, acc>(g, xs, nullptr, lse_i, a, go * eps / V, go * (acc(1) - eps) * w_y, w, V, y,
+                                      cap, buf ? buf + V : nullptr);
+      }
+    });
+  });
+  return grad;
+}
+
+// grad *= scale, skipped when scale == 1 (reading a CPU scalar costs nothing here).
+void scale_if_not_one_cpu(at::Tensor& grad, const at::Tensor& scale) {
+  TORCH_CHECK(scale.numel() == 1, "scale_if_not_one_: scale must have one element");
+  const double s = scale.item<double>();
+  if (s == 1.0 || grad.numel() == 0) return;
+  grad.mul_(s);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastft, m) {
+  m.def(
+      "cross_entropy_fwd_kernel(Tensor logits, Tensor target, Tensor? weight, Tensor? grad_scale, int ignore_index, "
+      "float label_smoothing, float z_loss, float softcap) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "cross_entropy_bwd_kernel(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
+      "int ignore_index, float label_smoothing, float z_loss, float softcap) -> Tensor");
+  m.def("scale_if_not_one_kernel_(Tensor(a!) grad, Tensor scale) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fastft, CPU, m) {
+  m.impl("cross_entropy_fwd_kernel", &cross_entropy_fwd_cpu);
+  m.impl("cross_entropy_bwd_kernel", &cross_entropy_bwd_cpu);
+  m.impl("scale_if_not_one_kernel_", &scale_if_not_one_cpu);
+}
+
+}  // namespace fastft
