@@ -176,6 +176,36 @@ def _status_kb(key: str) -> int:
     raise KeyError(key)
 
 
+def _libc():
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - glibc only
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def _rss_mb() -> float:
+    """Resident memory, after handing glibc's free heap pages back (malloc_trim) so that memory
+    freed earlier does not count as held."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+    return _status_kb("VmRSS") / 1024.0
+
+
+def _mem_now_mb(device: str) -> float:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated() / 2**20
+    gc.collect()
+    return _rss_mb()
+
+
 def _reset_peak_rss() -> bool:
     # Writing "5" to clear_refs resets the kernel's RSS high-water mark (VmHWM, also ru_maxrss) to
     # the current RSS (Linux >= 4.0). The kernel updates the mark before it unmaps pages, so even a
@@ -194,46 +224,35 @@ def _pin_malloc() -> bool:
     # mmap threshold (up to 32 MB) and serves blocks under it from the heap, whose freed pages stay
     # resident: the RSS after warmup then already holds a step's temporaries, and the peak over it
     # reads ~0 (seen: torch.compile at N=1024, V=8192). So fix the threshold at 128 KB (mallopt
-    # M_MMAP_THRESHOLD, which also ends the adaptation: big blocks are mmapped and unmapped on free)
-    # and hand free heap pages back (malloc_trim) before the baseline. Called after the timing: an
-    # mmap per block adds page faults the timed steps should not pay.
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None)
-        M_MMAP_THRESHOLD = -3
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)) and (libc.malloc_trim(0) >= 0)
-    except (OSError, AttributeError):  # not glibc
-        return False
+    # M_MMAP_THRESHOLD, which also ends the adaptation: big blocks are mmapped and unmapped on free);
+    # _rss_mb hands free heap pages back before the baseline. Called after the timing: an mmap per
+    # block adds page faults the timed steps should not pay.
+    libc = _libc()
+    M_MMAP_THRESHOLD = -3
+    return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024))
 
 
-def _cpu_peak_extra_mb(step, state, n: int) -> tuple[float, str]:
-    """Peak RSS growth over ``n`` steps, above the RSS with the inputs built and warmed up. Counts
-    the pages a step touches (all of a step's outputs and temporaries are written)."""
+def _cpu_peak(step, state, n: int) -> tuple[float, float, str]:
+    """(baseline RSS MB, peak RSS growth MB over ``n`` steps, method). The baseline is the RSS
+    between steps, warmed up. Counts the pages a step touches (its outputs and temporaries are all
+    written)."""
     gc.collect()
     if not _pin_malloc():
         print("harness: could not pin glibc malloc; peak memory may read low", file=sys.stderr)
+    base = _rss_mb()
     if _reset_peak_rss():
-        base = _status_kb("VmRSS")
         for _ in range(n):
             step(state)
-        return (_status_kb("VmHWM") - base) / 1024.0, "VmHWM"
+        return base, _status_kb("VmHWM") / 1024.0 - base, "VmHWM"
     # Fallback (no clear_refs, e.g. some sandboxes): poll RSS from a thread every 0.5 ms. ATen ops
     # and the autograd engine release the GIL, so the poller runs during the step, but a peak shorter
     # than a poll can be missed: a lower bound.
-    page = os.sysconf("SC_PAGE_SIZE")
-
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * page
-
-    base = rss()
     peak = [base]
     done = threading.Event()
 
     def poll():
         while not done.is_set():
-            peak[0] = max(peak[0], rss())
+            peak[0] = max(peak[0], _status_kb("VmRSS") / 1024.0)
             time.sleep(0.0005)
 
     thread = threading.Thread(target=poll, daemon=True)
@@ -244,20 +263,19 @@ def _cpu_peak_extra_mb(step, state, n: int) -> tuple[float, str]:
     finally:
         done.set()
         thread.join()
-    return (max(peak[0], rss()) - base) / 2**20, "RSS sampler (lower bound)"
+    return base, peak[0] - base, "RSS sampler (lower bound)"
 
 
-def _cuda_peak_extra_mb(step, state, n: int) -> tuple[float, str]:
+def _cuda_peak(step, state, n: int) -> tuple[float, float, str]:
     import torch
 
     gc.collect()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
+    base = _mem_now_mb("cuda")
     torch.cuda.reset_peak_memory_stats()
     for _ in range(n):
         step(state)
     torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20, "cuda max_memory_allocated"
+    return base, torch.cuda.max_memory_allocated() / 2**20 - base, "cuda max_memory_allocated"
 
 
 def _time_steps(step, state, device: str, repeats: int, max_time_s: float) -> list[float]:
@@ -306,8 +324,10 @@ def run_provider(bench: Benchmark, provider: Provider, opts: Options, ref: Optio
     warm up, measure memory, time. Returns (result row, sampled outputs)."""
     row: dict = {"provider": provider.name, "status": "ok", "reason": ""}
     device = bench.device
+    measure_mem = opts.memory and opts.mem_steps > 0 and (device == "cuda" or not opts.inprocess)
     state = provider.setup()
     _sync(device)
+    mem_inputs = _mem_now_mb(device) if measure_mem else 0.0  # inputs built, nothing run yet
     t0 = time.perf_counter()
     out = provider.step(state)
     _sync(device)
@@ -326,9 +346,12 @@ def run_provider(bench: Benchmark, provider: Provider, opts: Options, ref: Optio
     times = _time_steps(provider.step, state, device, opts.repeats, opts.max_time_s)
     # After the timing (see _pin_malloc). On CPU only in a fresh process: pinning malloc there would
     # change the timing of the providers run after this one.
-    if opts.memory and opts.mem_steps > 0 and (device == "cuda" or not opts.inprocess):
-        measure = _cuda_peak_extra_mb if device == "cuda" else _cpu_peak_extra_mb
-        row["peak_extra_mb"], row["memory_method"] = measure(provider.step, state, opts.mem_steps)
+    # peak_extra_mb: a step's peak above the memory between steps; held_mb: what the provider keeps
+    # between steps beyond its inputs (buffer caches; on CPU also compiled code and the like).
+    if measure_mem:
+        base, row["peak_extra_mb"], row["memory_method"] = (_cuda_peak if device == "cuda" else _cpu_peak)(
+            provider.step, state, opts.mem_steps)
+        row["held_mb"] = base - mem_inputs
     row.update(
         repeats=len(times),
         median_ms=_quantile(times, 0.5),
@@ -469,7 +492,7 @@ def table(bench: Benchmark, rows: list) -> str:
     head = ["provider", "median ms", "p20 ms", "p80 ms"]
     head += ["GB/s"] if bench.bytes_per_step else []
     head += ["TFLOP/s"] if bench.flops_per_step else []
-    head += ["peak extra MB", "1st call s", "max diff vs " + bench.reference] + [f"vs {b}" for b in bench.baselines]
+    head += ["peak extra MB", "held MB", "1st call s", "max diff vs " + bench.reference] + [f"vs {b}" for b in bench.baselines]
     body, notes = [], []
     for r in rows:
         diff_text = ", ".join(f"{k} {v:.1e}" for k, v in (r.get("max_diff") or {}).items())
@@ -484,6 +507,7 @@ def table(bench: Benchmark, rows: list) -> str:
         line += [_fmt(r.get("tflop_s"), ".1f")] if bench.flops_per_step else []
         line += [
             _fmt(r.get("peak_extra_mb"), ".0f"),
+            _fmt(r.get("held_mb"), ".0f"),
             _fmt(r.get("first_call_s"), ".2f"),
             "(reference)" if r["provider"] == bench.reference else diff_text or "-",
         ]
@@ -550,7 +574,7 @@ def save(bench: Benchmark, rows: list, meta: dict, out_dir: Path, tag: str = "")
     stem = out_dir / f"{bench.op}_{bench.device}{'_' + tag if tag else ''}"
     paths = []
     keys = ["provider", "status", "median_ms", "p20_ms", "p80_ms", "repeats", "gb_s", "tflop_s", "peak_extra_mb",
-            "memory_method", "first_call_s", "max_diff"] + [f"vs {b}" for b in bench.baselines] + ["reason"]
+            "held_mb", "memory_method", "first_call_s", "max_diff"] + [f"vs {b}" for b in bench.baselines] + ["reason"]
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
@@ -569,8 +593,10 @@ def save(bench: Benchmark, rows: list, meta: dict, out_dir: Path, tag: str = "")
         f"Median / p20 / p80 of {meta['options']['repeats']} steps after {meta['options']['warmup']} warmup steps; "
         "each provider in a fresh process" + (" (in-process run)" if meta["options"]["inprocess"] else "") + ". "
         "`vs X` = X's median / this median (> 1: faster than X). `1st call s` is the first step alone "
-        "(torch.compile / JIT time), excluded from the timed steps. Peak extra MB: peak memory during a step above "
-        "the memory with inputs built.",
+        "(torch.compile / JIT time), excluded from the timed steps. Peak extra MB: a step's peak memory above the memory "
+        "between steps; held MB: memory kept between steps beyond the inputs (buffer caches; on CPU also "
+        "code and libraries the first step loads: compare with torch-eager's). "
+        "CPU: RSS (kernel high-water mark); CUDA: torch.cuda allocated bytes.",
         "",
         table(bench, rows),
     ]
