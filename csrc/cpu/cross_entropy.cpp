@@ -10,6 +10,7 @@
 // one read of the logits and one write of the gradient, and one exp per logit.
 #include "cpu/_vec.h"  // must precede other ATen includes (sets the Vectorized ISA)
 #include "cpu/_buffer_cache.h"
+#include "cpu/_row_softmax.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -26,6 +27,7 @@ namespace fastft {
 namespace {
 
 using at::vec::Vectorized;
+using namespace row_softmax;  // acc_t, row_values, row_max, row_sum_exp, store_row, fill_row, Scratch
 
 struct CEOptions {
   int64_t ignore_index;
@@ -33,83 +35,6 @@ struct CEOptions {
   double z_loss;
   double softcap;  // 0: off
 };
-
-template <typename scalar_t>
-using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
-// The (softcapped) row in accumulation precision. Aliases the input when no conversion is needed.
-template <typename scalar_t, typename acc>
-const acc* row_values(const scalar_t* x, int64_t V, acc softcap, acc* scratch) {
-  using Vec = Vectorized<acc>;
-  if constexpr (std::is_same_v<scalar_t, acc>) {
-    if (softcap == acc(0)) return x;
-    const Vec cap(softcap), inv(acc(1) / softcap);
-    int64_t j = 0;
-    for (; j + Vec::size() <= V; j += Vec::size()) (cap * (Vec::loadu(x + j) * inv).tanh()).store(scratch + j);
-    if (j < V) (cap * (Vec::loadu(x + j, V - j) * inv).tanh()).store(scratch + j, V - j);
-    return scratch;
-  } else {
-    for (int64_t j = 0; j < V; ++j) scratch[j] = static_cast<acc>(x[j]);
-    if (softcap != acc(0)) return row_values<acc, acc>(scratch, V, softcap, scratch);
-    return scratch;
-  }
-}
-
-template <typename acc>
-acc row_max(const acc* xs, int64_t V) {
-  using Vec = Vectorized<acc>;
-  Vec m(-std::numeric_limits<acc>::infinity());
-  int64_t j = 0;
-  for (; j + Vec::size() <= V; j += Vec::size()) m = at::vec::maximum(m, Vec::loadu(xs + j));
-  acc out = at::vec::vec_reduce_all<acc>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, m);
-  for (; j < V; ++j) out = std::max(out, xs[j]);
-  return out;
-}
-
-// sum_j w_j x_j (w == nullptr: sum_j x_j)
-template <typename acc>
-acc row_weighted_sum(const acc* xs, const acc* w, int64_t V) {
-  using Vec = Vectorized<acc>;
-  Vec s(acc(0));
-  int64_t j = 0;
-  for (; j + Vec::size() <= V; j += Vec::size()) {
-    Vec v = Vec::loadu(xs + j);
-    s = w ? at::vec::fmadd(v, Vec::loadu(w + j), s) : s + v;
-  }
-  acc out = at::vec::vec_reduce_all<acc>([](Vec& a, Vec& b) { return a + b; }, s);
-  for (; j < V; ++j) out += w ? w[j] * xs[j] : xs[j];
-  return out;
-}
-
-// sum_j exp(x_j - shift); stores each exp into e_out when given.
-template <typename acc>
-acc row_sum_exp(const acc* xs, int64_t V, acc shift, acc* e_out) {
-  using Vec = Vectorized<acc>;
-  const Vec sh(shift);
-  Vec s(acc(0));
-  int64_t j = 0;
-  for (; j + Vec::size() <= V; j += Vec::size()) {
-    Vec e = (Vec::loadu(xs + j) - sh).exp_u20();
-    if (e_out) e.store(e_out + j);
-    s = s + e;
-  }
-  acc out = at::vec::vec_reduce_all<acc>([](Vec& a, Vec& b) { return a + b; }, s);
-  for (; j < V; ++j) {
-    acc e = std::exp(xs[j] - shift);
-    if (e_out) e_out[j] = e;
-    out += e;
-  }
-  return out;
-}
-
-template <typename scalar_t, typename acc>
-void store_row(scalar_t* dst, const acc* src, int64_t n) {
-  if constexpr (std::is_same_v<scalar_t, acc>) {
-    if (dst != src) std::memcpy(dst, src, n * sizeof(acc));
-  } else {
-    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<scalar_t>(src[j]);
-  }
-}
 
 // Gradient sweep: g_j = (e_j * a - c * w_j) * softcap'(x_j), with e_j = e[j] when given, else
 // exp(xs_j - shift); the target column also has -b.
@@ -146,11 +71,6 @@ void write_grad_row(scalar_t* out, const acc* xs, const acc* e, acc shift, acc a
   if constexpr (!std::is_same_v<scalar_t, acc>) store_row<scalar_t, acc>(out, tmp, V);
 }
 
-template <typename scalar_t>
-void fill_row(scalar_t* out, int64_t V, double value) {
-  std::fill(out, out + V, static_cast<scalar_t>(value));
-}
-
 void check_common(const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight) {
   TORCH_CHECK(logits.dim() == 2, "cross_entropy: logits must be [N, V], got ", logits.sizes());
   TORCH_CHECK(logits.stride(1) == 1, "cross_entropy: logits' last dimension must be contiguous");
@@ -158,21 +78,12 @@ void check_common(const at::Tensor& logits, const at::Tensor& target, const c10:
   TORCH_CHECK(target.scalar_type() == at::kLong, "cross_entropy: target must be int64");
   if (weight.has_value()) {
     TORCH_CHECK(weight->dim() == 1 && weight->size(0) == logits.size(1) && weight->is_contiguous() &&
-                    weight->scalar_type() == at::kFloat,
-                "cross_entropy: weight must be a contiguous fp32 [V] tensor");
+                    (weight->scalar_type() == at::kFloat || weight->scalar_type() == at::kDouble),
+                "cross_entropy: weight must be a contiguous fp32 (or fp64) [V] tensor");
   }
 }
 
-// Thread-local scratch: [0, V) row values, [V, 2V) parked exps / converted gradient.
-template <typename acc>
-struct Scratch {
-  std::vector<acc> buf;
-  acc* get(int64_t n) {
-    if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
-    return buf.data();
-  }
-};
-
+// Per-thread scratch (row_softmax::Scratch): [0, V) row values, [V, 2V) parked exps / converted gradient.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
     const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& grad_scale, int64_t ignore_index, double label_smoothing, double z_loss,

@@ -1,0 +1,114 @@
+// Row helpers shared by the softmax-family CPU kernels (cross_entropy.cpp, kl.cpp): one row of
+// logits at a time, vectorized with at::vec, accumulation in fp32 (fp64 for fp64 input).
+// Include "cpu/_vec.h" before this header (it sets the Vectorized ISA).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace fastft {
+namespace row_softmax {
+
+using at::vec::Vectorized;
+
+template <typename scalar_t>
+using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// The (softcapped) row in accumulation precision. Aliases the input when no conversion is needed.
+template <typename scalar_t, typename acc>
+const acc* row_values(const scalar_t* x, int64_t V, acc softcap, acc* scratch) {
+  using Vec = Vectorized<acc>;
+  if constexpr (std::is_same_v<scalar_t, acc>) {
+    if (softcap == acc(0)) return x;
+    const Vec cap(softcap), inv(acc(1) / softcap);
+    int64_t j = 0;
+    for (; j + Vec::size() <= V; j += Vec::size()) (cap * (Vec::loadu(x + j) * inv).tanh()).store(scratch + j);
+    if (j < V) (cap * (Vec::loadu(x + j, V - j) * inv).tanh()).store(scratch + j, V - j);
+    return scratch;
+  } else {
+    for (int64_t j = 0; j < V; ++j) scratch[j] = static_cast<acc>(x[j]);
+    if (softcap != acc(0)) return row_values<acc, acc>(scratch, V, softcap, scratch);
+    return scratch;
+  }
+}
+
+template <typename acc>
+acc row_max(const acc* xs, int64_t V) {
+  using Vec = Vectorized<acc>;
+  Vec m(-std::numeric_limits<acc>::infinity());
+  int64_t j = 0;
+  for (; j + Vec::size() <= V; j += Vec::size()) m = at::vec::maximum(m, Vec::loadu(xs + j));
+  acc out = at::vec::vec_reduce_all<acc>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, m);
+  for (; j < V; ++j) out = std::max(out, xs[j]);
+  return out;
+}
+
+// sum_j w_j x_j (w == nullptr: sum_j x_j)
+template <typename acc>
+acc row_weighted_sum(const acc* xs, const acc* w, int64_t V) {
+  using Vec = Vectorized<acc>;
+  Vec s(acc(0));
+  int64_t j = 0;
+  for (; j + Vec::size() <= V; j += Vec::size()) {
+    Vec v = Vec::loadu(xs + j);
+    s = w ? at::vec::fmadd(v, Vec::loadu(w + j), s) : s + v;
+  }
+  acc out = at::vec::vec_reduce_all<acc>([](Vec& a, Vec& b) { return a + b; }, s);
+  for (; j < V; ++j) out += w ? w[j] * xs[j] : xs[j];
+  return out;
+}
+
+// sum_j exp(scale * x_j - shift); stores each exp into e_out when given. scale = 1 is exact
+// (fma(x, 1, -shift) rounds like x - shift); a temperature passes scale = 1 / T.
+template <typename acc>
+acc row_sum_exp(const acc* xs, int64_t V, acc shift, acc* e_out, acc scale = acc(1)) {
+  using Vec = Vectorized<acc>;
+  const Vec sh(-shift), sc(scale);
+  Vec s(acc(0));
+  int64_t j = 0;
+  for (; j + Vec::size() <= V; j += Vec::size()) {
+    Vec e = at::vec::fmadd(Vec::loadu(xs + j), sc, sh).exp_u20();
+    if (e_out) e.store(e_out + j);
+    s = s + e;
+  }
+  acc out = at::vec::vec_reduce_all<acc>([](Vec& a, Vec& b) { return a + b; }, s);
+  for (; j < V; ++j) {
+    acc e = std::exp(std::fma(xs[j], scale, -shift));
+    if (e_out) e_out[j] = e;
+    out += e;
+  }
+  return out;
+}
+
+template <typename scalar_t, typename acc>
+void store_row(scalar_t* dst, const acc* src, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, acc>) {
+    if (dst != src) std::memcpy(dst, src, n * sizeof(acc));
+  } else {
+    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<scalar_t>(src[j]);
+  }
+}
+
+template <typename scalar_t>
+void fill_row(scalar_t* out, int64_t V, double value) {
+  std::fill(out, out + V, static_cast<scalar_t>(value));
+}
+
+// Per-thread scratch rows (grown on demand, reused across the rows a thread handles).
+template <typename acc>
+struct Scratch {
+  std::vector<acc> buf;
+  acc* get(int64_t n) {
+    if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+    return buf.data();
+  }
+};
+
+}  // namespace row_softmax
+}  // namespace fastft

@@ -1,0 +1,352 @@
+// KL-penalty CPU kernels (the "cpp" backend of fastft.ops.kl): full-vocabulary KL(pi || rho) of two
+// logit rows, and the selective log-softmax.
+//
+// full_kl, per counted row, with a = x_p / T, b = x_r / T, m_a = max a, m_b = max b,
+//   e_j = exp(a_j - m_a), f_j = exp(b_j - m_b), S_p = sum e, S_r = sum f, D = sum_j e_j (x_p,j - x_r,j):
+//   lse_p = m_a + log S_p,  lse_r = m_b + log S_r,  c = sum_j pi_j (a_j - b_j) = D / (T S_p)
+//   KL = c - lse_p + lse_r
+//   dKL/dx_p,j = pi_j (log pi_j - log rho_j - KL) / T = (e_j / (T S_p)) ((x_p,j - x_r,j) / T - c)
+//   dKL/dx_r,j = (rho_j - pi_j) / T = (f_j / S_r - e_j / S_p) / T
+// (log pi - log rho - KL = (a - b) - (lse_p - lse_r) - KL = (a - b) - c.)
+// Sweeps per row: 1) both maxima (the only reads from memory), 2) e, f and the three sums, parking e
+// (and f) in the gradient rows, 3) the gradient, from the parked exps. A 32k row is 128 KB of fp32: the
+// two rows and the gradient stay in L2 (here 2 MB+ per core) between sweeps. Masked rows are never read.
+// Terms with pi_j = 0 (x_p,j = -inf: a banned token) count 0, not 0 * inf = NaN.
+//
+// selective_log_softmax: logp = x_y / T - lse(x / T); d/dx_j = ([j == y] - softmax(x / T)_j) / T.
+#include "cpu/_vec.h"  // must precede other ATen includes (sets the Vectorized ISA)
+#include "cpu/_buffer_cache.h"
+#include "cpu/_row_softmax.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+namespace fastft {
+namespace {
+
+using at::vec::Vectorized;
+using namespace row_softmax;  // acc_t, row_values, row_max, row_sum_exp, store_row, fill_row, Scratch
+
+// Sweep 2 of full_kl: S_p, S_r and D (see the top), parking the exps when asked.
+template <typename acc>
+void kl_row_sums(const acc* xp, const acc* xr, int64_t V, acc inv_t, acc m_a, acc m_b, acc* e_out, acc* f_out,
+                 acc& S_p, acc& S_r, acc& D) {
+  using Vec = Vectorized<acc>;
+  const Vec it(inv_t), sa(-m_a), sb(-m_b), zero(acc(0));
+  Vec sp(acc(0)), sr(acc(0)), d(acc(0));
+  auto chunk = [&](int64_t j, int64_t n) {
+    const Vec vp = Vec::loadu(xp + j, n), vr = Vec::loadu(xr + j, n);
+    Vec e = at::vec::fmadd(vp, it, sa).exp_u20();
+    Vec f = at::vec::fmadd(vr, it, sb).exp_u20();
+    if (n < Vec::size()) {  // the tail's unused lanes must add nothing
+      e = Vec::set(zero, e, n);
+      f = Vec::set(zero, f, n);
+    }
+    if (e_out) e.store(e_out + j, n);
+    if (f_out) f.store(f_out + j, n);
+    sp = sp + e;
+    sr = sr + f;
+    d = d + Vec::blendv(e * (vp - vr), zero, e == zero);  // pi_j = 0 counts 0 (never 0 * inf)
+  };
+  int64_t j = 0;
+  for (; j + Vec::size() <= V; j += Vec::size()) chunk(j, Vec::size());
+  if (j < V) chunk(j, V - j);
+  auto add = [](Vec& x, Vec& y) { return x + y; };
+  S_p = at::vec::vec_reduce_all<acc>(add, sp);
+  S_r = at::vec::vec_reduce_all<acc>(add, sr);
+  D = at::vec::vec_reduce_all<acc>(add, d);
+}
+
+// Gradient sweep of full_kl, shared by the fused forward and the backward:
+//   e_j = parked e[j], or exp(x_p,j / T - shift_p)        f_j likewise from x_r and shift_r
+//   grad_p,j = kp * e_j * ((x_p,j - x_r,j) / T - c)     grad_r,j = kr * f_j - kq * e_j
+// Fused forward: shifts are the maxima, e/f parked, kp = kq = scale / (T S_p), kr = scale / (T S_r).
+// Backward: shifts are the logsumexps (e = pi, f = rho), kp = kq = kr = grad_kl / T.
+// gp / gr == nullptr: that gradient is not wanted. Parked rows may alias the outputs (each chunk is
+// read before it is written); reduced precision stages through tmp_p / tmp_r, then converts.
+template <typename scalar_t, typename acc>
+void kl_grad_row(scalar_t* gp, scalar_t* gr, const acc* xp, const acc* xr, const acc* e_park, const acc* f_park,
+                 acc shift_p, acc shift_r, acc inv_t, acc kp, acc c, acc kq, acc kr, int64_t V, acc* tmp_p,
+                 acc* tmp_r) {
+  using Vec = Vectorized<acc>;
+  constexpr bool same = std::is_same_v<scalar_t, acc>;
+  acc* dst_p = gp == nullptr ? nullptr : same ? reinterpret_cast<acc*>(gp) : tmp_p;
+  acc* dst_r = gr == nullptr ? nullptr : same ? reinterpret_cast<acc*>(gr) : tmp_r;
+  const Vec it(inv_t), sp(-shift_p), sr(-shift_r), kpv(kp), cv(-c), kqv(kq), krv(kr), zero(acc(0));
+  auto chunk = [&](int64_t j, int64_t n) {
+    const Vec vp = Vec::loadu(xp + j, n);
+    const Vec e = e_park ? Vec::loadu(e_park + j, n) : at::vec::fmadd(vp, it, sp).exp_u20();
+    if (dst_p) {
+      const Vec vr = Vec::loadu(xr + j, n);
+      const Vec g = kpv * e * at::vec::fmadd(vp - vr, it, cv);
+      Vec::blendv(g, zero, e == zero).store(dst_p + j, n);
+    }
+    if (dst_r) {
+      const Vec f = f_park ? Vec::loadu(f_park + j, n) : at::vec::fmadd(Vec::loadu(xr + j, n), it, sr).exp_u20();
+      (krv * f - kqv * e).store(dst_r + j, n);
+    }
+  };
+  int64_t j = 0;
+  for (; j + Vec::size() <= V; j += Vec::size()) chunk(j, Vec::size());
+  if (j < V) chunk(j, V - j);
+  if constexpr (!same) {
+    if (gp) store_row<scalar_t, acc>(gp, tmp_p, V);
+    if (gr) store_row<scalar_t, acc>(gr, tmp_r, V);
+  }
+}
+
+void check_pair(const char* op, const at::Tensor& policy, const at::Tensor& ref, const c10::optional<at::Tensor>& mask) {
+  TORCH_CHECK(policy.dim() == 2 && ref.dim() == 2, op, ": logits must be [N, V], got ", policy.sizes(), " and ",
+              ref.sizes());
+  TORCH_CHECK(policy.sizes() == ref.sizes(), op, ": policy and reference logits differ in shape: ", policy.sizes(),
+              " vs ", ref.sizes());
+  TORCH_CHECK(policy.scalar_type() == ref.scalar_type(), op, ": policy and reference logits differ in dtype");
+  TORCH_CHECK(policy.size(0) == 0 || (policy.stride(1) == 1 && ref.stride(1) == 1), op,
+              ": the vocabulary dimension must be contiguous");
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 1 && mask->size(0) == policy.size(0) &&
+                    mask->is_contiguous(),
+                op, ": mask must be a contiguous bool [N] tensor");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> full_kl_fwd_cpu(
+    const at::Tensor& policy, const at::Tensor& ref, const c10::optional<at::Tensor>& mask,
+    const c10::optional<at::Tensor>& grad_scale, double temperature, bool grad_policy, bool grad_ref) {
+  check_pair("full_kl_fwd", policy, ref, mask);
+  TORCH_CHECK(temperature > 0, "full_kl_fwd: temperature must be > 0");
+  const int64_t N = policy.size(0), V = policy.size(1);
+  const bool fused = grad_scale.has_value();
+  const bool want_p = fused && grad_policy, want_r = fused && grad_ref;
+  auto acc_opts = policy.options().dtype(policy.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  at::Tensor kl = at::empty({N}, acc_opts), lse_p = at::empty({N}, acc_opts), lse_r = at::empty({N}, acc_opts);
+  auto empty = at::empty({0}, policy.options());
+  at::Tensor gp = want_p ? cached_empty("full_kl.grad_policy", {N, V}, policy.options()) : empty;
+  at::Tensor gr = want_r ? cached_empty("full_kl.grad_ref", {N, V}, policy.options()) : empty;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, policy.scalar_type(), "full_kl_fwd_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    constexpr bool same = std::is_same_v<scalar_t, acc>;
+    const acc inv_t = static_cast<acc>(1.0 / temperature);
+    const acc scale = fused ? static_cast<acc>(grad_scale->item<double>()) : acc(0);
+    const scalar_t* p0 = policy.data_ptr<scalar_t>();
+    const scalar_t* r0 = ref.data_ptr<scalar_t>();
+    const int64_t sp_row = policy.stride(0), sr_row = ref.stride(0);
+    const bool* counted = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
+    acc* kl_p = kl.data_ptr<acc>();
+    acc* lp = lse_p.data_ptr<acc>();
+    acc* lr = lse_r.data_ptr<acc>();
+    scalar_t* gp0 = want_p ? gp.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gr0 = want_r ? gr.data_ptr<scalar_t>() : nullptr;
+    // Scratch: [0, V) policy row, [V, 2V) reference row (reduced precision only), [2V, 3V) parked e
+    // (when it has no fp32 gradient row to live in), [3V, 4V) parked f.
+    const bool need_scratch = !same || (want_r && !want_p);
+
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      Scratch<acc> scratch;
+      for (int64_t i = begin; i < end; ++i) {
+        scalar_t* g_p = want_p ? gp0 + i * V : nullptr;
+        scalar_t* g_r = want_r ? gr0 + i * V : nullptr;
+        if (counted && !counted[i]) {
+          kl_p[i] = lp[i] = lr[i] = acc(0);
+          if (g_p) fill_row(g_p, V, 0.0);
+          if (g_r) fill_row(g_r, V, 0.0);
+          continue;
+        }
+        acc* buf = need_scratch ? scratch.get(4 * V) : nullptr;
+        const acc* xp = row_values<scalar_t, acc>(p0 + i * sp_row, V, acc(0), buf);
+        const acc* xr = row_values<scalar_t, acc>(r0 + i * sr_row, V, acc(0), buf ? buf + V : nullptr);
+        const acc m_a = row_max(xp, V) * inv_t, m_b = row_max(xr, V) * inv_t;  // x -> x/T is monotone
+        acc* e_park = nullptr;
+        acc* f_park = nullptr;
+        if (want_p || want_r) e_park = (same && want_p) ? reinterpret_cast<acc*>(g_p) : buf + 2 * V;
+        if (want_r) f_park = same ? reinterpret_cast<acc*>(g_r) : buf + 3 * V;
+        acc S_p, S_r, D;
+        kl_row_sums(xp, xr, V, inv_t, m_a, m_b, e_park, f_park, S_p, S_r, D);
+        const acc l_p = m_a + std::log(S_p), l_r = m_b + std::log(S_r);
+        const acc c = inv_t * D / S_p;
+        lp[i] = l_p;
+        lr[i] = l_r;
+        kl_p[i] = c - l_p + l_r;
+        if (want_p || want_r) {
+          const acc k_p = scale * inv_t / S_p;
+          kl_grad_row<scalar_t, acc>(g_p, g_r, xp, xr, e_park, f_park, m_a, m_b, inv_t, k_p, c, k_p,
+                                     scale * inv_t / S_r, V, buf ? buf + 2 * V : nullptr,
+                                     buf ? buf + 3 * V : nullptr);
+        }
+      }
+    });
+  });
+  return {kl, lse_p, lse_r, gp, gr};
+}
+
+std::tuple<at::Tensor, at::Tensor> full_kl_bwd_cpu(const at::Tensor& grad_kl, const at::Tensor& policy,
+                                                   const at::Tensor& ref, const c10::optional<at::Tensor>& mask,
+                                                   const at::Tensor& lse_p, const at::Tensor& lse_r,
+                                                   const at::Tensor& kl, double temperature, bool grad_policy,
+                                                   bool grad_ref) {
+  check_pair("full_kl_bwd", policy, ref, mask);
+  const int64_t N = policy.size(0), V = policy.size(1);
+  const auto acc_type = policy.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  for (const at::Tensor* t : {&grad_kl, &lse_p, &lse_r, &kl}) {
+    TORCH_CHECK(t->numel() == N && t->scalar_type() == acc_type && t->is_contiguous(),
+                "full_kl_bwd: grad_kl, lse_p, lse_r and kl must be contiguous [N] tensors of the accumulation type");
+  }
+  auto empty = at::empty({0}, policy.options());
+  at::Tensor gp = grad_policy ? cached_empty("full_kl.grad_policy", {N, V}, policy.options()) : empty;
+  at::Tensor gr = grad_ref ? cached_empty("full_kl.grad_ref", {N, V}, policy.options()) : empty;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, policy.scalar_type(), "full_kl_bwd_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    constexpr bool same = std::is_same_v<scalar_t, acc>;
+    const acc inv_t = static_cast<acc>(1.0 / temperature);
+    const scalar_t* p0 = policy.data_ptr<scalar_t>();
+    const scalar_t* r0 = ref.data_ptr<scalar_t>();
+    const int64_t sp_row = policy.stride(0), sr_row = ref.stride(0);
+    const bool* counted = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
+    const acc* go = grad_kl.data_ptr<acc>();
+    const acc* lp = lse_p.data_ptr<acc>();
+    const acc* lr = lse_r.data_ptr<acc>();
+    const acc* klv = kl.data_ptr<acc>();
+    scalar_t* gp0 = grad_policy ? gp.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gr0 = grad_ref ? gr.data_ptr<scalar_t>() : nullptr;
+
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      Scratch<acc> scratch;
+      for (int64_t i = begin; i < end; ++i) {
+        scalar_t* g_p = grad_policy ? gp0 + i * V : nullptr;
+        scalar_t* g_r = grad_ref ? gr0 + i * V : nullptr;
+        if (counted && !counted[i]) {
+          if (g_p) fill_row(g_p, V, 0.0);
+          if (g_r) fill_row(g_r, V, 0.0);
+          continue;
+        }
+        acc* buf = same ? nullptr : scratch.get(4 * V);
+        const acc* xp = row_values<scalar_t, acc>(p0 + i * sp_row, V, acc(0), buf);
+        const acc* xr = row_values<scalar_t, acc>(r0 + i * sr_row, V, acc(0), buf ? buf + V : nullptr);
+        const acc k = go[i] * inv_t;
+        kl_grad_row<scalar_t, acc>(g_p, g_r, xp, xr, nullptr, nullptr, lp[i], lr[i], inv_t, k,
+                                   lp[i] - lr[i] + klv[i], k, k, V, buf ? buf + 2 * V : nullptr,
+                                   buf ? buf + 3 * V : nullptr);
+      }
+    });
+  });
+  return {gp, gr};
+}
+
+void check_index(const char* op, const at::Tensor& logits, const at::Tensor& index) {
+  TORCH_CHECK(logits.dim() == 2, op, ": logits must be [N, V], got ", logits.sizes());
+  TORCH_CHECK(logits.size(0) == 0 || logits.stride(1) == 1, op, ": the vocabulary dimension must be contiguous");
+  TORCH_CHECK(index.dim() == 1 && index.size(0) == logits.size(0) && index.scalar_type() == at::kLong &&
+                  index.is_contiguous(),
+              op, ": index must be a contiguous int64 [N] tensor");
+}
+
+std::tuple<at::Tensor, at::Tensor> selective_log_softmax_fwd_cpu(const at::Tensor& logits, const at::Tensor& index,
+                                                                 double temperature) {
+  check_index("selective_log_softmax_fwd", logits, index);
+  TORCH_CHECK(temperature > 0, "selective_log_softmax_fwd: temperature must be > 0");
+  const int64_t N = logits.size(0), V = logits.size(1);
+  auto acc_opts = logits.options().dtype(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  at::Tensor logp = at::empty({N}, acc_opts), lse = at::empty({N}, acc_opts);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "selective_log_softmax_fwd", [&] {
+    using acc = acc_t<scalar_t>;
+    constexpr bool same = std::is_same_v<scalar_t, acc>;
+    const acc inv_t = static_cast<acc>(1.0 / temperature);
+    const scalar_t* x0 = logits.data_ptr<scalar_t>();
+    const int64_t row_stride = logits.stride(0);
+    const int64_t* idx = index.data_ptr<int64_t>();
+    acc* out = logp.data_ptr<acc>();
+    acc* lse_p = lse.data_ptr<acc>();
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      Scratch<acc> scratch;
+      for (int64_t i = begin; i < end; ++i) {
+        const acc* xs = row_values<scalar_t, acc>(x0 + i * row_stride, V, acc(0), same ? nullptr : scratch.get(V));
+        const acc m = row_max(xs, V) * inv_t;
+        const acc l = m + std::log(row_sum_exp<acc>(xs, V, m, nullptr, inv_t));
+        lse_p[i] = l;
+        const int64_t y = idx[i];
+        out[i] = (y >= 0 && y < V) ? xs[y] * inv_t - l : std::numeric_limits<acc>::quiet_NaN();
+      }
+    });
+  });
+  return {logp, lse};
+}
+
+at::Tensor selective_log_softmax_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& logits,
+                                         const at::Tensor& index, const at::Tensor& lse, double temperature) {
+  check_index("selective_log_softmax_bwd", logits, index);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  const auto acc_type = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(grad_logp.numel() == N && grad_logp.scalar_type() == acc_type && grad_logp.is_contiguous() &&
+                  lse.numel() == N && lse.scalar_type() == acc_type && lse.is_contiguous(),
+              "selective_log_softmax_bwd: grad_logp and lse must be contiguous [N] tensors of the accumulation type");
+  at::Tensor grad = cached_empty("selective_log_softmax.grad", {N, V}, logits.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "selective_log_softmax_bwd", [&] {
+    using acc = acc_t<scalar_t>;
+    using Vec = Vectorized<acc>;
+    constexpr bool same = std::is_same_v<scalar_t, acc>;
+    const acc inv_t = static_cast<acc>(1.0 / temperature);
+    const scalar_t* x0 = logits.data_ptr<scalar_t>();
+    const int64_t row_stride = logits.stride(0);
+    const int64_t* idx = index.data_ptr<int64_t>();
+    const acc* go = grad_logp.data_ptr<acc>();
+    const acc* lse_p = lse.data_ptr<acc>();
+    scalar_t* g0 = grad.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      Scratch<acc> scratch;
+      for (int64_t i = begin; i < end; ++i) {
+        scalar_t* g = g0 + i * V;
+        const int64_t y = idx[i];
+        if (y < 0 || y >= V) {
+          fill_row(g, V, std::numeric_limits<double>::quiet_NaN());
+          continue;
+        }
+        acc* buf = same ? nullptr : scratch.get(2 * V);
+        const acc* xs = row_values<scalar_t, acc>(x0 + i * row_stride, V, acc(0), buf);
+        acc* dst = same ? reinterpret_cast<acc*>(g) : buf + V;
+        const acc k = go[i] * inv_t;
+        const Vec it(inv_t), sh(-lse_p[i]), nk(-k);
+        int64_t j = 0;
+        for (; j + Vec::size() <= V; j += Vec::size())
+          (nk * at::vec::fmadd(Vec::loadu(xs + j), it, sh).exp_u20()).store(dst + j);
+        if (j < V) (nk * at::vec::fmadd(Vec::loadu(xs + j, V - j), it, sh).exp_u20()).store(dst + j, V - j);
+        dst[y] = k * (acc(1) - std::exp(std::fma(xs[y], inv_t, -lse_p[i])));
+        if constexpr (!same) store_row<scalar_t, acc>(g, dst, V);
+      }
+    });
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastft, m) {
+  m.def(
+      "full_kl_fwd_kernel(Tensor policy_logits, Tensor ref_logits, Tensor? mask, Tensor? grad_scale, "
+      "float temperature, bool grad_policy, bool grad_ref) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "full_kl_bwd_kernel(Tensor grad_kl, Tensor policy_logits, Tensor ref_logits, Tensor? mask, Tensor lse_p, "
+      "Tensor lse_r, Tensor kl, float temperature, bool grad_policy, bool grad_ref) -> (Tensor, Tensor)");
+  m.def("selective_log_softmax_fwd_kernel(Tensor logits, Tensor index, float temperature) -> (Tensor, Tensor)");
+  m.def(
+      "selective_log_softmax_bwd_kernel(Tensor grad_logp, Tensor logits, Tensor index, Tensor lse, "
+      "float temperature) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastft, CPU, m) {
+  m.impl("full_kl_fwd_kernel", &full_kl_fwd_cpu);
+  m.impl("full_kl_bwd_kernel", &full_kl_bwd_cpu);
+  m.impl("selective_log_softmax_fwd_kernel", &selective_log_softmax_fwd_cpu);
+  m.impl("selective_log_softmax_bwd_kernel", &selective_log_softmax_bwd_cpu);
+}
+
+}  // namespace fastft

@@ -1,0 +1,102 @@
+"""KL penalties for RLHF / distillation, in plain torch (the oracle for tests, and the fallback).
+
+Notation per token (row) with policy logits x_p, reference logits x_r, temperature T:
+    a = x_p / T, b = x_r / T, pi = softmax(a), rho = softmax(b)
+    full_kl      = sum_v pi_v (log pi_v - log rho_v)                         (= KL(pi || rho))
+    selective_log_softmax(x, y) = log softmax(x / T)[y]
+    kl_penalty   per-token estimators of KL(pi || rho) from the sampled tokens' log-probs
+                 (Schulman, "Approximating KL divergence", 2020; TRL's names), d = logp - ref_logp:
+                 k1 = d,  k2 = d^2 / 2,  k3 = exp(-d) + d - 1 (= expm1(-d) + d),  abs = |d|
+    linear_full_kl = full_kl(h_p @ W_p^T, h_r @ W_r^T)
+
+``mask`` (True / nonzero = counted) zeroes a token; "mean" divides by the number of counted tokens
+and gives 0 when there is none. Math in fp32 (fp64 for fp64 input); results in the input's dtype.
+The vocabulary dimension is the last one.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+ESTIMATORS = ("k1", "k2", "k3", "abs")
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _reduce(per_token: Tensor, mask: Optional[Tensor], reduction: str, out_dtype: torch.dtype) -> Tensor:
+    if mask is not None:
+        counted = mask.reshape(per_token.shape) != 0
+        per_token = torch.where(counted, per_token, torch.zeros_like(per_token))
+    if reduction == "none":
+        return per_token.to(out_dtype)
+    total = per_token.sum()
+    if reduction == "sum":
+        return total.to(out_dtype)
+    count = per_token.new_tensor(float(per_token.numel())) if mask is None else counted.sum().to(per_token.dtype)
+    return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total)).to(out_dtype)
+
+
+def full_kl(
+    policy_logits: Tensor,
+    ref_logits: Tensor,
+    *,
+    mask: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+) -> Tensor:
+    acc = _acc(policy_logits.dtype)
+    logp = torch.log_softmax(policy_logits.to(acc) / temperature, dim=-1)
+    logr = torch.log_softmax(ref_logits.to(acc) / temperature, dim=-1)
+    per_token = (logp.exp() * (logp - logr)).sum(-1)
+    return _reduce(per_token, mask, reduction, policy_logits.dtype)
+
+
+def selective_log_softmax(logits: Tensor, index: Tensor, *, temperature: float = 1.0) -> Tensor:
+    acc = _acc(logits.dtype)
+    logp = torch.log_softmax(logits.to(acc) / temperature, dim=-1)
+    return logp.gather(-1, index.unsqueeze(-1).to(torch.int64)).squeeze(-1).to(logits.dtype)
+
+
+def kl_penalty(
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    *,
+    estimator: str = "k3",
+    mask: Optional[Tensor] = None,
+    reduction: str = "none",
+) -> Tensor:
+    out_dtype = torch.promote_types(logprobs.dtype, ref_logprobs.dtype)
+    acc = _acc(out_dtype)
+    d = logprobs.to(acc) - ref_logprobs.to(acc)
+    if estimator == "k1":
+        per_token = d
+    elif estimator == "k2":
+        per_token = 0.5 * d * d
+    elif estimator == "k3":
+        per_token = torch.expm1(-d) + d
+    elif estimator == "abs":
+        per_token = d.abs()
+    else:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    return _reduce(per_token, mask, reduction, out_dtype)
+
+
+def linear_full_kl(
+    policy_hidden: Tensor,
+    policy_weight: Tensor,
+    ref_hidden: Tensor,
+    ref_weight: Tensor,
+    *,
+    mask: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+) -> Tensor:
+    out = full_kl(
+        policy_hidden @ policy_weight.t(), ref_hidden @ ref_weight.t(),
+        mask=mask, temperature=temperature, reduction=reduction,
+    )
+    return out
