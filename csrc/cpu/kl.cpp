@@ -126,9 +126,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> full_kl_f
   const bool want_p = fused && grad_policy, want_r = fused && grad_ref;
   auto acc_opts = policy.options().dtype(policy.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   at::Tensor kl = at::empty({N}, acc_opts), lse_p = at::empty({N}, acc_opts), lse_r = at::empty({N}, acc_opts);
-  auto empty = at::empty({0}, policy.options());
-  at::Tensor gp = want_p ? cached_empty("full_kl.grad_policy", {N, V}, policy.options()) : empty;
-  at::Tensor gr = want_r ? cached_empty("full_kl.grad_ref", {N, V}, policy.options()) : empty;
+  // Distinct empties: a custom op's outputs must not alias each other.
+  at::Tensor gp = want_p ? cached_empty("full_kl.grad_policy", {N, V}, policy.options()) : at::empty({0}, policy.options());
+  at::Tensor gr = want_r ? cached_empty("full_kl.grad_ref", {N, V}, policy.options()) : at::empty({0}, policy.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, policy.scalar_type(), "full_kl_fwd_cpu", [&] {
     using acc = acc_t<scalar_t>;
@@ -198,9 +198,8 @@ std::tuple<at::Tensor, at::Tensor> full_kl_bwd_cpu(const at::Tensor& grad_kl, co
     TORCH_CHECK(t->numel() == N && t->scalar_type() == acc_type && t->is_contiguous(),
                 "full_kl_bwd: grad_kl, lse_p, lse_r and kl must be contiguous [N] tensors of the accumulation type");
   }
-  auto empty = at::empty({0}, policy.options());
-  at::Tensor gp = grad_policy ? cached_empty("full_kl.grad_policy", {N, V}, policy.options()) : empty;
-  at::Tensor gr = grad_ref ? cached_empty("full_kl.grad_ref", {N, V}, policy.options()) : empty;
+  at::Tensor gp = grad_policy ? cached_empty("full_kl.grad_policy", {N, V}, policy.options()) : at::empty({0}, policy.options());
+  at::Tensor gr = grad_ref ? cached_empty("full_kl.grad_ref", {N, V}, policy.options()) : at::empty({0}, policy.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, policy.scalar_type(), "full_kl_bwd_cpu", [&] {
     using acc = acc_t<scalar_t>;

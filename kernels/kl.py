@@ -1,0 +1,315 @@
+"""Triton KL kernels: full-vocabulary KL(pi || rho) of two logit rows, and the selective log-softmax.
+
+full_kl, per counted row, a = x_p / T, b = x_r / T, pi = softmax(a), rho = softmax(b):
+    KL = sum_j pi_j (a_j - b_j) - lse(a) + lse(b) = c - lse_p + lse_r
+    dKL/dx_p,j = pi_j ((a_j - b_j) - c) / T          (log pi - log rho - KL = (a - b) - c)
+    dKL/dx_r,j = (rho_j - pi_j) / T
+One read pass per row over both models' logits with the online softmax (Milakov & Gimelshein 2018):
+running maxima m_a, m_b and S_p = sum exp(a - m_a), S_r = sum exp(b - m_b), D = sum exp(a - m_a) (a - b);
+a new block maximum m' rescales S_p and D by exp(m_a - m'). Then c = D / S_p. The gradient, when
+wanted, is a second sweep over the same rows (usually still in L2 on a GPU). Tokens with pi_j = 0
+(x_p,j = -inf) count 0, not 0 * inf = NaN. Masked rows load nothing and store zeros.
+
+selective_log_softmax: logp = x_y / T - lse(x / T); d/dx_j = ([j == y] - softmax(x / T)_j) / T.
+
+Launchers (the signatures fastft.ops.kl calls for backend "triton"; same as the C++ kernels):
+  full_kl_fwd(policy, ref, mask, grad_scale, temperature, grad_policy, grad_ref)
+      -> (kl[N] f32, lse_p[N] f32, lse_r[N] f32, grad_policy[N, V] | (0,), grad_ref[N, V] | (0,))
+  full_kl_bwd(grad_kl, policy, ref, mask, lse_p, lse_r, kl, temperature, grad_policy, grad_ref)
+      -> (grad_policy | (0,), grad_ref | (0,))
+  selective_log_softmax_fwd(logits, index, temperature) -> (logp[N] f32, lse[N] f32)
+  selective_log_softmax_bwd(grad_logp, logits, index, lse, temperature) -> grad[N, V]
+Values are loaded, cast to fp32, computed on and cast on store (bf16 arithmetic is wrong in the
+interpreter). Row offsets are int64 (N * V passes 2**31 at LLM sizes).
+"""
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .cross_entropy import _bf16_by_hand, _cast_for_store, _device_ctx, _row_config
+
+__all__ = ["full_kl_fwd", "full_kl_bwd", "selective_log_softmax_fwd", "selective_log_softmax_bwd"]
+
+
+@triton.jit
+def _kl_grad_block(xp, xr, lse_p, lse_r, inv_t, k_p, c, k_r, GRAD_POLICY: tl.constexpr, GRAD_REF: tl.constexpr):
+    """Gradients of one block of raw fp32 logits: k_p * pi * ((x_p - x_r)/T - c) and k_r * (rho - pi)."""
+    pi = tl.exp(xp * inv_t - lse_p)
+    gp = pi
+    gr = pi
+    if GRAD_POLICY:
+        gp = tl.where(pi > 0.0, k_p * pi * ((xp - xr) * inv_t - c), 0.0)
+    if GRAD_REF:
+        gr = k_r * (tl.exp(xr * inv_t - lse_r) - pi)
+    return gp, gr
+
+
+@triton.jit
+def _full_kl_fwd_kernel(
+    policy_ptr, stride_p, ref_ptr, stride_r, mask_ptr, grad_scale_ptr,
+    kl_ptr, lse_p_ptr, lse_r_ptr, grad_p_ptr, grad_r_ptr,
+    V, inv_t,
+    HAS_MASK: tl.constexpr, GRAD_POLICY: tl.constexpr, GRAD_REF: tl.constexpr,
+    BF16_RNE_BY_HAND: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    p_row = policy_ptr + row * stride_p
+    r_row = ref_ptr + row * stride_r
+    if HAS_MASK:
+        counted = tl.load(mask_ptr + row) != 0
+    else:
+        counted = True
+    cols = tl.arange(0, BLOCK)
+    m_a = float("-inf")
+    m_b = float("-inf")
+    s_p = 0.0
+    s_r = 0.0
+    d = 0.0
+    for start in range(0, V, BLOCK):
+        offs = start + cols
+        ld = (offs < V) & counted
+        xp = tl.load(p_row + offs, mask=ld, other=float("-inf")).to(tl.float32)
+        xr = tl.load(r_row + offs, mask=ld, other=float("-inf")).to(tl.float32)
+        a = xp * inv_t
+        b = xr * inv_t
+        ma_new = tl.maximum(m_a, tl.max(a, axis=0))
+        mb_new = tl.maximum(m_b, tl.max(b, axis=0))
+        # While the maximum is still -inf (a masked row, or a block of banned tokens) shift by 0, so
+        # exp(-inf - -inf) = NaN never happens: the exps and the old sums' factor are then 0.
+        ma_safe = tl.where(ma_new == float("-inf"), 0.0, ma_new)
+        mb_safe = tl.where(mb_new == float("-inf"), 0.0, mb_new)
+        alpha = tl.exp(m_a - ma_safe)
+        beta = tl.exp(m_b - mb_safe)
+        e = tl.exp(a - ma_safe)
+        f = tl.exp(b - mb_safe)
+        s_p = s_p * alpha + tl.sum(e, axis=0)
+        s_r = s_r * beta + tl.sum(f, axis=0)
+        d = d * alpha + tl.sum(tl.where(e > 0.0, e * (a - b), 0.0), axis=0)
+        m_a = ma_new
+        m_b = mb_new
+    lse_p = m_a + tl.log(s_p)
+    lse_r = m_b + tl.log(s_r)
+    c = d / s_p
+    kl = c - lse_p + lse_r
+    tl.store(kl_ptr + row, tl.where(counted, kl, 0.0))
+    tl.store(lse_p_ptr + row, tl.where(counted, lse_p, 0.0))
+    tl.store(lse_r_ptr + row, tl.where(counted, lse_r, 0.0))
+
+    if GRAD_POLICY or GRAD_REF:
+        k = tl.load(grad_scale_ptr) * inv_t
+        for start in range(0, V, BLOCK):
+            offs = start + cols
+            in_row = offs < V
+            ld = in_row & counted
+            xp = tl.load(p_row + offs, mask=ld, other=0.0).to(tl.float32)
+            xr = tl.load(r_row + offs, mask=ld, other=0.0).to(tl.float32)
+            gp, gr = _kl_grad_block(xp, xr, lse_p, lse_r, inv_t, k, c, k, GRAD_POLICY, GRAD_REF)
+            if GRAD_POLICY:
+                gp = tl.where(counted, gp, 0.0)
+                tl.store(grad_p_ptr + row * V + offs, _cast_for_store(gp, grad_p_ptr.dtype.element_ty, BF16_RNE_BY_HAND),
+                         mask=in_row)
+            if GRAD_REF:
+                gr = tl.where(counted, gr, 0.0)
+                tl.store(grad_r_ptr + row * V + offs, _cast_for_store(gr, grad_r_ptr.dtype.element_ty, BF16_RNE_BY_HAND),
+                         mask=in_row)
+
+
+@triton.jit
+def _full_kl_bwd_kernel(
+    grad_kl_ptr, policy_ptr, stride_p, ref_ptr, stride_r, mask_ptr, lse_p_ptr, lse_r_ptr, kl_ptr,
+    grad_p_ptr, grad_r_ptr, V, inv_t,
+    HAS_MASK: tl.constexpr, GRAD_POLICY: tl.constexpr, GRAD_REF: tl.constexpr,
+    BF16_RNE_BY_HAND: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    p_row = policy_ptr + row * stride_p
+    r_row = ref_ptr + row * stride_r
+    if HAS_MASK:
+        counted = tl.load(mask_ptr + row) != 0
+    else:
+        counted = True
+    lse_p = tl.load(lse_p_ptr + row)
+    lse_r = tl.load(lse_r_ptr + row)
+    c = lse_p - lse_r + tl.load(kl_ptr + row)
+    k = tl.load(grad_kl_ptr + row) * inv_t
+    cols = tl.arange(0, BLOCK)
+    for start in range(0, V, BLOCK):
+        offs = start + cols
+        in_row = offs < V
+        ld = in_row & counted
+        xp = tl.load(p_row + offs, mask=ld, other=0.0).to(tl.float32)
+        xr = tl.load(r_row + offs, mask=ld, other=0.0).to(tl.float32)
+        gp, gr = _kl_grad_block(xp, xr, lse_p, lse_r, inv_t, k, c, k, GRAD_POLICY, GRAD_REF)
+        if GRAD_POLICY:
+            gp = tl.where(counted, gp, 0.0)
+            tl.store(grad_p_ptr + row * V + offs, _cast_for_store(gp, grad_p_ptr.dtype.element_ty, BF16_RNE_BY_HAND),
+                     mask=in_row)
+        if GRAD_REF:
+            gr = tl.where(counted, gr, 0.0)
+            tl.store(grad_r_ptr + row * V + offs, _cast_for_store(gr, grad_r_ptr.dtype.element_ty, BF16_RNE_BY_HAND),
+                     mask=in_row)
+
+
+@triton.jit
+def _selective_log_softmax_fwd_kernel(
+    logits_ptr, stride_row, index_ptr, logp_ptr, lse_ptr, V, inv_t, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = logits_ptr + row * stride_row
+    cols = tl.arange(0, BLOCK)
+    m = float("-inf")
+    s = 0.0
+    for start in range(0, V, BLOCK):
+        offs = start + cols
+        a = tl.load(x_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_t
+        m_new = tl.maximum(m, tl.max(a, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # see _full_kl_fwd_kernel
+        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(a - m_safe), axis=0)
+        m = m_new
+    lse = m + tl.log(s)
+    y = tl.load(index_ptr + row)
+    in_range = (y >= 0) & (y < V)
+    x_y = tl.load(x_row + tl.where(in_range, y, 0)).to(tl.float32)
+    tl.store(lse_ptr + row, lse)
+    tl.store(logp_ptr + row, tl.where(in_range, x_y * inv_t - lse, float("nan")))
+
+
+@triton.jit
+def _selective_log_softmax_bwd_kernel(
+    grad_ptr_in, logits_ptr, stride_row, index_ptr, lse_ptr, grad_ptr, V, inv_t,
+    BF16_RNE_BY_HAND: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = logits_ptr + row * stride_row
+    y = tl.load(index_ptr + row)
+    in_range = (y >= 0) & (y < V)
+    k = tl.where(in_range, tl.load(grad_ptr_in + row) * inv_t, float("nan"))
+    lse = tl.load(lse_ptr + row)
+    cols = tl.arange(0, BLOCK)
+    for start in range(0, V, BLOCK):
+        offs = start + cols
+        mask = offs < V
+        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        g = k * (tl.where(offs == y, 1.0, 0.0) - tl.exp(x * inv_t - lse))
+        tl.store(grad_ptr + row * V + offs, _cast_for_store(g, grad_ptr.dtype.element_ty, BF16_RNE_BY_HAND), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_pair(policy: Tensor, ref: Tensor, mask: Optional[Tensor], name: str) -> Tuple[int, int]:
+    if policy.dim() != 2 or policy.shape != ref.shape:
+        raise ValueError(f"{name}: logits must both be [N, V], got {tuple(policy.shape)} and {tuple(ref.shape)}")
+    if policy.dtype not in (torch.float32, torch.float16, torch.bfloat16) or ref.dtype != policy.dtype:
+        raise TypeError(f"{name}: logits must share one of float32, float16, bfloat16, got {policy.dtype}, {ref.dtype}")
+    n, v = policy.shape
+    if n > 0 and (policy.stride(1) != 1 or ref.stride(1) != 1):
+        raise ValueError(f"{name}: logits must have a unit stride on the vocabulary dimension")
+    if mask is not None and (mask.shape != (n,) or mask.dtype != torch.bool):
+        raise ValueError(f"{name}: mask must be a bool tensor of shape ({n},)")
+    return n, v
+
+
+def full_kl_fwd(
+    policy: Tensor, ref: Tensor, mask: Optional[Tensor], grad_scale: Optional[Tensor], temperature: float,
+    grad_policy: bool, grad_ref: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-row KL and both logsumexps (fp32, [N]); with ``grad_scale`` (0-dim) also
+    ``grad_scale * dKL_i/dlogits`` for the policy and/or reference (else empty (0,) tensors)."""
+    n, v = _check_pair(policy, ref, mask, "full_kl_fwd")
+    device = policy.device
+    kl, lse_p, lse_r = (torch.empty(n, dtype=torch.float32, device=device) for _ in range(3))
+    want_p = grad_scale is not None and grad_policy
+    want_r = grad_scale is not None and grad_ref
+    gp = torch.empty((n, v) if want_p else (0,), dtype=policy.dtype, device=device)
+    gr = torch.empty((n, v) if want_r else (0,), dtype=policy.dtype, device=device)
+    if n == 0:
+        return kl, lse_p, lse_r, gp, gr
+    scale = grad_scale.reshape(()).to(torch.float32) if grad_scale is not None else kl  # placeholder
+    block, num_warps = _row_config(v, device)
+    mask_arg = mask.contiguous() if mask is not None else kl  # placeholder, never read
+    with _device_ctx(policy):
+        _full_kl_fwd_kernel[(n,)](
+            policy, policy.stride(0), ref, ref.stride(0), mask_arg, scale,
+            kl, lse_p, lse_r, gp if want_p else kl, gr if want_r else kl,
+            v, 1.0 / float(temperature),
+            HAS_MASK=mask is not None, GRAD_POLICY=want_p, GRAD_REF=want_r,
+            BF16_RNE_BY_HAND=_bf16_by_hand(policy), BLOCK=block, num_warps=num_warps,
+        )
+    return kl, lse_p, lse_r, gp, gr
+
+
+def full_kl_bwd(
+    grad_kl: Tensor, policy: Tensor, ref: Tensor, mask: Optional[Tensor], lse_p: Tensor, lse_r: Tensor, kl: Tensor,
+    temperature: float, grad_policy: bool, grad_ref: bool,
+) -> Tuple[Tensor, Tensor]:
+    """``grad_kl[i] * dKL_i/dlogits`` for the policy and/or reference, from forward's saved rows."""
+    n, v = _check_pair(policy, ref, mask, "full_kl_bwd")
+    device = policy.device
+    gp = torch.empty((n, v) if grad_policy else (0,), dtype=policy.dtype, device=device)
+    gr = torch.empty((n, v) if grad_ref else (0,), dtype=policy.dtype, device=device)
+    if n == 0 or not (grad_policy or grad_ref):
+        return gp, gr
+    f32 = lambda t: t.reshape(n).to(torch.float32).contiguous()  # noqa: E731
+    grad_kl, lse_p, lse_r, kl = f32(grad_kl), f32(lse_p), f32(lse_r), f32(kl)
+    block, num_warps = _row_config(v, device)
+    mask_arg = mask.contiguous() if mask is not None else kl
+    with _device_ctx(policy):
+        _full_kl_bwd_kernel[(n,)](
+            grad_kl, policy, policy.stride(0), ref, ref.stride(0), mask_arg, lse_p, lse_r, kl,
+            gp if grad_policy else kl, gr if grad_ref else kl, v, 1.0 / float(temperature),
+            HAS_MASK=mask is not None, GRAD_POLICY=grad_policy, GRAD_REF=grad_ref,
+            BF16_RNE_BY_HAND=_bf16_by_hand(policy), BLOCK=block, num_warps=num_warps,
+        )
+    return gp, gr
+
+
+def _check_index(logits: Tensor, index: Tensor, name: str) -> Tuple[int, int]:
+    if logits.dim() != 2:
+        raise ValueError(f"{name}: logits must be [N, V], got {tuple(logits.shape)}")
+    if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"{name}: logits must be float32, float16 or bfloat16, got {logits.dtype}")
+    n, v = logits.shape
+    if n > 0 and logits.stride(1) != 1:
+        raise ValueError(f"{name}: logits must have a unit stride on the vocabulary dimension")
+    if index.shape != (n,) or index.dtype != torch.int64:
+        raise ValueError(f"{name}: index must be an int64 tensor of shape ({n},)")
+    return n, v
+
+
+def selective_log_softmax_fwd(logits: Tensor, index: Tensor, temperature: float) -> Tuple[Tensor, Tensor]:
+    """(log softmax(logits / T)[index], lse(logits / T)) per row, fp32 [N] each."""
+    n, v = _check_index(logits, index, "selective_log_softmax_fwd")
+    logp = torch.empty(n, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+    if n == 0:
+        return logp, lse
+    block, num_warps = _row_config(v, logits.device)
+    with _device_ctx(logits):
+        _selective_log_softmax_fwd_kernel[(n,)](
+            logits, logits.stride(0), index.contiguous(), logp, lse, v, 1.0 / float(temperature),
+            BLOCK=block, num_warps=num_warps,
+        )
+    return logp, lse
+
+
+def selective_log_softmax_bwd(grad_logp: Tensor, logits: Tensor, index: Tensor, lse: Tensor,
+                              temperature: float) -> Tensor:
+    """``grad_logp[i] * dlogp_i/dlogits`` as a contiguous [N, V] tensor in logits' dtype."""
+    n, v = _check_index(logits, index, "selective_log_softmax_bwd")
+    grad = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
+    if n == 0:
+        return grad
+    block, num_warps = _row_config(v, logits.device)
+    with _device_ctx(logits):
+        _selective_log_softmax_bwd_kernel[(n,)](
+            grad_logp.reshape(n).to(torch.float32).contiguous(), logits, logits.stride(0), index.contiguous(),
+            lse.reshape(n).to(torch.float32).contiguous(), grad, v, 1.0 / float(temperature),
+            BF16_RNE_BY_HAND=_bf16_by_hand(logits), BLOCK=block, num_warps=num_warps,
+        )
+    return grad
