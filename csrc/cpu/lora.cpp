@@ -1,0 +1,117 @@
+// LoRA linear CPU kernels (the "cpp" backend of fastft.ops.lora_linear).
+//
+//   y = x W^T + b + s * u B^T,   u = drop(x) A^T            (drop(x) = x * mask / (1-p), or x)
+//   g = dy B;  dx = dy W + s * drop'(g A);  dA = s g^T drop(x);  dB = s dy^T u;  dW = dy^T x;  db = sum dy
+//
+// Every product is one BLAS call (MKL through at::mm / addmm). Arrangement (why it is fast): the small
+// LoRA term is written FIRST into the output (y = b + s u B^T, K = r: a write-only pass), and the big
+// GEMM then accumulates onto it (beta = 1, free inside a compute-bound GEMM). The eager order (GEMM,
+// then a separate LoRA GEMM, then an add) reads and writes the full output two more times; the same
+// holds for dx in backward. The thin products (u, g, dA, dB) each stream x or dy once; they are
+// memory-bound and small next to the two big GEMMs.
+//
+// Dropout: the keep-mask is drawn from a CPU generator seeded with `seed` (drawn by the caller from the
+// global generator, so torch.manual_seed reproduces it). Backward re-draws the same mask from the same
+// seed instead of keeping a full-size copy. MKL's Bernoulli stream skips ahead per chunk, so the mask
+// does not depend on the thread count.
+#include "cpu/_vec.h"  // must precede other ATen includes (sets the Vectorized ISA)
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+namespace fastft {
+namespace {
+
+// drop(x) = x * mask / (1 - p), mask ~ Bernoulli(1 - p) from `seed`; one temporary of x's size.
+at::Tensor dropped_input(const at::Tensor& x, double p, int64_t seed) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed));
+  const double keep = 1.0 - p;
+  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous).bernoulli_(keep, gen);
+  return out.mul_(x).mul_(1.0 / keep);
+}
+
+// The same keep-mask, applied in place to `t` (same shape as the x it was drawn for).
+void apply_dropout_(at::Tensor& t, double p, int64_t seed) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed));
+  const double keep = 1.0 - p;
+  at::Tensor mask = at::empty_like(t).bernoulli_(keep, gen);
+  t.mul_(mask).mul_(1.0 / keep);
+}
+
+int64_t seed_value(const std::optional<at::Tensor>& seed) {
+  TORCH_CHECK(seed.has_value() && seed->numel() == 1, "lora: dropout needs a one-element seed tensor");
+  return seed->item<int64_t>();
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                       const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                                       const at::Tensor& lora_B, double scaling, double dropout_p,
+                                                       const std::optional<at::Tensor>& seed) {
+  TORCH_CHECK(x.dim() == 2, "lora_linear_fwd_kernel: x must be 2-D [N, in]");
+  const bool drop = dropout_p > 0.0;
+  at::Tensor u = drop ? at::mm(dropped_input(x, dropout_p, seed_value(seed)), lora_A.t()) : at::mm(x, lora_A.t());
+  at::Tensor y;
+  if (bias.has_value() && bias->defined()) {
+    y = at::addmm(*bias, u, lora_B.t(), /*beta=*/1, /*alpha=*/scaling);
+  } else {
+    y = at::mm(u * scaling, lora_B.t());
+  }
+  y.addmm_(x, weight.t());  // the base GEMM accumulates onto the LoRA term (beta = 1)
+  return {y, u};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& u, const std::optional<at::Tensor>& seed, double scaling,
+    double dropout_p, bool need_dx, bool need_dweight, bool need_dbias, bool need_dA, bool need_dB) {
+  const bool drop = dropout_p > 0.0;
+  const int64_t drop_seed = drop ? seed_value(seed) : 0;
+  at::Tensor dy = grad_y.contiguous();
+  // Gradients not asked for are distinct empty tensors (custom-op outputs must not alias each other).
+  at::Tensor dx = x.new_empty({0}), dweight = x.new_empty({0}), dbias = x.new_empty({0}), dA = x.new_empty({0}),
+             dB = x.new_empty({0});
+  at::Tensor g_scaled;  // s * dy B  [N, r]
+  if (need_dx || need_dA) g_scaled = at::mm(dy, lora_B).mul_(scaling);
+  if (need_dx) {
+    dx = at::mm(g_scaled, lora_A);  // the LoRA term first (K = r) ...
+    if (drop) apply_dropout_(dx, dropout_p, drop_seed);
+    dx.addmm_(dy, weight);  // ... then the big GEMM accumulates onto it
+  }
+  if (need_dA) {
+    dA = drop ? at::mm(g_scaled.t(), dropped_input(x, dropout_p, drop_seed)) : at::mm(g_scaled.t(), x);
+  }
+  if (need_dB) dB = at::mm(dy.t(), u).mul_(scaling);
+  if (need_dweight) dweight = at::mm(dy.t(), x);
+  if (need_dbias) dbias = dy.sum(0);
+  return {dx, dweight, dbias, dA, dB};
+}
+
+// The keep-mask (as 0/1 in `like`'s dtype) that the kernels above draw for `seed`: for tests.
+at::Tensor lora_dropout_mask_cpu(const at::Tensor& like, double dropout_p, const at::Tensor& seed) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed.item<int64_t>()));
+  return at::empty_like(like, at::MemoryFormat::Contiguous).bernoulli_(1.0 - dropout_p, gen);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastft, m) {
+  m.def(
+      "lora_linear_fwd_kernel(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+      "float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
+  m.def(
+      "lora_linear_bwd_kernel(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor u, "
+      "Tensor? seed, float scaling, float dropout_p, bool need_dx, bool need_dweight, bool need_dbias, bool need_dA, "
+      "bool need_dB) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("lora_dropout_mask_kernel(Tensor like, float dropout_p, Tensor seed) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastft, CPU, m) {
+  m.impl("lora_linear_fwd_kernel", &lora_linear_fwd_cpu);
+  m.impl("lora_linear_bwd_kernel", &lora_linear_bwd_cpu);
+  m.impl("lora_dropout_mask_kernel", &lora_dropout_mask_cpu);
+}
+
+}  // namespace fastft
