@@ -314,12 +314,16 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, lse)
 
 
+def _raise_backward_twice():
+    raise RuntimeError(
+        "fastft.linear_cross_entropy: backward ran twice through the same loss (retain_graph=True); the "
+        "gradients computed in forward are scaled in place by the first backward. Recompute the loss instead."
+    )
+
+
 def _scale_in_place_once(ctx, grads: list[Tensor], grad_loss: Tensor) -> list[Tensor]:
     if ctx.grad_consumed:
-        raise RuntimeError(
-            "fastft.linear_cross_entropy: backward ran twice through the same loss (retain_graph=True); the "
-            "gradients computed in forward are scaled in place by the first backward. Recompute the loss instead."
-        )
+        _raise_backward_twice()
     ctx.grad_consumed = True
     if ctx.reduction == _NONE:
         for g in grads:  # only grad_x is fused for "none": rows scale by their own upstream gradient
@@ -335,6 +339,8 @@ def _scale_in_place_once(ctx, grads: list[Tensor], grad_loss: Tensor) -> list[Te
 def _backward(ctx, grad_loss, _grad_lse, _gx, _gw, _gb):
     need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     if ctx.fused:
+        if ctx.grad_consumed and not _is_traced(grad_loss):
+            _raise_backward_twice()  # before unpacking: autograd's own version check would fire, less clearly
         gx, gw, gb = ctx.saved_tensors
         have = ctx.fused_flags
         if (need_x and not have[0]) or (need_w and not have[1]) or (need_b and not have[2] and ctx.has_bias):

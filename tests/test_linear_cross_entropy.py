@@ -1,0 +1,383 @@
+"""fastft.ops.linear_cross_entropy on every backend against torch (F.linear + F.cross_entropy, and
+torch's own F.linear_cross_entropy) and the fp64 reference.
+
+Small chunk sizes force several chunks (accumulation across chunks, the last partial chunk). Low
+precision follows CONVENTIONS.md: error vs an fp64 truth <= 2 x torch's own same-dtype error + atol.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.library import opcheck
+
+from fastft import backend as fb
+from fastft.nn.linear_cross_entropy import LinearCrossEntropyLoss
+from fastft.ops.linear_cross_entropy import linear_cross_entropy
+from fastft.reference.linear_cross_entropy import linear_cross_entropy as reference
+
+CPU_BACKENDS = [b for b in ("reference", "cpp", "triton") if fb.status(b)[0]]
+KERNEL_BACKENDS = [b for b in ("cpp", "triton") if fb.status(b)[0]]
+REDUCTIONS = ("mean", "sum", "none")
+_RED = {"none": 0, "mean": 1, "sum": 2}
+
+
+def make_inputs(lead, hidden, vocab, dtype=torch.float32, bias=False, ignore_frac=0.25, ignore_index=-100):
+    x = torch.randn(*lead, hidden).to(dtype)
+    w = (torch.randn(vocab, hidden) * 2.0 * hidden ** -0.5).to(dtype)  # logits of a few units
+    b = (torch.randn(vocab) * 0.5).to(dtype) if bias else None
+    t = torch.randint(0, vocab, lead)
+    t[torch.rand(lead) < ignore_frac] = ignore_index
+    return x, w, b, t
+
+
+def leaves(x, w, b, grads=("x", "w", "b")):
+    """Fresh leaves; those named in ``grads`` require grad."""
+    xs = x.detach().clone().requires_grad_("x" in grads)
+    ws = w.detach().clone().requires_grad_("w" in grads)
+    bs = None if b is None else b.detach().clone().requires_grad_("b" in grads)
+    return xs, ws, bs
+
+
+def grads_of(loss, upstream, tensors):
+    loss.backward(upstream if upstream is not None else torch.ones_like(loss))
+    return [None if t is None else t.grad for t in tensors]
+
+
+def run(backend, x, w, b, t, upstream=None, grads=("x", "w", "b"), **kw):
+    xs, ws, bs = leaves(x, w, b, grads)
+    with fb.use(backend):
+        loss = linear_cross_entropy(xs, ws, t, linear_bias=bs, **kw)
+    if not (xs.requires_grad or ws.requires_grad or (bs is not None and bs.requires_grad)):
+        return loss.detach(), [None, None, None]
+    return loss.detach(), grads_of(loss, upstream, (xs, ws, bs))
+
+
+def torch_two_step(x, w, b, t, upstream=None, grads=("x", "w", "b"), weight=None, **kw):
+    """torch in the inputs' dtype: F.linear then F.cross_entropy (class dimension last)."""
+    xs, ws, bs = leaves(x, w, b, grads)
+    logits = F.linear(xs, ws, bs)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1), weight=weight, **kw)
+    if kw.get("reduction") == "none":
+        loss = loss.reshape(t.shape)
+    return loss.detach(), grads_of(loss, upstream, (xs, ws, bs))
+
+
+def truth(x, w, b, t, upstream=None, weight=None, **kw):
+    """fp64 reference loss and gradients."""
+    xs, ws, bs = leaves(x.double(), w.double(), None if b is None else b.double())
+    loss = reference(xs, ws, t, linear_bias=bs, weight=None if weight is None else weight.double(), **kw)
+    up = upstream.double() if upstream is not None else None
+    return loss.detach(), grads_of(loss, up, (xs, ws, bs))
+
+
+def err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_grads_close(got, want, rtol, atol):
+    for g, r in zip(got, want):
+        if r is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g.double(), r.double(), rtol=rtol, atol=atol)
+
+
+# ------------------------------------------------------------------------------------------------
+# fp32 parity with torch, every option torch shares, several chunks
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("options", [dict(), dict(weighted=True, label_smoothing=0.1)], ids=["plain", "w+smooth"])
+@pytest.mark.parametrize("lead", [(37,), (3, 7)], ids=["2d", "3d"])
+def test_matches_torch_fp32(backend, reduction, bias, options, lead):
+    H, V = 19, 131
+    x, w, b, t = make_inputs(lead, H, V, bias=bias)
+    options = dict(options)
+    weight = torch.rand(V) + 0.1 if options.pop("weighted", False) else None
+    upstream = torch.randn(lead) if reduction == "none" else torch.tensor(0.7)
+    kw = dict(weight=weight, reduction=reduction, **options)
+    loss, grads = run(backend, x, w, b, t, upstream, chunk_size=8, **kw)
+    ref_loss, ref_grads = torch_two_step(x, w, b, t, upstream, **kw)
+    assert loss.shape == ref_loss.shape and loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    assert_grads_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("grads", [("x",), ("w",), ("b",), ("w", "b"), ("x", "b")], ids=lambda g: "+".join(g))
+def test_gradients_whichever_inputs_require_grad(backend, reduction, grads):
+    """Frozen weight (LoRA) and every other mix: the wanted gradients are right, the others None."""
+    x, w, b, t = make_inputs((23,), 16, 67, bias=True)
+    upstream = torch.randn(23) if reduction == "none" else torch.tensor(1.3)
+    loss, got = run(backend, x, w, b, t, upstream, grads=grads, reduction=reduction, chunk_size=5)
+    ref_loss, want = torch_two_step(x, w, b, t, upstream, grads=grads, reduction=reduction)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    assert_grads_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def _gemm_count(fn) -> int:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm", "aten::addmm_"))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_frozen_weight_does_no_weight_gradient_work(backend):
+    x, w, _, t = make_inputs((20,), 8, 33)
+    chunks = 4  # 20 rows, chunk_size=5
+
+    def step(grads):
+        xs, ws, _ = leaves(x, w, None, grads)
+        with fb.use(backend):
+            linear_cross_entropy(xs, ws, t, chunk_size=5).backward()
+        return ws.grad
+
+    assert _gemm_count(lambda: step(("x", "w"))) == 3 * chunks  # logits, grad_x, grad_W per chunk
+    assert _gemm_count(lambda: step(("x",))) == 2 * chunks  # no grad_W GEMM at all
+    assert step(("x",)) is None
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize(
+    "extras",
+    [dict(z_loss=1e-3), dict(softcap=5.0), dict(z_loss=1e-2, softcap=2.0, label_smoothing=0.2), dict(ignore_index=3)],
+    ids=["z", "softcap", "z+softcap+smooth", "ignore3"],
+)
+def test_extras_vs_reference_fp32(backend, reduction, extras):
+    ignore_index = extras.get("ignore_index", -100)
+    x, w, b, t = make_inputs((29,), 24, 97, bias=True, ignore_index=ignore_index)
+    weight = torch.rand(97) + 0.1
+    upstream = torch.randn(29) if reduction == "none" else torch.tensor(1.3)
+    loss, grads = run(backend, x, w, b, t, upstream, weight=weight, reduction=reduction, chunk_size=7, **extras)
+    ref_loss, ref_grads = truth(x, w, b, t, upstream, weight=weight, reduction=reduction, **extras)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-5, atol=2e-5)
+    assert_grads_close(grads, ref_grads, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_odd_large_shape(backend):
+    """N=423, H=123, V=32001 with bias, automatic chunk size."""
+    x, w, b, t = make_inputs((423,), 123, 32001, bias=True)
+    loss, grads = run(backend, x, w, b, t, label_smoothing=0.05)
+    ref_loss, ref_grads = torch_two_step(x, w, b, t, label_smoothing=0.05)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    assert_grads_close(grads, ref_grads, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.skipif(not hasattr(F, "linear_cross_entropy"), reason="torch < 2.13 has no F.linear_cross_entropy")
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("chunked", [False, True], ids=["torch-ref", "torch-chunked"])
+def test_parity_with_torch_linear_cross_entropy(backend, reduction, chunked):
+    x, w, b, t = make_inputs((45,), 32, 211, bias=True)
+    weight = torch.rand(211) + 0.2
+    upstream = torch.randn(45) if reduction == "none" else torch.tensor(0.9)
+    # torch's chunked path takes no label smoothing (it would fall back to its reference path)
+    kw = dict(weight=weight, reduction=reduction, label_smoothing=0.0 if chunked else 0.1, ignore_index=-100)
+    loss, grads = run(backend, x, w, b, t, upstream, chunk_size=16, **kw)
+    xs, ws, bs = leaves(x, w, b)
+    options = torch.nn.LinearCrossEntropyOptions() if chunked else None
+    ref = F.linear_cross_entropy(xs, ws, t, linear_bias=bs, options=options, **kw)
+    ref_grads = grads_of(ref, upstream, (xs, ws, bs))
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-5)
+    assert_grads_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Low precision: <= 2 x torch's own same-dtype error vs an fp64 truth
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_low_precision_rule(backend, dtype, reduction):
+    x, w, b, t = make_inputs((41,), 64, 301, dtype=dtype, bias=True)
+    upstream = torch.randn(41) if reduction == "none" else torch.tensor(1.0)
+    kw = dict(reduction=reduction, label_smoothing=0.1)
+    loss, grads = run(backend, x, w, b, t, upstream.to(dtype), chunk_size=16, **kw)
+    t_loss, t_grads = truth(x, w, b, t, upstream, **kw)
+    p_loss, p_grads = torch_two_step(x, w, b, t, upstream.to(dtype), **kw)
+    assert loss.dtype == dtype and all(g.dtype == dtype for g in grads)
+    bf16_slack = 1e-3 * t_loss.abs().max().item() * (dtype == torch.bfloat16)
+    assert err(loss, t_loss) <= 2 * err(p_loss, t_loss) + 1e-6 + bf16_slack
+    for name, g, tg, pg in zip("xwb", grads, t_grads, p_grads):
+        assert err(g, tg) <= 2 * err(pg, tg) + 1e-6, name
+
+
+# ------------------------------------------------------------------------------------------------
+# Edge cases and documented behaviour
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_all_ignored_gives_zero_not_nan(backend, reduction):
+    x, w, b, _ = make_inputs((6,), 8, 50, bias=True)
+    t = torch.full((6,), -100)
+    loss, grads = run(backend, x, w, b, t, reduction=reduction, label_smoothing=0.1, z_loss=1e-3, chunk_size=4)
+    assert torch.equal(loss, torch.zeros_like(loss))
+    for g in grads:
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_upstream_gradient_and_backward_twice(backend):
+    x, w, _, t = make_inputs((20,), 12, 77)
+    xs, ws, _ = leaves(x, w, None)
+    with fb.use(backend):
+        loss = linear_cross_entropy(xs, ws, t, chunk_size=6)
+    (loss * 3.0).backward(retain_graph=True)
+    _, ref = truth(x, w, None, t, upstream=torch.tensor(3.0))
+    assert_grads_close([xs.grad, ws.grad], ref[:2], rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_no_grad_and_int32_and_noncontiguous(backend):
+    x, w, b, t = make_inputs((14,), 10, 40, bias=True)
+    xt = torch.randn(10, 14).t()  # not contiguous
+    with torch.no_grad(), fb.use(backend):
+        loss = linear_cross_entropy(xt, w, t.to(torch.int32), linear_bias=b, reduction="none")
+    torch.testing.assert_close(loss, F.cross_entropy(F.linear(xt, w, b), t, reduction="none"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_autocast_matches_torch(backend):
+    x, w, b, t = make_inputs((24,), 32, 90, bias=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = run(backend, x, w, b, t, chunk_size=8)
+        ref_loss, ref_grads = torch_two_step(x, w, b, t)
+    t_loss, t_grads = truth(x.bfloat16(), w.bfloat16(), b.bfloat16(), t)
+    assert loss.dtype == ref_loss.dtype == torch.float32
+    assert all(g.dtype == torch.float32 for g in grads)  # leaves are fp32; the casts are differentiated
+    assert err(loss, t_loss) <= 2 * err(ref_loss, t_loss) + 1e-3
+    for g, tg, pg in zip(grads, t_grads, ref_grads):
+        assert err(g, tg) <= 2 * err(pg, tg) + 1e-6
+
+
+def test_cpp_float64_gradcheck():
+    if not fb.status("cpp")[0]:
+        pytest.skip(fb.status("cpp")[1])
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(11, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 3, -100, 8, 2, 1, 10])
+    with fb.use("cpp"):
+        # reduction "none" with the weight requiring grad is the recompute-in-backward path, which
+        # supports repeated backward (gradcheck needs it)
+        assert torch.autograd.gradcheck(
+            lambda x, w, b: linear_cross_entropy(x, w, t, linear_bias=b, reduction="none", label_smoothing=0.1,
+                                                 z_loss=0.01, softcap=3.0, chunk_size=3), (x, w, b))
+
+
+# ------------------------------------------------------------------------------------------------
+# Registration: opcheck and torch.compile(fullgraph=True)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("flags", [(True, True, True), (True, False, False), (False, False, False)], ids=["all", "x", "none"])
+def test_opcheck(backend, reduction, flags):
+    x, w, b, t = make_inputs((9,), 6, 30, bias=True)
+    cw = torch.rand(30)
+    x, w, b = x.requires_grad_(flags[0]), w.requires_grad_(flags[1]), b.requires_grad_(flags[2])
+    args = (x, w, b, t, cw, -100, 0.1, 1e-3, 0.0, _RED[reduction], *flags, 4, backend)
+    opcheck(torch.ops.fastft.linear_cross_entropy.default, args)
+    lse = torch.logsumexp(F.linear(x, w, b).detach(), -1)
+    opcheck(torch.ops.fastft.linear_cross_entropy_backward.default,
+            (torch.rand(9), x.detach(), w.detach(), b.detach(), t, cw, lse, -100, 0.1, 1e-3, 0.0, True, True, True, 4,
+             backend))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_compile_fullgraph_matches_eager(backend, reduction):
+    x, w, b, t = make_inputs((2, 9), 8, 40, bias=True)
+    upstream = torch.rand(2, 9) if reduction == "none" else torch.tensor(0.5)
+
+    def loss_fn(x, w, b, t):
+        return linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction, label_smoothing=0.1, chunk_size=5)
+
+    def go(fn):
+        xs, ws, bs = leaves(x, w, b)
+        loss = fn(xs, ws, bs, t)
+        return loss.detach(), grads_of(loss, upstream, (xs, ws, bs))
+
+    torch._dynamo.reset()
+    with fb.use(backend):
+        c_loss, c_grads = go(torch.compile(loss_fn, fullgraph=True))
+        e_loss, e_grads = go(loss_fn)
+    torch.testing.assert_close(c_loss, e_loss, rtol=1e-6, atol=1e-6)
+    assert_grads_close(c_grads, e_grads, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------
+# Input validation
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make, exc, match",
+    [
+        (lambda: (torch.randn(4, 8), torch.randn(10, 7), torch.zeros(4, dtype=torch.long), {}), ValueError,
+         r"hidden size mismatch.*\(4, 8\).*\(10, 7\)"),
+        (lambda: (torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long),
+                  {"linear_bias": torch.randn(9)}), ValueError, r"linear_bias shape \(9,\).*\(10,\)"),
+        (lambda: (torch.randn(2, 3, 8), torch.randn(10, 8), torch.zeros(6, dtype=torch.long), {}), ValueError,
+         r"target shape \(6,\).*\(2, 3\)"),
+        (lambda: (torch.randn(4, 8), torch.randn(10, 8, 2), torch.zeros(4, dtype=torch.long), {}), ValueError,
+         "linear_weight must be 2-D"),
+        (lambda: (torch.randn(4, 8), torch.randn(10, 8).double(), torch.zeros(4, dtype=torch.long), {}), TypeError,
+         "dtype"),
+        (lambda: (torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4), {}), TypeError, "integer class indices"),
+        (lambda: (torch.randn(4, 8), torch.randn(10, 8), torch.full((4,), 10), {}), ValueError, "out of range"),
+        (lambda: (torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long), {"weight": torch.rand(9)}),
+         ValueError, r"weight.*\(10,\)"),
+        (lambda: (torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long), {"reduction": "avg"}),
+         ValueError, "reduction"),
+        (lambda: (torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long), {"chunk_size": 0}),
+         ValueError, "chunk_size"),
+        (lambda: (torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long), {"softcap": -1.0}),
+         ValueError, "softcap"),
+    ],
+    ids=["hidden", "bias", "target-shape", "weight-3d", "dtype", "float-target", "range", "class-weight",
+         "reduction", "chunk", "softcap"],
+)
+def test_bad_input_raises(make, exc, match):
+    x, w, t, kw = make()
+    with pytest.raises(exc, match=match):
+        linear_cross_entropy(x, w, t, **kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# Module
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(torch.nn, "LinearCrossEntropyLoss"), reason="torch < 2.13")
+@pytest.mark.parametrize("bias", [False, True])
+def test_module_is_a_drop_in_for_torch(bias):
+    kw = dict(bias=bias, reduction="sum", ignore_index=-1, label_smoothing=0.05)
+    ours = LinearCrossEntropyLoss(16, 45, **kw)
+    theirs = torch.nn.LinearCrossEntropyLoss(16, 45, **kw)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(15, 16)  # torch's module takes [N, H] or [H] only
+    t = torch.randint(-1, 45, (15,))
+    loss, ref = ours(x, t), theirs(x, t)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    loss.backward()
+    ref.backward()
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="out_features"):
+        LinearCrossEntropyLoss(16, 45, out_features=(2,))
