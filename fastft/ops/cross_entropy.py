@@ -280,7 +280,8 @@ def cross_entropy(
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     flat_target = target.reshape(-1).to(torch.int64)
-    w = None if weight is None else weight.to(torch.float32).contiguous()
+    w_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    w = None if weight is None else weight.to(w_dtype).contiguous()
     compute_grad = torch.is_grad_enabled() and input.requires_grad
     loss, _, _ = _cross_entropy_op(
         logits, flat_target, w, int(ignore_index), float(label_smoothing), float(z_loss),
