@@ -1,0 +1,269 @@
+"""Hugging Face transformers: causal-LM training loss through fastft's fused linear cross-entropy.
+
+``patch_causal_lm_loss(model)`` makes a ``*ForCausalLM`` model (Llama and any model whose head is
+a plain ``nn.Linear`` ``lm_head`` and whose loss is ``self.loss_function`` with standard shifted
+labels) compute its training loss with :func:`fastft.ops.linear_cross_entropy`, so the
+[tokens x vocab] logits are never built. ``unpatch(model)`` restores it exactly.
+
+How (per instance, nothing global is touched): the model's own forward still runs -- decoder,
+``logits_to_keep`` slicing, whatever else it does -- but while a training forward with labels is
+in flight, ``lm_head`` hands back its input (the final hidden states) instead of logits and
+computes the loss right there, inside lm_head's call (so an FSDP-sharded head is unsharded at that
+moment, as for the stock GEMM), and ``self.loss_function`` returns that loss. The output then has
+``logits=None`` unless ``return_logits=True`` (at patch time or per call), in which case real
+logits are computed too. Same loss as transformers' ``ForCausalLMLoss``: labels shifted left and
+padded with ignore_index (or ``shift_labels`` when given), ignore -100, fp32 loss, mean over counted
+tokens or ``sum / num_items_in_batch`` when the trainer passes ``num_items_in_batch``.
+
+Logit transforms between lm_head and the loss are honoured when the model's forward is known to
+apply them from its config: Gemma-2/3 ``final_logit_softcapping`` (the op's ``softcap``), Cohere's
+``logit_scale`` and Granite's ``logits_scaling`` (folded into the hidden states: (s h) W^T = s (h W^T)).
+Any other change to the logits makes the patched forward raise rather than return a wrong loss.
+Eval mode, or no labels: the stock forward, untouched.
+"""
+from __future__ import annotations
+
+import inspect
+import types
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.linear_cross_entropy import _linear_cross_entropy
+
+__all__ = ["patch_causal_lm_loss", "unpatch", "is_patched"]
+
+_STATE_ATTR = "_fastft_causal_lm_loss"
+
+
+@dataclass
+class _PatchState:
+    lm_head: nn.Linear
+    return_logits: bool
+    chunk_size: Optional[int]
+    softcap: Optional[float]
+    logit_multiplier: Optional[float]
+    saved: dict = field(default_factory=dict)  # attribute -> previous instance value, where there was one
+    stock_loss: Any = None  # the model's loss_function before the patch (eval with labels uses it)
+    # per-call
+    active: bool = False
+    labels: Any = None
+    loss_kwargs: dict = field(default_factory=dict)
+    hidden: Optional[Tensor] = None
+    loss: Optional[Tensor] = None
+    loss_called: bool = False
+
+
+def _target_model(model: nn.Module) -> nn.Module:
+    """The transformers model itself (unwrap a PEFT PeftModel)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def is_patched(model: nn.Module) -> bool:
+    return _STATE_ATTR in vars(_target_model(model))
+
+
+def _forward_source(model: nn.Module) -> str:
+    try:
+        return inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return ""
+
+
+def _logit_transforms(model: nn.Module) -> tuple[Optional[float], Optional[float]]:
+    """(softcap, multiplier) that the model's forward applies to the logits before its loss."""
+    source = _forward_source(model)
+    config = getattr(model, "config", None)
+    softcap = None
+    multiplier = None
+    if "final_logit_softcapping" in source:
+        softcap = getattr(config, "final_logit_softcapping", None)
+    if "logit_scale" in source:
+        scale = getattr(model, "logit_scale", None)
+        if scale is None:
+            scale = getattr(config, "logit_scale", None)
+        multiplier = float(scale) if scale is not None else None
+    if "logits_scaling" in source:
+        scaling = getattr(config, "logits_scaling", None)
+        multiplier = 1.0 / float(scaling) if scaling is not None else None
+    return (float(softcap) if softcap is not None else None), multiplier
+
+
+def patch_causal_lm_loss(model: nn.Module, *, return_logits: bool = False, chunk_size: Optional[int] = None) -> nn.Module:
+    """Route the training loss of a causal LM through the fused linear cross-entropy (in place;
+    returns ``model``). ``return_logits``: also return logits in training (they are then built).
+    ``chunk_size``: token rows per chunk (default: fastft's memory budget). Idempotent."""
+    target = _target_model(model)
+    if is_patched(target):
+        return model
+    lm_head = target.get_output_embeddings() if hasattr(target, "get_output_embeddings") else None
+    if lm_head is None:
+        lm_head = getattr(target, "lm_head", None)
+    if type(lm_head) is not nn.Linear:
+        raise TypeError(
+            f"patch_causal_lm_loss needs a plain torch.nn.Linear lm_head, got {type(lm_head).__name__} "
+            f"on {type(target).__name__} (an adapter-wrapped head cannot be fused)"
+        )
+    if "_loss_function" in vars(target):
+        raise ValueError(
+            f"{type(target).__name__} has a custom loss_function set; patch_causal_lm_loss reproduces the standard "
+            "causal-LM loss only"
+        )
+    loss_type = getattr(target, "loss_type", None)
+    if loss_type not in (None, "ForCausalLM"):
+        raise ValueError(f"{type(target).__name__} uses loss_type={loss_type!r}; only 'ForCausalLM' can be fused")
+    if "labels" not in inspect.signature(type(target).forward).parameters:
+        raise TypeError(f"{type(target).__name__}.forward takes no `labels`: not a causal LM head")
+    softcap, multiplier = _logit_transforms(target)
+    state = _PatchState(lm_head=lm_head, return_logits=bool(return_logits), chunk_size=chunk_size, softcap=softcap,
+                        logit_multiplier=multiplier)
+    state.stock_loss = target.loss_function
+    # Previous instance attributes (e.g. accelerate wraps model.forward per instance): restored by unpatch.
+    state.saved = {key: vars(owner)[name] for key, owner, name in
+                   (("model.forward", target, "forward"), ("lm_head.forward", lm_head, "forward")) if name in vars(owner)}
+    # Everything is reached through the instances (bound methods, state stored on them), so a deepcopy
+    # of a patched model (EMA, a DPO reference model) is a patched copy that runs its own weights.
+    setattr(target, _STATE_ATTR, state)
+    setattr(lm_head, _STATE_ATTR, state)
+    target.forward = types.MethodType(_patched_forward, target)
+    lm_head.forward = types.MethodType(_lm_head_forward, lm_head)
+    target.loss_function = types.MethodType(_loss_function, target)  # the property stores it in _loss_function
+    return model
+
+
+def _original_forward(model: nn.Module, state: _PatchState):
+    previous = state.saved.get("model.forward")
+    return previous if previous is not None else type(model).forward.__get__(model)
+
+
+def _patched_forward(self, *args, **kwargs):
+    state: _PatchState = vars(self)[_STATE_ATTR]
+    original = _original_forward(self, state)
+    want_logits = kwargs.pop("return_logits", state.return_logits)
+    signature = inspect.signature(type(self).forward)
+    bound = signature.bind_partial(self, *args, **kwargs)
+    labels = bound.arguments.get("labels")
+    if labels is None or not self.training:
+        return original(*args, **kwargs)
+    var_kw = next((n for n, p in signature.parameters.items() if p.kind is p.VAR_KEYWORD), None)
+    extra = bound.arguments.get(var_kw, {}) if var_kw else {}
+    state.labels = labels
+    state.loss_kwargs = {k: extra[k] for k in ("num_items_in_batch", "shift_labels", "ignore_index") if k in extra}
+    state.hidden, state.loss, state.loss_called, state.active = None, None, False, True
+    try:
+        out = original(*args, **kwargs)
+        if not state.loss_called:
+            raise RuntimeError(
+                f"{type(self).__name__}.forward did not compute its loss through self.loss_function; "
+                "fastft.integrations.transformers cannot fuse it (call unpatch(model))"
+            )
+        hidden = state.hidden
+    finally:
+        state.active = False
+        state.hidden = state.labels = state.loss = None
+        state.loss_kwargs = {}
+    return _replace_logits(out, _real_logits(state, hidden) if want_logits else None)
+
+
+def _lm_head_forward(head, hidden_states):
+    state: _PatchState = vars(head)[_STATE_ATTR]
+    if not state.active:
+        return nn.Linear.forward(head, hidden_states)
+    if state.hidden is not None:
+        raise RuntimeError("lm_head was called twice in one patched forward; fastft cannot fuse this model")
+    state.hidden = hidden_states
+    state.loss = _fused_loss(state, hidden_states)
+    return hidden_states  # stands in for the logits; dropped from the output
+
+
+def _loss_function(self, logits, labels, vocab_size=None, **kwargs):
+    state: _PatchState = vars(self)[_STATE_ATTR]
+    if not state.active:  # eval with labels: the stock loss on the stock logits
+        return state.stock_loss(logits, labels, vocab_size, **kwargs)
+    if labels is not state.labels:
+        raise RuntimeError("the patched model passed different labels to its loss than it was called with")
+    transformed = state.softcap is not None or state.logit_multiplier is not None
+    if logits is not state.hidden and not transformed:
+        raise RuntimeError(
+            f"{type(self).__name__} changes the logits between lm_head and its loss in a way fastft does not "
+            "know; call unpatch(model)"
+        )
+    if vocab_size is not None and vocab_size != state.lm_head.out_features:
+        raise ValueError(f"vocab_size {vocab_size} != lm_head.out_features {state.lm_head.out_features}")
+    state.loss_called = True
+    return state.loss
+
+
+def _fused_loss(state: _PatchState, hidden: Tensor) -> Tensor:
+    """transformers' ForCausalLMLoss on ``hidden @ lm_head.weight.T``, without the logits."""
+    kw = state.loss_kwargs
+    ignore_index = kw.get("ignore_index", -100)
+    shift_labels = kw.get("shift_labels")
+    if shift_labels is None:
+        labels = F.pad(state.labels, (0, 1), value=ignore_index)
+        shift_labels = labels[..., 1:]
+    shift_labels = shift_labels.to(hidden.device)
+    if shift_labels.shape != hidden.shape[:-1]:
+        shift_labels = shift_labels.reshape(hidden.shape[:-1])
+    if state.logit_multiplier is not None:
+        hidden = hidden * state.logit_multiplier
+    num_items = kw.get("num_items_in_batch")
+    loss = _linear_cross_entropy(
+        hidden, state.lm_head.weight, shift_labels, linear_bias=state.lm_head.bias, weight=None,
+        ignore_index=ignore_index, reduction="sum" if num_items is not None else "mean", label_smoothing=0.0,
+        z_loss=0.0, softcap=state.softcap, chunk_size=state.chunk_size, loss_dtype=torch.float32,
+    )
+    if num_items is not None:
+        if torch.is_tensor(num_items):
+            num_items = num_items.to(loss.device)
+        loss = loss / num_items
+    return loss
+
+
+def _real_logits(state: _PatchState, hidden: Optional[Tensor]) -> Optional[Tensor]:
+    if hidden is None:
+        return None
+    logits = nn.Linear.forward(state.lm_head, hidden)
+    if state.logit_multiplier is not None:
+        logits = logits * state.logit_multiplier
+    if state.softcap is not None:
+        logits = torch.tanh(logits / state.softcap) * state.softcap
+    return logits
+
+
+def _replace_logits(out, logits: Optional[Tensor]):
+    """The model output with its ``logits`` replaced (``None``: removed, as stock does for None)."""
+    if isinstance(out, tuple):  # return_dict=False: (loss, logits, ...)
+        items = list(out)
+        if len(items) >= 2:
+            if logits is None:
+                del items[1]
+            else:
+                items[1] = logits
+        return type(out)(items) if type(out) is tuple else out
+    if hasattr(out, "keys") and "logits" in out.keys():
+        # ModelOutput keeps a field set to None in its dict; rebuild it without the field instead
+        fields = {k: v for k, v in out.items() if k != "logits"}
+        if logits is not None:
+            fields["logits"] = logits
+        return type(out)(**fields)
+    return out
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch_causal_lm_loss` (a no-op on an unpatched model)."""
+    target = _target_model(model)
+    state = vars(target).get(_STATE_ATTR)
+    if state is None:
+        return model
+    for owner, key in ((target, "model.forward"), (state.lm_head, "lm_head.forward")):
+        vars(owner).pop("forward", None)
+        if key in state.saved:
+            vars(owner)["forward"] = state.saved[key]
+        vars(owner).pop(_STATE_ATTR, None)
+    vars(target).pop("_loss_function", None)
+    return model
