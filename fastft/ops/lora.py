@@ -182,8 +182,17 @@ def draw_seed(device: torch.device) -> Tensor:
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
 
 
+def _reference_mask(like: Tensor, dropout_p: float, seed: Optional[Tensor]) -> Tensor:
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=like.device).manual_seed(int(seed.reshape(-1)[0]))
+    return torch.empty_like(like).bernoulli_(1.0 - dropout_p, generator=gen)
+
+
 def dropout_mask(like: Tensor, dropout_p: float, seed: Tensor, backend: str) -> Tensor:
     """The 0/1 keep-mask (``like``'s shape and dtype) that ``backend`` draws for ``seed``. For tests."""
+    if backend == "reference":
+        return _reference_mask(like, dropout_p, seed)
     _, _, mask = _kernels(backend)
     return mask(like.reshape(-1, like.shape[-1]), float(dropout_p), seed).reshape(like.shape)
 
@@ -222,13 +231,7 @@ def lora_linear(
     lora_A = lora_A.to(x.dtype)
     lora_B = lora_B.to(x.dtype)
     if backend == "reference":
-        mask = None
-        if p > 0:
-            if seed is not None:
-                gen = torch.Generator(device=x.device).manual_seed(int(seed.reshape(-1)[0]))
-                mask = torch.empty_like(x).bernoulli_(1.0 - p, generator=gen)
-            else:
-                mask = torch.empty_like(x).bernoulli_(1.0 - p)
+        mask = _reference_mask(x, p, seed) if p > 0 else None
         return _reference.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), dropout_p=p, dropout_mask=mask)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
