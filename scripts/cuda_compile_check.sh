@@ -11,7 +11,7 @@
 # Without a CUDA toolkit, nvcc itself comes from PyPI (nvidia-cuda-nvcc and friends, into that venv).
 #
 # Flags mirror torch.utils.cpp_extension's CUDA build (COMMON_NVCC_FLAGS, -fPIC, TORCH_EXTENSION_NAME,
-# TORCH_API_INCLUDE_EXTENSION_H, the C++ ABI torch was built with) plus setup.py's nvcc flags, for one
+# TORCH_API_INCLUDE_EXTENSION_H, the C++ ABI torch was built with, its -std) plus setup.py's nvcc flags, for one
 # architecture (sm_90) to keep it quick. Prints one line per file; exits non-zero on any failure.
 set -euo pipefail
 
@@ -95,8 +95,8 @@ NVCC="$CUDA_HOME/bin/nvcc"
 log "nvcc $("$NVCC" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p') at $NVCC"
 
 # ---- 3. Flags, as torch's CUDAExtension build would pass them ------------------------------------
-# C++ standard: setup.py's c++17 where torch's headers allow it (torch <= 2.13, e.g. a GPU box's 2.11);
-# torch >= 2.14 headers use operator<=> and need c++20 (torch's own extension builds default to it).
+# C++ standard: setup.py leaves it to torch. torch >= 2.14's headers need c++20 (operator<=>), and its
+# extension builds default to it; older torch (e.g. a GPU box's 2.11) gets c++17, the common floor.
 if ! "$PY" - >"$TMP/flags" 2>"$TMP/flags.err" <<'EOF'
 import sysconfig
 import torch
@@ -125,7 +125,7 @@ FLAGS=(
   "${TORCH_FLAGS[@]}"
   -I"$ROOT/csrc"
   --compiler-options -fPIC
-  -O3 --use_fast_math                     # setup.py's nvcc flags (its -std is chosen above)
+  -O3                                     # setup.py's nvcc flags
   -DFASTFT_WITH_CUDA -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H
   -gencode arch=compute_90,code=sm_90
   -Werror all-warnings                    # a warning here is a failure: nothing else would ever read it
