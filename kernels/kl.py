@@ -90,6 +90,8 @@ def _full_kl_fwd_kernel(
         d = d * alpha + tl.sum(tl.where(e > 0.0, e * (a - b), 0.0), axis=0)
         m_a = ma_new
         m_b = mb_new
+    s_p = tl.where(counted, s_p, 1.0)  # a masked row read nothing: keep its (discarded) stats finite
+    s_r = tl.where(counted, s_r, 1.0)
     lse_p = m_a + tl.log(s_p)
     lse_r = m_b + tl.log(s_r)
     c = d / s_p

@@ -139,6 +139,7 @@ def _(grad_kl, policy, ref, mask, lse_p, lse_r, kl, temperature, grad_policy, gr
 
 
 def _full_kl_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zero [N, V] grads for the auxiliary outputs
     policy, ref, mask, temperature, reduction, grad_policy, grad_ref, backend = inputs
     _, kl, lse_p, lse_r, gp, gr = output
     ctx.reduction, ctx.backend, ctx.temperature = reduction, backend, temperature
@@ -201,6 +202,7 @@ def _(grad_logp, logits, index, lse, temperature, backend):
 
 
 def _selective_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zero [N, V] grads for the auxiliary outputs
     logits, index, temperature, backend = inputs
     ctx.temperature, ctx.backend = temperature, backend
     ctx.save_for_backward(logits, index, output[1])
@@ -365,6 +367,7 @@ def _(row_grad, hp, wp, hr, wr, mask, lse_p, lse_r, kl, temperature, needs, chun
 
 
 def _linear_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zero [N, V] grads for the auxiliary outputs
     hp, wp, hr, wr, mask, temperature, reduction, needs, chunk_size, backend = inputs
     ctx.options = (temperature, list(needs), chunk_size, backend)
     ctx.reduction, ctx.backend = reduction, backend

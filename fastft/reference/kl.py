@@ -52,8 +52,10 @@ def full_kl(
     logp = torch.log_softmax(policy_logits.to(acc) / temperature, dim=-1)
     logr = torch.log_softmax(ref_logits.to(acc) / temperature, dim=-1)
     p = logp.exp()
-    # A token the policy bans (logit -inf, p = 0) contributes 0, not 0 * inf = NaN.
-    per_token = torch.where(p > 0, p * (logp - logr), torch.zeros_like(p)).sum(-1)
+    # A token the policy bans (logit -inf, p = 0) contributes 0, not 0 * inf = NaN; the where sits
+    # inside the product so no NaN reaches the gradient either.
+    diff = torch.where(p > 0, logp - logr, torch.zeros_like(p))
+    per_token = (p * diff).sum(-1)
     return _reduce(per_token, mask, reduction, policy_logits.dtype)
 
 
