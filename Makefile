@@ -10,7 +10,7 @@ EXT_STAMP   := .stamp-ext
 export TRITON_INTERPRET ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: all venv build test test-fast demo bench info cuda-check clean
+.PHONY: all venv build test test-fast demo bench info cuda-check gpu-check clean
 
 all: build
 
@@ -50,3 +50,7 @@ cuda-check:
 
 clean:
 	rm -rf build $(EXT_STAMP) fastft/_C*.so *.egg-info
+
+# On a lent GPU machine (its own torch/triton, no network): build with CUDA, cuda tests, GPU benchmarks.
+gpu-check:
+	bash benchmarks/gpu_check.sh $(or $(OUT),gpu_out)
