@@ -1,12 +1,15 @@
-// Bottleneck-adapter CPU epilogues (the "cpp" backend of fastft.ops.adapter).
+// Bottleneck adapter on the CPU (the "cpp" backend of fastft.ops.adapter), forward and backward fused.
 //
-// The adapter is y = x + scale * (h W_up^T + b_up), h = dropout(act(pre)), pre = x W_down^T + b_down.
-// The GEMMs run in BLAS (fastft/ops/adapter.py); these kernels are the element-wise work between them,
-// on the [N, r] bottleneck only (r = 64 typically), one pass each:
-//   forward:  h = act(pre) * keep / (1 - p), written into an [N, r + 1] buffer whose last column is 1 when the
-//             up-projection has a bias, so that one GEMM against [W_up | b_up] adds bias and residual at once.
-//   backward: grad_pre = grad_scale * grad_h * act'(pre) * keep / (1 - p), and h again (same layout) for the
-//             weight gradient of the up-projection. Neither the mask nor h is stored between the passes.
+// y = x + scale * (h W_up^T + b_up), h = dropout(act(pre)), pre = x W_down^T + b_down; x is [N, H], the
+// bottleneck r (64 typically). The rows are processed in blocks of kRows: a block of x (and, backward, of the
+// upstream gradient) is read from memory once and stays in L2 while every GEMM that needs it runs on it (BLAS
+// through at::addmm_out on the block), with the element-wise work between the GEMMs done here on [kRows, r]:
+//   forward:  pre = x W_down^T + b_down;  h = act(pre) * keep / (1 - p) with a ones column when there is an up
+//             bias;  y = x + scale * [h | 1] [W_up | b_up]^T  (bias, scale and residual inside one addmm).
+//   backward: grad_h = g W_up;  grad_pre = scale * grad_h * act'(pre) * keep / (1 - p);  h recomputed;
+//             dx = g + grad_pre W_down;  [dW_up | db_up] += scale * g^T [h | 1];  dW_down += grad_pre^T x.
+// Only pre [N, r] and the seed are saved between the passes (never the mask, h, or a full-width activation).
+// Full-width memory traffic: forward reads x and writes y; backward reads g and x and writes dx.
 // Dropout mask: a counter-based hash of (seed, flat element index), the same function in the reference
 // (fastft/reference/adapter.py) and the Triton kernels (kernels/adapter.py), so backward regenerates the mask
 // and every backend drops the same elements. Element i*r + j is dropped when hash >> 8 < drop_threshold,
@@ -147,115 +150,229 @@ struct RowScratch {
   }
 };
 
-at::Tensor adapter_act_dropout_fwd_cpu(const at::Tensor& pre, const at::Tensor& seed, int64_t activation,
-                                       int64_t drop_threshold, bool append_ones) {
-  check_bottleneck(pre, "pre");
-  TORCH_CHECK(activation >= kRelu && activation <= kSilu, "adapter: unknown activation code ", activation);
-  const int64_t N = pre.size(0), r = pre.size(1), width = r + (append_ones ? 1 : 0);
-  at::Tensor h = at::empty({N, width}, pre.options());
-  const DropoutSpec drop = dropout_spec(seed, drop_threshold);
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pre.scalar_type(), "adapter_act_dropout_fwd_cpu", [&] {
-    using acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    using Vec = Vectorized<acc>;
-    const scalar_t* pre0 = pre.data_ptr<scalar_t>();
-    scalar_t* h0 = h.data_ptr<scalar_t>();
-    at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-      RowScratch<acc> scratch;
-      acc* p = scratch.get(3 * r);
-      acc* out = p + r;
-      acc* keep = p + 2 * r;
-      for (int64_t i = begin; i < end; ++i) {
-        load_row(p, pre0 + i * r, r);
-        if (drop.on) dropout_row(keep, drop.seed, i, r, drop.threshold, static_cast<acc>(drop.keep_scale));
-        int64_t j = 0;
-        for (; j < r; j += Vec::size()) {
-          const int64_t n = std::min<int64_t>(Vec::size(), r - j);
-          Vec a = Act<acc>::apply(activation, Vec::loadu(p + j, n), nullptr);
-          if (drop.on) a = a * Vec::loadu(keep + j, n);
-          a.store(out + j, n);
-        }
-        scalar_t* hrow = h0 + i * width;
-        store_row(hrow, out, r);
-        if (append_ones) hrow[r] = scalar_t(1);
-      }
-    });
-  });
-  return h;
+// h rows [row0, row0 + n) of the bottleneck: act(pre) * keep, with a ones column when append_ones.
+// Pointers address the block's first row; row0 is its global index (the dropout hash counts from it).
+template <typename scalar_t, typename acc>
+void act_dropout_rows_fwd(const scalar_t* pre, scalar_t* h, int64_t row0, int64_t n, int64_t r, bool append_ones,
+                          int64_t activation, const DropoutSpec& drop, RowScratch<acc>& scratch) {
+  using Vec = Vectorized<acc>;
+  const int64_t width = r + (append_ones ? 1 : 0);
+  acc* p = scratch.get(3 * r);
+  acc* out = p + r;
+  acc* keep = p + 2 * r;
+  for (int64_t i = 0; i < n; ++i) {
+    load_row(p, pre + i * r, r);
+    if (drop.on) dropout_row(keep, drop.seed, row0 + i, r, drop.threshold, static_cast<acc>(drop.keep_scale));
+    for (int64_t j = 0; j < r; j += Vec::size()) {
+      const int64_t m = std::min<int64_t>(Vec::size(), r - j);
+      Vec a = Act<acc>::apply(activation, Vec::loadu(p + j, m), nullptr);
+      if (drop.on) a = a * Vec::loadu(keep + j, m);
+      a.store(out + j, m);
+    }
+    store_row(h + i * width, out, r);
+    if (append_ones) h[i * width + r] = scalar_t(1);
+  }
 }
 
-std::tuple<at::Tensor, at::Tensor> adapter_act_dropout_bwd_cpu(const at::Tensor& grad_h, const at::Tensor& pre,
-                                                               const at::Tensor& seed, int64_t activation,
-                                                               int64_t drop_threshold, double grad_scale,
-                                                               bool append_ones, bool return_h) {
-  check_bottleneck(pre, "pre");
-  check_bottleneck(grad_h, "grad_h");
-  TORCH_CHECK(grad_h.sizes() == pre.sizes(), "adapter: grad_h ", grad_h.sizes(), " must match pre ", pre.sizes());
-  TORCH_CHECK(grad_h.scalar_type() == pre.scalar_type(), "adapter: grad_h and pre must share a dtype");
-  TORCH_CHECK(activation >= kRelu && activation <= kSilu, "adapter: unknown activation code ", activation);
-  const int64_t N = pre.size(0), r = pre.size(1), width = r + (append_ones ? 1 : 0);
-  at::Tensor grad_pre = at::empty({N, r}, pre.options());
-  at::Tensor h = return_h ? at::empty({N, width}, pre.options()) : at::empty({0}, pre.options());
-  const DropoutSpec drop = dropout_spec(seed, drop_threshold);
+// grad_pre = grad_scale * grad_h * act'(pre) * keep for rows [row0, row0 + n), and h again when h != nullptr.
+template <typename scalar_t, typename acc>
+void act_dropout_rows_bwd(const scalar_t* pre, const scalar_t* grad_h, scalar_t* grad_pre, scalar_t* h, int64_t row0,
+                          int64_t n, int64_t r, bool append_ones, int64_t activation, const DropoutSpec& drop,
+                          acc grad_scale, RowScratch<acc>& scratch) {
+  using Vec = Vectorized<acc>;
+  const int64_t width = r + (append_ones ? 1 : 0);
+  const Vec gscale(grad_scale);
+  acc* p = scratch.get(5 * r);
+  acc* g = p + r;
+  acc* keep = p + 2 * r;
+  acc* out_g = p + 3 * r;
+  acc* out_h = p + 4 * r;
+  for (int64_t i = 0; i < n; ++i) {
+    load_row(p, pre + i * r, r);
+    load_row(g, grad_h + i * r, r);
+    if (drop.on) dropout_row(keep, drop.seed, row0 + i, r, drop.threshold, static_cast<acc>(drop.keep_scale));
+    for (int64_t j = 0; j < r; j += Vec::size()) {
+      const int64_t m = std::min<int64_t>(Vec::size(), r - j);
+      Vec d;
+      Vec a = Act<acc>::apply(activation, Vec::loadu(p + j, m), &d);
+      Vec gd = gscale * Vec::loadu(g + j, m) * d;
+      if (drop.on) {
+        const Vec k = Vec::loadu(keep + j, m);
+        gd = gd * k;
+        a = a * k;
+      }
+      gd.store(out_g + j, m);
+      a.store(out_h + j, m);
+    }
+    store_row(grad_pre + i * r, out_g, r);
+    if (h != nullptr) {
+      store_row(h + i * width, out_h, r);
+      if (append_ones) h[i * width + r] = scalar_t(1);
+    }
+  }
+}
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pre.scalar_type(), "adapter_act_dropout_bwd_cpu", [&] {
+// ------------------------------------------------------------------------------------------------
+// Whole adapter, fused by row blocks. A block of kRows rows of x (and of the gradient) is read from
+// memory once and then stays in L2 while every GEMM that needs it runs on it (BLAS through at::mm_out /
+// addmm_out on the block), so forward reads x once and writes y once, and backward reads g and x once
+// and writes dx once; the eager block makes ~15 full-width passes for the pair, this makes 5.
+// ------------------------------------------------------------------------------------------------
+constexpr int64_t kRows = 128;  // 128 x 1024 fp32 = 512 KB per full-width block: fits L2 with room
+
+at::Tensor up_weight_with_bias(const at::Tensor& up_weight, const c10::optional<at::Tensor>& up_bias) {
+  // [W_up | b_up] so that [h | 1] @ [W_up | b_up]^T adds the bias inside the GEMM.
+  return up_bias.has_value() ? at::cat({up_weight, up_bias->unsqueeze(1)}, 1) : up_weight.contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> adapter_fwd_cpu(const at::Tensor& x, const at::Tensor& down_weight,
+                                                   const c10::optional<at::Tensor>& down_bias,
+                                                   const at::Tensor& up_weight,
+                                                   const c10::optional<at::Tensor>& up_bias, const at::Tensor& seed,
+                                                   int64_t activation, int64_t drop_threshold, double scale) {
+  TORCH_CHECK(x.dim() == 2, "adapter: x must be [N, H], got ", x.sizes());
+  at::NoGradGuard no_grad;  // the BLAS calls below are the kernel's internals, not autograd ops
+  TORCH_CHECK(activation >= kRelu && activation <= kSilu, "adapter: unknown activation code ", activation);
+  const int64_t N = x.size(0), H = x.size(1), r = down_weight.size(0);
+  const bool has_up_bias = up_bias.has_value();
+  const int64_t width = r + (has_up_bias ? 1 : 0);
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor down_t = down_weight.t();
+  const at::Tensor up_t = up_weight_with_bias(up_weight, up_bias).t();
+  at::Tensor y = at::empty({N, H}, x.options());
+  at::Tensor pre = at::empty({N, r}, x.options());
+  const DropoutSpec drop = dropout_spec(seed, drop_threshold);
+  const int64_t blocks = (N + kRows - 1) / kRows;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "adapter_fwd_cpu", [&] {
     using acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    using Vec = Vectorized<acc>;
-    const scalar_t* pre0 = pre.data_ptr<scalar_t>();
-    const scalar_t* gh0 = grad_h.data_ptr<scalar_t>();
-    scalar_t* gp0 = grad_pre.data_ptr<scalar_t>();
-    scalar_t* h0 = return_h ? h.data_ptr<scalar_t>() : nullptr;
-    const Vec gscale(static_cast<acc>(grad_scale));
-    at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      at::NoGradGuard no_grad_in_worker;  // grad mode is thread-local: worker threads need their own guard
       RowScratch<acc> scratch;
-      acc* p = scratch.get(5 * r);
-      acc* g = p + r;
-      acc* keep = p + 2 * r;
-      acc* out_g = p + 3 * r;
-      acc* out_h = p + 4 * r;
-      for (int64_t i = begin; i < end; ++i) {
-        load_row(p, pre0 + i * r, r);
-        load_row(g, gh0 + i * r, r);
-        if (drop.on) dropout_row(keep, drop.seed, i, r, drop.threshold, static_cast<acc>(drop.keep_scale));
-        for (int64_t j = 0; j < r; j += Vec::size()) {
-          const int64_t n = std::min<int64_t>(Vec::size(), r - j);
-          Vec d;
-          Vec a = Act<acc>::apply(activation, Vec::loadu(p + j, n), &d);
-          Vec gd = gscale * Vec::loadu(g + j, n) * d;
-          if (drop.on) {
-            const Vec k = Vec::loadu(keep + j, n);
-            gd = gd * k;
-            a = a * k;
-          }
-          gd.store(out_g + j, n);
-          if (return_h) a.store(out_h + j, n);
+      at::Tensor h = at::empty({kRows, width}, x.options());
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t i0 = b * kRows, n = std::min(kRows, N - i0);
+        const at::Tensor x_b = xc.narrow(0, i0, n);
+        at::Tensor pre_b = pre.narrow(0, i0, n);
+        if (down_bias.has_value()) at::addmm_out(pre_b, *down_bias, x_b, down_t); else at::mm_out(pre_b, x_b, down_t);
+        act_dropout_rows_fwd<scalar_t, acc>(pre_b.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), i0, n, r, has_up_bias,
+                                            activation, drop, scratch);
+        at::Tensor y_b = y.narrow(0, i0, n);
+        at::addmm_out(y_b, x_b, h.narrow(0, 0, n), up_t, 1, scale);  // residual + scale * (h W^T + b)
+      }
+    });
+  });
+  return {y, pre};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_bwd_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& down_weight, const at::Tensor& up_weight,
+    const at::Tensor& pre, const at::Tensor& seed, int64_t activation, int64_t drop_threshold, double scale,
+    bool has_down_bias, bool has_up_bias, bool need_input, bool need_down, bool need_up) {
+  at::NoGradGuard no_grad;
+  TORCH_CHECK(x.dim() == 2 && grad.sizes() == x.sizes(), "adapter: grad ", grad.sizes(), " must match x ", x.sizes());
+  check_bottleneck(pre, "pre");
+  TORCH_CHECK(activation >= kRelu && activation <= kSilu, "adapter: unknown activation code ", activation);
+  const int64_t N = x.size(0), H = x.size(1), r = down_weight.size(0);
+  const int64_t width = r + (has_up_bias ? 1 : 0);
+  const at::Tensor gc = grad.contiguous(), xc = x.contiguous();
+  const at::Tensor up_c = up_weight.contiguous(), down_c = down_weight.contiguous();
+  const DropoutSpec drop = dropout_spec(seed, drop_threshold);
+  const int64_t blocks = (N + kRows - 1) / kRows;
+  auto opts = x.options();
+  at::Tensor dx = need_input ? at::empty({N, H}, opts) : at::empty({0}, opts);
+  // fp32/fp64: weight gradients accumulate per thread over the blocks, in the blocks' own pass. fp16/bf16:
+  // one GEMM over all rows afterwards (BLAS accumulates in fp32 and rounds once, as eager does), from the
+  // full grad_pre and h kept for it.
+  const bool low = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+  at::Tensor grad_pre_all = (need_down && low) ? at::empty({N, r}, opts) : at::Tensor();
+  at::Tensor h_all = (need_up && low) ? at::empty({N, width}, opts) : at::Tensor();
+  const int64_t threads = at::get_num_threads();
+  std::vector<at::Tensor> acc_up(threads), acc_down(threads), acc_dbd(threads);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "adapter_bwd_cpu", [&] {
+    using acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      at::NoGradGuard no_grad_in_worker;  // grad mode is thread-local: worker threads need their own guard
+      const int64_t t = at::get_thread_num();
+      RowScratch<acc> scratch;
+      at::Tensor gh = at::empty({kRows, r}, opts);
+      at::Tensor gp_local = at::empty({kRows, r}, opts);
+      at::Tensor h_local = at::empty({kRows, width}, opts);
+      if (!low) {
+        if (need_up) acc_up[t] = at::zeros({H, width}, opts);
+        if (need_down) acc_down[t] = at::zeros({r, H}, opts);
+        if (need_down && has_down_bias) acc_dbd[t] = at::zeros({r}, opts);
+      }
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t i0 = b * kRows, n = std::min(kRows, N - i0);
+        const at::Tensor g_b = gc.narrow(0, i0, n);
+        at::Tensor gh_b = gh.narrow(0, 0, n);
+        at::mm_out(gh_b, g_b, up_c);
+        at::Tensor gp_b = low && need_down ? grad_pre_all.narrow(0, i0, n) : gp_local.narrow(0, 0, n);
+        at::Tensor h_b = low && need_up ? h_all.narrow(0, i0, n) : h_local.narrow(0, 0, n);
+        act_dropout_rows_bwd<scalar_t, acc>(pre.data_ptr<scalar_t>() + i0 * r, gh_b.data_ptr<scalar_t>(),
+                                            gp_b.data_ptr<scalar_t>(), need_up ? h_b.data_ptr<scalar_t>() : nullptr,
+                                            i0, n, r, has_up_bias, activation, drop, static_cast<acc>(scale), scratch);
+        if (need_input) {
+          at::Tensor dx_b = dx.narrow(0, i0, n);
+          at::addmm_out(dx_b, g_b, gp_b, down_c);  // residual gradient + grad_pre @ W_down
         }
-        store_row(gp0 + i * r, out_g, r);
-        if (return_h) {
-          scalar_t* hrow = h0 + i * width;
-          store_row(hrow, out_h, r);
-          if (append_ones) hrow[r] = scalar_t(1);
+        if (!low) {
+          if (need_up) acc_up[t].addmm_(g_b.t(), h_b);
+          if (need_down) acc_down[t].addmm_(gp_b.t(), xc.narrow(0, i0, n));
+          if (need_down && has_down_bias) acc_dbd[t].add_(gp_b.sum(0));
         }
       }
     });
   });
-  return {grad_pre, h};
+
+  auto reduce = [&](std::vector<at::Tensor>& parts) {
+    at::Tensor total;
+    for (auto& part : parts) {
+      if (!part.defined()) continue;
+      if (total.defined()) total.add_(part); else total = part;
+    }
+    return total;
+  };
+  at::Tensor empty = at::empty({0}, opts);
+  at::Tensor dwd = empty, dbd = empty, dwu = empty, dbu = empty;
+  if (need_down) {
+    if (low) {
+      dwd = at::mm(grad_pre_all.t(), xc);
+      if (has_down_bias) dbd = grad_pre_all.sum(0);
+    } else {
+      dwd = reduce(acc_down);
+      if (has_down_bias) dbd = reduce(acc_dbd);
+    }
+    if (!dwd.defined()) dwd = at::zeros({r, H}, opts);  // N == 0
+    if (has_down_bias && !dbd.defined()) dbd = at::zeros({r}, opts);
+  }
+  if (need_up) {
+    at::Tensor up_aug = low ? at::mm(gc.t(), h_all) : reduce(acc_up);
+    if (!up_aug.defined()) up_aug = at::zeros({H, width}, opts);
+    up_aug.mul_(scale);
+    dwu = has_up_bias ? up_aug.narrow(1, 0, r).contiguous() : up_aug;
+    if (has_up_bias) dbu = up_aug.select(1, r).contiguous();
+  }
+  return {dx, dwd, dbd, dwu, dbu};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastft, m) {
   m.def(
-      "adapter_act_dropout_fwd_kernel(Tensor pre, Tensor seed, int activation, int drop_threshold, "
-      "bool append_ones) -> Tensor");
+      "adapter_fwd_kernel(Tensor x, Tensor down_weight, Tensor? down_bias, Tensor up_weight, Tensor? up_bias, "
+      "Tensor seed, int activation, int drop_threshold, float scale) -> (Tensor, Tensor)");
   m.def(
-      "adapter_act_dropout_bwd_kernel(Tensor grad_h, Tensor pre, Tensor seed, int activation, int drop_threshold, "
-      "float grad_scale, bool append_ones, bool return_h) -> (Tensor, Tensor)");
+      "adapter_bwd_kernel(Tensor grad, Tensor x, Tensor down_weight, Tensor up_weight, Tensor pre, Tensor seed, "
+      "int activation, int drop_threshold, float scale, bool has_down_bias, bool has_up_bias, bool need_input, "
+      "bool need_down, bool need_up) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastft, CPU, m) {
-  m.impl("adapter_act_dropout_fwd_kernel", &adapter_act_dropout_fwd_cpu);
-  m.impl("adapter_act_dropout_bwd_kernel", &adapter_act_dropout_bwd_cpu);
+  m.impl("adapter_fwd_kernel", &adapter_fwd_cpu);
+  m.impl("adapter_bwd_kernel", &adapter_bwd_cpu);
 }
 
 }  // namespace fastft

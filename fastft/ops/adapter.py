@@ -2,8 +2,9 @@
 
     y = x + scale * (h @ W_up^T + b_up),   h = dropout(act(pre)),   pre = x @ W_down^T + b_down
 
-Data flow (x: [N, H], r = bottleneck, usually 64). Every backend shares the GEMMs (BLAS on CPU, cuBLAS
-on CUDA) and differs only in the element-wise epilogue on the [N, r] bottleneck (C++ or Triton):
+Data flow (x: [N, H], r = bottleneck, usually 64). Triton backend: cuBLAS GEMMs with Triton epilogues on
+the [N, r] bottleneck (kernels/adapter.py); C++ backend: the same steps run by row blocks that stay in
+L2 between the GEMMs (csrc/cpu/adapter.cpp), so x and g are read from memory once:
   forward   pre = addmm(b_down, x, W_down^T)                     bias fused into the GEMM
             h1  = [act(pre) * mask * keep_scale | 1]             epilogue kernel, one pass over [N, r]
             y   = addmm(x, h1, [W_up | b_up]^T, alpha=scale)     bias + scale + residual in one GEMM
@@ -38,12 +39,10 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _epilogues(backend: str):
-    if backend == "triton":
-        from ..kernels import adapter as k
+    """The element-wise bottleneck kernels of the GEMM-composed path (the Triton backend)."""
+    from ..kernels import adapter as k
 
-        return k.adapter_act_dropout_fwd, k.adapter_act_dropout_bwd
-    ops = torch.ops.fastft
-    return ops.adapter_act_dropout_fwd_kernel, ops.adapter_act_dropout_bwd_kernel
+    return k.adapter_act_dropout_fwd, k.adapter_act_dropout_bwd
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -68,6 +67,10 @@ def _adapter_op(
     scale: float,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
+    if backend == "cpp":  # the whole block fused by row tiles in C++ (csrc/cpu/adapter.cpp)
+        return torch.ops.fastft.adapter_fwd_kernel(
+            x, down_weight, down_bias, up_weight, up_bias, seed, activation, drop_threshold, scale
+        )
     fwd, _ = _epilogues(backend)
     if down_bias is not None:
         pre = torch.addmm(down_bias, x, down_weight.t())
@@ -104,6 +107,11 @@ def _adapter_backward_op(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dW_down, db_down, dW_up, db_up); each is an empty (0,) tensor when not needed."""
+    if backend == "cpp":
+        return torch.ops.fastft.adapter_bwd_kernel(
+            grad, x, down_weight, up_weight, pre, seed, activation, drop_threshold, scale,
+            has_down_bias, has_up_bias, need_input, need_down, need_up,
+        )
     _, bwd = _epilogues(backend)
     r = pre.shape[1]
     grad_h = torch.mm(grad, up_weight)
