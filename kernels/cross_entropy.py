@@ -8,7 +8,7 @@ lse = logsumexp(x) and p = softmax(x):
     dloss/dx_j = p_j ((1-eps) w_y + (eps/V) W + 2 z_loss lse) - (eps/V) w_j - [j == y] (1-eps) w_y
                  (times 1 - tanh(x_j / s)^2 with a softcap: the chain rule through the cap)
 
-Ignored rows give loss 0 and a zero gradient row (their lse is still computed). A target outside
+Ignored rows give loss 0 and a zero gradient row and are not read (their lse is stored as 0). A target outside
 [0, V) that is not ignore_index is never used as an address: its loss and gradient row are NaN.
 The math is fastft.reference.cross_entropy; the contract is the docstring of fastft.ops.cross_entropy.
 
@@ -125,7 +125,9 @@ def _cross_entropy_fwd_kernel(
     for start in range(0, V, BLOCK):
         offs = start + cols
         mask = offs < V
-        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        # Ignored rows (padding, prompt tokens) are never read: their loss and gradient are 0 and
+        # their lse is unused, so the masked load moves no bytes.
+        x = tl.load(x_row + offs, mask=mask & counted, other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
             x = softcap * _tanh(x / softcap)
         if HAS_SMOOTHING:  # masked lanes hold x = 0 (softcap(0) = 0) and w = 0
@@ -168,7 +170,7 @@ def _cross_entropy_fwd_kernel(
     loss = tl.where(in_range, loss, float("nan"))
     loss = tl.where(counted, loss, 0.0)
     tl.store(loss_ptr + row, loss)
-    tl.store(lse_ptr + row, lse)
+    tl.store(lse_ptr + row, tl.where(counted, lse, 0.0))
 
     if RETURN_GRAD:
         # Second sweep over the same row (on a GPU it is usually still in L2). Ignored rows load
