@@ -3,9 +3,10 @@
 //   y = x W^T + b + s * u B^T,   u = drop(x) A^T            (drop(x) = x * mask / (1-p), or x)
 //   g = dy B;  dx = dy W + s * drop'(g A);  dA = s g^T drop(x);  dB = s dy^T u;  dW = dy^T x;  db = sum dy
 //
-// Every product is one BLAS call (MKL through at::mm / addmm). Arrangement (why it is fast): the small
-// LoRA term is written FIRST into the output (y = b + s u B^T, K = r: a write-only pass), and the big
-// GEMM then accumulates onto it (beta = 1, free inside a compute-bound GEMM). The eager order (GEMM,
+// The big and thin products are BLAS calls (MKL through at::mm / addmm). Arrangement (why it is fast):
+// the small LoRA term is written FIRST into the output (y = b + s u B^T with K = r: a write-only pass,
+// by expand_low_rank below, not BLAS), and the big GEMM then accumulates onto it (beta = 1, free inside
+// a compute-bound GEMM). The eager order (GEMM,
 // then a separate LoRA GEMM, then an add) reads and writes the full output two more times; the same
 // holds for dx in backward. The thin products (u, g, dA, dB) each stream x or dy once; they are
 // memory-bound and small next to the two big GEMMs.
@@ -18,12 +19,61 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <tuple>
 
 namespace fastft {
 namespace {
+
+using at::vec::Vectorized;
+
+// out[i, :] = init[:] + sum_k coef[i, k] * basis[k, :]  for a SMALL k (the LoRA rank): y's LoRA term
+// (coef = s u, basis = B^T) and dx's (coef = s g, basis = A). MKL's GEMM with K = r is far from the
+// memory bound here (measured ~10x slower than writing the output once); this is one write of the
+// output, the [r, C] basis staying in L2 while the rows stream by.
+template <typename scalar_t>
+void expand_low_rank(const scalar_t* coef, const scalar_t* basis, const scalar_t* init, scalar_t* out, int64_t rows,
+                     int64_t rank, int64_t cols) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t kVec = Vec::size();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const scalar_t* c = coef + i * rank;
+      scalar_t* o = out + i * cols;
+      int64_t j = 0;
+      for (; j + kVec <= cols; j += kVec) {
+        Vec acc = init ? Vec::loadu(init + j) : Vec(scalar_t(0));
+        for (int64_t k = 0; k < rank; ++k) acc = at::vec::fmadd(Vec(c[k]), Vec::loadu(basis + k * cols + j), acc);
+        acc.store(o + j);
+      }
+      for (; j < cols; ++j) {
+        scalar_t acc = init ? init[j] : scalar_t(0);
+        for (int64_t k = 0; k < rank; ++k) acc += c[k] * basis[k * cols + j];
+        o[j] = acc;
+      }
+    }
+  });
+}
+
+// init + coef @ basis, [N, C]: the vector kernel for fp32/fp64, one BLAS call otherwise.
+at::Tensor low_rank_product(const at::Tensor& coef, const at::Tensor& basis, const std::optional<at::Tensor>& init) {
+  const bool has_init = init.has_value() && init->defined();
+  if (coef.scalar_type() != at::kFloat && coef.scalar_type() != at::kDouble) {
+    return has_init ? at::addmm(*init, coef, basis) : at::mm(coef, basis);
+  }
+  at::Tensor c = coef.contiguous(), b = basis.contiguous();
+  at::Tensor bias = has_init ? init->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({c.size(0), b.size(1)}, c.options());
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "lora_expand_low_rank", [&] {
+    expand_low_rank<scalar_t>(c.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
+                              has_init ? bias.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), c.size(0),
+                              c.size(1), b.size(1));
+  });
+  return out;
+}
 
 // drop(x) = x * mask / (1 - p), mask ~ Bernoulli(1 - p) from `seed`; one temporary of x's size.
 at::Tensor dropped_input(const at::Tensor& x, double p, int64_t seed) {
@@ -53,12 +103,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(const at::Tensor& x, cons
   TORCH_CHECK(x.dim() == 2, "lora_linear_fwd_kernel: x must be 2-D [N, in]");
   const bool drop = dropout_p > 0.0;
   at::Tensor u = drop ? at::mm(dropped_input(x, dropout_p, seed_value(seed)), lora_A.t()) : at::mm(x, lora_A.t());
-  at::Tensor y;
-  if (bias.has_value() && bias->defined()) {
-    y = at::addmm(*bias, u, lora_B.t(), /*beta=*/1, /*alpha=*/scaling);
-  } else {
-    y = at::mm(u * scaling, lora_B.t());
-  }
+  at::Tensor y = low_rank_product(u * scaling, lora_B.t(), bias);
   y.addmm_(x, weight.t());  // the base GEMM accumulates onto the LoRA term (beta = 1)
   return {y, u};
 }
@@ -76,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
   at::Tensor g_scaled;  // s * dy B  [N, r]
   if (need_dx || need_dA) g_scaled = at::mm(dy, lora_B).mul_(scaling);
   if (need_dx) {
-    dx = at::mm(g_scaled, lora_A);  // the LoRA term first (K = r) ...
+    dx = low_rank_product(g_scaled, lora_A, std::nullopt);  // the LoRA term first (K = r) ...
     if (drop) apply_dropout_(dx, dropout_p, drop_seed);
     dx.addmm_(dy, weight);  // ... then the big GEMM accumulates onto it
   }
