@@ -61,7 +61,7 @@ def _run(fn, backend, *args, **kwargs):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("temperature,masked", [(1.0, False), (0.7, True), (1.6, True)])
+@pytest.mark.parametrize("temperature,masked", [(1.0, False), (0.7, True)])
 def test_full_kl_fp32(backend, reduction, temperature, masked):
     _skip_unusable(backend)
     shape = _shape(backend)
@@ -366,7 +366,7 @@ def _linear_inputs(n_shape, h, hr, v, dtype=torch.float32):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("chunk_size,masked,ref_grad", [(None, True, False), (5, True, True), (64, False, False)])
+@pytest.mark.parametrize("chunk_size,masked,ref_grad", [(None, True, False), (5, False, True)])
 def test_linear_full_kl_fp32(backend, reduction, chunk_size, masked, ref_grad):
     _skip_unusable(backend)
     n_shape = (3, 11) if backend != "triton" else (2, 9)
@@ -434,14 +434,11 @@ def test_linear_full_kl_errors():
 # ------------------------------------------------------------------------------------------------
 
 
-def _opcheck_backends():
-    return [b for b in ("cpp", "triton") if fastft.backend.status(b)[0]]
-
-
-@pytest.mark.parametrize("backend", _opcheck_backends())
+@pytest.mark.parametrize("backend", ["cpp", pytest.param("triton", marks=pytest.mark.slow)])
 def test_opcheck(backend):
     from torch.library import opcheck
 
+    _skip_unusable(backend)
     p, r = _pair((6, 67))
     mask = torch.tensor([True, False, True, True, False, True])
     ops = torch.ops.fastft

@@ -5,8 +5,16 @@
 
 #include <ATen/ATen.h>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define FASTFT_STREAM_FENCE() _mm_sfence()
+#else
+#define FASTFT_STREAM_FENCE() ((void)0)
+#endif
+
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -109,6 +117,54 @@ struct Scratch {
     return buf.data();
   }
 };
+
+// Store one vector of n lanes to p. Full, aligned fp32 vectors bypass the cache (non-temporal):
+// the gradient is written once and not read again by this kernel, so streaming it saves the
+// read-for-ownership of every destination line (a third of the memory traffic).
+template <typename acc>
+inline void store_streaming(acc* p, const Vectorized<acc>& v, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc, float>) {
+    if (n == Vectorized<acc>::size() && (reinterpret_cast<uintptr_t>(p) & 63) == 0) {
+      _mm512_stream_ps(p, v);
+      return;
+    }
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<acc, float>) {
+    if (n == Vectorized<acc>::size() && (reinterpret_cast<uintptr_t>(p) & 31) == 0) {
+      _mm256_stream_ps(p, v);
+      return;
+    }
+  }
+#endif
+  v.store(p, n);
+}
+
+// Calls chunk(j, n) over [0, V) in vector-sized pieces, with a short first piece that brings
+// dst + j to a 64-byte boundary so the streaming stores apply to every later piece.
+template <typename acc, typename F>
+inline void for_each_chunk_aligned(const acc* dst, int64_t V, F&& chunk) {
+  using Vec = Vectorized<acc>;
+  int64_t j = 0;
+  const int64_t misalign = static_cast<int64_t>((reinterpret_cast<uintptr_t>(dst) & 63) / sizeof(acc));
+  if (misalign != 0) {
+    j = std::min<int64_t>(V, static_cast<int64_t>(64 / sizeof(acc)) - misalign);
+    chunk(0, j);
+  }
+  for (; j + Vec::size() <= V; j += Vec::size()) chunk(j, Vec::size());
+  if (j < V) chunk(j, V - j);
+}
+
+template <typename scalar_t>
+void zero_row(scalar_t* out, int64_t V) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    const Vectorized<float> zero(0.f);
+    for_each_chunk_aligned<float>(out, V, [&](int64_t j, int64_t n) { store_streaming(out + j, zero, n); });
+  } else {
+    fill_row(out, V, 0.0);
+  }
+}
 
 }  // namespace row_softmax
 }  // namespace fastft

@@ -9,7 +9,7 @@
 //   dKL/dx_r,j = (rho_j - pi_j) / T = (f_j / S_r - e_j / S_p) / T
 // (log pi - log rho - KL = (a - b) - (lse_p - lse_r) - KL = (a - b) - c.)
 // Sweeps per row: 1) both maxima (the only reads from memory), 2) e, f and the three sums, parking e
-// (and f) in the gradient rows, 3) the gradient, from the parked exps. A 32k row is 128 KB of fp32: the
+// (and f) in per-thread scratch, 3) the gradient, from the parked exps, streamed to memory. A 32k row is 128 KB of fp32: the
 // two rows and the gradient stay in L2 (here 2 MB+ per core) between sweeps. Masked rows are never read.
 // Terms with pi_j = 0 (x_p,j = -inf: a banned token) count 0, not 0 * inf = NaN.
 //
@@ -31,7 +31,8 @@ namespace fastft {
 namespace {
 
 using at::vec::Vectorized;
-using namespace row_softmax;  // acc_t, row_values, row_max, row_sum_exp, store_row, fill_row, Scratch
+using namespace row_softmax;  // acc_t, row_values, row_max, row_sum_exp, store_row, fill_row, Scratch,
+                              // store_streaming, for_each_chunk_aligned, zero_row
 
 // Sweep 2 of full_kl: S_p, S_r and D (see the top), parking the exps when asked.
 template <typename acc>
@@ -79,22 +80,20 @@ void kl_grad_row(scalar_t* gp, scalar_t* gr, const acc* xp, const acc* xr, const
   acc* dst_p = gp == nullptr ? nullptr : same ? reinterpret_cast<acc*>(gp) : tmp_p;
   acc* dst_r = gr == nullptr ? nullptr : same ? reinterpret_cast<acc*>(gr) : tmp_r;
   const Vec it(inv_t), sp(-shift_p), sr(-shift_r), kpv(kp), cv(-c), kqv(kq), krv(kr), zero(acc(0));
-  auto chunk = [&](int64_t j, int64_t n) {
+  // fp32 gradients are streamed (non-temporal): written once, never read back here.
+  for_each_chunk_aligned<acc>(dst_p ? dst_p : dst_r, V, [&](int64_t j, int64_t n) {
     const Vec vp = Vec::loadu(xp + j, n);
     const Vec e = e_park ? Vec::loadu(e_park + j, n) : at::vec::fmadd(vp, it, sp).exp_u20();
     if (dst_p) {
       const Vec vr = Vec::loadu(xr + j, n);
       const Vec g = kpv * e * at::vec::fmadd(vp - vr, it, cv);
-      Vec::blendv(g, zero, e == zero).store(dst_p + j, n);
+      store_streaming(dst_p + j, Vec::blendv(g, zero, e == zero), n);
     }
     if (dst_r) {
       const Vec f = f_park ? Vec::loadu(f_park + j, n) : at::vec::fmadd(Vec::loadu(xr + j, n), it, sr).exp_u20();
-      (krv * f - kqv * e).store(dst_r + j, n);
+      store_streaming(dst_r + j, krv * f - kqv * e, n);
     }
-  };
-  int64_t j = 0;
-  for (; j + Vec::size() <= V; j += Vec::size()) chunk(j, Vec::size());
-  if (j < V) chunk(j, V - j);
+  });
   if constexpr (!same) {
     if (gp) store_row<scalar_t, acc>(gp, tmp_p, V);
     if (gr) store_row<scalar_t, acc>(gr, tmp_r, V);
@@ -144,9 +143,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> full_kl_f
     acc* lr = lse_r.data_ptr<acc>();
     scalar_t* gp0 = want_p ? gp.data_ptr<scalar_t>() : nullptr;
     scalar_t* gr0 = want_r ? gr.data_ptr<scalar_t>() : nullptr;
-    // Scratch: [0, V) policy row, [V, 2V) reference row (reduced precision only), [2V, 3V) parked e
-    // (when it has no fp32 gradient row to live in), [3V, 4V) parked f.
-    const bool need_scratch = !same || (want_r && !want_p);
+    // Scratch (per thread, stays in L2): [0, V) policy row and [V, 2V) reference row (reduced precision
+    // only), [2V, 3V) parked e, [3V, 4V) parked f. Parking the exps here rather than in the gradient
+    // rows lets the gradient be streamed to memory without first reading its lines (no RFO).
+    const bool need_scratch = !same || want_p || want_r;
 
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
       Scratch<acc> scratch;
@@ -155,8 +155,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> full_kl_f
         scalar_t* g_r = want_r ? gr0 + i * V : nullptr;
         if (counted && !counted[i]) {
           kl_p[i] = lp[i] = lr[i] = acc(0);
-          if (g_p) fill_row(g_p, V, 0.0);
-          if (g_r) fill_row(g_r, V, 0.0);
+          if (g_p) zero_row(g_p, V);
+          if (g_r) zero_row(g_r, V);
           continue;
         }
         acc* buf = need_scratch ? scratch.get(4 * V) : nullptr;
@@ -165,8 +165,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> full_kl_f
         const acc m_a = row_max(xp, V) * inv_t, m_b = row_max(xr, V) * inv_t;  // x -> x/T is monotone
         acc* e_park = nullptr;
         acc* f_park = nullptr;
-        if (want_p || want_r) e_park = (same && want_p) ? reinterpret_cast<acc*>(g_p) : buf + 2 * V;
-        if (want_r) f_park = same ? reinterpret_cast<acc*>(g_r) : buf + 3 * V;
+        if (want_p || want_r) e_park = buf + 2 * V;
+        if (want_r) f_park = buf + 3 * V;
         acc S_p, S_r, D;
         kl_row_sums(xp, xr, V, inv_t, m_a, m_b, e_park, f_park, S_p, S_r, D);
         const acc l_p = m_a + std::log(S_p), l_r = m_b + std::log(S_r);
@@ -181,6 +181,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> full_kl_f
                                      buf ? buf + 3 * V : nullptr);
         }
       }
+      FASTFT_STREAM_FENCE();  // order this thread's streaming stores before the gradients are handed out
     });
   });
   return {kl, lse_p, lse_r, gp, gr};
@@ -222,8 +223,8 @@ std::tuple<at::Tensor, at::Tensor> full_kl_bwd_cpu(const at::Tensor& grad_kl, co
         scalar_t* g_p = grad_policy ? gp0 + i * V : nullptr;
         scalar_t* g_r = grad_ref ? gr0 + i * V : nullptr;
         if (counted && !counted[i]) {
-          if (g_p) fill_row(g_p, V, 0.0);
-          if (g_r) fill_row(g_r, V, 0.0);
+          if (g_p) zero_row(g_p, V);
+          if (g_r) zero_row(g_r, V);
           continue;
         }
         acc* buf = same ? nullptr : scratch.get(4 * V);
@@ -234,6 +235,7 @@ std::tuple<at::Tensor, at::Tensor> full_kl_bwd_cpu(const at::Tensor& grad_kl, co
                                    lp[i] - lr[i] + klv[i], k, k, V, buf ? buf + 2 * V : nullptr,
                                    buf ? buf + 3 * V : nullptr);
       }
+      FASTFT_STREAM_FENCE();
     });
   });
   return {gp, gr};
