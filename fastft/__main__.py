@@ -5,9 +5,13 @@ import argparse
 import platform
 import sys
 
-# Every op and the backends it implements; `info` reports each.
+# Every public op and the backends it implements; `info` reports each.
 OPS = {
     "cross_entropy": ("reference", "cpp", "triton", "cuda"),
+    "linear_cross_entropy": ("reference", "cpp", "triton", "cuda"),
+    "lora_linear": ("reference", "cpp", "triton"),
+    "full_kl / selective_log_softmax / linear_full_kl": ("reference", "cpp", "triton"),
+    "adapter": ("reference", "cpp", "triton"),
 }
 
 

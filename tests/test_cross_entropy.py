@@ -14,7 +14,7 @@ import fastft
 from fastft import backend as fb
 from fastft.nn import CrossEntropyLoss
 from fastft.ops import cross_entropy
-from fastft.reference import cross_entropy as reference
+from fastft.reference.cross_entropy import cross_entropy as reference
 
 CPU_BACKENDS = [b for b in ("reference", "cpp", "triton") if fb.status(b)[0]]
 KERNEL_BACKENDS = [b for b in ("cpp", "triton") if fb.status(b)[0]]

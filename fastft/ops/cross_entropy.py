@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .. import backend as _backend
-from ..reference import cross_entropy as _reference
+from ..reference.cross_entropy import cross_entropy as _reference
 
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 _NONE, _MEAN, _SUM = 0, 1, 2
