@@ -335,8 +335,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
     }
     return total;
   };
-  at::Tensor empty = at::empty({0}, opts);
-  at::Tensor dwd = empty, dbd = empty, dwu = empty, dbu = empty;
+  // Outputs of a custom op may not alias each other: one distinct empty tensor per gradient not computed.
+  at::Tensor dwd = at::empty({0}, opts), dbd = at::empty({0}, opts), dwu = at::empty({0}, opts),
+             dbu = at::empty({0}, opts);
   if (need_down) {
     if (low) {
       dwd = at::mm(grad_pre_all.t(), xc);

@@ -108,16 +108,20 @@ def _adapter_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dW_down, db_down, dW_up, db_up); each is an empty (0,) tensor when not needed."""
     if backend == "cpp":
-        return torch.ops.fastft.adapter_bwd_kernel(
+        outs = torch.ops.fastft.adapter_bwd_kernel(
             grad, x, down_weight, up_weight, pre, seed, activation, drop_threshold, scale,
             has_down_bias, has_up_bias, need_input, need_down, need_up,
         )
+        # Zero-size placeholders from C++ can share one StorageImpl, which the custom-op aliasing check
+        # rejects; give each not-computed gradient its own.
+        computed = (need_input, need_down, need_down and has_down_bias, need_up, need_up and has_up_bias)
+        return tuple(o if c else _empty(x) for o, c in zip(outs, computed))
     _, bwd = _epilogues(backend)
     r = pre.shape[1]
     grad_h = torch.mm(grad, up_weight)
     grad_pre, h = bwd(grad_h, pre.contiguous(), seed, activation, drop_threshold, scale, has_up_bias, need_up)
     dx = torch.addmm(grad, grad_pre, down_weight) if need_input else _empty(x)
-    dwd = dbd = dwu = dbu = _empty(x)
+    dwd, dbd, dwu, dbu = (_empty(x) for _ in range(4))  # outputs may not alias each other
     if need_down:
         dwd = torch.mm(grad_pre.t(), x)
         if has_down_bias:
