@@ -11,8 +11,8 @@ import importlib
 import sys
 import time
 
-# Order = run order. Add "fused_linear_cross_entropy", "lora", ... as their bench files land.
-BENCHES = ["cross_entropy"]
+# Order = run order; each name is benchmarks/bench_<name>.py.
+BENCHES = ["cross_entropy", "linear_cross_entropy", "lora", "kl", "adapter"]
 
 
 def main(argv=None) -> int:
