@@ -308,8 +308,20 @@ def _setup_context(ctx, inputs, output):
     ctx.fused = _fuses_grads(reduction, grad_input, grad_weight, grad_bias)
     ctx.fused_flags = (grad_input, grad_weight, grad_bias) if ctx.fused else (False, False, False)
     ctx.grad_consumed = False
+    # Only the loss is differentiated; without this autograd would hand backward zero-filled
+    # gradients for the other outputs, a [V, H] zeros for grad_W alone (measured: +129 MB, 160 ms).
+    ctx.set_materialize_grads(False)
     if ctx.fused:
-        ctx.save_for_backward(gx, gw, gb)
+        if _is_traced(gx):
+            ctx.save_for_backward(gx, gw, gb)
+            ctx.grads_held = None
+        else:
+            # Eager: hold the gradients outside the saved-tensor machinery and hand them over in
+            # backward with no other reference left, so AccumulateGrad adopts them as .grad instead
+            # of copying (a saved tensor is still referenced when AccumulateGrad runs: it cloned the
+            # [V, H] grad_W, +131 MB and a copy at V=32000, H=1024). No grad_fn on them: no cycle.
+            ctx.mark_non_differentiable(gx, gw, gb)
+            ctx.grads_held = [gx, gw, gb]
     else:
         ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, lse)
 
@@ -337,11 +349,17 @@ def _scale_in_place_once(ctx, grads: list[Tensor], grad_loss: Tensor) -> list[Te
 
 
 def _backward(ctx, grad_loss, _grad_lse, _gx, _gw, _gb):
+    if grad_loss is None:  # only the auxiliary outputs were differentiated: they carry no gradient
+        ctx.grads_held = None
+        return (None,) * 15
     need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     if ctx.fused:
         if ctx.grad_consumed and not _is_traced(grad_loss):
             _raise_backward_twice()  # before unpacking: autograd's own version check would fire, less clearly
-        gx, gw, gb = ctx.saved_tensors
+        if ctx.grads_held is None:
+            gx, gw, gb = ctx.saved_tensors
+        else:
+            (gx, gw, gb), ctx.grads_held = ctx.grads_held, None
         have = ctx.fused_flags
         if (need_x and not have[0]) or (need_w and not have[1]) or (need_b and not have[2] and ctx.has_bias):
             raise RuntimeError(
