@@ -137,6 +137,10 @@ def _is_traced(t: Tensor) -> bool:
 def _setup_context(ctx, inputs, output):
     logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, compute_grad, backend = inputs
     _, lse, grad = output
+    # lse and grad are auxiliary outputs: without this autograd would build a zero [N, V] "gradient"
+    # for grad on every backward.
+    ctx.mark_non_differentiable(lse, grad)
+    ctx.set_materialize_grads(False)
     ctx.options = (ignore_index, label_smoothing, z_loss, softcap)
     ctx.reduction = reduction
     ctx.backend = backend
@@ -149,6 +153,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, _grad_lse, _grad_grad):
+    if grad_loss is None:
+        return None, None, None, None, None, None, None, None, None, None
     if not ctx.fused:
         # Per-row upstream gradient (reduction "none", or a mean/sum whose logits did not require
         # grad in forward): one sweep from the saved logsumexp.
