@@ -381,3 +381,26 @@ def test_module_is_a_drop_in_for_torch(bias):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="out_features"):
         LinearCrossEntropyLoss(16, 45, out_features=(2,))
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cuda_bf16_llm_head(backend, reduction):
+    """A real head shape in bf16 on the GPU: several chunks (in place on Triton), fp32 grad_W accumulation."""
+    if not fb.status(backend)[0]:
+        pytest.skip(fb.status(backend)[1])
+    x, w, b, t = make_inputs((2, 1000), 512, 32000, dtype=torch.bfloat16)
+    x, w, t = x.cuda(), w.cuda(), t.cuda()
+    upstream = torch.randn(2, 1000, device="cuda") if reduction == "none" else torch.tensor(1.0, device="cuda")
+    loss, grads = run(backend, x, w, None, t, upstream.bfloat16(), chunk_size=384, reduction=reduction)
+    t_loss, t_grads = truth(x, w, None, t, upstream, reduction=reduction)
+    p_loss, p_grads = torch_two_step(x, w, None, t, upstream.bfloat16(), reduction=reduction)
+    assert err(loss, t_loss) <= 2 * err(p_loss, t_loss) + 1e-3 * t_loss.abs().max().item()
+    for name, g, tg, pg in zip("xw", grads, t_grads, p_grads):
+        assert err(g, tg) <= 2 * err(pg, tg) + 1e-6, name
