@@ -261,16 +261,18 @@ def interleaved(bench: harness.Benchmark, rounds: int) -> list:
             t0 = time.perf_counter()
             p.step(states[p.name])
             times[p.name].append((time.perf_counter() - t0) * 1e3)
+    base_name = bench.baselines[0] if bench.baselines else None
+    base_times = times.get(base_name)
     rows = []
     for p in live:
         ts = sorted(times[p.name])
-        rows.append((p.name, ts[0], ts[len(ts) // 2]))
-    base = {name: (mn, med) for name, mn, med in rows}.get(bench.baselines[0] if bench.baselines else "")
+        # Paired: this provider's step over the baseline's step of the SAME round (load drifts cancel).
+        paired = sorted(t / b for t, b in zip(times[p.name], base_times)) if base_times else []
+        rows.append((p.name, ts[0], ts[len(ts) // 2], paired[len(paired) // 2] if paired else None))
     print(f"{bench.op} on {bench.device}: {bench.description}; {rounds} interleaved rounds")
-    print(f"| provider | min ms | median ms |" + (f" min / {bench.baselines[0]} min | median / its median |" if base else ""))
-    for name, mn, med in rows:
-        extra = f" {mn / base[0]:.3f} | {med / base[1]:.3f} |" if base else ""
-        print(f"| {name} | {mn:.1f} | {med:.1f} |" + extra)
+    print("| provider | min ms | median ms |" + (f" median of per-round ratios to {base_name} |" if base_times else ""))
+    for name, mn, med, ratio in rows:
+        print(f"| {name} | {mn:.1f} | {med:.1f} |" + (f" {ratio:.3f}x |" if ratio is not None else ""))
     return rows
 
 

@@ -3,13 +3,13 @@
 //   y = x W^T + b + s * u B^T,   u = drop(x) A^T            (drop(x) = x * mask / (1-p), or x)
 //   g = dy B;  dx = dy W + s * drop'(g A);  dA = s g^T drop(x);  dB = s dy^T u;  dW = dy^T x;  db = sum dy
 //
-// The big and thin products are BLAS calls (MKL through at::mm / addmm). Arrangement (why it is fast):
-// the small LoRA term is written FIRST into the output (y = b + s u B^T with K = r: a write-only pass,
-// by expand_low_rank below, not BLAS), and the big GEMM then accumulates onto it (beta = 1, free inside
-// a compute-bound GEMM). The eager order (GEMM,
-// then a separate LoRA GEMM, then an add) reads and writes the full output two more times; the same
-// holds for dx in backward. The thin products (u, g, dA, dB) each stream x or dy once; they are
-// memory-bound and small next to the two big GEMMs.
+// The big and thin products are BLAS calls (MKL through at::mm / addmm). The rank-r term s u B^T (and
+// s g A in backward) is NOT a BLAS call: MKL's GEMM with K = r = 16 ran ~10x off the memory bound, so
+// expand_low_rank adds it to the GEMM's output in place, one read + one write of y (dx), with the [r, C]
+// basis in L2. (Writing that term first and letting the big GEMM accumulate onto it with beta = 1 was
+// measured too: MKL's beta = 1 path was no faster here.) The eager order (GEMM, a separate LoRA GEMM into
+// a new [N, out] tensor, then an add) allocates and streams two more full-size tensors. The thin products
+// (u, g, dA, dB) each stream x or dy once; they are memory-bound and small next to the two big GEMMs.
 //
 // Dropout: the keep-mask is drawn from a CPU generator seeded with `seed` (drawn by the caller from the
 // global generator, so torch.manual_seed reproduces it). Backward re-draws the same mask from the same
@@ -23,6 +23,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 
 namespace fastft {
@@ -35,42 +36,73 @@ using at::vec::Vectorized;
 // memory bound here (measured ~10x slower than writing the output once); this is one write of the
 // output, the [r, C] basis staying in L2 while the rows stream by.
 template <typename scalar_t>
-void expand_low_rank(const scalar_t* coef, const scalar_t* basis, const scalar_t* init, scalar_t* out, int64_t rows,
-                     int64_t rank, int64_t cols) {
+void expand_low_rank(const scalar_t* coef, const scalar_t* basis, const scalar_t* init, int64_t init_row_stride,
+                     scalar_t* out, int64_t rows, int64_t rank, int64_t cols) {
+  // Blocked so the basis is read from registers, not re-streamed per row: for each vector of columns,
+  // up to kGroup basis vectors are loaded once and applied to a block of rows (their outputs stay in L1).
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t kVec = Vec::size();
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const scalar_t* c = coef + i * rank;
-      scalar_t* o = out + i * cols;
-      int64_t j = 0;
-      for (; j + kVec <= cols; j += kVec) {
-        Vec acc = init ? Vec::loadu(init + j) : Vec(scalar_t(0));
-        for (int64_t k = 0; k < rank; ++k) acc = at::vec::fmadd(Vec(c[k]), Vec::loadu(basis + k * cols + j), acc);
-        acc.store(o + j);
+  constexpr int64_t kGroup = 8;
+  constexpr int64_t kRowBlock = 32;
+  const int64_t vec_cols = cols - cols % kVec;
+  at::parallel_for(0, rows, kRowBlock, [&](int64_t begin, int64_t end) {
+    for (int64_t r0 = begin; r0 < end; r0 += kRowBlock) {
+      const int64_t r1 = std::min(end, r0 + kRowBlock);
+      for (int64_t j = 0; j < vec_cols; j += kVec) {
+        for (int64_t k0 = 0; k0 < rank; k0 += kGroup) {
+          const int64_t kn = std::min(kGroup, rank - k0);
+          Vec bv[kGroup];
+          for (int64_t k = 0; k < kGroup; ++k) bv[k] = k < kn ? Vec::loadu(basis + (k0 + k) * cols + j) : Vec(0);
+          for (int64_t i = r0; i < r1; ++i) {
+            const scalar_t* c = coef + i * rank + k0;
+            // first group starts from init (bias row or the GEMM output, possibly out itself), later ones from out
+            const scalar_t* src = k0 == 0 ? (init ? init + i * init_row_stride : nullptr) : out + i * cols;
+            Vec acc = src ? Vec::loadu(src + j) : Vec(scalar_t(0));
+            for (int64_t k = 0; k < kGroup; ++k) {
+              if (k < kn) acc = at::vec::fmadd(Vec(c[k]), bv[k], acc);
+            }
+            acc.store(out + i * cols + j);
+          }
+        }
       }
-      for (; j < cols; ++j) {
-        scalar_t acc = init ? init[j] : scalar_t(0);
-        for (int64_t k = 0; k < rank; ++k) acc += c[k] * basis[k * cols + j];
-        o[j] = acc;
+      for (int64_t i = r0; i < r1; ++i) {  // columns past the last full vector
+        const scalar_t* c = coef + i * rank;
+        const scalar_t* in = init ? init + i * init_row_stride : nullptr;
+        for (int64_t j = vec_cols; j < cols; ++j) {
+          scalar_t acc = in ? in[j] : scalar_t(0);
+          for (int64_t k = 0; k < rank; ++k) acc += c[k] * basis[k * cols + j];
+          out[i * cols + j] = acc;
+        }
       }
     }
   });
 }
 
-// init + coef @ basis, [N, C]: the vector kernel for fp32/fp64, one BLAS call otherwise.
-at::Tensor low_rank_product(const at::Tensor& coef, const at::Tensor& basis, const std::optional<at::Tensor>& init) {
-  const bool has_init = init.has_value() && init->defined();
-  if (coef.scalar_type() != at::kFloat && coef.scalar_type() != at::kDouble) {
-    return has_init ? at::addmm(*init, coef, basis) : at::mm(coef, basis);
+bool has_vector_kernel(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
+}
+
+// target += coef @ basis in place ([N, C] contiguous): one read and one write of target.
+void add_low_rank_(at::Tensor& target, const at::Tensor& coef, const at::Tensor& basis) {
+  if (!has_vector_kernel(target) || !target.is_contiguous()) {
+    target.addmm_(coef, basis);
+    return;
   }
   at::Tensor c = coef.contiguous(), b = basis.contiguous();
-  at::Tensor bias = has_init ? init->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(target.scalar_type(), "lora_add_low_rank", [&] {
+    expand_low_rank<scalar_t>(c.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), target.data_ptr<scalar_t>(),
+                              target.size(1), target.data_ptr<scalar_t>(), c.size(0), c.size(1), b.size(1));
+  });
+}
+
+// coef @ basis, [N, C], freshly written (for the dropout path, where the mask applies to this term only).
+at::Tensor low_rank_product(const at::Tensor& coef, const at::Tensor& basis) {
+  if (!has_vector_kernel(coef)) return at::mm(coef, basis);
+  at::Tensor c = coef.contiguous(), b = basis.contiguous();
   at::Tensor out = at::empty({c.size(0), b.size(1)}, c.options());
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "lora_expand_low_rank", [&] {
-    expand_low_rank<scalar_t>(c.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
-                              has_init ? bias.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), c.size(0),
-                              c.size(1), b.size(1));
+    expand_low_rank<scalar_t>(c.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), nullptr, 0, out.data_ptr<scalar_t>(),
+                              c.size(0), c.size(1), b.size(1));
   });
   return out;
 }
@@ -96,6 +128,7 @@ int64_t seed_value(const std::optional<at::Tensor>& seed) {
   return seed->item<int64_t>();
 }
 
+
 std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                        const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                                                        const at::Tensor& lora_B, double scaling, double dropout_p,
@@ -106,8 +139,8 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(const at::Tensor& x, cons
   // than the transposed view, and likewise u^T / g^T made contiguous for dB / dA below (copies of [N, r]).
   at::Tensor a_t = lora_A.t().contiguous();
   at::Tensor u = drop ? at::mm(dropped_input(x, dropout_p, seed_value(seed)), a_t) : at::mm(x, a_t);
-  at::Tensor y = low_rank_product(u * scaling, lora_B.t(), bias);
-  y.addmm_(x, weight.t());  // the base GEMM accumulates onto the LoRA term (beta = 1)
+  at::Tensor y = (bias.has_value() && bias->defined()) ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  add_low_rank_(y, u * scaling, lora_B.t());
   return {y, u};
 }
 
@@ -124,9 +157,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
   at::Tensor g_scaled;  // s * dy B  [N, r]
   if (need_dx || need_dA) g_scaled = at::mm(dy, lora_B).mul_(scaling);
   if (need_dx) {
-    dx = low_rank_product(g_scaled, lora_A, std::nullopt);  // the LoRA term first (K = r) ...
-    if (drop) apply_dropout_(dx, dropout_p, drop_seed);
-    dx.addmm_(dy, weight);  // ... then the big GEMM accumulates onto it
+    dx = at::mm(dy, weight);
+    if (drop) {
+      at::Tensor lora_term = low_rank_product(g_scaled, lora_A);
+      apply_dropout_(lora_term, dropout_p, drop_seed);
+      dx.add_(lora_term);
+    } else {
+      add_low_rank_(dx, g_scaled, lora_A);
+    }
   }
   if (need_dA) {
     at::Tensor g_t = g_scaled.t().contiguous();
