@@ -213,15 +213,20 @@ def _check_inputs(input, target, weight, ignore_index, reduction, label_smoothin
         raise ValueError("input has 0 classes")
     if target.device != input.device:
         raise ValueError(f"target is on {target.device} but input is on {input.device}")
+    check_loss_options(weight, input.shape[-1], input.device, ignore_index, reduction, label_smoothing, z_loss, softcap)
+
+
+def check_loss_options(weight, num_classes, device, ignore_index, reduction, label_smoothing, z_loss, softcap) -> None:
+    """The cross-entropy options shared by every loss built on it (also fused linear cross-entropy)."""
     if weight is not None:
         if not isinstance(weight, Tensor):
             raise TypeError(f"weight must be a tensor or None, got {type(weight).__name__}")
-        if weight.dim() != 1 or weight.shape[0] != input.shape[-1]:
-            raise ValueError(f"weight must have shape ({input.shape[-1]},) (one per class), got {tuple(weight.shape)}")
+        if weight.dim() != 1 or weight.shape[0] != num_classes:
+            raise ValueError(f"weight (class weights) must have shape ({num_classes},), one per class, got {tuple(weight.shape)}")
         if not weight.is_floating_point():
             raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
-        if weight.device != input.device:
-            raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
+        if weight.device != device:
+            raise ValueError(f"weight is on {weight.device} but input is on {device}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):

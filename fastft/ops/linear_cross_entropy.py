@@ -27,7 +27,6 @@ FASTFT_LCE_CHUNK_BYTES (default 64 MiB on CPU, 512 MiB on CUDA) or ``chunk_size`
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional
 
@@ -36,7 +35,7 @@ from torch import Tensor
 
 from .. import backend as _backend
 from ..reference.linear_cross_entropy import linear_cross_entropy as _reference
-from .cross_entropy import _is_traced, check_targets, reduction_scale
+from .cross_entropy import _is_traced, check_loss_options, check_targets, reduction_scale
 from .cross_entropy import _kernels as _ce_kernels
 
 __all__ = ["linear_cross_entropy"]
@@ -445,26 +444,8 @@ def _check_inputs(input, linear_weight, target, linear_bias, weight, ignore_inde
         )
     if target.device != input.device:
         raise ValueError(f"target is on {target.device} but input is on {input.device}")
-    v = linear_weight.shape[0]
-    if weight is not None:
-        if not isinstance(weight, Tensor):
-            raise TypeError(f"weight must be a tensor or None, got {type(weight).__name__}")
-        if weight.dim() != 1 or weight.shape[0] != v:
-            raise ValueError(f"weight (class weights) must have shape ({v},), got {tuple(weight.shape)}")
-        if not weight.is_floating_point():
-            raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
-        if weight.device != input.device:
-            raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if not (0.0 <= float(label_smoothing) <= 1.0):
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if not (math.isfinite(float(z_loss)) and float(z_loss) >= 0.0):
-        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
-    if softcap is not None and not (math.isfinite(float(softcap)) and float(softcap) > 0.0):
-        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap}")
+    check_loss_options(weight, linear_weight.shape[0], input.device, ignore_index, reduction, label_smoothing, z_loss,
+                       softcap)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or a positive int (token rows per chunk), got {chunk_size!r}")
 
