@@ -94,6 +94,25 @@ def _grad_block(
     return g
 
 
+@triton.jit
+def _write_grad_row(
+    x_row, g_row, V, counted, y, lse, a, c_smooth, c_hit, weight_ptr, softcap,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BF16_RNE_BY_HAND: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The gradient sweep over one row (forward's fused gradient and backward's share it). Ignored
+    rows load nothing (the load mask is off) and store zeros."""
+    cols = tl.arange(0, BLOCK)
+    for start in range(0, V, BLOCK):
+        offs = start + cols
+        mask = offs < V
+        x = tl.load(x_row + offs, mask=mask & counted, other=0.0).to(tl.float32)
+        g = _grad_block(x, offs, mask, y, lse, a, c_smooth, c_hit, weight_ptr, softcap,
+                        HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+        g = tl.where(counted, g, 0.0)
+        tl.store(g_row + offs, _cast_for_store(g, g_row.dtype.element_ty, BF16_RNE_BY_HAND), mask=mask)
+
+
 # ------------------------------------------------------------------------------------------------
 # Forward: loss, lse and, with RETURN_GRAD, grad_scale * dloss/dlogits
 # ------------------------------------------------------------------------------------------------
@@ -173,8 +192,7 @@ def _cross_entropy_fwd_kernel(
     tl.store(lse_ptr + row, tl.where(counted, lse, 0.0))
 
     if RETURN_GRAD:
-        # Second sweep over the same row (on a GPU it is usually still in L2). Ignored rows load
-        # nothing (the load mask is off) and store zeros.
+        # Second sweep over the same row (on a GPU it is usually still in L2).
         scale = tl.load(grad_scale_ptr)
         a = hit
         if HAS_SMOOTHING:
@@ -186,15 +204,8 @@ def _cross_entropy_fwd_kernel(
             a += 2.0 * z_loss * lse
         a = tl.where(in_range, a, float("nan")) * scale
         c_hit = scale * hit
-        g_row = grad_ptr + row * V
-        for start in range(0, V, BLOCK):
-            offs = start + cols
-            mask = offs < V
-            x = tl.load(x_row + offs, mask=mask & counted, other=0.0).to(tl.float32)
-            g = _grad_block(x, offs, mask, y, lse, a, c_smooth, c_hit, weight_ptr, softcap,
-                            HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
-            g = tl.where(counted, g, 0.0)
-            tl.store(g_row + offs, _cast_for_store(g, grad_ptr.dtype.element_ty, BF16_RNE_BY_HAND), mask=mask)
+        _write_grad_row(x_row, grad_ptr + row * V, V, counted, y, lse, a, c_smooth, c_hit, weight_ptr, softcap,
+                        HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, BF16_RNE_BY_HAND, BLOCK)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -239,16 +250,8 @@ def _cross_entropy_bwd_kernel(
     a = tl.where(in_range, a, float("nan")) * go
     c_hit = go * hit
 
-    cols = tl.arange(0, BLOCK)
-    g_row = grad_ptr + row * V
-    for start in range(0, V, BLOCK):
-        offs = start + cols
-        mask = offs < V
-        x = tl.load(x_row + offs, mask=mask & counted, other=0.0).to(tl.float32)
-        g = _grad_block(x, offs, mask, y, lse, a, c_smooth, c_hit, weight_ptr, softcap,
-                        HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
-        g = tl.where(counted, g, 0.0)
-        tl.store(g_row + offs, _cast_for_store(g, grad_ptr.dtype.element_ty, BF16_RNE_BY_HAND), mask=mask)
+    _write_grad_row(x_row, grad_ptr + row * V, V, counted, y, lse, a, c_smooth, c_hit, weight_ptr, softcap,
+                    HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, BF16_RNE_BY_HAND, BLOCK)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -48,6 +48,29 @@ def _kl_grad_block(xp, xr, lse_p, lse_r, inv_t, k_p, c, k_r, GRAD_POLICY: tl.con
 
 
 @triton.jit
+def _write_kl_grad_rows(
+    p_row, r_row, gp_row, gr_row, V, counted, lse_p, lse_r, inv_t, k, c,
+    GRAD_POLICY: tl.constexpr, GRAD_REF: tl.constexpr, BF16_RNE_BY_HAND: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The gradient sweep over one row pair, shared by forward's fused gradient and backward.
+    Masked rows load nothing and store zeros."""
+    cols = tl.arange(0, BLOCK)
+    for start in range(0, V, BLOCK):
+        offs = start + cols
+        in_row = offs < V
+        ld = in_row & counted
+        xp = tl.load(p_row + offs, mask=ld, other=0.0).to(tl.float32)
+        xr = tl.load(r_row + offs, mask=ld, other=0.0).to(tl.float32)
+        gp, gr = _kl_grad_block(xp, xr, lse_p, lse_r, inv_t, k, c, k, GRAD_POLICY, GRAD_REF)
+        if GRAD_POLICY:
+            gp = tl.where(counted, gp, 0.0)
+            tl.store(gp_row + offs, _cast_for_store(gp, gp_row.dtype.element_ty, BF16_RNE_BY_HAND), mask=in_row)
+        if GRAD_REF:
+            gr = tl.where(counted, gr, 0.0)
+            tl.store(gr_row + offs, _cast_for_store(gr, gr_row.dtype.element_ty, BF16_RNE_BY_HAND), mask=in_row)
+
+
+@triton.jit
 def _full_kl_fwd_kernel(
     policy_ptr, stride_p, ref_ptr, stride_r, mask_ptr, grad_scale_ptr,
     kl_ptr, lse_p_ptr, lse_r_ptr, grad_p_ptr, grad_r_ptr,
@@ -102,21 +125,8 @@ def _full_kl_fwd_kernel(
 
     if GRAD_POLICY or GRAD_REF:
         k = tl.load(grad_scale_ptr) * inv_t
-        for start in range(0, V, BLOCK):
-            offs = start + cols
-            in_row = offs < V
-            ld = in_row & counted
-            xp = tl.load(p_row + offs, mask=ld, other=0.0).to(tl.float32)
-            xr = tl.load(r_row + offs, mask=ld, other=0.0).to(tl.float32)
-            gp, gr = _kl_grad_block(xp, xr, lse_p, lse_r, inv_t, k, c, k, GRAD_POLICY, GRAD_REF)
-            if GRAD_POLICY:
-                gp = tl.where(counted, gp, 0.0)
-                tl.store(grad_p_ptr + row * V + offs, _cast_for_store(gp, grad_p_ptr.dtype.element_ty, BF16_RNE_BY_HAND),
-                         mask=in_row)
-            if GRAD_REF:
-                gr = tl.where(counted, gr, 0.0)
-                tl.store(grad_r_ptr + row * V + offs, _cast_for_store(gr, grad_r_ptr.dtype.element_ty, BF16_RNE_BY_HAND),
-                         mask=in_row)
+        _write_kl_grad_rows(p_row, r_row, grad_p_ptr + row * V, grad_r_ptr + row * V, V, counted, lse_p, lse_r,
+                            inv_t, k, c, GRAD_POLICY, GRAD_REF, BF16_RNE_BY_HAND, BLOCK)
 
 
 @triton.jit
@@ -137,22 +147,8 @@ def _full_kl_bwd_kernel(
     lse_r = tl.load(lse_r_ptr + row)
     c = lse_p - lse_r + tl.load(kl_ptr + row)
     k = tl.load(grad_kl_ptr + row) * inv_t
-    cols = tl.arange(0, BLOCK)
-    for start in range(0, V, BLOCK):
-        offs = start + cols
-        in_row = offs < V
-        ld = in_row & counted
-        xp = tl.load(p_row + offs, mask=ld, other=0.0).to(tl.float32)
-        xr = tl.load(r_row + offs, mask=ld, other=0.0).to(tl.float32)
-        gp, gr = _kl_grad_block(xp, xr, lse_p, lse_r, inv_t, k, c, k, GRAD_POLICY, GRAD_REF)
-        if GRAD_POLICY:
-            gp = tl.where(counted, gp, 0.0)
-            tl.store(grad_p_ptr + row * V + offs, _cast_for_store(gp, grad_p_ptr.dtype.element_ty, BF16_RNE_BY_HAND),
-                     mask=in_row)
-        if GRAD_REF:
-            gr = tl.where(counted, gr, 0.0)
-            tl.store(grad_r_ptr + row * V + offs, _cast_for_store(gr, grad_r_ptr.dtype.element_ty, BF16_RNE_BY_HAND),
-                     mask=in_row)
+    _write_kl_grad_rows(p_row, r_row, grad_p_ptr + row * V, grad_r_ptr + row * V, V, counted, lse_p, lse_r,
+                        inv_t, k, c, GRAD_POLICY, GRAD_REF, BF16_RNE_BY_HAND, BLOCK)
 
 
 @triton.jit
