@@ -129,7 +129,10 @@ def _gemm_count(fn) -> int:
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_frozen_weight_does_no_weight_gradient_work(backend):
     x, w, _, t = make_inputs((20,), 8, 33)
-    chunks = 4  # 20 rows, chunk_size=5
+    # Ignored rows are dropped before any GEMM on CPU: chunks of 5 over the counted rows only.
+    counted = int((t != -100).sum())
+    assert 0 < counted < 20
+    chunks = -(-counted // 5)
 
     def step(grads):
         xs, ws, _ = leaves(x, w, None, grads)
@@ -140,6 +143,29 @@ def test_frozen_weight_does_no_weight_gradient_work(backend):
     assert _gemm_count(lambda: step(("x", "w"))) == 3 * chunks  # logits, grad_x, grad_W per chunk
     assert _gemm_count(lambda: step(("x",))) == 2 * chunks  # no grad_W GEMM at all
     assert step(("x",)) is None
+
+
+@pytest.mark.parametrize("backend", ["cpp"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_ignored_rows_cost_no_gemm_work(backend, reduction):
+    """Padding / prompt rows have zero loss and gradient: on CPU they are skipped before the GEMMs,
+    and the result is the same as computing them."""
+    x, w, b, t = make_inputs((24,), 8, 33, bias=True)
+    t[:12] = -100
+    upstream = torch.randn(24) if reduction == "none" else torch.tensor(0.5)
+
+    def step():
+        return run(backend, x, w, b, t, upstream, reduction=reduction, chunk_size=4)
+
+    # 12 counted rows = 3 chunks of 4: logits, grad_x, grad_W each (reduction "none" with a weight
+    # gradient recomputes the logits in backward: one more GEMM per chunk).
+    assert _gemm_count(step) == 3 * (3 if reduction != "none" else 4)
+    loss, grads = step()
+    ref_loss, ref_grads = truth(x, w, b, t, upstream, reduction=reduction)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+    assert torch.equal(grads[0][:12], torch.zeros_like(grads[0][:12]))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

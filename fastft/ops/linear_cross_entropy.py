@@ -151,10 +151,33 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _counted_rows(target: Tensor, ignore_index: int) -> Optional[Tensor]:
+    """Indices of the counted rows when some but not all are ignored, on CPU; else None.
+
+    An ignored row (padding, prompt tokens) has zero loss and zero gradient, so its share of all
+    three GEMMs is skipped. Not on CUDA: finding the rows needs a host sync."""
+    if target.device.type != "cpu":
+        return None
+    idx = (target != ignore_index).nonzero().squeeze(1)
+    return idx if 0 < idx.numel() < target.numel() else None
+
+
+def _scatter_rows(rows: Tensor, idx: Tensor, n: int) -> Tensor:
+    full = rows.new_zeros((n,) + tuple(rows.shape[1:]))
+    return full.index_copy_(0, idx, rows)
+
+
 def _forward_chunks(x, weight, bias, target, class_weight, options, grad_scale, need_x, need_w, need_b,
                     chunk_size, backend):
     """Loss rows and lse for all tokens; with ``grad_scale`` also the scaled gradients."""
     n, _ = x.shape
+    idx = _counted_rows(target, options[0])
+    if idx is not None:
+        loss_rows, lse, (gx, gw, gb) = _forward_chunks(
+            x.index_select(0, idx), weight, bias, target.index_select(0, idx), class_weight, options, grad_scale,
+            need_x, need_w, need_b, chunk_size, backend)
+        gx = _scatter_rows(gx, idx, n) if gx.numel() else gx
+        return _scatter_rows(loss_rows, idx, n), _scatter_rows(lse, idx, n), (gx, gw, gb)
     v = weight.shape[0]
     with_grad = grad_scale is not None
     rows = _chunk_rows(n, v, x.dtype, x.device.type, _chunk_buffers(backend, with_grad), chunk_size)
@@ -184,6 +207,12 @@ def _backward_chunks(row_grad, x, weight, bias, target, class_weight, lse, optio
                      chunk_size, backend):
     """Gradients for a per-row upstream gradient, recomputing each logits chunk from the saved lse."""
     n, _ = x.shape
+    idx = _counted_rows(target, options[0])
+    if idx is not None:
+        gx, gw, gb = _backward_chunks(
+            row_grad.index_select(0, idx), x.index_select(0, idx), weight, bias, target.index_select(0, idx),
+            class_weight, lse.index_select(0, idx), options, need_x, need_w, need_b, chunk_size, backend)
+        return (_scatter_rows(gx, idx, n) if gx.numel() else gx), gw, gb
     v = weight.shape[0]
     _, bwd, _ = _ce_kernels(backend)
     rows = _chunk_rows(n, v, x.dtype, x.device.type, 2, chunk_size)
