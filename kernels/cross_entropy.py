@@ -96,12 +96,22 @@ def _grad_block(
 
 @triton.jit
 def _write_grad_row(
-    x_row, g_row, V, counted, y, lse, a, c_smooth, c_hit, weight_ptr, softcap,
-    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    x_row, g_row, V, counted, in_range, y, lse, upstream, hit, eps_v, W, z_loss, weight_ptr, softcap,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BF16_RNE_BY_HAND: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """The gradient sweep over one row (forward's fused gradient and backward's share it). Ignored
-    rows load nothing (the load mask is off) and store zeros."""
+    """upstream * dloss/dlogits over one row, swept in blocks (forward's fused gradient, with the
+    reduction scale as upstream, and backward, with the row's upstream gradient, share it). hit is
+    (1-eps) w_y; an out-of-range target gives a NaN row. Ignored rows load nothing and store zeros."""
+    a = hit
+    c_smooth = 0.0
+    if HAS_SMOOTHING:
+        a += eps_v * W
+        c_smooth = upstream * eps_v
+    if HAS_Z_LOSS:
+        a += 2.0 * z_loss * lse
+    a = tl.where(in_range, a, float("nan")) * upstream
+    c_hit = upstream * hit
     cols = tl.arange(0, BLOCK)
     for start in range(0, V, BLOCK):
         offs = start + cols
@@ -180,6 +190,8 @@ def _cross_entropy_fwd_kernel(
             W = tl.cast(V, tl.float32)
     else:
         hit = w_y
+        eps_v = 0.0
+        W = 0.0
 
     loss = hit * (lse - x_y)
     if HAS_SMOOTHING:
@@ -193,19 +205,9 @@ def _cross_entropy_fwd_kernel(
 
     if RETURN_GRAD:
         # Second sweep over the same row (on a GPU it is usually still in L2).
-        scale = tl.load(grad_scale_ptr)
-        a = hit
-        if HAS_SMOOTHING:
-            a += eps_v * W
-            c_smooth = scale * eps_v
-        else:
-            c_smooth = 0.0
-        if HAS_Z_LOSS:
-            a += 2.0 * z_loss * lse
-        a = tl.where(in_range, a, float("nan")) * scale
-        c_hit = scale * hit
-        _write_grad_row(x_row, grad_ptr + row * V, V, counted, y, lse, a, c_smooth, c_hit, weight_ptr, softcap,
-                        HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, BF16_RNE_BY_HAND, BLOCK)
+        _write_grad_row(x_row, grad_ptr + row * V, V, counted, in_range, y, lse, tl.load(grad_scale_ptr), hit, eps_v,
+                        W, z_loss, weight_ptr, softcap, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP,
+                        BF16_RNE_BY_HAND, BLOCK)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -239,19 +241,12 @@ def _cross_entropy_bwd_kernel(
             W = tl.load(weight_sum_ptr)
         else:
             W = tl.cast(V, tl.float32)
-        a = hit + eps_v * W
-        c_smooth = go * eps_v
     else:
         hit = w_y
-        a = hit
-        c_smooth = 0.0
-    if HAS_Z_LOSS:
-        a += 2.0 * z_loss * lse
-    a = tl.where(in_range, a, float("nan")) * go
-    c_hit = go * hit
-
-    _write_grad_row(x_row, grad_ptr + row * V, V, counted, y, lse, a, c_smooth, c_hit, weight_ptr, softcap,
-                    HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, BF16_RNE_BY_HAND, BLOCK)
+        eps_v = 0.0
+        W = 0.0
+    _write_grad_row(x_row, grad_ptr + row * V, V, counted, in_range, y, lse, go, hit, eps_v, W, z_loss, weight_ptr,
+                    softcap, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP, BF16_RNE_BY_HAND, BLOCK)
 
 
 # ------------------------------------------------------------------------------------------------
