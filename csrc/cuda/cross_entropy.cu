@@ -7,7 +7,7 @@
 //   loss    = (1-eps) w_y (lse - x_y) + (eps/V) (W lse - sum_c w_c x_c) + z_loss lse^2
 //   dloss/dx_j = p_j ((1-eps) w_y + (eps/V) W + 2 z_loss lse) - (eps/V) w_j - [j == y] (1-eps) w_y,
 //             times (1 - tanh(raw_j / softcap)^2) when softcap > 0.
-// Ignored rows (y == ignore_index) have loss 0 and a zero gradient row. A target outside [0, V) that is
+// Ignored rows (y == ignore_index) are not read: loss 0, lse 0, zero gradient row. A target outside [0, V) that is
 // not ignore_index is never read through: loss NaN and a NaN gradient row.
 //
 // Layout: one thread block per row, fp32 math throughout. Sweep 1 reads the row once (16-byte loads)
@@ -239,6 +239,15 @@ __global__ void __launch_bounds__(kMaxThreads)
   const float softcap = o.softcap;
   const float inv_cap = softcap > 0.f ? 1.f / softcap : 0.f;
   const bool smooth = o.eps > 0.f;
+  const int64_t y = target[row];
+  if (y == o.ignore_index) {  // block-uniform: padding / prompt rows are never read (lse unused: 0)
+    if (threadIdx.x == 0) {
+      loss[row] = 0.f;
+      lse_out[row] = 0.f;
+    }
+    if (grad != nullptr) row_fill(grad + row * V, V, 0.f);
+    return;
+  }
 
   // Sweep 1: online softmax; with label smoothing also sum_c w_c x_c and W = sum_c w_c.
   MaxSum ms{-INFINITY, 0.f};
@@ -261,10 +270,9 @@ __global__ void __launch_bounds__(kMaxThreads)
     if (weight != nullptr) W = block_allreduce(sum_w, Add{});
   }
 
-  const int64_t y = target[row];
   if (threadIdx.x == 0) {
     float l = 0.f;
-    if (y != o.ignore_index) {
+    {
       if (y < 0 || y >= V) {
         l = __int_as_float(0x7fc00000);  // quiet NaN: out-of-range target, nothing read
       } else {

@@ -12,7 +12,7 @@ Kernels (same signature on every backend):
                     ignore_index, label_smoothing, z_loss, softcap) -> (loss[N] f32, lse[N] f32, grad)
       (loss and lse are fp64 for fp64 logits on the C++ backend, the only one that takes fp64)
       grad = grad_scale * d(loss_i)/d(logits) in logits' dtype when grad_scale is given, else empty.
-      Rows whose target is ignore_index are not read: loss 0, gradient 0, lse unspecified (0 on CPU).
+      Rows whose target is ignore_index are not read on any backend: loss 0, gradient 0, lse stored as 0.
   cross_entropy_bwd(grad_loss[N] f32, logits, target, weight?, lse, ignore_index, label_smoothing,
                     z_loss, softcap) -> grad[N,V]
   scale_if_not_one_(grad, scale[] f32): grad *= scale, touching nothing when scale == 1 (called
