@@ -340,16 +340,32 @@ def cross_entropy_fwd(
     label_smoothing: float,
     z_loss: float,
     softcap: float,
+    *,
+    out: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Per-row loss and lse (fp32, [N]) and, when ``grad_scale`` (a 0-dim fp32 tensor) is given,
     ``grad_scale * dloss_i/dlogits`` as a contiguous [N, V] tensor in logits' dtype (else an empty
-    (0,) tensor and no gradient work). ``softcap`` 0.0 means no cap."""
+    (0,) tensor and no gradient work). ``softcap`` 0.0 means no cap.
+
+    ``out`` receives the gradient instead of a new tensor; it may be ``logits`` itself (contiguous):
+    each row's program finishes its first sweep and the target logit before its second sweep reads
+    a block and then stores that block's gradient, so the fused linear cross-entropy needs one
+    [chunk x vocab] buffer instead of two."""
     n, v = _check_logits(logits, target, "cross_entropy_fwd")
     device = logits.device
     loss = torch.empty(n, dtype=torch.float32, device=device)
     lse = torch.empty(n, dtype=torch.float32, device=device)
     return_grad = grad_scale is not None
-    grad = torch.empty((n, v) if return_grad else (0,), dtype=logits.dtype, device=device)
+    if out is not None:
+        if not return_grad:
+            raise ValueError("cross_entropy_fwd: out= is the gradient's buffer; it needs grad_scale")
+        if out.shape != (n, v) or out.dtype != logits.dtype or not out.is_contiguous():
+            raise ValueError(f"cross_entropy_fwd: out must be a contiguous ({n}, {v}) {logits.dtype} tensor")
+        if out.data_ptr() == logits.data_ptr() and not logits.is_contiguous():
+            raise ValueError("cross_entropy_fwd: writing the gradient over logits needs contiguous logits")
+        grad = out
+    else:
+        grad = torch.empty((n, v) if return_grad else (0,), dtype=logits.dtype, device=device)
     if n == 0:
         return loss, lse, grad
     target = target.contiguous()

@@ -69,12 +69,10 @@ def _fused_ce_chunk(backend: str, in_place: bool):
     """(logits, target, weight, grad_scale|None, *options) -> (loss_rows, lse, grad|empty)."""
     fwd, _, _ = _ce_kernels(backend)
     if in_place and backend == "triton":
-        from ..kernels.linear_cross_entropy import cross_entropy_fwd_inplace
-
+        # The Triton kernel can write the gradient over the logits chunk it reads (one buffer).
         def run(logits, target, weight, grad_scale, *options):
-            if grad_scale is None:
-                return fwd(logits, target, weight, None, *options)
-            return cross_entropy_fwd_inplace(logits, target, weight, grad_scale, *options)
+            out = logits if grad_scale is not None else None
+            return fwd(logits, target, weight, grad_scale, *options, out=out)
 
         return run
     return fwd
