@@ -95,6 +95,29 @@ def _grad_block(
 
 
 @triton.jit
+def _target_terms(weight_ptr, safe_y, V, label_smoothing, sum_w, HAS_WEIGHT: tl.constexpr,
+                  HAS_SMOOTHING: tl.constexpr):
+    """Per-row constants of the loss and its gradient: hit = (1-eps) w_y, eps_v = eps / V and
+    W = sum_c w_c (sum_w with class weights, V without). eps_v and W are 0 without smoothing."""
+    if HAS_WEIGHT:
+        w_y = tl.load(weight_ptr + safe_y)
+    else:
+        w_y = 1.0
+    if HAS_SMOOTHING:
+        hit = (1.0 - label_smoothing) * w_y
+        eps_v = label_smoothing / tl.cast(V, tl.float32)
+        if HAS_WEIGHT:
+            W = sum_w
+        else:
+            W = tl.cast(V, tl.float32)
+    else:
+        hit = w_y
+        eps_v = 0.0
+        W = 0.0
+    return hit, eps_v, W
+
+
+@triton.jit
 def _write_grad_row(
     x_row, g_row, V, counted, in_range, y, lse, upstream, hit, eps_v, W, z_loss, weight_ptr, softcap,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -177,21 +200,7 @@ def _cross_entropy_fwd_kernel(
     x_y = tl.load(x_row + safe_y).to(tl.float32)
     if HAS_SOFTCAP:
         x_y = softcap * _tanh(x_y / softcap)
-    if HAS_WEIGHT:
-        w_y = tl.load(weight_ptr + safe_y)
-    else:
-        w_y = 1.0
-    if HAS_SMOOTHING:
-        hit = (1.0 - label_smoothing) * w_y
-        eps_v = label_smoothing / tl.cast(V, tl.float32)
-        if HAS_WEIGHT:
-            W = sum_w
-        else:
-            W = tl.cast(V, tl.float32)
-    else:
-        hit = w_y
-        eps_v = 0.0
-        W = 0.0
+    hit, eps_v, W = _target_terms(weight_ptr, safe_y, V, label_smoothing, sum_w, HAS_WEIGHT, HAS_SMOOTHING)
 
     loss = hit * (lse - x_y)
     if HAS_SMOOTHING:
@@ -230,21 +239,11 @@ def _cross_entropy_bwd_kernel(
     safe_y = tl.where(in_range, y, 0)
     go = tl.load(grad_loss_ptr + row)
     lse = tl.load(lse_ptr + row)
-    if HAS_WEIGHT:
-        w_y = tl.load(weight_ptr + safe_y)
+    if HAS_WEIGHT and HAS_SMOOTHING:
+        sum_w = tl.load(weight_sum_ptr)
     else:
-        w_y = 1.0
-    if HAS_SMOOTHING:
-        hit = (1.0 - label_smoothing) * w_y
-        eps_v = label_smoothing / tl.cast(V, tl.float32)
-        if HAS_WEIGHT:
-            W = tl.load(weight_sum_ptr)
-        else:
-            W = tl.cast(V, tl.float32)
-    else:
-        hit = w_y
-        eps_v = 0.0
-        W = 0.0
+        sum_w = 0.0
+    hit, eps_v, W = _target_terms(weight_ptr, safe_y, V, label_smoothing, sum_w, HAS_WEIGHT, HAS_SMOOTHING)
     _write_grad_row(x_row, grad_ptr + row * V, V, counted, in_range, y, lse, go, hit, eps_v, W, z_loss, weight_ptr,
                     softcap, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP, BF16_RNE_BY_HAND, BLOCK)
 
