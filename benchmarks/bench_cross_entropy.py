@@ -136,21 +136,9 @@ def _compile_provider(cfg: dict) -> harness.Provider:
 
 
 def _liger_provider(cfg: dict) -> harness.Provider:
-    if cfg["device"] != "cuda":
-        return harness.unavailable("liger", "Liger-Kernel: CUDA only - its Triton kernels under the CPU interpreter "
-                                   "are no speed peer")
-
-    def available():
-        import liger_kernel  # noqa: F401
-        from liger_kernel.transformers import LigerCrossEntropyLoss  # noqa: F401
-
-        return True, f"liger_kernel {getattr(liger_kernel, '__version__', '')}"
-
-    def setup():
-        from liger_kernel.transformers import LigerCrossEntropyLoss
-
+    def setup(cls):
         st = _inputs(cfg)
-        st["fn"] = LigerCrossEntropyLoss(ignore_index=IGNORE_INDEX)
+        st["fn"] = cls(ignore_index=IGNORE_INDEX)
         return st
 
     def step(st):
@@ -158,7 +146,7 @@ def _liger_provider(cfg: dict) -> harness.Provider:
         # logits' storage in forward, so later steps run on those values: same work, same speed.
         return _step_with(st["fn"])(st)
 
-    return harness.Provider("liger", setup, step, available)
+    return harness.liger_provider(cfg["device"], "LigerCrossEntropyLoss", setup, step)
 
 
 def build(cfg: dict) -> harness.Benchmark:

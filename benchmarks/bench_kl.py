@@ -162,21 +162,13 @@ def _compile_provider(cfg: dict) -> harness.Provider:
 
 
 def _liger_provider(cfg: dict) -> harness.Provider:
-    if cfg["device"] != "cuda" or cfg["op"] != "full":
-        return harness.unavailable("liger", "Liger-Kernel: CUDA only (its Triton kernels under the CPU interpreter are "
-                                   "no speed peer); full_kl only")
+    if cfg["op"] != "full":
+        return harness.unavailable("liger", "Liger-Kernel has no fused linear KL; full_kl only")
     t = cfg["temperature"]
 
-    def available():
-        from liger_kernel.transformers import LigerJSD  # noqa: F401
-
-        return True, "liger_kernel LigerJSD(beta=1): reverse KL"
-
-    def setup():
-        from liger_kernel.transformers import LigerJSD
-
+    def setup(cls):
         st = _inputs(cfg)
-        jsd = LigerJSD(beta=1.0)
+        jsd = cls(beta=1.0)
         labels = torch.where(st["mask"], 0, -100)
 
         def fn(p, r, m):
@@ -186,7 +178,8 @@ def _liger_provider(cfg: dict) -> harness.Provider:
         st["fn"] = fn
         return st
 
-    return harness.Provider("liger", setup, lambda st: _step_full(st["fn"])(st), available)
+    return harness.liger_provider(cfg["device"], "LigerJSD", setup, lambda st: _step_full(st["fn"])(st),
+                                  note="beta=1: reverse KL")
 
 
 def build(cfg: dict) -> harness.Benchmark:

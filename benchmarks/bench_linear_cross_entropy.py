@@ -145,27 +145,15 @@ def _torch_lce_provider(cfg: dict, chunked: bool) -> harness.Provider:
 
 
 def _liger_provider(cfg: dict) -> harness.Provider:
-    if cfg["device"] != "cuda":
-        return harness.unavailable("liger", "Liger-Kernel: CUDA only - its Triton kernels under the CPU interpreter "
-                                   "are no speed peer")
-
-    def available():
-        import liger_kernel  # noqa: F401
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # noqa: F401
-
-        return True, f"liger_kernel {getattr(liger_kernel, '__version__', '')}"
-
-    def setup():
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
+    def setup(cls):
         st = _inputs(cfg)
-        st["fn"] = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX)
+        st["fn"] = cls(ignore_index=IGNORE_INDEX)
         return st
 
     def step(st):  # as documented: loss_fn(lin_weight, input, target)
         return _step_with(lambda x, w, t: st["fn"](w, x, t))(st)
 
-    return harness.Provider("liger", setup, step, available)
+    return harness.liger_provider(cfg["device"], "LigerFusedLinearCrossEntropyLoss", setup, step)
 
 
 def build(cfg: dict) -> harness.Benchmark:

@@ -77,6 +77,29 @@ def unavailable(name: str, reason: str) -> Provider:
     return Provider(name, _never, _never, lambda: (False, reason))
 
 
+def liger_provider(device: str, loss_class: str, setup: Callable, step: Callable, note: str = "") -> Provider:
+    """Liger-Kernel's ``liger_kernel.transformers.<loss_class>`` as a peer, on CUDA only (its Triton
+    kernels under the CPU interpreter are no speed peer). ``setup(cls)`` builds the state from the
+    class; ``step(state)`` runs it as Liger documents."""
+    if device != "cuda":
+        return unavailable("liger", "Liger-Kernel: CUDA only - its Triton kernels under the CPU interpreter are "
+                           "no speed peer")
+
+    def load():
+        import liger_kernel.transformers as lt
+
+        return getattr(lt, loss_class)
+
+    def available():
+        import liger_kernel
+
+        load()
+        version = getattr(liger_kernel, "__version__", "")
+        return True, " ".join(part for part in ("liger_kernel", version, loss_class, note) if part)
+
+    return Provider("liger", lambda: setup(load()), step, available)
+
+
 @dataclass
 class Benchmark:
     op: str
