@@ -16,6 +16,7 @@
 // seed instead of keeping a full-size copy. MKL's Bernoulli stream skips ahead per chunk, so the mask
 // does not depend on the thread count.
 #include "cpu/_vec.h"  // must precede other ATen includes (sets the Vectorized ISA)
+#include "cpu/_low_rank.h"
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
@@ -25,86 +26,111 @@
 
 #include <algorithm>
 #include <tuple>
+#include <vector>
 
 namespace fastft {
 namespace {
 
-using at::vec::Vectorized;
-
-// out[i, :] = init[:] + sum_k coef[i, k] * basis[k, :]  for a SMALL k (the LoRA rank): y's LoRA term
-// (coef = s u, basis = B^T) and dx's (coef = s g, basis = A). MKL's GEMM with K = r is far from the
-// memory bound here (measured ~10x slower than writing the output once); this is one write of the
-// output, the [r, C] basis staying in L2 while the rows stream by.
-template <typename scalar_t>
-void expand_low_rank(const scalar_t* coef, const scalar_t* basis, const scalar_t* init, int64_t init_row_stride,
-                     scalar_t* out, int64_t rows, int64_t rank, int64_t cols) {
-  // Blocked so the basis is read from registers, not re-streamed per row: for each vector of columns,
-  // up to kGroup basis vectors are loaded once and applied to a block of rows (their outputs stay in L1).
-  using Vec = Vectorized<scalar_t>;
-  constexpr int64_t kVec = Vec::size();
-  constexpr int64_t kGroup = 8;
-  constexpr int64_t kRowBlock = 32;
-  const int64_t vec_cols = cols - cols % kVec;
-  at::parallel_for(0, rows, kRowBlock, [&](int64_t begin, int64_t end) {
-    for (int64_t r0 = begin; r0 < end; r0 += kRowBlock) {
-      const int64_t r1 = std::min(end, r0 + kRowBlock);
-      for (int64_t j = 0; j < vec_cols; j += kVec) {
-        for (int64_t k0 = 0; k0 < rank; k0 += kGroup) {
-          const int64_t kn = std::min(kGroup, rank - k0);
-          Vec bv[kGroup];
-          for (int64_t k = 0; k < kGroup; ++k) bv[k] = k < kn ? Vec::loadu(basis + (k0 + k) * cols + j) : Vec(0);
-          for (int64_t i = r0; i < r1; ++i) {
-            const scalar_t* c = coef + i * rank + k0;
-            // first group starts from init (bias row or the GEMM output, possibly out itself), later ones from out
-            const scalar_t* src = k0 == 0 ? (init ? init + i * init_row_stride : nullptr) : out + i * cols;
-            Vec acc = src ? Vec::loadu(src + j) : Vec(scalar_t(0));
-            for (int64_t k = 0; k < kGroup; ++k) {
-              if (k < kn) acc = at::vec::fmadd(Vec(c[k]), bv[k], acc);
-            }
-            acc.store(out + i * cols + j);
-          }
-        }
-      }
-      for (int64_t i = r0; i < r1; ++i) {  // columns past the last full vector
-        const scalar_t* c = coef + i * rank;
-        const scalar_t* in = init ? init + i * init_row_stride : nullptr;
-        for (int64_t j = vec_cols; j < cols; ++j) {
-          scalar_t acc = in ? in[j] : scalar_t(0);
-          for (int64_t k = 0; k < rank; ++k) acc += c[k] * basis[k * cols + j];
-          out[i * cols + j] = acc;
-        }
-      }
-    }
-  });
-}
+constexpr int64_t kRowBlock = 16;  // rows per task: a [32, 4096] fp32 block is 512 KB, it stays in L2
 
 bool has_vector_kernel(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
 }
 
-// target += coef @ basis in place ([N, C] contiguous): one read and one write of target.
-void add_low_rank_(at::Tensor& target, const at::Tensor& coef, const at::Tensor& basis) {
-  if (!has_vector_kernel(target) || !target.is_contiguous()) {
-    target.addmm_(coef, basis);
-    return;
-  }
-  at::Tensor c = coef.contiguous(), b = basis.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(target.scalar_type(), "lora_add_low_rank", [&] {
-    expand_low_rank<scalar_t>(c.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), target.data_ptr<scalar_t>(),
-                              target.size(1), target.data_ptr<scalar_t>(), c.size(0), c.size(1), b.size(1));
+// fn(row0, rows) over [0, N) in blocks of kRowBlock, in parallel.
+template <typename F>
+void for_row_blocks(int64_t N, const F& fn) {
+  at::parallel_for(0, (N + kRowBlock - 1) / kRowBlock, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) fn(b * kRowBlock, std::min(kRowBlock, N - b * kRowBlock));
   });
 }
 
-// coef @ basis, [N, C], freshly written (for the dropout path, where the mask applies to this term only).
-at::Tensor low_rank_product(const at::Tensor& coef, const at::Tensor& basis) {
-  if (!has_vector_kernel(coef)) return at::mm(coef, basis);
-  at::Tensor c = coef.contiguous(), b = basis.contiguous();
-  at::Tensor out = at::empty({c.size(0), b.size(1)}, c.options());
-  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "lora_expand_low_rank", [&] {
-    expand_low_rank<scalar_t>(c.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), nullptr, 0, out.data_ptr<scalar_t>(),
-                              c.size(0), c.size(1), b.size(1));
+// basis_t [K, n] as project_rows reads it: contiguous, columns padded with zeros to whole vectors.
+at::Tensor padded_basis_t(const at::Tensor& basis_t) {
+  const int64_t n = basis_t.size(1);
+  const int64_t width = AT_DISPATCH_FLOATING_TYPES(basis_t.scalar_type(), "lora_pad", [&] {
+    return low_rank::padded_width<scalar_t>(n);
+  });
+  if (width == n && basis_t.is_contiguous()) return basis_t;
+  at::Tensor out = at::zeros({basis_t.size(0), width}, basis_t.options());
+  out.narrow(1, 0, n).copy_(basis_t);
+  return out;
+}
+
+// alpha * rows @ basis_t  ([N, K] x [K, n] -> [N, n], n small), one pass over rows.
+at::Tensor project(const at::Tensor& rows, const at::Tensor& basis_t, double alpha) {
+  const int64_t N = rows.size(0), K = rows.size(1), n = basis_t.size(1);
+  if (!has_vector_kernel(rows)) return at::mm(rows, basis_t).mul_(alpha);
+  at::Tensor x = rows.contiguous(), bt = padded_basis_t(basis_t);
+  at::Tensor out = at::empty({N, n}, rows.options());
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "lora_project", [&] {
+    const scalar_t *xp = x.data_ptr<scalar_t>(), *bp = bt.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    for_row_blocks(N, [&](int64_t i0, int64_t m) {
+      low_rank::project_rows<scalar_t>(xp + i0 * K, K, m, bp, bt.size(1), K, n, static_cast<scalar_t>(alpha), nullptr,
+                                       op + i0 * n, n);
+    });
   });
   return out;
+}
+
+// target += coef @ basis in place ([N, C] contiguous, coef [N, r], basis [r, C]): one read and one write of
+// target, the basis panel in L1. Without `target` (undefined), a fresh coef @ basis.
+at::Tensor expand(at::Tensor target, const at::Tensor& coef, const at::Tensor& basis) {
+  const bool fresh = !target.defined();
+  if (!has_vector_kernel(coef) || (!fresh && !target.is_contiguous())) {
+    return fresh ? at::mm(coef, basis) : target.addmm_(coef, basis);
+  }
+  at::Tensor c = coef.contiguous(), b = basis.contiguous();
+  const int64_t N = c.size(0), n = c.size(1), C = b.size(1);
+  at::Tensor out = fresh ? at::empty({N, C}, coef.options()) : target;
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "lora_expand", [&] {
+    const scalar_t *cp = c.data_ptr<scalar_t>(), *bp = b.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    for_row_blocks(N, [&](int64_t i0, int64_t m) {
+      scalar_t* o = op + i0 * C;
+      low_rank::expand_rows<scalar_t>(cp + i0 * n, n, m, bp, C, n, C, scalar_t(1), fresh ? nullptr : o, C, o, C);
+    });
+  });
+  return out;
+}
+
+// coef^T @ rows ([N, r]^T x [N, C] -> [r, C]), one pass over rows; per-thread partial sums, added at the end.
+// With `fused_coef`/`fused_basis_t` it also returns fused_alpha * rows @ fused_basis_t from the same pass
+// (backward's dB and g = s dy B both stream dy: it is read from memory once).
+std::tuple<at::Tensor, at::Tensor> outer_and_project(const at::Tensor& coef, const at::Tensor& rows,
+                                                     const at::Tensor& fused_basis_t, double fused_alpha) {
+  const bool with_project = fused_basis_t.defined();
+  if (!has_vector_kernel(rows)) {
+    return {at::mm(coef.t(), rows), with_project ? at::mm(rows, fused_basis_t).mul_(fused_alpha) : at::Tensor()};
+  }
+  at::Tensor c = coef.contiguous(), x = rows.contiguous();
+  at::Tensor bt = with_project ? padded_basis_t(fused_basis_t) : at::Tensor();
+  const int64_t N = x.size(0), C = x.size(1), n = c.size(1);
+  const int64_t np = with_project ? fused_basis_t.size(1) : 0;
+  at::Tensor projected = with_project ? at::empty({N, np}, rows.options()) : at::Tensor();
+  std::vector<at::Tensor> partial(at::get_num_threads());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lora_outer", [&] {
+    const scalar_t *cp = c.data_ptr<scalar_t>(), *xp = x.data_ptr<scalar_t>();
+    for_row_blocks(N, [&](int64_t i0, int64_t m) {
+      at::Tensor& d = partial[at::get_thread_num()];
+      if (!d.defined()) d = at::zeros({n, C}, rows.options());
+      const scalar_t* block = xp + i0 * C;
+      if (with_project) {
+        low_rank::project_rows<scalar_t>(block, C, m, bt.data_ptr<scalar_t>(), bt.size(1), C, np,
+                                         static_cast<scalar_t>(fused_alpha), nullptr,
+                                         projected.data_ptr<scalar_t>() + i0 * np, np);
+      }
+      low_rank::accumulate_outer<scalar_t>(cp + i0 * n, n, block, C, m, n, C, d.data_ptr<scalar_t>(), C);
+    });
+  });
+  at::Tensor total;
+  for (auto& d : partial) {
+    if (!d.defined()) continue;
+    if (total.defined()) total.add_(d); else total = d;
+  }
+  if (!total.defined()) total = at::zeros({n, C}, rows.options());  // N == 0
+  return {total, projected};
 }
 
 // drop(x) = x * mask / (1 - p), mask ~ Bernoulli(1 - p) from `seed`; one temporary of x's size.
@@ -135,12 +161,9 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(const at::Tensor& x, cons
                                                        const std::optional<at::Tensor>& seed) {
   TORCH_CHECK(x.dim() == 2, "lora_linear_fwd_kernel: x must be 2-D [N, in]");
   const bool drop = dropout_p > 0.0;
-  // Operand layouts measured with MKL at [2048, 4096] x r = 16: a contiguous A^T makes x A^T ~2.5x faster
-  // than the transposed view, and likewise u^T / g^T made contiguous for dB / dA below (copies of [N, r]).
-  at::Tensor a_t = lora_A.t().contiguous();
-  at::Tensor u = drop ? at::mm(dropped_input(x, dropout_p, seed_value(seed)), a_t) : at::mm(x, a_t);
+  at::Tensor u = project(drop ? dropped_input(x, dropout_p, seed_value(seed)) : x, lora_A.t(), 1.0);
   at::Tensor y = (bias.has_value() && bias->defined()) ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
-  add_low_rank_(y, u * scaling, lora_B.t());
+  expand(y, u * scaling, lora_B.t());
   return {y, u};
 }
 
@@ -154,23 +177,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
   // Gradients not asked for are distinct empty tensors (custom-op outputs must not alias each other).
   at::Tensor dx = x.new_empty({0}), dweight = x.new_empty({0}), dbias = x.new_empty({0}), dA = x.new_empty({0}),
              dB = x.new_empty({0});
-  at::Tensor g_scaled;  // s * dy B  [N, r]
-  if (need_dx || need_dA) g_scaled = at::mm(dy, lora_B).mul_(scaling);
+  // One pass over dy: g_scaled = s * dy B ([N, r]) and, when asked, dB^T = s * u^T dy.
+  const bool need_g = need_dx || need_dA;
+  at::Tensor g_scaled;
+  if (need_dB) {
+    auto [dBt, g] = outer_and_project(u, dy, need_g ? lora_B : at::Tensor(), scaling);
+    dB = dBt.mul_(scaling).t().contiguous();
+    g_scaled = g;
+  } else if (need_g) {
+    g_scaled = project(dy, lora_B, scaling);
+  }
   if (need_dx) {
     dx = at::mm(dy, weight);
     if (drop) {
-      at::Tensor lora_term = low_rank_product(g_scaled, lora_A);
+      at::Tensor lora_term = expand(at::Tensor(), g_scaled, lora_A);
       apply_dropout_(lora_term, dropout_p, drop_seed);
       dx.add_(lora_term);
     } else {
-      add_low_rank_(dx, g_scaled, lora_A);
+      expand(dx, g_scaled, lora_A);
     }
   }
   if (need_dA) {
-    at::Tensor g_t = g_scaled.t().contiguous();
-    dA = drop ? at::mm(g_t, dropped_input(x, dropout_p, drop_seed)) : at::mm(g_t, x);
+    dA = std::get<0>(outer_and_project(g_scaled, drop ? dropped_input(x, dropout_p, drop_seed) : x, at::Tensor(), 0.0));
   }
-  if (need_dB) dB = at::mm((u.t() * scaling).contiguous(), dy).t().contiguous();
   if (need_dweight) dweight = at::mm(dy.t(), x);
   if (need_dbias) dbias = dy.sum(0);
   return {dx, dweight, dbias, dA, dB};

@@ -1,0 +1,219 @@
+// Register-blocked kernels for the thin products of low-rank layers (LoRA's rank r, an adapter's bottleneck):
+// one side of every product is small (n = 3..128), the other is a long [rows, C] stream. BLAS is tuned for
+// big square-ish GEMMs; on these shapes MKL ran ~2x off the memory bound (LoRA) or at ~60% of the FMA peak
+// (adapter), so the three shapes below are written out with the small operand held in registers / L1:
+//
+//   project_rows     C[i, :n]  = alpha * X[i, :] @ Bt[:, :n] (+ bias)    X [m, K] streamed, Bt [K, n_pad]
+//   expand_rows      out[i, :] = init[i, :] + alpha * coef[i, :n] @ basis[:n, :]       (basis [n, C] in L1)
+//   accumulate_outer D[:n, :] += coef[:, :n]^T @ rows                   rows [m, C] streamed, D tile in regs
+//
+// Each works on one block of rows, single-threaded; callers split rows over threads (and give each thread
+// its own D for accumulate_outer). Only float and double (at::vec); other dtypes stay on BLAS.
+// Accumulation order: a plain running sum per output element, in the element type (fp32/fp64), as BLAS does.
+#pragma once
+
+#include "cpu/_vec.h"
+
+#include <algorithm>
+#include <cstdint>
+
+namespace fastft {
+namespace low_rank {
+
+using at::vec::Vectorized;
+
+template <typename T>
+constexpr int64_t vec_size() {
+  return Vectorized<T>::size();
+}
+
+// Columns of Bt that project_rows reads: n rounded up to whole vectors (the pad columns must be zero).
+template <typename T>
+inline int64_t padded_width(int64_t n) {
+  return (n + vec_size<T>() - 1) / vec_size<T>() * vec_size<T>();
+}
+
+// ---------------------------------------------------------------------------------------------
+// project_rows: MR rows x NV vectors of outputs live in registers for the whole K sweep; per k, NV
+// loads of Bt's row k and MR broadcasts of X[i, k] feed MR*NV FMAs.
+// ---------------------------------------------------------------------------------------------
+template <typename T, int MR, int NV>
+inline void project_tile(const T* X, int64_t ldx, const T* Bt, int64_t ldb, int64_t K, int64_t n_valid, T alpha,
+                         const T* bias, T* C, int64_t ldc) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  Vec acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = Vec(T(0));
+  for (int64_t k = 0; k < K; ++k) {
+    Vec b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = Vec::loadu(Bt + k * ldb + v * W);
+    for (int r = 0; r < MR; ++r) {
+      const Vec xv(X[r * ldx + k]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(xv, b[v], acc[r][v]);
+    }
+  }
+  const Vec av(alpha);
+  for (int v = 0; v < NV; ++v) {
+    const int64_t count = std::min<int64_t>(W, n_valid - v * W);
+    if (count <= 0) break;
+    const Vec bv = bias ? Vec::loadu(bias + v * W, count) : Vec(T(0));
+    for (int r = 0; r < MR; ++r) at::vec::fmadd(av, acc[r][v], bv).store(C + r * ldc + v * W, count);
+  }
+}
+
+template <typename T, int NV>
+inline void project_rows_nv(const T* X, int64_t ldx, int64_t m, const T* Bt, int64_t ldb, int64_t K, int64_t n_valid,
+                            T alpha, const T* bias, T* C, int64_t ldc) {
+  constexpr int MR = NV == 1 ? 8 : 4;  // enough independent accumulators to cover the FMA latency
+  int64_t i = 0;
+  for (; i + MR <= m; i += MR)
+    project_tile<T, MR, NV>(X + i * ldx, ldx, Bt, ldb, K, n_valid, alpha, bias, C + i * ldc, ldc);
+  for (; i < m; ++i) project_tile<T, 1, NV>(X + i * ldx, ldx, Bt, ldb, K, n_valid, alpha, bias, C + i * ldc, ldc);
+}
+
+// C[i, j] = alpha * sum_k X[i, k] * Bt[k, j] (+ bias[j]) for i < m, j < n. Bt has padded_width<T>(n) columns
+// (row stride ldb >= that), the ones past n zero; bias (or nullptr) has n entries.
+template <typename T>
+void project_rows(const T* X, int64_t ldx, int64_t m, const T* Bt, int64_t ldb, int64_t K, int64_t n, T alpha,
+                  const T* bias, T* C, int64_t ldc) {
+  constexpr int64_t W = vec_size<T>();
+  for (int64_t j0 = 0; j0 < n; j0 += 4 * W) {
+    const int64_t nv = std::min<int64_t>(4, (n - j0 + W - 1) / W);
+    const int64_t n_valid = n - j0;
+    const T* b = bias ? bias + j0 : nullptr;
+    switch (nv) {
+      case 1: project_rows_nv<T, 1>(X, ldx, m, Bt + j0, ldb, K, n_valid, alpha, b, C + j0, ldc); break;
+      case 2: project_rows_nv<T, 2>(X, ldx, m, Bt + j0, ldb, K, n_valid, alpha, b, C + j0, ldc); break;
+      case 3: project_rows_nv<T, 3>(X, ldx, m, Bt + j0, ldb, K, n_valid, alpha, b, C + j0, ldc); break;
+      default: project_rows_nv<T, 4>(X, ldx, m, Bt + j0, ldb, K, n_valid, alpha, b, C + j0, ldc); break;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// expand_rows: a tile of MR rows x NV vectors of the output; per k, NV loads of basis row k (the [n, NV*W]
+// panel stays in L1 while the row tiles stream by) and MR broadcasts of coef[i, k].
+// PARTIAL: the tile is one vector with only `count` valid columns (the last columns of a row).
+// ---------------------------------------------------------------------------------------------
+template <typename T, int MR, int NV, bool PARTIAL>
+inline void expand_tile(const T* coef, int64_t ldc, const T* basis, int64_t ldb, int64_t n, T alpha, const T* init,
+                        int64_t ldi, T* out, int64_t ldo, int64_t count) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  Vec acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = Vec(T(0));
+  for (int64_t k = 0; k < n; ++k) {
+    Vec b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = PARTIAL ? Vec::loadu(basis + k * ldb, count) : Vec::loadu(basis + k * ldb + v * W);
+    for (int r = 0; r < MR; ++r) {
+      const Vec c(coef[r * ldc + k]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(c, b[v], acc[r][v]);
+    }
+  }
+  const Vec av(alpha);
+  for (int r = 0; r < MR; ++r) {
+    for (int v = 0; v < NV; ++v) {
+      if (PARTIAL) {
+        const Vec base = init ? Vec::loadu(init + r * ldi, count) : Vec(T(0));
+        at::vec::fmadd(av, acc[r][v], base).store(out + r * ldo, count);
+      } else {
+        const Vec base = init ? Vec::loadu(init + r * ldi + v * W) : Vec(T(0));
+        at::vec::fmadd(av, acc[r][v], base).store(out + r * ldo + v * W);
+      }
+    }
+  }
+}
+
+template <typename T, int MR>
+inline void expand_row_group(const T* coef, int64_t ldc, const T* basis, int64_t ldb, int64_t n, int64_t cols, T alpha,
+                             const T* init, int64_t ldi, T* out, int64_t ldo) {
+  constexpr int64_t W = vec_size<T>();
+  int64_t j = 0;
+  for (; j + 4 * W <= cols; j += 4 * W)
+    expand_tile<T, MR, 4, false>(coef, ldc, basis + j, ldb, n, alpha, init ? init + j : nullptr, ldi, out + j, ldo, W);
+  for (; j + W <= cols; j += W)
+    expand_tile<T, MR, 1, false>(coef, ldc, basis + j, ldb, n, alpha, init ? init + j : nullptr, ldi, out + j, ldo, W);
+  if (j < cols)
+    expand_tile<T, MR, 1, true>(coef, ldc, basis + j, ldb, n, alpha, init ? init + j : nullptr, ldi, out + j, ldo,
+                                cols - j);
+}
+
+// out[i, j] = init[i, j] + alpha * sum_k coef[i, k] * basis[k, j] for i < m, j < cols (init may be nullptr
+// for 0, or alias out). coef [m, n] (row stride ldc), basis [n, cols] (row stride ldb).
+template <typename T>
+void expand_rows(const T* coef, int64_t ldc, int64_t m, const T* basis, int64_t ldb, int64_t n, int64_t cols, T alpha,
+                 const T* init, int64_t ldi, T* out, int64_t ldo) {
+  constexpr int MR = 4;
+  int64_t i = 0;
+  for (; i + MR <= m; i += MR)
+    expand_row_group<T, MR>(coef + i * ldc, ldc, basis, ldb, n, cols, alpha, init ? init + i * ldi : nullptr, ldi,
+                            out + i * ldo, ldo);
+  for (; i < m; ++i)
+    expand_row_group<T, 1>(coef + i * ldc, ldc, basis, ldb, n, cols, alpha, init ? init + i * ldi : nullptr, ldi,
+                           out + i * ldo, ldo);
+}
+
+// ---------------------------------------------------------------------------------------------
+// accumulate_outer: a tile of MK outputs rows (ranks) x NV vectors of columns stays in registers while the
+// m rows stream by; per row, NV loads of rows[i] and MK broadcasts of coef[i, k].
+// ---------------------------------------------------------------------------------------------
+template <typename T, int MK, int NV, bool PARTIAL>
+inline void outer_tile(const T* coef, int64_t ldc, const T* rows, int64_t ldr, int64_t m, T* D, int64_t ldd,
+                       int64_t count) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  Vec acc[MK][NV];
+  for (int k = 0; k < MK; ++k)
+    for (int v = 0; v < NV; ++v) acc[k][v] = PARTIAL ? Vec::loadu(D + k * ldd, count) : Vec::loadu(D + k * ldd + v * W);
+  for (int64_t i = 0; i < m; ++i) {
+    Vec x[NV];
+    for (int v = 0; v < NV; ++v) x[v] = PARTIAL ? Vec::loadu(rows + i * ldr, count) : Vec::loadu(rows + i * ldr + v * W);
+    for (int k = 0; k < MK; ++k) {
+      const Vec c(coef[i * ldc + k]);
+      for (int v = 0; v < NV; ++v) acc[k][v] = at::vec::fmadd(c, x[v], acc[k][v]);
+    }
+  }
+  for (int k = 0; k < MK; ++k)
+    for (int v = 0; v < NV; ++v) {
+      if (PARTIAL) acc[k][v].store(D + k * ldd, count); else acc[k][v].store(D + k * ldd + v * W);
+    }
+}
+
+#ifndef FASTFT_OUTER_MK
+#define FASTFT_OUTER_MK 8
+#define FASTFT_OUTER_NV 3
+#endif
+template <typename T, int MK>
+inline void outer_rank_group(const T* coef, int64_t ldc, const T* rows, int64_t ldr, int64_t m, int64_t cols, T* D,
+                             int64_t ldd) {
+  constexpr int64_t W = vec_size<T>();
+  constexpr int NV = FASTFT_OUTER_NV;
+  int64_t j = 0;
+  for (; j + NV * W <= cols; j += NV * W) outer_tile<T, MK, NV, false>(coef, ldc, rows + j, ldr, m, D + j, ldd, W);
+  for (; j + W <= cols; j += W) outer_tile<T, MK, 1, false>(coef, ldc, rows + j, ldr, m, D + j, ldd, W);
+  if (j < cols) outer_tile<T, MK, 1, true>(coef, ldc, rows + j, ldr, m, D + j, ldd, cols - j);
+}
+
+template <typename T, int MK>
+inline void outer_ranks(const T* coef, int64_t ldc, const T* rows, int64_t ldr, int64_t m, int64_t n, int64_t cols,
+                        T* D, int64_t ldd) {
+  int64_t k = 0;
+  for (; k + MK <= n; k += MK) outer_rank_group<T, MK>(coef + k, ldc, rows, ldr, m, cols, D + k * ldd, ldd);
+  if constexpr (MK > 1) {
+    if (k < n) outer_ranks<T, (MK > 4 ? 4 : MK == 4 ? 2 : 1)>(coef + k, ldc, rows, ldr, m, n - k, cols, D + k * ldd, ldd);
+  }
+}
+
+// D[k, j] += sum_i coef[i, k] * rows[i, j] for k < n, j < cols, i < m. coef [m, n] (row stride ldc), rows
+// [m, cols] (row stride ldr), D [n, cols] (row stride ldd). Keep m * cols small enough for L2 (rows is read
+// once per group of ranks).
+template <typename T>
+void accumulate_outer(const T* coef, int64_t ldc, const T* rows, int64_t ldr, int64_t m, int64_t n, int64_t cols, T* D,
+                      int64_t ldd) {
+  outer_ranks<T, FASTFT_OUTER_MK>(coef, ldc, rows, ldr, m, n, cols, D, ldd);
+}
+
+}  // namespace low_rank
+}  // namespace fastft
