@@ -65,7 +65,7 @@ inline void project_tile(const T* X, int64_t ldx, const T* Bt, int64_t ldb, int6
 template <typename T, int NV>
 inline void project_rows_nv(const T* X, int64_t ldx, int64_t m, const T* Bt, int64_t ldb, int64_t K, int64_t n_valid,
                             T alpha, const T* bias, T* C, int64_t ldc) {
-  constexpr int MR = NV == 1 ? 8 : 4;  // enough independent accumulators to cover the FMA latency
+  constexpr int MR = NV == 1 ? 8 : NV == 4 ? 6 : 4;  // enough independent accumulators to cover the FMA latency
   int64_t i = 0;
   for (; i + MR <= m; i += MR)
     project_tile<T, MR, NV>(X + i * ldx, ldx, Bt, ldb, K, n_valid, alpha, bias, C + i * ldc, ldc);
@@ -156,7 +156,7 @@ void expand_rows(const T* coef, int64_t ldc, int64_t m, const T* basis, int64_t 
 }
 
 // ---------------------------------------------------------------------------------------------
-// accumulate_outer: a tile of MK outputs rows (ranks) x NV vectors of columns stays in registers while the
+// accumulate_outer: a tile of MK output rows (ranks) x NV vectors of columns stays in registers while the
 // m rows stream by; per row, NV loads of rows[i] and MK broadcasts of coef[i, k].
 // ---------------------------------------------------------------------------------------------
 template <typename T, int MK, int NV, bool PARTIAL>
@@ -181,15 +181,15 @@ inline void outer_tile(const T* coef, int64_t ldc, const T* rows, int64_t ldr, i
     }
 }
 
-#ifndef FASTFT_OUTER_MK
-#define FASTFT_OUTER_MK 8
-#define FASTFT_OUTER_NV 3
-#endif
+// 8 ranks x 3 vectors: 24 accumulators, 11 loads per 24 FMAs (8x2, 6x4 and 4x4 measured the same or slower).
+constexpr int kOuterRanks = 8;
+constexpr int kOuterVectors = 3;
+
 template <typename T, int MK>
 inline void outer_rank_group(const T* coef, int64_t ldc, const T* rows, int64_t ldr, int64_t m, int64_t cols, T* D,
                              int64_t ldd) {
   constexpr int64_t W = vec_size<T>();
-  constexpr int NV = FASTFT_OUTER_NV;
+  constexpr int NV = kOuterVectors;
   int64_t j = 0;
   for (; j + NV * W <= cols; j += NV * W) outer_tile<T, MK, NV, false>(coef, ldc, rows + j, ldr, m, D + j, ldd, W);
   for (; j + W <= cols; j += W) outer_tile<T, MK, 1, false>(coef, ldc, rows + j, ldr, m, D + j, ldd, W);
@@ -212,7 +212,7 @@ inline void outer_ranks(const T* coef, int64_t ldc, const T* rows, int64_t ldr, 
 template <typename T>
 void accumulate_outer(const T* coef, int64_t ldc, const T* rows, int64_t ldr, int64_t m, int64_t n, int64_t cols, T* D,
                       int64_t ldd) {
-  outer_ranks<T, FASTFT_OUTER_MK>(coef, ldc, rows, ldr, m, n, cols, D, ldd);
+  outer_ranks<T, kOuterRanks>(coef, ldc, rows, ldr, m, n, cols, D, ldd);
 }
 
 }  // namespace low_rank

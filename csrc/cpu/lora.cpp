@@ -3,13 +3,14 @@
 //   y = x W^T + b + s * u B^T,   u = drop(x) A^T            (drop(x) = x * mask / (1-p), or x)
 //   g = dy B;  dx = dy W + s * drop'(g A);  dA = s g^T drop(x);  dB = s dy^T u;  dW = dy^T x;  db = sum dy
 //
-// The big and thin products are BLAS calls (MKL through at::mm / addmm). The rank-r term s u B^T (and
-// s g A in backward) is NOT a BLAS call: MKL's GEMM with K = r = 16 ran ~10x off the memory bound, so
-// expand_low_rank adds it to the GEMM's output in place, one read + one write of y (dx), with the [r, C]
-// basis in L2. (Writing that term first and letting the big GEMM accumulate onto it with beta = 1 was
-// measured too: MKL's beta = 1 path was no faster here.) The eager order (GEMM, a separate LoRA GEMM into
-// a new [N, out] tensor, then an add) allocates and streams two more full-size tensors. The thin products
-// (u, g, dA, dB) each stream x or dy once; they are memory-bound and small next to the two big GEMMs.
+// The two big GEMMs (x W^T, dy W) are MKL calls. Everything thin is ours (csrc/cpu/_low_rank.h), because
+// MKL ran those shapes ~2x off the memory bound (K = r GEMMs ~10x):
+//   forward:  u = drop(x) A^T (project, one pass over x); y += s u B^T in place (expand: one read + one write
+//             of y, the [r, out] basis in L1);
+//   backward: one pass over dy gives both g_scaled = s dy B (project) and dB^T = s u^T dy (accumulate_outer,
+//             per-thread partials); dx += g_scaled A in place (expand); dA = g_scaled^T drop(x) (one pass over x).
+// So the LoRA branch adds four streaming passes (x, y, dy, dx + x) to the base layer's two GEMMs and never
+// allocates an [N, out] temporary (the eager order allocates and streams two more).
 //
 // Dropout: the keep-mask is drawn from a CPU generator seeded with `seed` (drawn by the caller from the
 // global generator, so torch.manual_seed reproduces it). Backward re-draws the same mask from the same
@@ -31,7 +32,7 @@
 namespace fastft {
 namespace {
 
-constexpr int64_t kRowBlock = 16;  // rows per task: a [32, 4096] fp32 block is 512 KB, it stays in L2
+constexpr int64_t kRowBlock = 16;  // rows per task: a [16, 4096] fp32 block (256 KB) stays in L2; 8, 32 and 64 measured slower
 
 bool has_vector_kernel(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
