@@ -11,8 +11,10 @@ from fastft.ops.lora import _lora_linear_backward_op, _lora_linear_op, draw_seed
 from fastft.reference.lora import lora_linear as reference
 
 BACKENDS = ["cpp", "triton", "reference"]
-# (leading shape of x, in, out, r): an odd one (the 123 -> 77, r 3) and a rounder one.
-SHAPES = [((3, 41), 123, 77, 3), ((64,), 96, 128, 16)]
+# (leading shape of x, in, out, r): an odd one (the 123 -> 77, r 3), a rounder one, and one that walks
+# every tail of the CPU's register-blocked kernels (r = 37: 2 full + 1 partial vector of ranks, 4 + 1 rank
+# groups past the 8s; out = 150: 64-wide tiles + a vector + 6 columns; 74 rows: several 16-row tasks + a rest).
+SHAPES = [((3, 41), 123, 77, 3), ((64,), 96, 128, 16), ((2, 37), 200, 150, 37)]
 INPUTS = ("x", "weight", "bias", "lora_A", "lora_B")
 
 
@@ -49,7 +51,7 @@ def _run(backend, inputs, scaling, p, seed, dy):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", SHAPES, ids=["odd", "round"])
+@pytest.mark.parametrize("shape", SHAPES, ids=["odd", "round", "tails"])
 @pytest.mark.parametrize("p,bias", [(0.0, True), (0.25, False)], ids=["nodrop-bias", "drop-nobias"])
 def test_matches_reference(backend, dtype, shape, p, bias):
     _usable(backend)
