@@ -46,9 +46,6 @@ def add_arguments(p) -> None:
     g.add_argument("--r", type=int, help="LoRA rank (default 16)")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
-                   help="instead of the harness run: all providers in this process, one step each per round for "
-                        "ROUNDS rounds, min and median per provider (robust to a CPU shared with other jobs)")
 
 
 def config_from_args(args, device: str) -> dict:
@@ -243,50 +240,8 @@ def build(cfg: dict) -> harness.Benchmark:
     )
 
 
-def interleaved(bench: harness.Benchmark, rounds: int) -> list:
-    """Round-robin timing in one process: every round runs one step of each provider, so a load spike
-    from other jobs hits all providers alike; the min over rounds is the least disturbed step. Outputs
-    are checked against the reference first (harness.check_agreement). Returns rows (name, min, median)."""
-    import time
-
-    harness.check_agreement(bench)
-    live = [p for p in bench.providers if p.is_available()[0]]
-    states = {p.name: p.setup() for p in live}
-    for p in live:  # first call (compile) and one warmup
-        p.step(states[p.name])
-        p.step(states[p.name])
-    times = {p.name: [] for p in live}
-    for _ in range(rounds):
-        for p in live:
-            t0 = time.perf_counter()
-            p.step(states[p.name])
-            times[p.name].append((time.perf_counter() - t0) * 1e3)
-    base_name = bench.baselines[0] if bench.baselines else None
-    base_times = times.get(base_name)
-    rows = []
-    for p in live:
-        ts = sorted(times[p.name])
-        # Paired: this provider's step over the baseline's step of the SAME round (load drifts cancel).
-        paired = sorted(t / b for t, b in zip(times[p.name], base_times)) if base_times else []
-        rows.append((p.name, ts[0], ts[len(ts) // 2], paired[len(paired) // 2] if paired else None))
-    print(f"{bench.op} on {bench.device}: {bench.description}; {rounds} interleaved rounds")
-    print("| provider | min ms | median ms |" + (f" median of per-round ratios to {base_name} |" if base_times else ""))
-    for name, mn, med, ratio in rows:
-        print(f"| {name} | {mn:.1f} | {med:.1f} |" + (f" {ratio:.3f}x |" if ratio is not None else ""))
-    return rows
-
-
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--interleave" in argv:
-        args = harness.parser_for(sys.modules[__name__]).parse_args(argv)
-        device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
-        bench = build(config_from_args(args, device))
-        if args.providers:
-            wanted = {s.strip() for s in args.providers.split(",")} | {bench.reference}
-            bench.providers = [p for p in bench.providers if p.name in wanted]
-        interleaved(bench, args.interleave)
-        return 0
     if "--case" in argv:
         return harness.main(sys.modules[__name__], argv)
     status = 0

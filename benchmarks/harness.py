@@ -20,7 +20,9 @@ caches cannot colour another's numbers, and its peak memory is its own):
      peak memory over ``mem_steps`` more steps. CUDA: CUDA events around each step, an L2 flush before
      each (as triton.testing.do_bench does); CPU: time.perf_counter.
 Ratios are ``baseline median / provider median`` (> 1: faster than the baseline), measured in the
-same run on the same inputs. Results: benchmarks/results/<op>_<device>[_<tag>].{csv,json,md,png}.
+same run on the same inputs. ``--interleave ROUNDS`` instead runs every provider in one process, one
+step each per round, and reports per-round paired ``provider / baseline`` time ratios (see interleaved()):
+the measurement to quote on a CPU shared with other jobs. Results: benchmarks/results/<op>_<device>[_<tag>].{csv,json,md,png}.
 """
 from __future__ import annotations
 
@@ -411,6 +413,56 @@ def check_agreement(bench: Benchmark, names: Optional[list] = None) -> dict:
     return result
 
 
+def interleaved(bench: Benchmark, rounds: int, out_dir: Optional[Path] = None) -> list:
+    """Round-robin timing in ONE process, for a CPU shared with other jobs: every round runs one step
+    of each provider, so a load spike hits all of them alike, and each ratio is the median over rounds
+    of (this provider's step / the baseline's step in the SAME round). Outputs are checked against the
+    reference first (check_agreement). No memory figures (one process). Returns rows
+    {provider, min_ms, median_ms, "time / <baseline>": ratio}; with ``out_dir`` also writes
+    <op>_<device>_interleaved.{json,md}."""
+    import time
+
+    check_agreement(bench)
+    live = [p for p in bench.providers if p.is_available()[0]]
+    states = {p.name: p.setup() for p in live}
+    for p in live:  # the first call (compile, JIT) and one warmup
+        p.step(states[p.name])
+        p.step(states[p.name])
+    times = {p.name: [] for p in live}
+    for _ in range(rounds):
+        for p in live:
+            _sync(bench.device)
+            t0 = time.perf_counter()
+            p.step(states[p.name])
+            _sync(bench.device)
+            times[p.name].append((time.perf_counter() - t0) * 1e3)
+    bases = [b for b in bench.baselines if b in times]
+    rows = []
+    for p in live:
+        row = {"provider": p.name, "min_ms": min(times[p.name]), "median_ms": _quantile(times[p.name], 0.5)}
+        for b in bases:
+            row[f"time / {b}"] = _quantile([t / u for t, u in zip(times[p.name], times[b])], 0.5)
+        rows.append(row)
+    lines = [f"{bench.op} on {bench.device}: {bench.description}; {rounds} interleaved rounds in one process",
+             "", "| provider | min ms | median ms |" + "".join(f" time / {b} (per-round median) |" for b in bases),
+             "|---|---|---|" + "---|" * len(bases)]
+    for r in rows:
+        lines.append(f"| {r['provider']} | {r['min_ms']:.2f} | {r['median_ms']:.2f} |"
+                     + "".join(f" {r[f'time / {b}']:.3f} |" for b in bases))
+    text = "\n".join(lines)
+    print(text, flush=True)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = out_dir / f"{bench.op}_{bench.device}_interleaved"
+        meta = metadata(bench, Options(warmup=1, repeats=rounds, max_time_s=0.0, timeout_s=0.0, memory=False,
+                                       inprocess=True))
+        stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rounds": rounds, "rows": rows,
+                                                         "times_ms": times}, indent=1))
+        stem.with_suffix(".md").write_text(text + "\n")
+        print(f"\nwrote {stem}.json, {stem}.md")
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------
 # Orchestration: one subprocess per provider
 # ------------------------------------------------------------------------------------------------
@@ -691,6 +743,9 @@ def parser_for(module) -> argparse.ArgumentParser:
     g.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where result files go")
     g.add_argument("--tag", default=None, help="suffix for result file names (default: 'quick' with --quick)")
     g.add_argument("--no-save", action="store_true", help="print only")
+    g.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                   help="instead of one subprocess per provider: all providers in this process, one step each per "
+                        "round for ROUNDS rounds, ratios paired per round (robust to a CPU shared with other jobs)")
     module.add_arguments(p)
     return p
 
@@ -723,6 +778,9 @@ def main(module, argv: Optional[list] = None) -> int:
             print(f"unknown providers {sorted(unknown)}; have {[p.name for p in bench.providers]}", file=sys.stderr)
             return 2
         bench.providers = [p for p in bench.providers if p.name in wanted or p.name == bench.reference]
+    if args.interleave:
+        interleaved(bench, args.interleave, None if args.no_save else args.out_dir)
+        return 0
     meta = metadata(bench, opts)
     print(f"{bench.op} on {device} ({meta.get('gpu') or meta.get('cpu')}): {bench.description}", flush=True)
     rows = run(bench, opts, module.__spec__.name)

@@ -350,8 +350,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
         if (need_input) {  // residual gradient + grad_pre @ W_down
           at::Tensor dx_b = dx.narrow(0, i0, n);
           if constexpr (kOwnKernels<scalar_t>) {
+            // x's block is read next (dW_down): prefetched into L2 while this runs.
             low_rank::expand_rows<scalar_t>(gp_b.data_ptr<scalar_t>(), r, n, down_c.data_ptr<scalar_t>(), H, r, H,
-                                            scalar_t(1), g_b.data_ptr<scalar_t>(), H, dx_b.data_ptr<scalar_t>(), H);
+                                            scalar_t(1), g_b.data_ptr<scalar_t>(), H, dx_b.data_ptr<scalar_t>(), H,
+                                            need_down ? xc.data_ptr<scalar_t>() + i0 * H : nullptr, H);
           } else {
             at::addmm_out(dx_b, g_b, gp_b, down_c);
           }

@@ -96,22 +96,28 @@ at::Tensor expand(at::Tensor target, const at::Tensor& coef, const at::Tensor& b
   return out;
 }
 
-// coef^T @ rows ([N, r]^T x [N, C] -> [r, C]), one pass over rows; per-thread partial sums, added at the end.
-// With `fused_coef`/`fused_basis_t` it also returns fused_alpha * rows @ fused_basis_t from the same pass
-// (backward's dB and g = s dy B both stream dy: it is read from memory once).
-std::tuple<at::Tensor, at::Tensor> outer_and_project(const at::Tensor& coef, const at::Tensor& rows,
-                                                     const at::Tensor& fused_basis_t, double fused_alpha) {
-  const bool with_project = fused_basis_t.defined();
-  if (!has_vector_kernel(rows)) {
-    return {at::mm(coef.t(), rows), with_project ? at::mm(rows, fused_basis_t).mul_(fused_alpha) : at::Tensor()};
+// One pass over the row blocks of `rows` ([N, C]) that returns coef^T @ rows ([N, n]^T x [N, C] -> [n, C];
+// per-thread partial sums, added at the end) and, on each block before that, optionally:
+//   project_basis_t given: project_alpha * rows @ project_basis_t ([N, np], the second result). Backward's
+//                          g = s dy B beside dB^T = u^T dy: dy is read from memory once.
+//   expand_target given:   expand_target += coef @ expand_basis in place ([N, C']), with the rows block
+//                          prefetched into L2 meanwhile. Backward's dx += g A beside dA = g^T x.
+std::tuple<at::Tensor, at::Tensor> outer_pass(const at::Tensor& coef, const at::Tensor& rows,
+                                              const at::Tensor& project_basis_t, double project_alpha,
+                                              at::Tensor expand_target, const at::Tensor& expand_basis) {
+  const bool with_project = project_basis_t.defined(), with_expand = expand_target.defined();
+  if (!has_vector_kernel(rows) || (with_expand && !expand_target.is_contiguous())) {
+    if (with_expand) expand(expand_target, coef, expand_basis);
+    return {at::mm(coef.t(), rows), with_project ? at::mm(rows, project_basis_t).mul_(project_alpha) : at::Tensor()};
   }
   at::Tensor c = coef.contiguous(), x = rows.contiguous();
-  at::Tensor bt = with_project ? padded_basis_t(fused_basis_t) : at::Tensor();
+  at::Tensor bt = with_project ? padded_basis_t(project_basis_t) : at::Tensor();
+  at::Tensor eb = with_expand ? expand_basis.contiguous() : at::Tensor();
   const int64_t N = x.size(0), C = x.size(1), n = c.size(1);
-  const int64_t np = with_project ? fused_basis_t.size(1) : 0;
+  const int64_t np = with_project ? project_basis_t.size(1) : 0, ce = with_expand ? eb.size(1) : 0;
   at::Tensor projected = with_project ? at::empty({N, np}, rows.options()) : at::Tensor();
   std::vector<at::Tensor> partial(at::get_num_threads());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lora_outer", [&] {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lora_outer_pass", [&] {
     const scalar_t *cp = c.data_ptr<scalar_t>(), *xp = x.data_ptr<scalar_t>();
     for_row_blocks(N, [&](int64_t i0, int64_t m) {
       at::Tensor& d = partial[at::get_thread_num()];
@@ -119,8 +125,13 @@ std::tuple<at::Tensor, at::Tensor> outer_and_project(const at::Tensor& coef, con
       const scalar_t* block = xp + i0 * C;
       if (with_project) {
         low_rank::project_rows<scalar_t>(block, C, m, bt.data_ptr<scalar_t>(), bt.size(1), C, np,
-                                         static_cast<scalar_t>(fused_alpha), nullptr,
+                                         static_cast<scalar_t>(project_alpha), nullptr,
                                          projected.data_ptr<scalar_t>() + i0 * np, np);
+      }
+      if (with_expand) {
+        scalar_t* t = expand_target.data_ptr<scalar_t>() + i0 * ce;
+        low_rank::expand_rows<scalar_t>(cp + i0 * n, n, m, eb.data_ptr<scalar_t>(), ce, n, ce, scalar_t(1), t, ce, t,
+                                        ce, block, C);
       }
       low_rank::accumulate_outer<scalar_t>(cp + i0 * n, n, block, C, m, n, C, d.data_ptr<scalar_t>(), C);
     });
@@ -182,24 +193,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
   const bool need_g = need_dx || need_dA;
   at::Tensor g_scaled;
   if (need_dB) {
-    auto [dBt, g] = outer_and_project(u, dy, need_g ? lora_B : at::Tensor(), scaling);
+    auto [dBt, g] = outer_pass(u, dy, need_g ? lora_B : at::Tensor(), scaling, at::Tensor(), at::Tensor());
     dB = dBt.mul_(scaling).t().contiguous();
     g_scaled = g;
   } else if (need_g) {
     g_scaled = project(dy, lora_B, scaling);
   }
-  if (need_dx) {
-    dx = at::mm(dy, weight);
-    if (drop) {
-      at::Tensor lora_term = expand(at::Tensor(), g_scaled, lora_A);
-      apply_dropout_(lora_term, dropout_p, drop_seed);
-      dx.add_(lora_term);
-    } else {
-      expand(dx, g_scaled, lora_A);
-    }
+  if (need_dx) dx = at::mm(dy, weight);
+  if (need_dx && drop) {
+    at::Tensor lora_term = expand(at::Tensor(), g_scaled, lora_A);
+    apply_dropout_(lora_term, dropout_p, drop_seed);
+    dx.add_(lora_term);
   }
   if (need_dA) {
-    dA = std::get<0>(outer_and_project(g_scaled, drop ? dropped_input(x, dropout_p, drop_seed) : x, at::Tensor(), 0.0));
+    // Without dropout dx's LoRA term rides along in dA's pass over x (x prefetched while dx is updated).
+    const bool fuse_dx = need_dx && !drop;
+    dA = std::get<0>(outer_pass(g_scaled, drop ? dropped_input(x, dropout_p, drop_seed) : x, at::Tensor(), 0.0,
+                                fuse_dx ? dx : at::Tensor(), lora_A));
+  } else if (need_dx && !drop) {
+    expand(dx, g_scaled, lora_A);
   }
   if (need_dweight) dweight = at::mm(dy.t(), x);
   if (need_dbias) dbias = dy.sum(0);
