@@ -27,3 +27,20 @@ def test_bench_lora_llama_step_agrees():
                                  seq=8, r=4, lora_alpha=8)
     diffs = harness.check_agreement(bench_lora.build(cfg), names=["fastft"])
     assert set(diffs["fastft"]) == {"loss", "lora_grads"}
+
+
+def test_interleaved_pairs_each_provider_with_its_baseline(tmp_path):
+    """harness.interleaved (the --interleave CLI): every live provider gets a row, the baseline's ratio to
+    itself is exactly 1, ratios are positive, and the json/md files are written."""
+    cfg = bench_lora.make_config("cpu", "layer", n=16, in_features=32, out_features=24, r=4, lora_alpha=8)
+    bench = bench_lora.build(cfg)
+    bench.providers = [p for p in bench.providers if p.name in ("fastft-cpp", "peft-eager", "base-frozen")]
+    rows = harness.interleaved(bench, rounds=3, out_dir=tmp_path)
+    by_name = {r["provider"]: r for r in rows}
+    assert set(by_name) == {"fastft-cpp", "peft-eager", "base-frozen"}
+    assert by_name["base-frozen"]["time / base-frozen"] == 1.0
+    for r in rows:
+        assert 0 < r["min_ms"] <= r["median_ms"]
+        assert r["time / peft-eager"] > 0
+    assert (tmp_path / "lora_linear_cpu_interleaved.json").exists()
+    assert "time / base-frozen" in (tmp_path / "lora_linear_cpu_interleaved.md").read_text()
