@@ -14,6 +14,8 @@
 
 #include "cpu/_vec.h"
 
+#include <ATen/ATen.h>
+
 #include <algorithm>
 #include <cstdint>
 
@@ -33,26 +35,53 @@ inline int64_t padded_width(int64_t n) {
   return (n + vec_size<T>() - 1) / vec_size<T>() * vec_size<T>();
 }
 
+// basis_t [K, n] as project_rows reads it: contiguous, columns zero-padded to padded_width<T>(n) (a copy
+// only when that changes anything; these operands are small).
+template <typename T>
+at::Tensor projection_operand(const at::Tensor& basis_t) {
+  const int64_t n = basis_t.size(1), width = padded_width<T>(n);
+  if (width == n && basis_t.is_contiguous()) return basis_t;
+  at::Tensor out = at::zeros({basis_t.size(0), width}, basis_t.options());
+  out.narrow(1, 0, n).copy_(basis_t);
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------------
-// project_rows: MR rows x NV vectors of outputs live in registers for the whole K sweep; per k, NV
-// loads of Bt's row k and MR broadcasts of X[i, k] feed MR*NV FMAs.
+// The micro-kernel of all three: acc[r][v] += sum_k A(r, k) * B[k, v*W ...] for an MR x NV-vector tile held in
+// registers for the whole k sweep; per k, NV loads of B's row k and MR broadcasts of A(r, k) feed MR*NV FMAs.
+// A(r, k) = A[r * a_rs + k * a_ks] (project/expand: row-major A; accumulate_outer: A transposed).
+// PARTIAL: one vector with only `count` valid columns (the last columns of a row of B).
 // ---------------------------------------------------------------------------------------------
+template <typename T, int MR, int NV, bool PARTIAL>
+inline void gemm_tile(const T* A, int64_t a_rs, int64_t a_ks, const T* B, int64_t ldb, int64_t K, int64_t count,
+                      Vectorized<T> (&acc)[MR][NV]) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  for (int64_t k = 0; k < K; ++k) {
+    Vec b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = PARTIAL ? Vec::loadu(B + k * ldb, count) : Vec::loadu(B + k * ldb + v * W);
+    for (int r = 0; r < MR; ++r) {
+      const Vec a(A[r * a_rs + k * a_ks]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(a, b[v], acc[r][v]);
+    }
+  }
+}
+
+template <typename T, int MR, int NV>
+inline void zero_tile(Vectorized<T> (&acc)[MR][NV]) {
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = Vectorized<T>(T(0));
+}
+
+// project_rows' tile: C[r, :] = alpha * X[r, :] @ Bt (+ bias) for MR rows and NV vectors of outputs.
 template <typename T, int MR, int NV>
 inline void project_tile(const T* X, int64_t ldx, const T* Bt, int64_t ldb, int64_t K, int64_t n_valid, T alpha,
                          const T* bias, T* C, int64_t ldc) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   Vec acc[MR][NV];
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = Vec(T(0));
-  for (int64_t k = 0; k < K; ++k) {
-    Vec b[NV];
-    for (int v = 0; v < NV; ++v) b[v] = Vec::loadu(Bt + k * ldb + v * W);
-    for (int r = 0; r < MR; ++r) {
-      const Vec xv(X[r * ldx + k]);
-      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(xv, b[v], acc[r][v]);
-    }
-  }
+  zero_tile<T, MR, NV>(acc);
+  gemm_tile<T, MR, NV, false>(X, ldx, 1, Bt, ldb, K, W, acc);
   const Vec av(alpha);
   for (int v = 0; v < NV; ++v) {
     const int64_t count = std::min<int64_t>(W, n_valid - v * W);
@@ -91,27 +120,16 @@ void project_rows(const T* X, int64_t ldx, int64_t m, const T* Bt, int64_t ldb, 
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// expand_rows: a tile of MR rows x NV vectors of the output; per k, NV loads of basis row k (the [n, NV*W]
-// panel stays in L1 while the row tiles stream by) and MR broadcasts of coef[i, k].
-// PARTIAL: the tile is one vector with only `count` valid columns (the last columns of a row).
-// ---------------------------------------------------------------------------------------------
+// expand_rows' tile: out[r, :] = init[r, :] + alpha * coef[r, :n] @ basis for MR rows and NV vectors of
+// columns (PARTIAL: the last `count` columns); the [n, NV*W] basis panel stays in L1 while row tiles go by.
 template <typename T, int MR, int NV, bool PARTIAL>
 inline void expand_tile(const T* coef, int64_t ldc, const T* basis, int64_t ldb, int64_t n, T alpha, const T* init,
                         int64_t ldi, T* out, int64_t ldo, int64_t count) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   Vec acc[MR][NV];
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = Vec(T(0));
-  for (int64_t k = 0; k < n; ++k) {
-    Vec b[NV];
-    for (int v = 0; v < NV; ++v) b[v] = PARTIAL ? Vec::loadu(basis + k * ldb, count) : Vec::loadu(basis + k * ldb + v * W);
-    for (int r = 0; r < MR; ++r) {
-      const Vec c(coef[r * ldc + k]);
-      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(c, b[v], acc[r][v]);
-    }
-  }
+  zero_tile<T, MR, NV>(acc);
+  gemm_tile<T, MR, NV, PARTIAL>(coef, ldc, 1, basis, ldb, n, count, acc);
   const Vec av(alpha);
   for (int r = 0; r < MR; ++r) {
     for (int v = 0; v < NV; ++v) {
@@ -181,14 +199,7 @@ inline void outer_tile(const T* coef, int64_t ldc, const T* rows, int64_t ldr, i
   Vec acc[MK][NV];
   for (int k = 0; k < MK; ++k)
     for (int v = 0; v < NV; ++v) acc[k][v] = PARTIAL ? Vec::loadu(D + k * ldd, count) : Vec::loadu(D + k * ldd + v * W);
-  for (int64_t i = 0; i < m; ++i) {
-    Vec x[NV];
-    for (int v = 0; v < NV; ++v) x[v] = PARTIAL ? Vec::loadu(rows + i * ldr, count) : Vec::loadu(rows + i * ldr + v * W);
-    for (int k = 0; k < MK; ++k) {
-      const Vec c(coef[i * ldc + k]);
-      for (int v = 0; v < NV; ++v) acc[k][v] = at::vec::fmadd(c, x[v], acc[k][v]);
-    }
-  }
+  gemm_tile<T, MK, NV, PARTIAL>(coef, 1, ldc, rows, ldr, m, count, acc);  // A(k, i) = coef[i, k]
   for (int k = 0; k < MK; ++k)
     for (int v = 0; v < NV; ++v) {
       if (PARTIAL) acc[k][v].store(D + k * ldd, count); else acc[k][v].store(D + k * ldd + v * W);

@@ -227,16 +227,6 @@ constexpr int64_t kRows = 128;  // 128 x 1024 fp32 = 512 KB per full-width block
 template <typename scalar_t>
 constexpr bool kOwnKernels = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
 
-// [K, n] as low_rank::project_rows reads it: contiguous, columns zero-padded to whole vectors.
-template <typename scalar_t>
-at::Tensor projection_operand(const at::Tensor& basis_t) {
-  const int64_t n = basis_t.size(1), width = low_rank::padded_width<scalar_t>(n);
-  if (width == n && basis_t.is_contiguous()) return basis_t;
-  at::Tensor out = at::zeros({basis_t.size(0), width}, basis_t.options());
-  out.narrow(1, 0, n).copy_(basis_t);
-  return out;
-}
-
 std::tuple<at::Tensor, at::Tensor> adapter_fwd_cpu(const at::Tensor& x, const at::Tensor& down_weight,
                                                    const c10::optional<at::Tensor>& down_bias,
                                                    const at::Tensor& up_weight,
@@ -259,7 +249,8 @@ std::tuple<at::Tensor, at::Tensor> adapter_fwd_cpu(const at::Tensor& x, const at
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "adapter_fwd_cpu", [&] {
     using acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const at::Tensor down_t = kOwnKernels<scalar_t> ? projection_operand<scalar_t>(down_weight.t()) : down_weight.t();
+    const at::Tensor down_t =
+        kOwnKernels<scalar_t> ? low_rank::projection_operand<scalar_t>(down_weight.t()) : down_weight.t();
     const at::Tensor down_b = down_bias.has_value() ? down_bias->contiguous() : at::Tensor();
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
       at::NoGradGuard no_grad_in_worker;  // grad mode is thread-local: worker threads need their own guard
@@ -319,7 +310,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "adapter_bwd_cpu", [&] {
     using acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const at::Tensor up_proj = kOwnKernels<scalar_t> ? projection_operand<scalar_t>(up_c) : up_c;  // [H, r(pad)]
+    // W_up [H, r] is already project_rows' [K, n] operand (padded when r is not a whole number of vectors)
+    const at::Tensor up_proj = kOwnKernels<scalar_t> ? low_rank::projection_operand<scalar_t>(up_c) : up_c;
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
       at::NoGradGuard no_grad_in_worker;  // grad mode is thread-local: worker threads need their own guard
       const int64_t t = at::get_thread_num();
