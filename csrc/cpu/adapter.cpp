@@ -239,9 +239,6 @@ std::tuple<at::Tensor, at::Tensor> adapter_fwd_cpu(const at::Tensor& x, const at
   const bool has_up_bias = up_bias.has_value();
   const int64_t width = r + (has_up_bias ? 1 : 0);
   const at::Tensor xc = x.contiguous();
-  // [W_up | b_up]^T: [h | 1] @ it adds the up bias inside the product.
-  const at::Tensor up_aug_t =
-      (has_up_bias ? at::cat({up_weight, up_bias->unsqueeze(1)}, 1) : up_weight).t().contiguous();  // [width, H]
   at::Tensor y = at::empty({N, H}, x.options());
   at::Tensor pre = at::empty({N, r}, x.options());
   const DropoutSpec drop = dropout_spec(seed, drop_threshold);
@@ -252,6 +249,14 @@ std::tuple<at::Tensor, at::Tensor> adapter_fwd_cpu(const at::Tensor& x, const at
     const at::Tensor down_t =
         kOwnKernels<scalar_t> ? low_rank::projection_operand<scalar_t>(down_weight.t()) : down_weight.t();
     const at::Tensor down_b = down_bias.has_value() ? down_bias->contiguous() : at::Tensor();
+    // [W_up | b_up]^T ([width, H]): [h | 1] @ it adds the up bias inside the product.
+    at::Tensor up_aug_t;
+    if constexpr (kOwnKernels<scalar_t>) {
+      up_aug_t = low_rank::transposed<scalar_t>(up_weight, H);
+      if (has_up_bias) up_aug_t = at::cat({up_aug_t, up_bias->unsqueeze(0)}, 0);  // rows: a contiguous append
+    } else {
+      up_aug_t = (has_up_bias ? at::cat({up_weight, up_bias->unsqueeze(1)}, 1) : up_weight).t().contiguous();
+    }
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
       at::NoGradGuard no_grad_in_worker;  // grad mode is thread-local: worker threads need their own guard
       RowScratch<acc> scratch;
@@ -392,7 +397,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
     if (!up_aug_t.defined()) up_aug_t = at::zeros({width, H}, opts);
     up_aug_t.mul_(scale);
     // Copies, never views: custom-op outputs may not alias each other (a [1, H] slice's transpose is contiguous).
-    dwu = up_aug_t.narrow(0, 0, r).t().clone(at::MemoryFormat::Contiguous);
+    dwu = low ? up_aug_t.narrow(0, 0, r).t().clone(at::MemoryFormat::Contiguous)
+              : AT_DISPATCH_FLOATING_TYPES(up_aug_t.scalar_type(), "adapter_dwu", [&] {
+                  return low_rank::transposed<scalar_t>(up_aug_t.narrow(0, 0, r), r);
+                });
     if (has_up_bias) dbu = up_aug_t.select(0, r).clone();
   }
   return {dx, dwd, dbd, dwu, dbu};

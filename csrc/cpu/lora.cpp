@@ -73,10 +73,12 @@ at::Tensor expand(at::Tensor target, const at::Tensor& coef, const at::Tensor& b
   if (!has_vector_kernel(coef) || (!fresh && !target.is_contiguous())) {
     return fresh ? at::mm(coef, basis) : target.addmm_(coef, basis);
   }
-  at::Tensor c = coef.contiguous(), b = basis.contiguous();
-  const int64_t N = c.size(0), n = c.size(1), C = b.size(1);
+  at::Tensor c = coef.contiguous();
+  const int64_t N = c.size(0), n = c.size(1), C = basis.size(1);
   at::Tensor out = fresh ? at::empty({N, C}, coef.options()) : target;
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "lora_expand", [&] {
+    // basis is often a transposed weight view (B^T): copied by the blocked transpose, not contiguous()
+    const at::Tensor b = basis.is_contiguous() ? basis : low_rank::transposed<scalar_t>(basis.t(), C);
     const scalar_t *cp = c.data_ptr<scalar_t>(), *bp = b.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     for_row_blocks(N, [&](int64_t i0, int64_t m) {
@@ -185,7 +187,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
   at::Tensor g_scaled;
   if (need_dB) {
     auto [dBt, g] = outer_pass(u, dy, need_g ? lora_B : at::Tensor(), scaling, at::Tensor(), at::Tensor());
-    dB = dBt.mul_(scaling).t().contiguous();
+    dB = has_vector_kernel(dBt) ? AT_DISPATCH_FLOATING_TYPES(dBt.scalar_type(), "lora_dB", [&] {
+      return low_rank::transposed<scalar_t>(dBt.mul_(scaling), dBt.size(0));
+    }) : dBt.mul_(scaling).t().contiguous();
     g_scaled = g;
   } else if (need_g) {
     g_scaled = project(dy, lora_B, scaling);
