@@ -417,7 +417,9 @@ def interleaved(bench: Benchmark, rounds: int, out_dir: Optional[Path] = None) -
     """Round-robin timing in ONE process, for a CPU shared with other jobs: every round runs one step
     of each provider, so a load spike hits all of them alike, and each ratio is the median over rounds
     of (this provider's step / the baseline's step in the SAME round). Outputs are checked against the
-    reference first (check_agreement). No memory figures (one process). Returns rows
+    reference first (check_agreement). No memory figures (one process). The providers share the process's
+    allocator (freed large buffers go back to the OS, so a provider whose step is short pays page faults
+    that a fresh process would not) and caches; quote it beside the fresh-process run. Returns rows
     {provider, min_ms, median_ms, "time / <baseline>": ratio}; with ``out_dir`` also writes
     <op>_<device>_interleaved.{json,md}."""
     import time
