@@ -445,7 +445,11 @@ def interleaved(bench: Benchmark, rounds: int, out_dir: Optional[Path] = None) -
         for b in bases:
             row[f"time / {b}"] = _quantile([t / u for t, u in zip(times[p.name], times[b])], 0.5)
         rows.append(row)
+    meta = metadata(bench, Options(warmup=1, repeats=rounds, max_time_s=0.0, timeout_s=0.0, memory=False,
+                                   inprocess=True))
     lines = [f"{bench.op} on {bench.device}: {bench.description}; {rounds} interleaved rounds in one process",
+             "", f"{meta['date']}, git {meta['git']}, torch {meta['torch']}, {meta['torch_threads']} threads, load "
+             f"average at start {meta['load_avg_at_start']}.",
              "", "| provider | min ms | median ms |" + "".join(f" time / {b} (per-round median) |" for b in bases),
              "|---|---|---|" + "---|" * len(bases)]
     for r in rows:
@@ -456,8 +460,6 @@ def interleaved(bench: Benchmark, rounds: int, out_dir: Optional[Path] = None) -
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         stem = out_dir / f"{bench.op}_{bench.device}_interleaved"
-        meta = metadata(bench, Options(warmup=1, repeats=rounds, max_time_s=0.0, timeout_s=0.0, memory=False,
-                                       inprocess=True))
         stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rounds": rounds, "rows": rows,
                                                          "times_ms": times}, indent=1))
         stem.with_suffix(".md").write_text(text + "\n")
