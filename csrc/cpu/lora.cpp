@@ -8,7 +8,9 @@
 //   forward:  u = drop(x) A^T (project, one pass over x); y += s u B^T in place (expand: one read + one write
 //             of y, the [r, out] basis in L1);
 //   backward: one pass over dy gives both g_scaled = s dy B (project) and dB^T = s u^T dy (accumulate_outer,
-//             per-thread partials); dx += g_scaled A in place (expand); dA = g_scaled^T drop(x) (one pass over x).
+//             per-thread partials); one pass over dx and x gives dx += g_scaled A in place (expand, x's block
+//             prefetched meanwhile) and dA = g_scaled^T x (accumulate_outer). With dropout, dx's term is
+//             masked on its own and dA reads the re-drawn drop(x).
 // So the LoRA branch adds four streaming passes (x, y, dy, dx + x) to the base layer's two GEMMs and never
 // allocates an [N, out] temporary (the eager order allocates and streams two more).
 //
