@@ -18,11 +18,21 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace fastft {
 namespace low_rank {
 
 using at::vec::Vectorized;
+
+// The element types these kernels cover (fp32, fp64); callers keep BLAS for the others (fp16/bf16, which
+// BLAS accumulates in fp32).
+template <typename T>
+constexpr bool kCovers = std::is_same_v<T, float> || std::is_same_v<T, double>;
+
+inline bool covers(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
+}
 
 template <typename T>
 constexpr int64_t vec_size() {
@@ -35,24 +45,30 @@ inline int64_t padded_width(int64_t n) {
   return (n + vec_size<T>() - 1) / vec_size<T>() * vec_size<T>();
 }
 
-// m^T as a new contiguous [cols, width] tensor (width >= rows; the columns past `rows` are zero), for a 2-D
-// float/double m of any strides. Blocked, so neither side is walked with a page-sized stride per element:
-// Tensor::contiguous() on a transposed [64, 1024] weight took ~45 us per call here, this ~5x less.
+// dst[j, i] = m[i, j] for a 2-D float/double m of any strides; dst rows have stride ldd (>= m's rows).
+// Blocked, so neither side is walked with a page-sized stride per element: Tensor::contiguous() on a
+// transposed [64, 1024] weight took ~45 us per call here, this ~5x less.
 template <typename T>
-at::Tensor transposed(const at::Tensor& m, int64_t width) {
+void transpose_into(const at::Tensor& m, T* dst, int64_t ldd) {
   const int64_t rows = m.size(0), cols = m.size(1), rs = m.stride(0), cs = m.stride(1);
-  at::Tensor out = width > rows ? at::zeros({cols, width}, m.options()) : at::empty({cols, width}, m.options());
   const T* src = m.data_ptr<T>();
-  T* dst = out.data_ptr<T>();
   constexpr int64_t kBlock = 16;
   for (int64_t i0 = 0; i0 < rows; i0 += kBlock) {
     const int64_t i1 = std::min(rows, i0 + kBlock);
     for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
       const int64_t j1 = std::min(cols, j0 + kBlock);
       for (int64_t j = j0; j < j1; ++j)
-        for (int64_t i = i0; i < i1; ++i) dst[j * width + i] = src[i * rs + j * cs];
+        for (int64_t i = i0; i < i1; ++i) dst[j * ldd + i] = src[i * rs + j * cs];
     }
   }
+}
+
+// m^T as a new contiguous [cols, width] tensor (width >= rows; the columns past `rows` are zero).
+template <typename T>
+at::Tensor transposed(const at::Tensor& m, int64_t width) {
+  const int64_t rows = m.size(0), cols = m.size(1);
+  at::Tensor out = width > rows ? at::zeros({cols, width}, m.options()) : at::empty({cols, width}, m.options());
+  transpose_into<T>(m, out.data_ptr<T>(), width);
   return out;
 }
 

@@ -222,10 +222,10 @@ void act_dropout_rows_bwd(const scalar_t* pre, const scalar_t* grad_h, scalar_t*
 // ------------------------------------------------------------------------------------------------
 constexpr int64_t kRows = 128;  // 128 x 1024 fp32 = 512 KB per full-width block: fits L2 with room
 
-// fp32/fp64 run the three products of each block in csrc/cpu/_low_rank.h's register-blocked kernels;
-// fp16/bf16 go through BLAS (at::mm_out / addmm_out on the block), which accumulates them in fp32.
+// fp32/fp64 run the products of each block in csrc/cpu/_low_rank.h's register-blocked kernels; fp16/bf16 go
+// through BLAS (at::mm_out / addmm_out on the block), which accumulates them in fp32.
 template <typename scalar_t>
-constexpr bool kOwnKernels = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
+constexpr bool kOwnKernels = low_rank::kCovers<scalar_t>;
 
 std::tuple<at::Tensor, at::Tensor> adapter_fwd_cpu(const at::Tensor& x, const at::Tensor& down_weight,
                                                    const c10::optional<at::Tensor>& down_bias,
@@ -252,8 +252,9 @@ std::tuple<at::Tensor, at::Tensor> adapter_fwd_cpu(const at::Tensor& x, const at
     // [W_up | b_up]^T ([width, H]): [h | 1] @ it adds the up bias inside the product.
     at::Tensor up_aug_t;
     if constexpr (kOwnKernels<scalar_t>) {
-      up_aug_t = low_rank::transposed<scalar_t>(up_weight, H);
-      if (has_up_bias) up_aug_t = at::cat({up_aug_t, up_bias->unsqueeze(0)}, 0);  // rows: a contiguous append
+      up_aug_t = at::empty({width, H}, x.options());
+      low_rank::transpose_into<scalar_t>(up_weight, up_aug_t.data_ptr<scalar_t>(), H);
+      if (has_up_bias) up_aug_t.select(0, r).copy_(*up_bias);
     } else {
       up_aug_t = (has_up_bias ? at::cat({up_weight, up_bias->unsqueeze(1)}, 1) : up_weight).t().contiguous();
     }
@@ -307,7 +308,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
   // fp32/fp64: weight gradients accumulate per thread over the blocks, in the blocks' own pass, as
   // [W_up | b_up]^T and W_down ([width, H], [r, H]). fp16/bf16: one GEMM over all rows afterwards (BLAS
   // accumulates in fp32 and rounds once, as eager does), from the full grad_pre and h kept for it.
-  const bool low = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+  const bool low = !low_rank::covers(x);  // fp16/bf16 (the dispatch below admits no other types)
   at::Tensor grad_pre_all = (need_down && low) ? at::empty({N, r}, opts) : at::Tensor();
   at::Tensor h_all = (need_up && low) ? at::empty({N, width}, opts) : at::Tensor();
   const int64_t threads = at::get_num_threads();

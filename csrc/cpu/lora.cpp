@@ -38,10 +38,6 @@ namespace {
 // 64 measured slower).
 constexpr int64_t kRowBlock = 16;
 
-bool has_vector_kernel(const at::Tensor& t) {
-  return t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
-}
-
 // fn(row0, rows) over [0, N) in blocks of kRowBlock, in parallel.
 template <typename F>
 void for_row_blocks(int64_t N, const F& fn) {
@@ -53,7 +49,7 @@ void for_row_blocks(int64_t N, const F& fn) {
 // alpha * rows @ basis_t  ([N, K] x [K, n] -> [N, n], n small), one pass over rows.
 at::Tensor project(const at::Tensor& rows, const at::Tensor& basis_t, double alpha) {
   const int64_t N = rows.size(0), K = rows.size(1), n = basis_t.size(1);
-  if (!has_vector_kernel(rows)) return at::mm(rows, basis_t).mul_(alpha);
+  if (!low_rank::covers(rows)) return at::mm(rows, basis_t).mul_(alpha);
   at::Tensor x = rows.contiguous();
   at::Tensor out = at::empty({N, n}, rows.options());
   AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "lora_project", [&] {
@@ -72,7 +68,7 @@ at::Tensor project(const at::Tensor& rows, const at::Tensor& basis_t, double alp
 // target, the basis panel in L1. Without `target` (undefined), a fresh coef @ basis.
 at::Tensor expand(at::Tensor target, const at::Tensor& coef, const at::Tensor& basis) {
   const bool fresh = !target.defined();
-  if (!has_vector_kernel(coef) || (!fresh && !target.is_contiguous())) {
+  if (!low_rank::covers(coef) || (!fresh && !target.is_contiguous())) {
     return fresh ? at::mm(coef, basis) : target.addmm_(coef, basis);
   }
   at::Tensor c = coef.contiguous();
@@ -101,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor> outer_pass(const at::Tensor& coef, const at::
                                               const at::Tensor& project_basis_t, double project_alpha,
                                               at::Tensor expand_target, const at::Tensor& expand_basis) {
   const bool with_project = project_basis_t.defined(), with_expand = expand_target.defined();
-  if (!has_vector_kernel(rows) || (with_expand && !expand_target.is_contiguous())) {
+  if (!low_rank::covers(rows) || (with_expand && !expand_target.is_contiguous())) {
     if (with_expand) expand(expand_target, coef, expand_basis);
     return {at::mm(coef.t(), rows), with_project ? at::mm(rows, project_basis_t).mul_(project_alpha) : at::Tensor()};
   }
@@ -189,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
   at::Tensor g_scaled;
   if (need_dB) {
     auto [dBt, g] = outer_pass(u, dy, need_g ? lora_B : at::Tensor(), scaling, at::Tensor(), at::Tensor());
-    dB = has_vector_kernel(dBt) ? AT_DISPATCH_FLOATING_TYPES(dBt.scalar_type(), "lora_dB", [&] {
+    dB = low_rank::covers(dBt) ? AT_DISPATCH_FLOATING_TYPES(dBt.scalar_type(), "lora_dB", [&] {
       return low_rank::transposed<scalar_t>(dBt.mul_(scaling), dBt.size(0));
     }) : dBt.mul_(scaling).t().contiguous();
     g_scaled = g;

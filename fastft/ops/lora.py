@@ -14,8 +14,9 @@ Kernels (same signature on every backend):
   lora_linear_bwd(dy, x, W, A, B, u, seed?, scaling, dropout_p, need_dx, need_dW, need_db, need_dA, need_dB)
       -> (dx, dW, db, dA, dB), an empty tensor for each gradient not asked for
   dropout mask(like, dropout_p, seed) -> the 0/1 keep-mask the two above draw (for tests)
-Backends: "cpp" = torch.ops.fastft.*_kernel (csrc/cpu/lora.cpp: MKL for the big and thin products, the
-rank-r term added in place onto the GEMM output by a register-blocked kernel: no [N, out] temporary); "triton" = fastft.kernels.lora (one fused GEMM kernel: the base and
+Backends: "cpp" = torch.ops.fastft.*_kernel (csrc/cpu/lora.cpp: MKL for the two big GEMMs, the thin
+products in csrc/cpu/_low_rank.h's register-blocked kernels, the rank-r term added in place onto the GEMM
+output: no [N, out] temporary, dy read once for g and dB); "triton" = fastft.kernels.lora (one fused GEMM kernel: the base and
 LoRA-down products share each loaded x tile, the LoRA-up product and dropout live in its epilogue);
 "reference" = fastft.reference.lora (plain autograd, no custom op; dropout from the global generator).
 The masks of different backends differ (different generators); each backend's backward uses its own
