@@ -1,4 +1,4 @@
-"""`python -m fastft info`: versions, and per op which backends are built and usable here (and why not)."""
+"""`python -m fastft info | train`: versions, and per op which backends are built and usable here (and why not)."""
 from __future__ import annotations
 
 import argparse
@@ -52,6 +52,11 @@ def info() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # the training runtime parses its own arguments (config file + dotted overrides)
+        from fastft.runtime.cli import main as train_main
+
+        return train_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m fastft")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("info", help="versions and per-op backend availability")
