@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -259,8 +260,11 @@ def apply_lora(model: nn.Module, config, *, verbose: bool = False) -> nn.Module:
         raise ValueError("model already has fastft LoRA layers; merge_and_unload() it first (one adapter per model)")
     for name in find_targets(root, config):
         base = root.get_submodule(name)
-        _set_submodule(root, name, LoRALinear(base, config.r, config.lora_alpha, config.lora_dropout,
-                                              config.use_rslora, init_lora_weights=config.init_lora_weights))
+        layer = LoRALinear(base, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora,
+                           init_lora_weights=False)
+        if config.init_lora_weights:
+            _init_like_peft(layer)
+        _set_submodule(root, name, layer)
     _mark_trainable(root, config)
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(getattr(root, "config", None), "_name_or_path", None) or None
@@ -271,6 +275,23 @@ def apply_lora(model: nn.Module, config, *, verbose: bool = False) -> nn.Module:
     if verbose:
         print(line)
     return model
+
+
+def _init_like_peft(layer: LoRALinear) -> None:
+    """PEFT's default init with PEFT's random draws, so that one seed gives PEFT's adapters.
+
+    Per layer, PEFT (0.13 .. 0.21) builds ``lora_A = nn.Linear(in, r)`` and ``lora_B = nn.Linear(r, out)``
+    (each constructor draws its kaiming-uniform weight on the CPU, default dtype), then re-draws A
+    kaiming-uniform(a=sqrt(5)) and zeroes B, then moves them to the base layer's device and dtype. The
+    same three draws, in that order, keep the generator in step across the layers of a model."""
+    dtype = torch.get_default_dtype()
+    with torch.no_grad():
+        for shape in ((layer.r, layer.in_features), (layer.out_features, layer.r)):  # the two constructors
+            nn.init.kaiming_uniform_(torch.empty(shape, dtype=dtype), a=math.sqrt(5))
+        lora_A = torch.empty(layer.r, layer.in_features, dtype=dtype)
+        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+        layer.lora_A.copy_(lora_A)
+        layer.lora_B.zero_()
 
 
 def get_lora_config(model: nn.Module) -> LoraConfig:
@@ -425,12 +446,45 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight and put the plain nn.Linear back. Returns the unwrapped
-    model (the transformers model for a PeftModel, as PEFT's merge_and_unload does)."""
+    """Fold every LoRA adapter into its base weight and put the plain nn.Linear back; returns the
+    unwrapped model (the transformers model for a PeftModel, as PEFT's merge_and_unload does).
+
+    Both kinds of LoRA layer are merged: fastft's LoRALinear and PEFT's own LoRA layers (a PeftModel
+    straight from ``get_peft_model``, or one partly swapped by :func:`from_peft`). A PeftModel is
+    finished by PEFT's own ``merge_and_unload`` (it also unwraps ``modules_to_save`` copies). A plain
+    model holding PEFT layers of another kind than LoRA raises ValueError rather than keep them."""
     root = _root(model)
     for name, layer in lora_layers(root).items():
         layer.merge()
         _set_submodule(root, name, layer.base_layer)
     if hasattr(root, "_fastft_lora_config"):
         del root._fastft_lora_config
+    peft_layers = _peft_tuner_layers(root)
+    if not peft_layers:
+        return root
+    if callable(getattr(model, "merge_and_unload", None)) and hasattr(model, "peft_config"):
+        return model.merge_and_unload()  # PeftModel: PEFT merges its own layers
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in peft_layers.items():
+        if not isinstance(module, LoraLayer):
+            raise ValueError(f"{name}: a PEFT {type(module).__name__} is not a LoRA layer; merge it with PEFT "
+                             "(pass the PeftModel itself)")
+        module.merge()
+        _set_submodule(root, name, module.get_base_layer())
     return root
+
+
+def _peft_tuner_layers(root: nn.Module) -> dict:
+    """{name: module} of PEFT's adapter layers and wrappers under ``root`` (outermost only); {} without peft."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils import ModulesToSaveWrapper
+    except ImportError:
+        return {}
+    found = {}
+    for name, module in root.named_modules():
+        if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)) and not any(
+                name.startswith(outer + ".") for outer in found):
+            found[name] = module
+    return found

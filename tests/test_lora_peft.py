@@ -134,6 +134,47 @@ def test_merge_and_unload(base_model, ids):
     torch.testing.assert_close(merged(ids).logits, expected, atol=1e-5, rtol=1e-5)
 
 
+def _peft_layers(model):
+    return [n for n, m in model.named_modules() if isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer)]
+
+
+@pytest.mark.parametrize("wrapped", [True, False], ids=["PeftModel", "inner-model"])
+def test_merge_and_unload_peft_layers(base_model, ids, wrapped):
+    """PEFT's own LoRA layers are merged too, with the logits of PEFT's merge_and_unload."""
+    ref = _peft_model(base_model)
+    expected = copy.deepcopy(ref).merge_and_unload()(ids).logits
+    assert not torch.allclose(expected, base_model(ids).logits, atol=1e-3)  # the merge changes the model
+    merged = fl.merge_and_unload(copy.deepcopy(ref) if wrapped else copy.deepcopy(ref).get_base_model())
+    assert not _peft_layers(merged) and type(merged.model.layers[0].mlp.down_proj) is nn.Linear
+    torch.testing.assert_close(merged(ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_and_unload_rejects_other_peft_layers(base_model):
+    other = peft.get_peft_model(copy.deepcopy(base_model), peft.IA3Config(target_modules=["k_proj", "down_proj"],
+                                                                          feedforward_modules=["down_proj"]))
+    with pytest.raises(ValueError, match="not a LoRA layer"):
+        fl.merge_and_unload(other.get_base_model())
+
+
+@pytest.mark.parametrize("target_modules", [ALL, "all-linear"])
+def test_same_seed_same_init_as_peft(base_model, target_modules):
+    """apply_lora draws PEFT's random numbers in PEFT's order: one seed, the same adapters, and the
+    generator left in the same state."""
+    torch.manual_seed(123)
+    ref = peft.get_peft_model(copy.deepcopy(base_model), peft.LoraConfig(r=4, target_modules=target_modules))
+    after_ref = torch.rand(4)
+    torch.manual_seed(123)
+    model = fl.apply_lora(copy.deepcopy(base_model), fl.LoraConfig(r=4, target_modules=target_modules))
+    after = torch.rand(4)
+    ref_layers = {n: m for n, m in ref.get_base_model().named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    layers = fl.lora_layers(model)
+    assert set(layers) == set(ref_layers)
+    for name, layer in layers.items():
+        assert torch.equal(layer.lora_A, ref_layers[name].lora_A["default"].weight), name
+        assert torch.equal(layer.lora_B, ref_layers[name].lora_B["default"].weight), name
+    assert torch.equal(after, after_ref)
+
+
 def test_targets_all_linear_regex_exclude(base_model):
     model = fl.apply_lora(copy.deepcopy(base_model), fl.LoraConfig(target_modules="all-linear"))
     names = set(fl.lora_layers(model))
