@@ -1,6 +1,7 @@
 """fastft.nn.KLPenalty: the per-token KL penalty of PPO / GRPO as a module."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 from torch import Tensor, nn
@@ -22,7 +23,11 @@ class KLPenalty(nn.Module):
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         if reduction not in ("none", "mean", "sum"):
             raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
+        if isinstance(coef, (bool, str)):
+            raise TypeError(f"coef must be a number, got {type(coef).__name__}")
         self.coef = float(coef)
+        if not math.isfinite(self.coef):
+            raise ValueError(f"coef must be a finite number, got {coef!r}")
         self.estimator = estimator
         self.reduction = reduction
 
