@@ -2,11 +2,30 @@
 
 Layers (nothing imports upward): kernels (Triton, shipped as fastft.kernels) / csrc (C++, CUDA:
 fastft._C) / fastft.reference  →  fastft.ops (registered ops + dispatch)  →  fastft.nn  →
-fastft.lora, fastft.adapters, fastft.prefix, fastft.integrations, fastft.runtime.
+fastft.lora, fastft.bottleneck, fastft.prefix, fastft.integrations, fastft.runtime.
+
+Every public module is an attribute of ``fastft`` after ``import fastft``. The model-level ones are
+imported on first use (module ``__getattr__``), so ``import fastft`` stays light and brings in neither
+transformers nor peft; ``fastft.adapters`` is the deprecated old name of ``fastft.bottleneck``.
 """
+import importlib
+
 from . import backend, nn, ops, reference
-from . import adapters, lora, prefix  # model-level APIs (import transformers/peft only when used)
 from .ops import cross_entropy
 
 __version__ = "0.1.0"
-__all__ = ["adapters", "backend", "cross_entropy", "lora", "nn", "ops", "prefix", "reference", "__version__"]
+
+_LAZY_MODULES = ("bottleneck", "integrations", "lora", "prefix", "runtime", "adapters")
+
+__all__ = ["backend", "bottleneck", "cross_entropy", "integrations", "lora", "nn", "ops", "prefix", "reference",
+           "runtime", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f".{name}", __name__)  # also sets it as an attribute of fastft
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_MODULES) - {"adapters"})

@@ -1,9 +1,9 @@
-"""fastft.adapters: insertion into Hugging Face Llama and BERT models built from tiny configs."""
+"""fastft.bottleneck: insertion into Hugging Face Llama and BERT models built from tiny configs."""
 import pytest
 import torch
 from torch import nn
 
-from fastft.adapters import apply_adapters, find_sites, load_adapters, remove_adapters, save_adapters
+from fastft.bottleneck import apply_bottleneck_adapters, find_sites, load_bottleneck_adapters, remove_bottleneck_adapters, save_bottleneck_adapters
 
 transformers = pytest.importorskip("transformers")
 
@@ -38,7 +38,7 @@ def _out(model, ids):
 @pytest.mark.parametrize("make", [_llama, _bert])
 def test_sites_and_freezing(make, placement, per_layer):
     model = make()
-    report = apply_adapters(model, adapter_size=8, placement=placement, dropout=0.0)
+    report = apply_bottleneck_adapters(model, adapter_size=8, placement=placement, dropout=0.0)
     assert len(report.sites) == 2 * per_layer
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".fastft_adapter." in n for n in trainable)
@@ -58,14 +58,14 @@ def test_adapter_changes_output_and_removal_restores_exactly(make):
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     with torch.no_grad():
         before = _out(model, ids)
-    apply_adapters(model, adapter_size=8, placement="houlsby")
+    apply_bottleneck_adapters(model, adapter_size=8, placement="houlsby")
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "fastft_adapter" in n and "up.weight" in n:
                 p.normal_(std=0.5)
         during = _out(model, ids)
     assert (during - before).abs().max() > 1e-3
-    remove_adapters(model)
+    remove_bottleneck_adapters(model)
     with torch.no_grad():
         after = _out(model, ids)
     torch.testing.assert_close(after, before, rtol=0, atol=0)
@@ -78,14 +78,14 @@ def test_new_adapters_start_near_identity():
     ids = _batch()
     with torch.no_grad():
         before = _out(model, ids)
-        apply_adapters(model, adapter_size=8)
+        apply_bottleneck_adapters(model, adapter_size=8)
         after = _out(model, ids)
     assert (after - before).abs().max() < 0.05 * before.abs().max()
 
 
 def test_llama_loss_falls_and_only_adapters_change():
     model = _llama()
-    apply_adapters(model, adapter_size=16, placement="houlsby", dropout=0.1)
+    apply_bottleneck_adapters(model, adapter_size=16, placement="houlsby", dropout=0.1)
     base = {n: p.detach().clone() for n, p in model.named_parameters() if "fastft_adapter" not in n}
     ids = _batch()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -104,7 +104,7 @@ def test_llama_loss_falls_and_only_adapters_change():
 
 def test_bert_trains():
     model = _bert()
-    apply_adapters(model, adapter_size=8, placement="pfeiffer", activation="gelu")
+    apply_bottleneck_adapters(model, adapter_size=8, placement="pfeiffer", activation="gelu")
     ids = _batch()
     target = torch.randn(2, 9, 64)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -120,7 +120,7 @@ def test_bert_trains():
 
 def test_save_load_roundtrip(tmp_path):
     model = _llama().eval()
-    apply_adapters(model, adapter_size=8, placement="houlsby", activation="silu", dropout=0.0, scale=2.0)
+    apply_bottleneck_adapters(model, adapter_size=8, placement="houlsby", activation="silu", dropout=0.0, scale=2.0)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "fastft_adapter" in n:
@@ -128,10 +128,10 @@ def test_save_load_roundtrip(tmp_path):
     ids = _batch()
     with torch.no_grad():
         want = _out(model, ids)
-    save_adapters(model, tmp_path)
+    save_bottleneck_adapters(model, tmp_path)
     assert (tmp_path / "adapter_config.json").exists() and (tmp_path / "adapter_model.safetensors").exists()
     fresh = _llama().eval()
-    report = load_adapters(fresh, tmp_path)
+    report = load_bottleneck_adapters(fresh, tmp_path)
     assert len(report.sites) == 4
     with torch.no_grad():
         torch.testing.assert_close(_out(fresh, ids), want, rtol=1e-6, atol=1e-6)
@@ -139,18 +139,18 @@ def test_save_load_roundtrip(tmp_path):
 
 def test_load_rejects_other_hidden_size(tmp_path):
     model = _llama()
-    apply_adapters(model, adapter_size=8)
-    save_adapters(model, tmp_path)
+    apply_bottleneck_adapters(model, adapter_size=8)
+    save_bottleneck_adapters(model, tmp_path)
     cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=97)
     with pytest.raises(ValueError, match="hidden size mismatch"):
-        load_adapters(transformers.LlamaForCausalLM(cfg), tmp_path)
+        load_bottleneck_adapters(transformers.LlamaForCausalLM(cfg), tmp_path)
 
 
 def test_torch_compile_llama_with_adapters():
     torch._dynamo.reset()
     model = _llama().eval()
-    apply_adapters(model, adapter_size=8, dropout=0.0)
+    apply_bottleneck_adapters(model, adapter_size=8, dropout=0.0)
     ids = _batch()
     with torch.no_grad():
         want = _out(model, ids)
@@ -161,22 +161,36 @@ def test_torch_compile_llama_with_adapters():
 def test_bad_arguments():
     model = _llama()
     with pytest.raises(ValueError, match="adapter_size"):
-        apply_adapters(model, adapter_size=0)
+        apply_bottleneck_adapters(model, adapter_size=0)
     with pytest.raises(ValueError, match="placement"):
-        apply_adapters(model, placement="parallel")
+        apply_bottleneck_adapters(model, placement="parallel")
     with pytest.raises(ValueError, match="activation"):
-        apply_adapters(model, activation="tanhh")
+        apply_bottleneck_adapters(model, activation="tanhh")
     with pytest.raises(ValueError, match=r"found no transformer blocks in Sequential.*self_attn"):
-        apply_adapters(nn.Sequential(nn.Linear(4, 4)))
-    apply_adapters(model)
+        apply_bottleneck_adapters(nn.Sequential(nn.Linear(4, 4)))
+    apply_bottleneck_adapters(model)
     with pytest.raises(ValueError, match="already has"):
-        apply_adapters(model)
-    remove_adapters(model)
-    with pytest.raises(ValueError, match="no fastft adapters"):
-        remove_adapters(model)
+        apply_bottleneck_adapters(model)
+    remove_bottleneck_adapters(model)
+    with pytest.raises(ValueError, match="no fastft bottleneck adapters"):
+        remove_bottleneck_adapters(model)
 
 
 def test_find_sites_hidden_sizes():
     sites = find_sites(_bert())
     assert [s.kind for s in sites] == ["attention", "ffn"] * 2
     assert all(s.hidden_size == 64 for s in sites)
+
+
+def test_deprecated_adapters_module_warns_and_aliases():
+    import importlib
+    import sys
+
+    import fastft.bottleneck as bottleneck
+
+    sys.modules.pop("fastft.adapters", None)
+    with pytest.warns(DeprecationWarning, match="fastft.bottleneck"):
+        old = importlib.import_module("fastft.adapters")
+    assert old.apply_adapters is bottleneck.apply_bottleneck_adapters
+    assert old.save_adapters is bottleneck.save_bottleneck_adapters
+    assert old.AdapterConfig is bottleneck.BottleneckConfig
