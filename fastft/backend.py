@@ -2,24 +2,23 @@
 
 Order of precedence: ``fastft.backend.use(name)`` (a context manager / setter, for tests and
 benchmarks) > the ``FASTFT_BACKEND`` environment variable > the default for the tensor's device
-(CUDA → Triton, CPU → C++). A backend that is requested but unusable raises; a default that is
-unusable falls back to the pure-torch reference with a one-time warning.
+(CUDA → Triton, CPU → C++). Each op picks among the backends IT has (fastft.ops._define.select_backend):
+a forced backend the op has but cannot run raises; one it lacks falls back, for that op only, to its
+default with a one-time warning; a default that is unusable falls back to the pure-torch reference with
+a one-time warning.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
 import os
-import warnings
 from typing import Iterator
-
-import torch
 
 BACKENDS = ("reference", "cpp", "triton", "cuda")
 
-# A process-wide override (plain globals, not thread-locals, so torch.compile traces select()).
+# A process-wide override (a plain global, not a thread-local: torch.compile reads it through forced()
+# and guards on its value).
 _override: list[str | None] = [None]
-_warned: set[str] = set()
 _status_cache: dict[str, tuple[bool, str]] = {}
 
 
@@ -113,38 +112,43 @@ def status(name: str) -> tuple[bool, str]:
     return _status_cache[name]
 
 
-# Evaluated eagerly while torch.compile traces; the chosen name is a constant of the graph.
+# Default order per device type: the first usable backend an op has wins (else the reference).
+PREFERRED = {"cuda": ("triton", "cuda"), "cpu": ("cpp",)}
+_DEVICES = {"cpp": ("cpu",), "cuda": ("cuda",), "triton": ("cuda", "cpu"), "reference": None}
+
+
+def forced() -> str | None:
+    """The forced backend name, or None. torch.compile traces this (it reads ``use``'s override, a global
+    the compiled graph guards on), so changing ``use(...)`` after a compile recompiles. FASTFT_BACKEND is
+    process configuration: set it before the first compile."""
+    return _forced()
+
+
+def check_device(name: str, device_type: str) -> None:
+    """ValueError when backend ``name`` cannot run on tensors of ``device_type``."""
+    devices = _DEVICES[name]
+    if devices is not None and device_type not in devices:
+        where = "CUDA (or CPU under TRITON_INTERPRET=1)" if name == "triton" else "/".join(d.upper() for d in devices)
+        raise ValueError(f"backend {name!r} runs on {where} tensors, got tensors on {device_type}")
+
+
+# Transitional (removed once every op is defined through fastft.ops._define): the old process-wide choice.
+import torch  # noqa: E402
+
+
 @torch.compiler.assume_constant_result
 def select(device_type: str, supported: tuple[str, ...] = BACKENDS) -> str:
-    """The backend for a call on tensors of ``device_type``; ``supported`` lists what the op has."""
-    forced = _forced()
-    if forced is not None:
-        if forced not in supported:
-            raise ValueError(f"backend {forced!r} is not implemented for this op (it has {supported})")
-        if forced == "cpp" and device_type != "cpu":
-            raise ValueError(f"backend 'cpp' runs on CPU tensors, got tensors on {device_type}")
-        if forced == "cuda" and device_type != "cuda":
-            raise ValueError(f"backend 'cuda' runs on CUDA tensors, got tensors on {device_type}")
-        if forced == "triton" and device_type not in ("cuda", "cpu"):
-            raise ValueError(f"backend 'triton' runs on CUDA (or CPU under TRITON_INTERPRET=1), got {device_type}")
-        ok, why = status(forced)
+    forced_name = _forced()
+    if forced_name is not None:
+        check_device(forced_name, device_type)
+        ok, why = status(forced_name)
         if not ok:
-            raise RuntimeError(f"fastft backend {forced!r} was requested but is unusable: {why}")
-        return forced
-    preferred = {"cuda": ("triton", "cuda"), "cpu": ("cpp",)}.get(device_type, ())
-    for name in preferred:
+            raise RuntimeError(f"fastft backend {forced_name!r} was requested but is unusable: {why}")
+        if forced_name in supported:
+            return forced_name
+    for name in PREFERRED.get(device_type, ()):
         if name in supported and status(name)[0]:
             return name
-    key = f"{device_type}:{supported}"
-    if key not in _warned:
-        _warned.add(key)
-        reasons = "; ".join(f"{n}: {status(n)[1]}" for n in preferred if n in supported) or "no compiled backend"
-        warnings.warn(
-            f"fastft: no compiled backend usable for {device_type} tensors ({reasons}); "
-            "falling back to the pure-torch reference (slower). `python -m fastft info` says more.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
     return "reference"
 
 

@@ -1,0 +1,391 @@
+"""One way to define an op: a declaration turns into the registered torch.library op pair, the eager fast
+path, per-op backend dispatch and the fp64 rule. The argument checks every functional shares live in
+``fastft.ops._checks`` (check_float_tensor, check_same_device, check_reduction, ...); the registry that drives ``fastft info``, the benchmarks and the generic tests is
+``fastft.ops.registry``.
+
+Example (a toy op; the real ones are fastft/ops/*.py, e.g. fastft/ops/rms_norm.py)::
+
+    @dataclass(frozen=True)
+    class ScaleOptions:              # scalar options: flattened into the schema once, rebuilt for your code
+        alpha: float = 1.0
+
+    def _forward(x: Tensor, options: ScaleOptions, backend: str) -> tuple[Tensor, Tensor]:
+        y = kernels_for(backend).scale_fwd(x, options.alpha)
+        return y, x.new_empty((0,))      # output 0 is the differentiable result; the rest are non-differentiable
+
+    def _fake(x, options, backend):
+        return torch.empty_like(x), x.new_empty((0,))
+
+    def _setup(ctx, inputs, outputs):    # inputs = the tensors/flags before ``options``; ctx.options, ctx.backend set
+        ctx.save_for_backward(*inputs)
+
+    def _backward_impl(grad: Tensor, x: Tensor, options: ScaleOptions, backend: str) -> Tensor:
+        return grad * options.alpha       # registered as fastft::scale_backward
+
+    def _backward(ctx, grad):            # gradient of output 0 (None when it got none) -> one grad per input
+        return (ctx.run_backward(grad, *ctx.saved_tensors),)
+
+    scale_op = define_op(
+        "scale", forward=_forward, fake=_fake, setup=_setup, backward=_backward,
+        backward_impl=_backward_impl, backward_fake=lambda grad, x, options, backend: torch.empty_like(x),
+        options=ScaleOptions,
+        backends=(Backend("reference"), Backend("cpp", kernels=("scale_fwd_kernel",)), Backend("triton")),
+    )
+
+    def scale(x, alpha=1.0):             # the public functional
+        check_float_tensor("x", x)
+        backend = scale_op.select(x)      # per-op choice; fp64 on a backend without fp64 -> "reference"
+        if backend == "reference":
+            return reference.scale(x, alpha)
+        return scale_op(x, options=ScaleOptions(alpha), backend=backend)[0]
+
+What it generates:
+* ``fastft::<name>`` and ``fastft::<name>_backward`` (torch.library.custom_op, schemas inferred from the
+  annotations with the options dataclass flattened field by field) with fakes and autograd: the path
+  torch.compile traces and opcheck tests.
+* An eager twin (a plain torch.autograd.Function over the same forward/setup/backward) used outside
+  torch.compile: it skips torch.library's Python dispatch (~0.5 ms a call on this CPU).
+* ``select(tensor)``: which backend this op uses for this call (see ``select_backend``).
+
+One autograd template for every op: only output 0 is differentiable (the others are marked so), and
+gradients are not materialized (``backward`` gets None when output 0 got no gradient). Gradients that
+forward already computed (the fused losses) are scaled by the upstream gradient with
+``scale_fused_grads``: in place (no copy; a no-op for ``loss.backward()``) when this is the graph's last
+backward in eager mode, otherwise out of place, so a second backward (``retain_graph=True``) gives the
+same result in eager and compiled mode.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import backend as _backend
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+LOW_AND_FP32 = (torch.float32, torch.float16, torch.bfloat16)
+
+__all__ = ["Backend", "FLOAT_DTYPES", "LOW_AND_FP32", "Op", "define_op", "scale_fused_grads", "select_backend",
+           "graph_kept", "accumulator_dtype"]
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype kernels accumulate in (and return row statistics in): fp64 for fp64, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ------------------------------------------------------------------------------------------------
+# Backends
+# ------------------------------------------------------------------------------------------------
+
+_DEFAULT_DTYPES = {"reference": FLOAT_DTYPES, "cpp": FLOAT_DTYPES, "triton": LOW_AND_FP32, "cuda": LOW_AND_FP32}
+_DISPATCH_KEY = {"cpp": "CPU", "cuda": "CUDA"}
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend of one op.
+
+    name     one of fastft.backend.BACKENDS ("reference", "cpp", "triton", "cuda").
+    dtypes   the input dtypes it computes; a call in another dtype (fp64 on Triton/CUDA) runs the
+             reference instead, so fp64 stays exact. Default: all four floats for reference and cpp,
+             fp32/fp16/bf16 for triton and cuda.
+    kernels  the torch.ops.fastft.* kernels it calls (cpp, cuda): usable only when each has a kernel
+             for the dispatch key (CPU for cpp, CUDA for cuda; a CUDA-built fastft._C registers the
+             CUDA ones under the same schemas).
+    probe    an extra availability check () -> (usable, why not), e.g. an optional dependency.
+    """
+
+    name: str
+    dtypes: Optional[tuple] = None
+    kernels: tuple = ()
+    probe: Optional[Callable[[], tuple]] = None
+
+    def __post_init__(self) -> None:
+        if self.name not in _backend.BACKENDS:
+            raise ValueError(f"unknown backend {self.name!r}; expected one of {_backend.BACKENDS}")
+        if self.dtypes is None:
+            object.__setattr__(self, "dtypes", _DEFAULT_DTYPES[self.name])
+
+    def status(self) -> tuple:
+        """(usable, reason): the backend's own probe (fastft.backend.status), then its kernels, then ``probe``."""
+        ok, why = _backend.status(self.name)
+        if not ok:
+            return ok, why
+        key = _DISPATCH_KEY.get(self.name)
+        for kernel in self.kernels if key else ():
+            if not _has_kernel(kernel, key):
+                return False, f"fastft._C has no {key} kernel for fastft::{kernel}"
+        if self.probe is not None:
+            return self.probe()
+        return ok, why
+
+
+def _has_kernel(kernel: str, key: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastft::{kernel}", key)
+    except RuntimeError:  # no such operator
+        return False
+
+
+# ------------------------------------------------------------------------------------------------
+# Dispatch
+# ------------------------------------------------------------------------------------------------
+
+_OPS: dict = {}  # name -> Op, for select_backend (which must take only constants)
+_warned: set = set()
+
+
+def _warn_once(key, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+# torch.compile evaluates this eagerly while tracing and keeps the answer as a graph constant. Every input
+# that can change it is an argument: the forced name comes from fastft.backend.forced(), which the tracer
+# reads (and guards on), so `with fastft.backend.use(...)` after a compile recompiles instead of silently
+# keeping the old choice.
+@torch.compiler.assume_constant_result
+def select_backend(op_name: str, device_type: str, forced: Optional[str]) -> str:
+    """The backend ``op_name`` runs on ``device_type`` tensors.
+
+    Rule: a forced backend (``fastft.backend.use`` > ``FASTFT_BACKEND``) that the op has is used, and
+    raises if it cannot run here; one the op does not have falls back, for this op only, to the default
+    with a one-time warning (so ``FASTFT_BACKEND=cuda`` does not break ops without CUDA kernels).
+    Default: CUDA tensors -> triton, else cuda; CPU tensors -> cpp; else (or when none is usable) the
+    reference, with a one-time warning.
+    """
+    op = _OPS[op_name]
+    if forced is not None:
+        if forced in op.backends:
+            _backend.check_device(forced, device_type)
+            ok, why = op.backends[forced].status()
+            if not ok:
+                raise RuntimeError(f"fastft backend {forced!r} was requested for {op_name} but is unusable: {why}")
+            return forced
+        _warn_once((op_name, forced), f"fastft: {op_name} has no {forced!r} backend (it has {tuple(op.backends)}); "
+                                      "using its default backend for this op")
+    preferred = _backend.PREFERRED.get(device_type, ())
+    for name in preferred:
+        if name in op.backends and op.backends[name].status()[0]:
+            return name
+    reasons = "; ".join(f"{n}: {op.backends[n].status()[1]}" for n in preferred if n in op.backends)
+    _warn_once((op_name, device_type), f"fastft: no compiled backend of {op_name} is usable for {device_type} tensors "
+                                       f"({reasons or 'none declared'}); falling back to the pure-torch reference "
+                                       "(slower). `python -m fastft info` says more.")
+    return "reference"
+
+
+# ------------------------------------------------------------------------------------------------
+# Autograd helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def graph_kept() -> bool:
+    """Whether the running backward keeps the graph (retain_graph=True); True when unknown."""
+    probe = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if probe is None:
+        return True
+    try:
+        return bool(probe())
+    except RuntimeError:  # not inside a backward
+        return True
+
+
+def scale_fused_grads(ctx, grads: Sequence[Optional[Tensor]], grad_output: Tensor,
+                      scale_in_place: Callable[[Tensor, Tensor], Any]) -> list:
+    """Gradients computed in forward times the upstream gradient ``grad_output``.
+
+    In place with ``scale_in_place(grad, grad_output)`` (no copy; the usual upstream 1.0 costs nothing
+    with fastft's ``scale_if_not_one_`` kernels) when this is the eager graph's last backward; out of
+    place otherwise (torch.compile, the registered op, or ``retain_graph=True``), so a second backward
+    sees the unscaled buffers again."""
+    if getattr(ctx, "eager", False) and not graph_kept():
+        for g in grads:
+            if g is not None:
+                scale_in_place(g, grad_output)
+        return list(grads)
+    return [None if g is None else g * grad_output.to(g.dtype) for g in grads]
+
+
+# ------------------------------------------------------------------------------------------------
+# The op
+# ------------------------------------------------------------------------------------------------
+
+
+def _flatten_signature(fn: Callable, options: Optional[type]) -> tuple:
+    """(signature with the options dataclass replaced by its fields, number of leading inputs, hints)."""
+    hints = typing.get_type_hints(fn)
+    params = list(inspect.signature(fn).parameters.values())
+    if not params or params[-1].name != "backend":
+        raise TypeError(f"{fn.__qualname__} must take `backend: str` as its last parameter")
+    flat, n_inputs = [], len(params) - 1
+    for i, p in enumerate(params):
+        hint = hints[p.name]
+        if options is not None and hint is options:
+            n_inputs = i
+            flat += [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=fhint)
+                     for f, fhint in zip(dataclasses.fields(options), _field_hints(options))]
+        else:
+            flat.append(p.replace(annotation=hint, default=inspect.Parameter.empty))
+    if options is not None and n_inputs == len(params) - 1:
+        raise TypeError(f"{fn.__qualname__} must take a parameter annotated {options.__name__} before `backend`")
+    sig = inspect.Signature(flat, return_annotation=hints["return"])
+    return sig, n_inputs
+
+
+def _field_hints(options: type) -> list:
+    hints = typing.get_type_hints(options)
+    return [hints[f.name] for f in dataclasses.fields(options)]
+
+
+class Op:
+    """A defined op; see the module docstring. Call it as ``op(*inputs, options=..., backend=...)``:
+    the eager twin outside torch.compile, the registered op inside. Returns the forward's outputs."""
+
+    def __init__(self, name: str, *, forward: Callable, fake: Callable, setup: Callable, backward: Callable,
+                 backends: Sequence[Backend], backward_impl: Optional[Callable] = None,
+                 backward_fake: Optional[Callable] = None, options: Optional[type] = None) -> None:
+        if name in _OPS:
+            raise ValueError(f"op {name!r} is defined twice")
+        if options is not None and not (dataclasses.is_dataclass(options)
+                                        and options.__dataclass_params__.frozen):
+            raise TypeError(f"options of {name} must be a frozen dataclass, got {options!r}")
+        names = [b.name for b in backends]
+        if "reference" not in names:
+            raise ValueError(f"{name} must declare the 'reference' backend (the fallback for every other)")
+        self.name = name
+        self.backends = {b.name: b for b in backends}
+        self.options = options
+        self._forward, self._setup, self._backward, self._backward_impl = forward, setup, backward, backward_impl
+        self.registered = self._register(name, forward, fake, options)
+        self.registered_backward = None
+        if backward_impl is not None:
+            if backward_fake is None:
+                raise TypeError(f"{name}: backward_impl needs backward_fake")
+            self.registered_backward = self._register(f"{name}_backward", backward_impl, backward_fake, options)
+        self.registered.register_autograd(self._compiled_backward, setup_context=self._compiled_setup)
+        self._eager = self._eager_function()
+        _OPS[name] = self
+
+    # -- registration ------------------------------------------------------------------------------
+
+    def _register(self, qualname: str, fn: Callable, fake: Callable, options: Optional[type]):
+        sig, n_inputs = _flatten_signature(fn, options)
+        n_opts = len(dataclasses.fields(options)) if options is not None else 0
+        unflatten = self._unflattener(n_inputs, n_opts, options)
+
+        def impl(*args):
+            return fn(*unflatten(args))
+
+        impl.__signature__ = sig
+        impl.__name__ = fn.__name__
+        op = torch.library.custom_op(f"fastft::{qualname}", impl, mutates_args=())
+
+        def fake_impl(*args):
+            return fake(*unflatten(args))
+
+        op.register_fake(fake_impl)
+        op.n_inputs = n_inputs
+        return op
+
+    @staticmethod
+    def _unflattener(n_inputs: int, n_opts: int, options: Optional[type]) -> Callable:
+        if options is None:
+            return lambda args: args
+
+        def unflatten(args):
+            return (*args[:n_inputs], options(*args[n_inputs:n_inputs + n_opts]), args[-1])
+
+        return unflatten
+
+    def _flat(self, options) -> tuple:
+        if self.options is None:
+            return ()
+        if not isinstance(options, self.options):
+            raise TypeError(f"{self.name} takes options={self.options.__name__}(...), got {options!r}")
+        return tuple(getattr(options, f.name) for f in dataclasses.fields(options))
+
+    # -- autograd: one template for the eager twin and the registered op ---------------------------
+
+    def _setup_common(self, ctx, inputs: tuple, outputs, options, backend: str, eager: bool) -> None:
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        ctx.set_materialize_grads(False)
+        if len(outputs) > 1:
+            ctx.mark_non_differentiable(*outputs[1:])
+        ctx.options, ctx.backend, ctx.eager = options, backend, eager
+        ctx.n_inputs = len(inputs)
+        if self._backward_impl is not None:
+            bwd = self._backward_impl if eager else self.registered_backward
+            flat = () if eager else self._flat(options)
+            opts = (options,) if eager and self.options is not None else flat
+            ctx.run_backward = lambda *args: bwd(*args, *opts, backend)
+        self._setup(ctx, inputs, outputs)
+
+    def _compiled_setup(self, ctx, inputs, output) -> None:
+        n = self.registered.n_inputs
+        options = self.options(*inputs[n:-1]) if self.options is not None else None
+        self._setup_common(ctx, tuple(inputs[:n]), output, options, inputs[-1], eager=False)
+
+    def _input_grads(self, ctx, grad_output) -> tuple:
+        if grad_output is None:
+            grads = (None,) * ctx.n_inputs
+        else:
+            grads = tuple(self._backward(ctx, grad_output))
+            if len(grads) != ctx.n_inputs:
+                raise RuntimeError(f"{self.name}: backward returned {len(grads)} gradients for {ctx.n_inputs} inputs")
+        return grads
+
+    def _compiled_backward(self, ctx, grad_output, *_non_differentiable):
+        n_extra = len(self._flat(ctx.options)) + 1 if self.options is not None else 1
+        return (*self._input_grads(ctx, grad_output), *(None,) * n_extra)
+
+    def _eager_function(self) -> type:
+        op = self
+
+        def forward(ctx, *args):
+            *inputs, options, backend = args
+            outputs = op._forward(*inputs, *((options,) if op.options is not None else ()), backend)
+            op._setup_common(ctx, tuple(inputs), outputs, options, backend, eager=True)
+            return outputs
+
+        def backward(ctx, grad_output, *_non_differentiable):
+            return (*op._input_grads(ctx, grad_output), None, None)
+
+        return type(f"_Eager_{self.name}", (torch.autograd.Function,), {
+            "__doc__": f"Eager twin of fastft::{self.name} (see fastft.ops._define).",
+            "forward": staticmethod(forward),
+            "backward": staticmethod(backward),
+        })
+
+    # -- calling -----------------------------------------------------------------------------------
+
+    def __call__(self, *inputs, options=None, backend: str):
+        if torch.compiler.is_compiling():
+            return self.registered(*inputs, *self._flat(options), backend)
+        if self.options is not None and not isinstance(options, self.options):
+            self._flat(options)  # raises the TypeError
+        return self._eager.apply(*inputs, options, backend)
+
+    def select(self, like: Tensor) -> str:
+        """The backend for a call whose main input is ``like`` (its device and dtype)."""
+        name = select_backend(self.name, like.device.type, _backend.forced())
+        if like.dtype not in self.backends[name].dtypes:
+            return "reference"  # e.g. fp64 on Triton/CUDA: those kernels compute in fp32; keep fp64 exact
+        return name
+
+    def status(self) -> dict:
+        """{backend name: (usable, reason)} for ``fastft info``."""
+        return {name: b.status() for name, b in self.backends.items()}
+
+
+def define_op(name: str, **declaration) -> Op:
+    """Define ``fastft::<name>`` from a declaration; see :class:`Op` and the module docstring."""
+    return Op(name, **declaration)
