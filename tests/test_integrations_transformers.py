@@ -1,5 +1,5 @@
 """patch_causal_lm_loss on tiny causal LMs built from configs (no downloads): same loss and gradients
-as stock transformers, logits never built in training, unpatch restores exactly."""
+as stock transformers, logits never built for a labelled forward (unless asked), unpatch restores exactly."""
 from __future__ import annotations
 
 import copy
@@ -84,15 +84,22 @@ def test_shift_labels_return_logits_and_tuple_output():
     torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6)
 
 
-def test_eval_and_generation_are_stock():
-    model = tiny_llama()
+def test_eval_with_labels_is_fused_and_generation_is_stock(caplog):
+    """A labelled forward is fused in eval mode too (what from_pretrained returns), with a one-time log
+    line; logits on request; generation untouched."""
+    model = tiny_llama().eval()
     ids, labels = batch()
-    patch_causal_lm_loss(model)
-    model.eval()
     with torch.no_grad():
-        out = model(input_ids=ids, labels=labels)
-        assert out.logits is not None and out.logits.shape == (2, 11, VOCAB)
+        stock = model(input_ids=ids, labels=labels)
+        patch_causal_lm_loss(model)
+        with caplog.at_level("INFO", logger="fastft.integrations.transformers"):
+            fused = model(input_ids=ids, labels=labels)
+            again = model(input_ids=ids, labels=labels, return_logits=True)
         gen = model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert fused.logits is None  # the fused path ran: the stock one always returns logits
+    torch.testing.assert_close(fused.loss, stock.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(again.logits, stock.logits, rtol=1e-5, atol=1e-6)
+    assert len(caplog.records) == 1 and "fused linear cross-entropy" in caplog.records[0].message  # once
     assert gen.shape == (1, 7)
 
 

@@ -19,11 +19,18 @@ Logit transforms between lm_head and the loss are honoured when the model's forw
 apply them from its config: Gemma-2/3 ``final_logit_softcapping`` (the op's ``softcap``), Cohere's
 ``logit_scale`` and Granite's ``logits_scaling`` (folded into the hidden states: (s h) W^T = s (h W^T)).
 Any other change to the logits makes the patched forward raise rather than return a wrong loss.
-Eval mode, or no labels: the stock forward, untouched.
+
+When it is used: whenever the forward gets ``labels``, in train and eval mode alike (a validation loss
+saves the same memory), with ``logits=None`` unless logits are asked for. The first fused forward of a
+patched model logs that once (logger ``fastft.integrations.transformers``, level INFO). Code that reads
+logits of a labelled forward (``Trainer.evaluate`` with ``compute_metrics``) patches with
+``return_logits=True`` or passes ``return_logits=True`` per call. Without labels (generation,
+inference) the stock forward runs, untouched.
 """
 from __future__ import annotations
 
 import inspect
+import logging
 import types
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -36,6 +43,8 @@ from ..ops.linear_cross_entropy import _linear_cross_entropy
 
 __all__ = ["patch_causal_lm_loss", "unpatch", "is_patched"]
 
+logger = logging.getLogger(__name__)
+
 _STATE_ATTR = "_fastft_causal_lm_loss"
 
 
@@ -47,7 +56,8 @@ class _PatchState:
     softcap: Optional[float]
     logit_multiplier: Optional[float]
     saved: dict = field(default_factory=dict)  # attribute -> previous instance value, where there was one
-    stock_loss: Any = None  # the model's loss_function before the patch (eval with labels uses it)
+    stock_loss: Any = None  # the model's loss_function before the patch (a call outside a patched forward uses it)
+    announced: bool = False  # the one-time log line of the first fused forward was written
     # per-call
     active: bool = False
     labels: Any = None
@@ -94,8 +104,8 @@ def _logit_transforms(model: nn.Module) -> tuple[Optional[float], Optional[float
 
 
 def patch_causal_lm_loss(model: nn.Module, *, return_logits: bool = False, chunk_size: Optional[int] = None) -> nn.Module:
-    """Route the training loss of a causal LM through the fused linear cross-entropy (in place;
-    returns ``model``). ``return_logits``: also return logits in training (they are then built).
+    """Route the loss of a causal LM's labelled forward (train and eval) through the fused linear
+    cross-entropy (in place; returns ``model``). ``return_logits``: also return logits then (they are built).
     ``chunk_size``: token rows per chunk (default: fastft's memory budget). Idempotent."""
     target = _target_model(model)
     if is_patched(target):
@@ -147,8 +157,14 @@ def _patched_forward(self, *args, **kwargs):
     signature = inspect.signature(type(self).forward)
     bound = signature.bind_partial(self, *args, **kwargs)
     labels = bound.arguments.get("labels")
-    if labels is None or not self.training:
+    if labels is None:
         return original(*args, **kwargs)
+    if not state.announced:
+        state.announced = True
+        logger.info("fastft: %s computes its loss with the fused linear cross-entropy whenever labels are given "
+                    "(train and eval); logits are %s", type(self).__name__,
+                    "built as well (return_logits)" if want_logits else "not built (output logits=None; pass "
+                    "return_logits=True to get them)")
     var_kw = next((n for n, p in signature.parameters.items() if p.kind is p.VAR_KEYWORD), None)
     extra = bound.arguments.get(var_kw, {}) if var_kw else {}
     state.labels = labels
