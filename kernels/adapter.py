@@ -11,10 +11,9 @@ element-wise steps on the [N, r] bottleneck between them, one pass each:
       -> (grad_pre [N, r], h [N, r (+1)] or an empty tensor)
       grad_pre = grad_scale * grad_h * act'(pre) * keep * keep_scale; h recomputed for dW_up.
 
-Dropout: element (i, j) has the flat index i * r + j; its 24 hash bits (MurmurHash3's finalizer, two
-rounds over the seed and index words) are compared with drop_threshold. The same function as
-fastft/reference/adapter.py and csrc/cpu/adapter.cpp, so all backends drop the same elements and
-backward regenerates the mask from the seed. The seed is a 0-dim int64 tensor read on the device
+Dropout: element (i, j) has the flat index i * r + j; its keep bit is kernels/_dropout.py's counter-based
+hash (the same function as csrc/_dropout.h and fastft/reference/dropout.py), so all backends drop the same
+elements and backward regenerates the mask from the seed. The seed is a 0-dim int64 tensor read on the device
 (no host sync). Values are loaded, cast to fp32, computed on and cast back on store.
 """
 from typing import Tuple
@@ -24,34 +23,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._dropout import keep as _dropout_keep, keep_scale as _keep_scale
 from .cross_entropy import _bf16_by_hand, _cast_for_store, _device_ctx, _tanh
 
 __all__ = ["adapter_act_dropout_fwd", "adapter_act_dropout_bwd"]
 
 _RELU, _GELU, _GELU_TANH, _SILU = 0, 1, 2, 3
-_DROP_BITS = 24
-
-
-@triton.jit
-def _mix32(h):
-    # MurmurHash3's 32-bit finalizer on uint32 (wrapping multiplies, logical shifts).
-    h = h ^ (h >> 16)
-    h = h * 0x85EBCA6B
-    h = h ^ (h >> 13)
-    h = h * 0xC2B2AE35
-    return h ^ (h >> 16)
-
-
-@triton.jit
-def _dropout_keep(seed, index, threshold):
-    """True where flat element ``index`` (int64) is kept under ``seed`` (int64 scalar)."""
-    seed_lo = (seed & 0xFFFFFFFF).to(tl.uint32)
-    seed_hi = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    idx_lo = (index & 0xFFFFFFFF).to(tl.uint32)
-    idx_hi = ((index >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    h = _mix32(idx_lo ^ seed_lo)
-    h = _mix32(h ^ seed_hi ^ (idx_hi * 0x9E3779B1))
-    return (h >> (32 - 24)).to(tl.int32) >= threshold
 
 
 @triton.jit
@@ -140,7 +117,7 @@ def _launch(pre, grad_h, seed, h, grad_pre, activation, drop_threshold, grad_sca
     if n == 0:
         return
     has_dropout = drop_threshold > 0
-    keep_scale = float(1 << _DROP_BITS) / float((1 << _DROP_BITS) - drop_threshold) if has_dropout else 1.0
+    keep_scale = _keep_scale(drop_threshold) if has_dropout else 1.0
     block_m, block_r, num_warps = _config(n, r, pre.device)
     with _device_ctx(pre):
         _adapter_act_dropout_kernel[(triton.cdiv(n, block_m),)](

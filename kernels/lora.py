@@ -13,8 +13,8 @@ no second pass over the output, no [N, out] LoRA temporary. Column-tile 0 also s
 [N, r], small), which backward needs.
   forward: X = x, M = W^T, L1 = A^T, L2 = B^T, D = dropout on X (DROP_IN)
   dx:      X = dy, M = W,  L1 = B,   L2 = A,   E = the same mask on the output (DROP_OUT)
-Dropout: keep = tl.rand(seed, m * in_features + k) >= p, a counter-based Philox draw from a one-element
-int64 seed tensor; backward (DROP_OUT here, and ``_lora_down_grad_kernel`` for dA) re-draws the identical
+Dropout: keep = kernels/_dropout.py's counter-based hash of (seed, m * in_features + k) (the mask every
+backend draws: csrc/_dropout.h, fastft/reference/dropout.py), from a one-element int64 seed tensor; backward (DROP_OUT here, and ``_lora_down_grad_kernel`` for dA) re-draws the identical
 mask from the same seed and the same element offsets, so no mask or dropped copy of x is stored.
 dA with dropout is ``_lora_down_grad_kernel`` (g^T @ drop(x), split over rows, partial sums reduced in
 fp32); without dropout, and dB, dW, db, are single cuBLAS calls (torch.mm).
@@ -32,14 +32,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._dropout import drop_threshold as _drop_threshold, keep as _dropout_keep, keep_scale as _keep_scale
 from .cross_entropy import _bf16_by_hand, _cast_for_store, _device_ctx
 
 __all__ = ["lora_linear_fwd", "lora_linear_bwd", "lora_dropout_mask"]
-
-
-@triton.jit
-def _keep_mask(seed, offsets, dropout_p):
-    return tl.rand(seed, offsets) >= dropout_p
 
 
 @triton.jit
@@ -48,7 +44,7 @@ def _lora_matmul_kernel(
     M, N, K, R,
     stride_xm, stride_xk, stride_mk, stride_mn, stride_l1k, stride_l1r, stride_l2r, stride_l2n,
     stride_om, stride_on, stride_im, stride_ir,
-    scaling, dropout_p,
+    scaling, drop_threshold, keep_scale,
     HAS_BIAS: tl.constexpr, DROP_IN: tl.constexpr, DROP_OUT: tl.constexpr, STORE_INNER: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, BF16_RNE_BY_HAND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -75,7 +71,6 @@ def _lora_matmul_kernel(
     rows64 = rows.to(tl.int64)
     in_dtype = x_ptr.dtype.element_ty
     precision: tl.constexpr = "ieee" if IEEE else "tf32"
-    inv_keep = 1.0 / (1.0 - dropout_p)
     if DROP_IN or DROP_OUT:
         seed = tl.load(seed_ptr)
 
@@ -96,8 +91,8 @@ def _lora_matmul_kernel(
             l1 = l1.to(tl.float32)
         acc = tl.dot(xt, mt, acc, input_precision=precision)
         if DROP_IN:
-            keep = _keep_mask(seed, rows64[:, None] * K + k[None, :], dropout_p)
-            xt = tl.where(keep, xt.to(tl.float32) * inv_keep, 0.0).to(xt.dtype)
+            keep = _dropout_keep(seed, rows64[:, None] * K + k[None, :], drop_threshold)
+            xt = tl.where(keep, xt.to(tl.float32) * keep_scale, 0.0).to(xt.dtype)
         inner = tl.dot(xt, l1, inner, input_precision=precision)
 
     # Epilogue: + s * inner @ L2 (inner rounded to the input dtype first, as the unfused product would be).
@@ -111,8 +106,8 @@ def _lora_matmul_kernel(
         l2 = l2.to(tl.float32)
     lora = tl.dot(inner_in, l2, input_precision=precision)
     if DROP_OUT:
-        keep = _keep_mask(seed, rows64[:, None] * N + cols[None, :], dropout_p)
-        lora = tl.where(keep, lora * inv_keep, 0.0)
+        keep = _dropout_keep(seed, rows64[:, None] * N + cols[None, :], drop_threshold)
+        lora = tl.where(keep, lora * keep_scale, 0.0)
     acc += scaling * lora
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -129,7 +124,7 @@ def _lora_matmul_kernel(
 def _lora_down_grad_kernel(
     g_ptr, x_ptr, out_ptr, seed_ptr, M, K, R, rows_per_split,
     stride_gm, stride_gr, stride_xm, stride_xk, stride_os, stride_or, stride_ok,
-    dropout_p,
+    drop_threshold, keep_scale,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -141,7 +136,6 @@ def _lora_down_grad_kernel(
     k_ok = ks < K
     r_ok = rs < R
     precision: tl.constexpr = "ieee" if IEEE else "tf32"
-    inv_keep = 1.0 / (1.0 - dropout_p)
     seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     start = split * rows_per_split
@@ -153,8 +147,8 @@ def _lora_down_grad_kernel(
                      mask=r_ok[:, None] & row_ok[None, :], other=0.0)
         xt = tl.load(x_ptr + rows64[:, None] * stride_xm + ks[None, :] * stride_xk,
                      mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        keep = _keep_mask(seed, rows64[:, None] * K + ks[None, :], dropout_p)
-        xd = tl.where(keep, xt.to(tl.float32) * inv_keep, 0.0)
+        keep = _dropout_keep(seed, rows64[:, None] * K + ks[None, :], drop_threshold)
+        xd = tl.where(keep, xt.to(tl.float32) * keep_scale, 0.0)
         if UPCAST:
             gt = gt.to(tl.float32)
         else:
@@ -165,10 +159,10 @@ def _lora_down_grad_kernel(
 
 
 @triton.jit
-def _dropout_mask_kernel(out_ptr, seed_ptr, numel, dropout_p, BLOCK: tl.constexpr):
+def _dropout_mask_kernel(out_ptr, seed_ptr, numel, drop_threshold, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     seed = tl.load(seed_ptr)
-    keep = _keep_mask(seed, offs, dropout_p)
+    keep = _dropout_keep(seed, offs, drop_threshold)
     # via fp32: the interpreter cannot cast bool to bf16 directly
     tl.store(out_ptr + offs, tl.where(keep, 1.0, 0.0).to(out_ptr.dtype.element_ty), mask=offs < numel)
 
@@ -176,6 +170,12 @@ def _dropout_mask_kernel(out_ptr, seed_ptr, numel, dropout_p, BLOCK: tl.constexp
 # ------------------------------------------------------------------------------------------------
 # Launchers
 # ------------------------------------------------------------------------------------------------
+
+
+def _dropout_args(dropout_p: float) -> tuple[int, float]:
+    """(drop_threshold, keep_scale) of kernels/_dropout.py's mask for dropout_p (0 and 1.0 without dropout)."""
+    threshold = _drop_threshold(dropout_p)
+    return threshold, _keep_scale(threshold)
 
 
 def _block_r(r: int) -> int:
@@ -209,7 +209,7 @@ def _launch(x: Tensor, mat: Tensor, mat_strides: tuple, l1: Tensor, l1_strides: 
             m, n_out, k, rank,
             x.stride(0), x.stride(1), *mat_strides, *l1_strides, *l2_strides,
             out.stride(0), out.stride(1), inner.stride(0), inner.stride(1),
-            float(scaling), float(dropout_p),
+            float(scaling), *_dropout_args(dropout_p),
             HAS_BIAS=bias is not None, DROP_IN=drop_in, DROP_OUT=drop_out, STORE_INNER=True,
             UPCAST=x.device.type != "cuda", IEEE=x.dtype == torch.float32, BF16_RNE_BY_HAND=_bf16_by_hand(x),
             BLOCK_R=_block_r(rank), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **meta,
@@ -255,7 +255,7 @@ def _down_grad(g_scaled: Tensor, x: Tensor, dropout_p: float, seed: Tensor) -> T
         _lora_down_grad_kernel[(triton.cdiv(k, block_k), splits)](
             g_scaled, x, partial, seed, m, k, rank, rows_per_split,
             g_scaled.stride(0), g_scaled.stride(1), x.stride(0), x.stride(1),
-            partial.stride(0), partial.stride(1), partial.stride(2), float(dropout_p),
+            partial.stride(0), partial.stride(1), partial.stride(2), *_dropout_args(dropout_p),
             UPCAST=x.device.type != "cuda", IEEE=x.dtype == torch.float32,
             BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=_block_r(rank), num_warps=num_warps,
         )
@@ -299,5 +299,5 @@ def lora_dropout_mask(like: Tensor, dropout_p: float, seed: Tensor) -> Tensor:
     numel = out.numel()
     block = 1024
     with _device_ctx(like):
-        _dropout_mask_kernel[(triton.cdiv(numel, block),)](out, seed, numel, float(dropout_p), BLOCK=block)
+        _dropout_mask_kernel[(triton.cdiv(numel, block),)](out, seed, numel, _drop_threshold(dropout_p), BLOCK=block)
     return out

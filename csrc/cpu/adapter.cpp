@@ -11,12 +11,13 @@
 //             dx = g + grad_pre W_down;  [dW_up | db_up] += scale * g^T [h | 1];  dW_down += grad_pre^T x.
 // Only pre [N, r] and the seed are saved between the passes (never the mask, h, or a full-width activation).
 // Full-width memory traffic: forward reads x and writes y; backward reads g and x and writes dx.
-// Dropout mask: a counter-based hash of (seed, flat element index), the same function in the reference
-// (fastft/reference/adapter.py) and the Triton kernels (kernels/adapter.py), so backward regenerates the mask
-// and every backend drops the same elements. Element i*r + j is dropped when hash >> 8 < drop_threshold,
+// Dropout mask: csrc/_dropout.h's counter-based hash of (seed, flat element index), the same function in the
+// reference (fastft/reference/dropout.py), Triton (kernels/_dropout.py) and CUDA (csrc/cuda/adapter.cu), so
+// backward regenerates the mask and every backend drops the same elements. Element i*r + j is dropped when hash >> 8 < drop_threshold,
 // i.e. with probability drop_threshold / 2^24; the keep scale is 2^24 / (2^24 - drop_threshold).
 #include "cpu/_vec.h"  // must precede other ATen includes (sets the Vectorized ISA)
 #include "cpu/_low_rank.h"
+#include "_dropout.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -34,33 +35,14 @@ namespace {
 using at::vec::Vectorized;
 
 enum Activation : int64_t { kRelu = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3 };
-constexpr int64_t kDropBits = 24;  // the hash's top 24 bits are compared with drop_threshold
-
-// MurmurHash3's 32-bit finalizer: a bijection with full avalanche.
-inline uint32_t mix32(uint32_t h) {
-  h ^= h >> 16;
-  h *= 0x85EBCA6Bu;
-  h ^= h >> 13;
-  h *= 0xC2B2AE35u;
-  h ^= h >> 16;
-  return h;
-}
-
-// 24 random bits for flat element `index` under `seed` (two rounds: the low and the high word of both).
-inline uint32_t dropout_bits(uint64_t seed, uint64_t index) {
-  const uint32_t seed_lo = static_cast<uint32_t>(seed), seed_hi = static_cast<uint32_t>(seed >> 32);
-  const uint32_t idx_lo = static_cast<uint32_t>(index), idx_hi = static_cast<uint32_t>(index >> 32);
-  uint32_t h = mix32(idx_lo ^ seed_lo);
-  h = mix32(h ^ seed_hi ^ (idx_hi * 0x9E3779B1u));
-  return h >> (32 - kDropBits);
-}
+using dropout::kDropBits;  // the hash's top 24 bits are compared with drop_threshold
 
 // keep[j] = keep_scale or 0 for the r elements of row `row` (a plain loop the compiler vectorizes).
 template <typename acc>
 void dropout_row(acc* keep, uint64_t seed, int64_t row, int64_t r, uint32_t threshold, acc keep_scale) {
   const uint64_t base = static_cast<uint64_t>(row) * static_cast<uint64_t>(r);
   for (int64_t j = 0; j < r; ++j) {
-    keep[j] = dropout_bits(seed, base + static_cast<uint64_t>(j)) >= threshold ? keep_scale : acc(0);
+    keep[j] = dropout::keep(seed, base + static_cast<uint64_t>(j), threshold) ? keep_scale : acc(0);
   }
 }
 
@@ -133,7 +115,7 @@ DropoutSpec dropout_spec(const at::Tensor& seed, int64_t drop_threshold) {
     TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(),
                 "adapter: seed must be a one-element int64 CPU tensor");
     s.seed = static_cast<uint64_t>(seed.item<int64_t>());
-    s.keep_scale = double(int64_t(1) << kDropBits) / double((int64_t(1) << kDropBits) - drop_threshold);
+    s.keep_scale = dropout::keep_scale(drop_threshold);
   }
   return s;
 }

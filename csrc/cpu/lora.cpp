@@ -14,15 +14,16 @@
 // So the LoRA branch adds four streaming passes (x, y, dy, dx + x) to the base layer's two GEMMs and never
 // allocates an [N, out] temporary (the eager order allocates and streams two more).
 //
-// Dropout: the keep-mask is drawn from a CPU generator seeded with `seed` (drawn by the caller from the
-// global generator, so torch.manual_seed reproduces it). Backward re-draws the same mask from the same
-// seed instead of keeping a full-size copy. MKL's Bernoulli stream skips ahead per chunk, so the mask
-// does not depend on the thread count.
+// Dropout: the keep-mask is csrc/_dropout.h's counter-based hash of (seed, flat index into x [N, in]), the
+// mask every backend draws (reference, Triton, CUDA); `seed` is drawn by the caller from the global generator,
+// so torch.manual_seed reproduces it. Backward re-draws the same mask from the seed instead of keeping a
+// full-size copy; it does not depend on the thread count.
 #include "cpu/_vec.h"  // must precede other ATen includes (sets the Vectorized ISA)
 #include "cpu/_low_rank.h"
+#include "_dropout.h"
 
 #include <ATen/ATen.h>
-#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -136,20 +137,30 @@ std::tuple<at::Tensor, at::Tensor> outer_pass(const at::Tensor& coef, const at::
   return {total, projected};
 }
 
-// drop(x) = x * mask / (1 - p), mask ~ Bernoulli(1 - p) from `seed`; one temporary of x's size.
-at::Tensor dropped_input(const at::Tensor& x, double p, int64_t seed) {
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed));
-  const double keep = 1.0 - p;
-  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous).bernoulli_(keep, gen);
-  return out.mul_(x).mul_(1.0 / keep);
+// t *= keep * keep_scale in place (csrc/_dropout.h's mask; element e of the contiguous t has flat index e):
+// the mask LoRA draws over x [N, in], applied to x (forward, dA) or to dx's LoRA term (same shape).
+void apply_dropout_(at::Tensor& t, double p, int64_t seed) {
+  TORCH_CHECK(t.is_contiguous(), "lora: dropout target must be contiguous");
+  const int64_t threshold = dropout::threshold_of(p);
+  const uint64_t s = static_cast<uint64_t>(seed);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "lora_dropout", [&] {
+    using acc = at::opmath_type<scalar_t>;
+    const acc scale = static_cast<acc>(dropout::keep_scale(threshold));
+    scalar_t* d = t.data_ptr<scalar_t>();
+    at::parallel_for(0, t.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const bool kept = dropout::keep(s, static_cast<uint64_t>(i), static_cast<uint32_t>(threshold));
+        d[i] = kept ? static_cast<scalar_t>(static_cast<acc>(d[i]) * scale) : scalar_t(0);
+      }
+    });
+  });
 }
 
-// The same keep-mask, applied in place to `t` (same shape as the x it was drawn for).
-void apply_dropout_(at::Tensor& t, double p, int64_t seed) {
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed));
-  const double keep = 1.0 - p;
-  at::Tensor mask = at::empty_like(t).bernoulli_(keep, gen);
-  t.mul_(mask).mul_(1.0 / keep);
+// drop(x) = x * keep * keep_scale as a new contiguous tensor.
+at::Tensor dropped_input(const at::Tensor& x, double p, int64_t seed) {
+  at::Tensor out = x.clone(at::MemoryFormat::Contiguous);
+  apply_dropout_(out, p, seed);
+  return out;
 }
 
 int64_t seed_value(const std::optional<at::Tensor>& seed) {
@@ -213,8 +224,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
 
 // The keep-mask (as 0/1 in `like`'s dtype) that the kernels above draw for `seed`: for tests.
 at::Tensor lora_dropout_mask_cpu(const at::Tensor& like, double dropout_p, const at::Tensor& seed) {
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed.item<int64_t>()));
-  return at::empty_like(like, at::MemoryFormat::Contiguous).bernoulli_(1.0 - dropout_p, gen);
+  const int64_t threshold = dropout::threshold_of(dropout_p);
+  const uint64_t s = static_cast<uint64_t>(seed.item<int64_t>());
+  at::Tensor keep = at::empty(like.sizes(), like.options().dtype(at::kBool));
+  bool* k = keep.data_ptr<bool>();
+  at::parallel_for(0, keep.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) k[i] = dropout::keep(s, static_cast<uint64_t>(i), static_cast<uint32_t>(threshold));
+  });
+  return keep.to(like.scalar_type());
 }
 
 }  // namespace
