@@ -41,11 +41,13 @@ def _extensions():
     include_dirs = [os.path.join(ROOT, "csrc")]
     if _want_cuda():
         sources += rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+        # FASTFT_NVCC_FLAGS: extra nvcc flags, e.g. the CI check's "-Werror all-warnings".
+        nvcc = ["-O3", "-DFASTFT_WITH_CUDA"] + os.environ.get("FASTFT_NVCC_FLAGS", "").split()
         ext = CUDAExtension(
             "fastft._C",
             sources,
             include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx + ["-DFASTFT_WITH_CUDA"], "nvcc": ["-O3", "-DFASTFT_WITH_CUDA"]},
+            extra_compile_args={"cxx": cxx + ["-DFASTFT_WITH_CUDA"], "nvcc": nvcc},
             extra_link_args=["-fopenmp"],
         )
     else:

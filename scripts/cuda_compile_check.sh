@@ -1,22 +1,27 @@
 #!/usr/bin/env bash
-# Compile-check every csrc/cuda/*.cu with nvcc against a CUDA build of torch, so CUDA code that does
-# not compile cannot land. Nothing is linked or run: development machines and CI have no GPU.
+# Build the whole extension fastft._C WITH its CUDA sources against a CUDA build of torch, then load
+# it, so that CUDA code that does not compile, or does not register, cannot land. No GPU is needed: a
+# CUDA build of torch imports without one, and loading fastft._C runs every TORCH_LIBRARY /
+# TORCH_LIBRARY_IMPL registration and resolves every symbol (Python dlopens with RTLD_NOW). The load
+# fails on a schema error, a CPU/CUDA kernel pair whose C++ signatures differ (issue 10: it aborted
+# `import fastft` on every GPU machine), or an undefined symbol. It then checks that every kernel a
+# csrc/cuda/*.cu file registers is there for CUDA and has a CPU twin.
 #
 # The CPU torch of .venv has no CUDA headers, so this keeps its own venv OUTSIDE the repo (reused
-# across clones and runs) holding the cu130 torch wheel:
+# across clones and runs) holding the cu130 torch wheel, and its own build folder (ninja reuses the
+# object files of unchanged sources between runs):
 #     FASTFT_CUDA_VENV    venv path            (default ~/.cache/fastft/cuda-venv)
+#     FASTFT_CUDA_BUILD   build folder         (default ~/.cache/fastft/cuda-build)
 #     FASTFT_CUDA_TORCH   pip requirement      (default torch==2.14.1, the pin this was checked with)
 #     CUDA_HOME           toolkit holding nvcc (default: the toolkit of the nvcc on PATH, or /usr/local/cuda)
 #     PYTHON_BOOT         python to create the venv with (default python3)
 # Without a CUDA toolkit, nvcc itself comes from PyPI (nvidia-cuda-nvcc and friends, into that venv).
-#
-# Flags mirror torch.utils.cpp_extension's CUDA build (COMMON_NVCC_FLAGS, -fPIC, TORCH_EXTENSION_NAME,
-# TORCH_API_INCLUDE_EXTENSION_H, the C++ ABI torch was built with, its -std) plus setup.py's nvcc flags, for one
-# architecture (sm_90) to keep it quick. Prints one line per file; exits non-zero on any failure.
+# One architecture (sm_90, TORCH_CUDA_ARCH_LIST=9.0) keeps it quick; nvcc warnings are errors here.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${FASTFT_CUDA_VENV:-$HOME/.cache/fastft/cuda-venv}"
+BUILD="${FASTFT_CUDA_BUILD:-$HOME/.cache/fastft/cuda-build}"
 TORCH_SPEC="${FASTFT_CUDA_TORCH:-torch==2.14.1}"
 PYTHON_BOOT="${PYTHON_BOOT:-python3}"
 PY="$VENV/bin/python"
@@ -94,68 +99,56 @@ export CUDA_HOME  # torch guesses wrong here (/usr/local); everything below sees
 NVCC="$CUDA_HOME/bin/nvcc"
 log "nvcc $("$NVCC" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p') at $NVCC"
 
-# ---- 3. Flags, as torch's CUDAExtension build would pass them ------------------------------------
-# C++ standard: setup.py leaves it to torch. torch >= 2.14's headers need c++20 (operator<=>), and its
-# extension builds default to it; older torch (e.g. a GPU box's 2.11) gets c++17, the common floor.
-if ! "$PY" - >"$TMP/flags" 2>"$TMP/flags.err" <<'EOF'
-import sysconfig
-import torch
-from torch.utils import cpp_extension as ce
-try:
-    paths = ce.include_paths(device_type="cuda")   # torch >= 2.6
-except TypeError:
-    paths = ce.include_paths(cuda=True)
-for p in paths:
-    print(f"-I{p}")
-print(f"-I{sysconfig.get_paths()['include']}")
-for f in ce.COMMON_NVCC_FLAGS:                     # -D__CUDA_NO_HALF_OPERATORS__ ..., --expt-relaxed-constexpr
-    print(f)
-print(f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}")
-major, minor = (int(v) for v in torch.__version__.split(".")[:2])
-print("-std=c++20" if (major, minor) >= (2, 14) else "-std=c++17")
-print(torch.__version__)
-EOF
-then
-  log "FAILED: could not read the build flags from $PY:"
-  cat "$TMP/flags.err"
+# ---- 3. Build fastft._C with CUDA into $BUILD (never in place: .venv's CPU build has the same file name)
+"$PY" -c 'import ninja, setuptools' 2>/dev/null || "$PY" -m pip install -q ninja setuptools wheel
+mkdir -p "$BUILD"
+rm -rf "$BUILD/lib"  # only the freshly linked library may be loaded below
+log "building fastft._C with CUDA (object files cached in $BUILD/temp)"
+t0=$SECONDS
+if ! (cd "$ROOT" && PATH="$VENV/bin:$PATH" FASTFT_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
+      FASTFT_NVCC_FLAGS="-Werror all-warnings" MAX_JOBS="$(nproc 2>/dev/null || echo 2)" \
+      "$PY" setup.py -q build_ext --build-temp "$BUILD/temp" --build-lib "$BUILD/lib") >"$TMP/build.log" 2>&1; then
+  log "FAILED: the CUDA build of fastft._C did not compile or link:"
+  grep -E '(error|FAILED)' -A4 "$TMP/build.log" | head -n 150 || tail -n 150 "$TMP/build.log"
   exit 1
 fi
-mapfile -t TORCH_FLAGS < <(sed '$d' "$TMP/flags")
-FLAGS=(
-  "${TORCH_FLAGS[@]}"
-  -I"$ROOT/csrc"
-  --compiler-options -fPIC
-  -O3                                     # setup.py's nvcc flags
-  -DFASTFT_WITH_CUDA -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H
-  -gencode arch=compute_90,code=sm_90
-  -Werror all-warnings                    # a warning here is a failure: nothing else would ever read it
-)
-log "torch $(tail -n 1 "$TMP/flags"), $(grep -o 'c++[0-9]*' "$TMP/flags"), sm_90"
+LIB="$(find "$BUILD/lib" -name '_C*.so' | head -n 1)"
+log "built $(basename "$LIB") in $((SECONDS - t0))s"
 
-# ---- 4. Compile each file (one nvcc per core; each is single-threaded) ---------------------------
-JOBS="$(nproc 2>/dev/null || echo 2)"
-compile() {  # $1 = index into SOURCES; leaves $TMP/$1.{log,rc,secs}
-  local t0=$SECONDS rc=0
-  "$NVCC" -c "${SOURCES[$1]}" -o "$TMP/$1.o" "${FLAGS[@]}" >"$TMP/$1.log" 2>&1 || rc=$?
-  echo "$rc" >"$TMP/$1.rc"
-  echo $((SECONDS - t0)) >"$TMP/$1.secs"
-}
-for i in "${!SOURCES[@]}"; do
-  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
-  compile "$i" &
-done
-wait
-FAILED=0
-for i in "${!SOURCES[@]}"; do
-  rel="${SOURCES[$i]#"$ROOT"/}"
-  if [ "$(cat "$TMP/$i.rc")" = 0 ]; then
-    printf 'ok      %s (%ss)\n' "$rel" "$(cat "$TMP/$i.secs")"
-  else
-    printf 'FAILED  %s (%ss)\n' "$rel" "$(cat "$TMP/$i.secs")"
-    sed 's/^/    /' "$TMP/$i.log"
-    FAILED=$((FAILED + 1))
-  fi
-done
+# ---- 4. Load it: registrations run, symbols resolve; then check the kernel table ----------------
+# A signature mismatch is a c10::Error thrown from a static initializer: it terminates the process,
+# so the load runs in its own interpreter and any non-zero exit (abort included) is a failure.
+if ! "$PY" - "$LIB" "$ROOT/csrc/cuda" >"$TMP/load.log" 2>&1 <<'EOF'
+import glob, importlib.util, os, re, sys
+import torch
 
-log "${#SOURCES[@]} file(s), $FAILED failed, $((SECONDS - START))s"
-[ "$FAILED" -eq 0 ]
+lib, cuda_dir = sys.argv[1], sys.argv[2]
+spec = importlib.util.spec_from_file_location("fastft._C", lib)
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)  # runs every TORCH_LIBRARY(_FRAGMENT/_IMPL) of the .so
+assert module.with_cuda, "fastft._C was built without its CUDA sources"
+
+has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+problems = []
+for path in sorted(glob.glob(os.path.join(cuda_dir, "*.cu"))):
+    file = os.path.basename(path)
+    names = re.findall(r'm\.impl\(\s*"([A-Za-z0-9_]+)"', open(path).read())
+    if not names:
+        problems.append(f"{file} registers no CUDA kernel")
+    for name in names:
+        if not has_kernel(f"fastft::{name}", "CUDA"):
+            problems.append(f"fastft::{name}: no CUDA kernel after the load ({file})")
+        if not has_kernel(f"fastft::{name}", "CPU"):
+            problems.append(f"fastft::{name}: a CUDA kernel without a CPU twin ({file})")
+    print(f"  {file}: {len(names)} CUDA kernel(s): {', '.join(names)}")
+if problems:
+    print("\n".join(problems))
+    sys.exit(1)
+EOF
+then
+  log "FAILED: loading the CUDA build of fastft._C:"
+  sed 's/^/    /' "$TMP/load.log"
+  exit 1
+fi
+cat "$TMP/load.log"
+log "loaded: every registration and symbol resolved ($((SECONDS - START))s)"

@@ -447,7 +447,7 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor&
   return grad;
 }
 
-void scale_if_not_one_cuda_(const at::Tensor& grad, const at::Tensor& scale) {
+void scale_if_not_one_cuda_(at::Tensor& grad, const at::Tensor& scale) {  // at::Tensor&: the schema's Tensor(a!), as on the CPU
   constexpr const char* op = "fastft::scale_if_not_one_kernel_ (CUDA)";
   TORCH_CHECK(grad.is_cuda(), op, ": grad must be a CUDA tensor, got one on ", grad.device());
   check_scalar(scale, op, "scale", grad);
