@@ -10,7 +10,7 @@ EXT_STAMP   := .stamp-ext
 export TRITON_INTERPRET ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: all venv build test test-fast demo bench info cuda-check gpu-check clean
+.PHONY: all venv build test test-fast demo bench bench-save info cuda-check gpu-check clean
 
 all: build
 
@@ -40,7 +40,16 @@ test-fast: build
 demo: build
 	$(PY) -m benchmarks.run_demo
 
-bench: demo
+# The op benchmarks (every provider side by side). Results go to benchmarks/out/ (git-ignored);
+# BENCH_ARGS passes options on, e.g. BENCH_ARGS="--only cross_entropy --quick".
+bench: build
+	@$(PY) -m benchmarks.harness --expected-duration
+	$(PY) -m benchmarks.run_demo $(BENCH_ARGS)
+
+# Rewrites the committed reference results in benchmarks/results/ (on purpose, from a quiet machine).
+bench-save: build
+	@$(PY) -m benchmarks.harness --expected-duration
+	$(PY) -m benchmarks.run_demo $(BENCH_ARGS) --out-dir benchmarks/results
 
 info: build
 	$(PY) -m fastft info

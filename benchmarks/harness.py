@@ -22,7 +22,12 @@ caches cannot colour another's numbers, and its peak memory is its own):
 Ratios are ``baseline median / provider median`` (> 1: faster than the baseline), measured in the
 same run on the same inputs. ``--interleave ROUNDS`` instead runs every provider in one process, one
 step each per round, and reports per-round paired ``provider / baseline`` time ratios (see interleaved()):
-the measurement to quote on a CPU shared with other jobs. Results: benchmarks/results/<op>_<device>[_<tag>].{csv,json,md,png}.
+the measurement to quote on a CPU shared with other jobs.
+
+Results: ``<out-dir>/<op>_<device>[_<tag>].{csv,json,md,png}``. The default ``--out-dir`` is
+benchmarks/out/ (ignored by git), so a run never touches the committed reference results in
+benchmarks/results/; those are rewritten only on purpose (``make bench-save``, i.e.
+``--out-dir benchmarks/results``), from a quiet machine.
 """
 from __future__ import annotations
 
@@ -44,7 +49,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+OUT_DIR = Path(__file__).resolve().parent / "out"  # generated results (git-ignored)
+RESULTS_DIR = Path(__file__).resolve().parent / "results"  # committed reference results (make bench-save)
+# A provider subprocess's cost beyond its steps (interpreter, torch and fastft imports, setup): used only
+# to estimate a run's duration from reference results that predate the per-provider wall time.
+_PROCESS_OVERHEAD_S = 5.0
 _MARK = "@@FASTFT_BENCH_RESULT@@"
 
 
@@ -53,12 +62,23 @@ class Provider:
     """One implementation of the op. ``setup() -> state``; ``step(state)`` is the timed unit of work
     and returns what is compared across providers (a tensor, or a dict/tuple of tensors). A step
     must leave ``state`` as it found it (e.g. set ``.grad = None`` after reading it) so memory and
-    time do not drift between steps."""
+    time do not drift between steps. ``check_step(state)``, when given, is what the outputs are compared
+    with instead of ``step``: the same work made deterministic (dropout off), for a step that draws random
+    masks which differ between providers."""
 
     name: str
     setup: Callable[[], Any]
     step: Callable[[Any], Any]
     available: Optional[Callable[[], tuple[bool, str]]] = None
+    check_step: Optional[Callable[[Any], Any]] = None
+
+    def checked_outputs(self, state, out=None) -> dict:
+        """Sampled outputs to compare: of ``check_step``, else of ``out`` (a step's result) or a new step."""
+        if self.check_step is not None:
+            out = self.check_step(state)
+        elif out is None:
+            out = self.step(state)
+        return {k: _sample(v) for k, v in _outputs(out).items()}
 
     def is_available(self) -> tuple[bool, str]:
         if self.available is None:
@@ -116,6 +136,8 @@ class Benchmark:
     # output name (or "*") -> (atol, rtol); pass when max|out - ref| <= atol + rtol * max|ref|
     tolerances: dict = field(default_factory=lambda: {"*": (1e-5, 1e-4)})
     notes: list = field(default_factory=list)
+    # how the compared outputs differ from the timed step's, e.g. "dropout off" (see Provider.check_step)
+    check_note: str = ""
 
 
 @dataclass
@@ -357,7 +379,7 @@ def run_provider(bench: Benchmark, provider: Provider, opts: Options, ref: Optio
     out = provider.step(state)
     _sync(device)
     row["first_call_s"] = time.perf_counter() - t0
-    outs = {k: _sample(v) for k, v in _outputs(out).items()}
+    outs = provider.checked_outputs(state, out)
     del out
     if ref is not None:
         ok, diffs, why = compare(outs, ref, bench.tolerances)
@@ -397,14 +419,13 @@ def check_agreement(bench: Benchmark, names: Optional[list] = None) -> dict:
     reference. Returns {provider: {output: max diff}}; raises AssertionError on any disagreement.
     For tests."""
     providers = {p.name: p for p in bench.providers}
-    ref_state = providers[bench.reference].setup()
-    ref = {k: _sample(v) for k, v in _outputs(providers[bench.reference].step(ref_state)).items()}
-    del ref_state
+    ref_provider = providers[bench.reference]
+    ref = ref_provider.checked_outputs(ref_provider.setup())
     result, failures = {}, []
     for p in bench.providers:
         if (names is not None and p.name not in names) or p.name == bench.reference or not p.is_available()[0]:
             continue
-        outs = {k: _sample(v) for k, v in _outputs(p.step(p.setup())).items()}
+        outs = p.checked_outputs(p.setup())
         ok, diffs, why = compare(outs, ref, bench.tolerances)
         result[p.name] = diffs
         if not ok:
@@ -531,6 +552,7 @@ def run(bench: Benchmark, opts: Options, module_name: str) -> list:
                 continue
             is_ref = p.name == bench.reference
             print(f"  {p.name:<18} running ...", flush=True)
+            started = time.perf_counter()
             try:
                 if opts.inprocess:
                     row, outs = run_provider(bench, p, opts, None if is_ref else ref_outs)
@@ -543,6 +565,7 @@ def run(bench: Benchmark, opts: Options, module_name: str) -> list:
                                      ref_path if is_ref else None)
             except Exception as exc:  # in-process: a crashing provider is a row, not the end of the run
                 row = {"provider": p.name, "status": "error", "reason": f"{type(exc).__name__}: {exc}"}
+            row["wall_s"] = time.perf_counter() - started  # whole provider, process start included
             if not is_ref and "max_diff" not in row and row["status"] == "ok":
                 row["reason"] = f"unchecked: reference {bench.reference} produced no outputs"
             rows[p.name] = row
@@ -566,13 +589,39 @@ def _fmt(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+# What each column means, printed as the table's first row (the table explains itself wherever it is
+# pasted; the .md's paragraph above it says the same at length).
+_COLUMN_MEANINGS = {
+    "provider": "(column meaning)",
+    "median ms": "time per step",
+    "p20 ms": "20th percentile",
+    "p80 ms": "80th percentile",
+    "GB/s": "bytes / median",
+    "TFLOP/s": "flops / median",
+    "peak extra MB": "step peak above between-steps",
+    "held MB": "kept between steps, beyond inputs",
+    "1st call s": "first step alone (compile/JIT)",
+}
+
+
+def _meaning(column: str, bench: Benchmark) -> str:
+    if column in _COLUMN_MEANINGS:
+        return _COLUMN_MEANINGS[column]
+    if column.startswith("max diff vs "):
+        return "max abs diff, checked outputs" + (" (" + bench.check_note + ")" if bench.check_note else "")
+    if column.startswith("vs "):
+        return f"{column[3:]} median / this (>1 faster)"
+    return ""
+
+
 def table(bench: Benchmark, rows: list) -> str:
-    """Markdown table (aligned, so it reads on a terminal too), then one line per provider not run."""
+    """Markdown table (aligned, so it reads on a terminal too): a row saying what each column means,
+    one row per provider, then one line per provider not run."""
     head = ["provider", "median ms", "p20 ms", "p80 ms"]
     head += ["GB/s"] if bench.bytes_per_step else []
     head += ["TFLOP/s"] if bench.flops_per_step else []
     head += ["peak extra MB", "held MB", "1st call s", "max diff vs " + bench.reference] + [f"vs {b}" for b in bench.baselines]
-    body, notes = [], []
+    body, notes = [[f"*{_meaning(c, bench)}*" for c in head]], []
     for r in rows:
         diff_text = ", ".join(f"{k} {v:.1e}" for k, v in (r.get("max_diff") or {}).items())
         if r["status"] != "ok":
@@ -653,7 +702,8 @@ def save(bench: Benchmark, rows: list, meta: dict, out_dir: Path, tag: str = "")
     stem = out_dir / f"{bench.op}_{bench.device}{'_' + tag if tag else ''}"
     paths = []
     keys = ["provider", "status", "median_ms", "p20_ms", "p80_ms", "repeats", "gb_s", "tflop_s", "peak_extra_mb",
-            "held_mb", "memory_method", "first_call_s", "max_diff"] + [f"vs {b}" for b in bench.baselines] + ["reason"]
+            "held_mb", "memory_method", "first_call_s", "wall_s", "max_diff"]
+    keys += [f"vs {b}" for b in bench.baselines] + ["reason"]
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
@@ -675,7 +725,10 @@ def save(bench: Benchmark, rows: list, meta: dict, out_dir: Path, tag: str = "")
         "(torch.compile / JIT time), excluded from the timed steps. Peak extra MB: a step's peak memory above the memory "
         "between steps; held MB: memory kept between steps beyond the inputs (buffer caches; on CPU also "
         "code and libraries the first step loads: compare with torch-eager's). "
-        "CPU: RSS (kernel high-water mark); CUDA: torch.cuda allocated bytes.",
+        "CPU: RSS (kernel high-water mark); CUDA: torch.cuda allocated bytes. "
+        "`max diff`: largest absolute difference of sampled outputs from the reference's"
+        + (f" ({bench.check_note})" if bench.check_note else "") + ". The table's first row repeats what each "
+        "column means.",
         "",
         table(bench, rows),
     ]
@@ -688,7 +741,18 @@ def save(bench: Benchmark, rows: list, meta: dict, out_dir: Path, tag: str = "")
     return paths
 
 
+def machine_line(meta: dict) -> str:
+    """Where and with what a run was measured, for a plot's footer."""
+    where = meta.get("gpu") or meta.get("cpu") or meta.get("device", "")
+    parts = [where, f"{meta.get('torch_threads')} threads" if meta.get("device") == "cpu" else f"CUDA {meta.get('cuda')}",
+             f"torch {meta.get('torch')}", f"triton {meta.get('triton')}", f"python {meta.get('python')}",
+             f"git {meta.get('git')}", str(meta.get("date", ""))[:16]]
+    return ", ".join(str(p) for p in parts if p)
+
+
 def plot(bench: Benchmark, rows: list, meta: dict, path: Path):
+    """Time per step (left) and peak memory (right, held + step peak) per provider, one figure; the
+    title wraps to the figure's width, the machine and versions are in its footer."""
     try:
         import matplotlib
 
@@ -697,30 +761,107 @@ def plot(bench: Benchmark, rows: list, meta: dict, path: Path):
     except ImportError:
         print("matplotlib not installed: no PNG written", file=sys.stderr)
         return None
+    import textwrap
+
     ok = [r for r in rows if r["status"] == "ok"]
     if not ok:
         return None
     names = [r["provider"] for r in ok]
+    colors = ["tab:green" if n.startswith("fastft") else "tab:gray" for n in names]
+    width_in = 12.0
+    chars_per_line = int(width_in * 11)  # ~11 characters per inch at the 9-pt title font
+    title = textwrap.fill(f"{bench.op}: {bench.description}", chars_per_line)
+    footer = textwrap.fill(machine_line(meta), int(width_in * 13))
+    extra_lines = title.count("\n") + footer.count("\n")
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(width_in, 0.5 * len(ok) + 2.2 + 0.18 * extra_lines),
+                                     sharey=True, gridspec_kw={"width_ratios": [3, 2]})
     med = [r["median_ms"] for r in ok]
     err = [[r["median_ms"] - r["p20_ms"] for r in ok], [r["p80_ms"] - r["median_ms"] for r in ok]]
-    colors = ["tab:green" if n.startswith("fastft") else "tab:gray" for n in names]
-    fig, ax = plt.subplots(figsize=(8, 0.6 * len(ok) + 1.8))
-    ax.barh(names, med, xerr=err, color=colors, capsize=3)
-    ax.invert_yaxis()
-    ax.set_xlabel("ms per step (median; whiskers p20-p80)")
+    ax_t.barh(names, med, xerr=err, color=colors, capsize=3)
+    ax_t.invert_yaxis()
+    ax_t.set_xlabel("ms per step (median; whiskers p20-p80)")
     base = bench.baselines[0] if bench.baselines else None
     for i, r in enumerate(ok):
         label = f" {r['median_ms']:.2f} ms"
         if base and r.get(f"vs {base}") is not None:
-            label += f"  ({r[f'vs {base}']:.2f}x vs {base})"
-        ax.text(r["p80_ms"], i, label, va="center", fontsize=8)
-    ax.set_xlim(0, max(r["p80_ms"] for r in ok) * 1.6)
-    where = meta.get("gpu") or meta.get("cpu") or bench.device
-    ax.set_title(f"{bench.op} - {bench.description}\n{where}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+            label += f" ({r[f'vs {base}']:.2f}x vs {base})"
+        ax_t.text(r["p80_ms"], i, label, va="center", fontsize=8)
+    ax_t.set_xlim(0, max(r["p80_ms"] for r in ok) * 1.7)
+    ax_t.set_title("time", fontsize=9)
+
+    held = [max(r.get("held_mb") or 0.0, 0.0) for r in ok]
+    peak = [max(r.get("peak_extra_mb") or 0.0, 0.0) for r in ok]
+    if any(r.get("peak_extra_mb") is not None for r in ok):
+        ax_m.barh(names, held, color=colors, alpha=0.45)
+        ax_m.barh(names, peak, left=held, color=colors)
+        for i, (h, e) in enumerate(zip(held, peak)):
+            ax_m.text(h + e, i, f" {h + e:.0f} MB ({h:.0f} held + {e:.0f} step)", va="center", fontsize=8)
+        ax_m.set_xlim(0, max(max(h + e for h, e in zip(held, peak)), 1.0) * 1.8)
+        method = "RSS" if meta.get("device") == "cpu" else "torch.cuda allocated"
+        ax_m.set_xlabel(f"MB above the inputs at a step's peak ({method}):\n"
+                        "held between steps (light) + the step's own peak (dark)")
+    else:
+        ax_m.text(0.5, 0.5, "memory not measured", ha="center", va="center", transform=ax_m.transAxes)
+        ax_m.set_xticks([])
+    ax_m.set_title("peak memory", fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    fig.text(0.01, 0.005, footer, fontsize=7, color="dimgray", va="bottom")
+    fig.tight_layout(rect=(0, 0.035 + 0.02 * footer.count("\n"), 1, 1))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def replot(results_dir: Path) -> list:
+    """Redraw every ``<stem>.png`` from its ``<stem>.json`` (same numbers, current plot layout)."""
+    paths = []
+    for path in sorted(results_dir.glob("*.json")):
+        data = json.loads(path.read_text())
+        if "results" not in data:  # interleaved runs have no plot
+            continue
+        meta = data["meta"]
+        shell = Benchmark(op=meta["op"], device=meta["device"], config=meta["config"], providers=[],
+                          description=meta["description"], reference=meta["reference"],
+                          baselines=tuple(meta["baselines"]))
+        png = plot(shell, data["results"], meta, path.with_suffix(".png"))
+        if png is not None:
+            paths.append(png)
+    return paths
+
+
+def reference_seconds(op: str, device: str, results_dir: Path = RESULTS_DIR) -> Optional[float]:
+    """How long the committed reference run of ``op`` on ``device`` took: the sum of its providers'
+    wall times, or, for results written before those were recorded, an estimate from its steps
+    (process start + first call + (warmup + repeats + memory steps) x median). None without one."""
+    path = results_dir / f"{op}_{device}.json"
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    rows, options = data.get("results", []), data.get("meta", {}).get("options", {})
+    steps = options.get("warmup", 3) + options.get("repeats", 15) + options.get("mem_steps", 2)
+    total = 0.0
+    for r in rows:
+        if "wall_s" in r:
+            total += r["wall_s"]
+        elif r.get("status") == "ok":
+            total += _PROCESS_OVERHEAD_S + r.get("first_call_s", 0.0) + steps * r.get("median_ms", 0.0) / 1e3
+    return total
+
+
+def expected_duration_text(device: str, results_dir: Path = RESULTS_DIR) -> str:
+    """One line for the start of `make bench`: its expected duration from the reference results."""
+    per_op = {}
+    for path in sorted(results_dir.glob(f"*_{device}.json")):
+        op = path.name[: -len(f"_{device}.json")]
+        seconds = reference_seconds(op, device, results_dir)
+        if seconds is not None:
+            per_op[op] = seconds
+    if not per_op:
+        return f"expected duration: unknown (no reference results for {device} in {results_dir})"
+    parts = ", ".join(f"{op} {s / 60:.1f}" for op, s in per_op.items())
+    return (f"expected duration: about {sum(per_op.values()) / 60:.0f} min on {device} ({parts} min, from the "
+            f"reference runs in {results_dir.relative_to(ROOT) if results_dir.is_relative_to(ROOT) else results_dir}; "
+            "ops without one come on top)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -744,7 +885,9 @@ def parser_for(module) -> argparse.ArgumentParser:
     g.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     g.add_argument("--inprocess", action="store_true", help="run providers in this process (debugging; no CPU memory figures)")
     g.add_argument("--timeout", type=float, default=900.0, help="seconds per provider subprocess")
-    g.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where result files go")
+    g.add_argument("--out-dir", type=Path, default=OUT_DIR,
+                   help="where result files go (benchmarks/results holds the committed reference results: "
+                        "write there only on purpose, e.g. make bench-save)")
     g.add_argument("--tag", default=None, help="suffix for result file names (default: 'quick' with --quick)")
     g.add_argument("--no-save", action="store_true", help="print only")
     g.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
@@ -787,6 +930,9 @@ def main(module, argv: Optional[list] = None) -> int:
         return 0
     meta = metadata(bench, opts)
     print(f"{bench.op} on {device} ({meta.get('gpu') or meta.get('cpu')}): {bench.description}", flush=True)
+    expected = reference_seconds(bench.op, device) if not args.quick else None
+    if expected is not None:
+        print(f"expected duration: about {expected:.0f} s (reference run in benchmarks/results)", flush=True)
     rows = run(bench, opts, module.__spec__.name)
     print()
     print(table(bench, rows))
@@ -800,5 +946,18 @@ def main(module, argv: Optional[list] = None) -> int:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
         sys.exit(_child(sys.argv[2]))
-    print("usage: python -m benchmarks.bench_<op> ... (benchmarks.harness is the shared library)", file=sys.stderr)
+    if len(sys.argv) == 3 and sys.argv[1] == "--replot":
+        print("wrote " + ", ".join(str(p) for p in replot(Path(sys.argv[2]))))
+        sys.exit(0)
+    if len(sys.argv) >= 2 and sys.argv[1] == "--expected-duration":  # `make bench` prints this first
+        if len(sys.argv) > 2:
+            device_arg = sys.argv[2]
+        else:
+            import torch
+
+            device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+        print(expected_duration_text(device_arg))
+        sys.exit(0)
+    print("usage: python -m benchmarks.bench_<op> ... (benchmarks.harness is the shared library; it also takes "
+          "--expected-duration [cpu|cuda] and --replot DIR)", file=sys.stderr)
     sys.exit(2)
