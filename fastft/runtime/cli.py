@@ -1,0 +1,84 @@
+"""`fastft train CONFIG.toml [--section.key=value ...] [--nproc N]`.
+
+One process by default. ``--nproc N`` (or ``parallel.nproc``) relaunches the same command through
+``torch.distributed.run`` on this node; under torchrun (``torchrun -m fastft train ...``, multi-node
+included) the environment's rank and world size are used as they are.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+USAGE = "usage: fastft train [CONFIG.toml] [--section.key=value ...] [--nproc N]"
+
+
+def split_args(argv: list[str]) -> tuple[str | None, list[str], int | None]:
+    """(config path, overrides, --nproc) of the command line."""
+    path, overrides, nproc = None, [], None
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg in ("-h", "--help"):
+            raise SystemExit(USAGE)
+        if arg == "--nproc":
+            if not args:
+                raise ValueError("--nproc needs a number")
+            arg = "--nproc=" + args.pop(0)
+        if arg.startswith("--nproc="):
+            value = arg.split("=", 1)[1]
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"--nproc must be a positive integer, got {value!r}")
+            nproc = int(value)
+        elif arg.startswith("--"):
+            overrides.append(arg)
+        elif path is None:
+            path = arg
+        else:
+            raise ValueError(f"unexpected argument {arg!r}; {USAGE}")
+    return path, overrides, nproc
+
+
+def main(argv: list[str]) -> int:
+    from .checkpoint import latest_checkpoint  # noqa: F401  (fail early on a broken install)
+    from .config import ConfigError, load_config
+    from .data import DataError
+    from .models import ModelLoadError
+
+    try:
+        path, overrides, nproc = split_args(argv)
+        cfg = load_config(path, overrides)
+    except (ValueError, ConfigError) as exc:
+        print(f"fastft train: error: {exc}", file=sys.stderr)
+        return 2
+    nproc = nproc or cfg.parallel.nproc
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        forwarded = [a for a in argv if not a.startswith("--nproc")]
+        if "--nproc" in argv:  # drop the separate value too
+            i = argv.index("--nproc")
+            forwarded = [a for j, a in enumerate(argv) if j not in (i, i + 1)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "fastft", "train", *forwarded]
+        return subprocess.call(cmd)
+    from .trainer import Trainer
+
+    try:
+        summary = Trainer(cfg).fit()
+    except (ConfigError, DataError, ModelLoadError) as exc:
+        print(f"fastft train: error: {exc}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    start, end = summary.get("eval_start", {}), summary.get("eval_end", {})
+    for key in sorted(set(start) | set(end)):
+        before = f"{start[key]:.4f}" if key in start else "-"
+        after = f"{end[key]:.4f}" if key in end else "-"
+        print(f"eval {key}: {before} -> {after}")
+    if "tokens_per_s" in summary:
+        print(f"steps {summary['steps']}: {summary['seconds_per_step'] * 1e3:.0f} ms/step, "
+              f"{summary['tokens_per_s']:.0f} tokens/s ({summary['padded_tokens_per_s']:.0f} padded), "
+              f"peak memory {summary['peak_memory_mb']:.0f} MiB, final loss {summary['final_loss']:.4f}")

@@ -1,0 +1,267 @@
+"""Run configuration: nested frozen dataclasses, loaded from TOML, with dotted command-line overrides.
+
+    cfg = load_config("recipes/instruction_tuning.toml", ["--optim.lr=3e-4", "--parallel.mode=fsdp2"])
+
+Every section and key is declared below; an unknown one is a ``ConfigError`` naming it and the valid
+ones. Values are type-checked (an int where a float is declared is accepted). Override values are
+parsed as TOML values (``3e-4``, ``true``, ``[1, 2]``, ``"x"``); anything else is taken as a string.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A bad configuration: unknown key, wrong type, or an invalid value (the message names it)."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    max_steps: int = 100
+    log_every: int = 1
+    progress: bool = True          # tqdm bar on rank 0
+    plots: bool = True             # PNG curves at the end
+    export_adapter: bool = True    # PEFT-format adapter in <output_dir>/adapter at the end
+    resume: bool = True            # continue from <output_dir>/checkpoints/latest when it exists
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # "hf": AutoModelForCausalLM.from_pretrained(path[, gguf_file]); "tiny_llama": a config-built Llama
+    # with a byte-level chat tokenizer (tests, smoke runs). More builders: fastft.runtime.models.register_model.
+    builder: str = "hf"
+    path: str = ""                 # a folder, a hub id, or "package:<name>" (the folder of an installed package)
+    gguf_file: str = ""            # a GGUF file inside `path` (dequantized on load)
+    convert_cache: str = ""        # folder to keep the GGUF converted to safetensors (fast reloads)
+    dtype: str = "float32"         # dtype of the frozen base weights
+    # tiny_llama only
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 128
+    dropout: float = 0.0           # attention dropout (tests of RNG restore)
+    tie_embeddings: bool = False
+
+
+@dataclass(frozen=True)
+class LoraSection:
+    enabled: bool = True
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: Any = "all-linear"   # PEFT's rules: a list of names, a regex, or "all-linear"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    task: str = "causal_lm"        # fastft.runtime.tasks registry: data + loss + eval metric
+    path: str = ""                 # JSONL: {"instruction", "input"?, "output"} or {"messages": [...]}
+    eval_path: str = ""
+    generator: str = ""            # or generated data (fastft.runtime.data.GENERATORS), e.g. "addition"
+    num_train: int = 2000
+    num_eval: int = 100
+    max_length: int = 256
+    packing: bool = False
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    micro_batch_size: int = 4      # sequences per rank per micro-batch
+    grad_accum: int = 1            # micro-batches per optimizer step
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 1.0         # 0: off
+    schedule: str = "cosine"       # cosine | wsd | constant
+    warmup_steps: int = 0
+    decay_fraction: float = 0.2    # wsd: the last fraction of steps decays linearly
+    min_lr_ratio: float = 0.0
+    fused: str = "auto"            # auto | true | false
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    mode: str = "ddp"              # ddp | zero1 | zero2 | fsdp2 | hsdp (one process: plain)
+    nproc: int = 1                 # > 1: relaunch through torch.distributed.run
+    hsdp_replicate: int = 0        # hsdp: replica groups (0: 2 when the world size is even, else 1)
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    dtype: str = "fp32"            # fp32 | bf16 | fp16 (fp16 uses a GradScaler)
+    impl: str = "autocast"         # autocast | fsdp (MixedPrecisionPolicy; zero2/fsdp2/hsdp only)
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    activation_checkpointing: str = "none"   # none | full | every_k | offload
+    every_k: int = 2
+
+
+@dataclass(frozen=True)
+class KernelsConfig:
+    enabled: bool = True           # false: every switch below off (stock transformers + PEFT)
+    fused_loss: bool = True        # fastft.integrations.transformers.patch_causal_lm_loss
+    lora: bool = True              # fastft.lora (fused LoRA layers) instead of PEFT's
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 0                 # steps between saves (0: only at the end)
+    at_end: bool = True
+    keep: int = 2                  # completed checkpoints kept
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 0                 # steps between evals (0: none in between)
+    at_start: bool = False
+    at_end: bool = True
+    metric: str = "loss"           # the metric early stopping and the curves follow
+    generate: bool = False         # exact-match accuracy of greedy answers (instruction data)
+    max_new_tokens: int = 8
+    batch_size: int = 16
+    early_stopping_patience: int = 0   # evals without improvement before stopping (0: off)
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "optim.schedule": ("cosine", "wsd", "constant"),
+    "optim.fused": ("auto", "true", "false"),
+    "parallel.mode": ("ddp", "zero1", "zero2", "fsdp2", "hsdp"),
+    "precision.dtype": ("fp32", "bf16", "fp16"),
+    "precision.impl": ("autocast", "fsdp"),
+    "memory.activation_checkpointing": ("none", "full", "every_k", "offload"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+}
+POSITIVE = ("run.max_steps", "run.log_every", "batch.micro_batch_size", "batch.grad_accum", "parallel.nproc",
+            "data.max_length", "memory.every_k", "lora.r", "eval.max_new_tokens", "eval.batch_size", "checkpoint.keep")
+
+
+def _section_types(cls) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _check_type(key: str, value, expected):
+    if expected is Any:
+        return value
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if expected in (float, str) and not isinstance(value, expected):
+        raise ConfigError(f"{key} must be a {expected.__name__}, got {value!r}")
+    return value
+
+
+def _build(raw: dict) -> Config:
+    sections = _section_types(Config)
+    built = {}
+    for name, value in raw.items():
+        if name not in sections:
+            raise ConfigError(f"unknown config section {name!r}; valid sections: {', '.join(sections)}")
+        if not isinstance(value, dict):
+            raise ConfigError(f"config section {name!r} must be a table of keys, got {value!r}")
+        keys = _section_types(sections[name])
+        for key in value:
+            if key not in keys:
+                raise ConfigError(f"unknown config key {name}.{key}; valid keys of [{name}]: {', '.join(keys)}")
+        built[name] = sections[name](**{k: _check_type(f"{name}.{k}", v, keys[k]) for k, v in value.items()})
+    cfg = Config(**built)
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: Config) -> None:
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise ConfigError(f"{key} = {value!r} is not one of {', '.join(choices)}")
+    for key in POSITIVE:
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) <= 0:
+            raise ConfigError(f"{key} must be positive, got {getattr(getattr(cfg, section), name)!r}")
+    if cfg.precision.impl == "fsdp" and cfg.parallel.mode not in ("zero2", "fsdp2", "hsdp"):
+        raise ConfigError(f"precision.impl = 'fsdp' needs parallel.mode zero2, fsdp2 or hsdp, got {cfg.parallel.mode!r}")
+    if not cfg.data.path and not cfg.data.generator:
+        raise ConfigError("data.path (a JSONL file) or data.generator must be set")
+
+
+def parse_override(arg: str) -> tuple[list[str], Any]:
+    """``--a.b=value`` -> (["a", "b"], parsed value)."""
+    if not arg.startswith("--") or "=" not in arg:
+        raise ConfigError(f"override {arg!r} must look like --section.key=value")
+    dotted, _, text = arg[2:].partition("=")
+    path = dotted.split(".")
+    if len(path) != 2 or not all(path):
+        raise ConfigError(f"override {arg!r}: the key must be section.key, got {dotted!r}")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return path, value
+
+
+def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) -> Config:
+    """The Config of a TOML file (or the defaults) with ``--section.key=value`` overrides applied."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    for arg in overrides:
+        (section, key), value = parse_override(arg)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"config section {section!r} must be a table")
+        raw[section][key] = value
+    return _build(raw)
+
+
+def replace(cfg: Config, **sections: dict) -> Config:
+    """A copy of ``cfg`` with some keys changed: ``replace(cfg, optim={"lr": 1e-4})`` (validated)."""
+    raw = cfg.to_dict()
+    for section, values in sections.items():
+        if section not in raw:
+            raise ConfigError(f"unknown config section {section!r}; valid sections: {', '.join(raw)}")
+        raw[section].update(values)
+    return _build(raw)
