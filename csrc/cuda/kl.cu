@@ -1,0 +1,344 @@
+// CUDA kernels of the KL family (the "cuda" backend of fastft.ops.full_kl / selective_log_softmax /
+// linear_full_kl). The schemas live in csrc/cpu/kl.cpp; this file registers the CUDA implementations, with the
+// same C++ signatures. Contract and math: csrc/cpu/kl.cpp's header, fastft/ops/kl.py.
+//
+// full_kl, per counted row, a = x_p / T, b = x_r / T, pi = softmax(a), rho = softmax(b):
+//   lse_p, lse_r, c = sum_j pi_j (a_j - b_j),  KL = c - lse_p + lse_r
+//   dKL/dx_p,j = pi_j ((x_p,j - x_r,j) / T - c) / T     (0 where pi_j = 0: a banned token counts 0, never 0 * inf)
+//   dKL/dx_r,j = (rho_j - pi_j) / T
+// Forward with grad_scale writes k * dKL/dx with k = *grad_scale (read on the device: no host sync);
+// backward writes grad_kl[row] * dKL/dx from the saved lse_p, lse_r and KL (c = lse_p - lse_r + KL).
+// selective_log_softmax: logp = x_y / T - lse(x / T); d/dx_j = ([j == y] - softmax(x / T)_j) / T; an index
+// outside [0, V) gives NaN (its logp and gradient row), as on the CPU.
+//
+// Layout: one thread block per row, fp32 math. Sweep 1 reads both rows once with an online softmax
+// (Milakov & Gimelshein 2018) that also carries D = sum_j e_j (x_p,j - x_r,j) under the running max, so
+// c = D / (T S_p) needs no second read; the gradient sweep reads the rows again (in L2). Masked rows are not read.
+#include "cuda/_block_reduce.cuh"
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+namespace fastft {
+namespace {
+
+using cuda_rows::block_allreduce;
+using cuda_rows::CombineMaxSum;
+using cuda_rows::MaxSum;
+using cuda_rows::online_add;
+using cuda_rows::threads_for_row;
+
+// The policy side of sweep 1: running max m of a, S = sum exp(a - m), D = sum exp(a - m) (x_p - x_r).
+struct PolicySums {
+  float m;
+  float s;
+  float d;
+};
+
+__device__ __forceinline__ void policy_add(PolicySums& st, float a, float delta) {
+  if (a > st.m) {
+    const float r = expf(st.m - a);  // 0 for the first element (m = -inf)
+    st.s = st.s * r + 1.f;
+    st.d = st.d * r + delta;
+    st.m = a;
+  } else if (a != -INFINITY) {  // pi_j = 0 adds nothing to S or D
+    const float e = expf(a - st.m);
+    st.s += e;
+    st.d += e * delta;
+  }
+}
+
+struct CombinePolicySums {
+  __device__ __forceinline__ static PolicySums identity() { return {-INFINITY, 0.f, 0.f}; }
+  __device__ __forceinline__ PolicySums operator()(PolicySums a, PolicySums b) const {
+    if (b.m > a.m) {
+      const PolicySums t = a;
+      a = b;
+      b = t;
+    }
+    if (b.m == -INFINITY) return a;
+    const float r = expf(b.m - a.m);
+    return {a.m, a.s + b.s * r, a.d + b.d * r};
+  }
+};
+
+// Found by argument-dependent lookup from cuda_rows::warp_allreduce.
+__device__ __forceinline__ PolicySums shfl_xor(PolicySums v, int lane_mask) {
+  return {__shfl_xor_sync(0xffffffffu, v.m, lane_mask), __shfl_xor_sync(0xffffffffu, v.s, lane_mask),
+          __shfl_xor_sync(0xffffffffu, v.d, lane_mask)};
+}
+
+template <typename T>
+__device__ __forceinline__ void zero_row(T* g, int64_t V) {
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) g[j] = T(0.f);
+}
+
+// gp / gr (nullptr: not wanted) = k * dKL/dx of the row (see the top), from lse_p, lse_r and c.
+template <typename T>
+__device__ __forceinline__ void kl_grad_row(const T* __restrict__ xp, const T* __restrict__ xr, T* __restrict__ gp,
+                                            T* __restrict__ gr, int64_t V, float inv_t, float lse_p, float lse_r,
+                                            float c, float k) {
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
+    const float vp = static_cast<float>(xp[j]), vr = static_cast<float>(xr[j]);
+    const float pi = expf(vp * inv_t - lse_p);
+    if (gp != nullptr) gp[j] = static_cast<T>(pi == 0.f ? 0.f : k * pi * ((vp - vr) * inv_t - c));
+    if (gr != nullptr) gr[j] = static_cast<T>(k * (expf(vr * inv_t - lse_r) - pi));
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(cuda_rows::kMaxThreads)
+    full_kl_fwd_kernel(const T* __restrict__ policy, int64_t p_stride, const T* __restrict__ ref, int64_t r_stride,
+                       int64_t V, const bool* __restrict__ mask, const float* __restrict__ grad_scale, float inv_t,
+                       float* __restrict__ kl, float* __restrict__ lse_p_out, float* __restrict__ lse_r_out,
+                       T* __restrict__ grad_p, T* __restrict__ grad_r) {
+  const int64_t row = blockIdx.x;
+  T* gp = grad_p != nullptr ? grad_p + row * V : nullptr;
+  T* gr = grad_r != nullptr ? grad_r + row * V : nullptr;
+  if (mask != nullptr && !mask[row]) {  // block-uniform: a masked row is not read
+    if (threadIdx.x == 0) kl[row] = lse_p_out[row] = lse_r_out[row] = 0.f;
+    if (gp != nullptr) zero_row(gp, V);
+    if (gr != nullptr) zero_row(gr, V);
+    return;
+  }
+  const T* xp = policy + row * p_stride;
+  const T* xr = ref + row * r_stride;
+  PolicySums ps = CombinePolicySums::identity();
+  MaxSum rs{-INFINITY, 0.f};
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
+    const float vp = static_cast<float>(xp[j]), vr = static_cast<float>(xr[j]);
+    policy_add(ps, vp * inv_t, vp - vr);
+    online_add(rs, vr * inv_t);
+  }
+  ps = block_allreduce(ps, CombinePolicySums{});
+  rs = block_allreduce(rs, CombineMaxSum{});
+  const float lse_p = ps.m + logf(ps.s), lse_r = rs.m + logf(rs.s);
+  const float c = inv_t * ps.d / ps.s;
+  if (threadIdx.x == 0) {
+    kl[row] = c - lse_p + lse_r;
+    lse_p_out[row] = lse_p;
+    lse_r_out[row] = lse_r;
+  }
+  if (gp != nullptr || gr != nullptr) kl_grad_row(xp, xr, gp, gr, V, inv_t, lse_p, lse_r, c, *grad_scale * inv_t);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(cuda_rows::kMaxThreads)
+    full_kl_bwd_kernel(const float* __restrict__ grad_kl, const T* __restrict__ policy, int64_t p_stride,
+                       const T* __restrict__ ref, int64_t r_stride, int64_t V, const bool* __restrict__ mask,
+                       const float* __restrict__ lse_p, const float* __restrict__ lse_r, const float* __restrict__ kl,
+                       float inv_t, T* __restrict__ grad_p, T* __restrict__ grad_r) {
+  const int64_t row = blockIdx.x;
+  T* gp = grad_p != nullptr ? grad_p + row * V : nullptr;
+  T* gr = grad_r != nullptr ? grad_r + row * V : nullptr;
+  if (mask != nullptr && !mask[row]) {
+    if (gp != nullptr) zero_row(gp, V);
+    if (gr != nullptr) zero_row(gr, V);
+    return;
+  }
+  kl_grad_row(policy + row * p_stride, ref + row * r_stride, gp, gr, V, inv_t, lse_p[row], lse_r[row],
+              lse_p[row] - lse_r[row] + kl[row], grad_kl[row] * inv_t);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(cuda_rows::kMaxThreads)
+    selective_log_softmax_fwd_kernel(const T* __restrict__ logits, int64_t stride, int64_t V,
+                                     const int64_t* __restrict__ index, float inv_t, float* __restrict__ logp,
+                                     float* __restrict__ lse_out) {
+  const int64_t row = blockIdx.x;
+  const T* x = logits + row * stride;
+  MaxSum ms{-INFINITY, 0.f};
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) online_add(ms, static_cast<float>(x[j]) * inv_t);
+  ms = block_allreduce(ms, CombineMaxSum{});
+  if (threadIdx.x == 0) {
+    const float lse = ms.m + logf(ms.s);
+    const int64_t y = index[row];
+    lse_out[row] = lse;
+    logp[row] = (y >= 0 && y < V) ? static_cast<float>(x[y]) * inv_t - lse : std::numeric_limits<float>::quiet_NaN();
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(cuda_rows::kMaxThreads)
+    selective_log_softmax_bwd_kernel(const float* __restrict__ grad_logp, const T* __restrict__ logits,
+                                     int64_t stride, int64_t V, const int64_t* __restrict__ index,
+                                     const float* __restrict__ lse, float inv_t, T* __restrict__ grad) {
+  const int64_t row = blockIdx.x;
+  const T* x = logits + row * stride;
+  T* g = grad + row * V;
+  const int64_t y = index[row];
+  if (y < 0 || y >= V) {
+    for (int64_t j = threadIdx.x; j < V; j += blockDim.x) g[j] = static_cast<T>(std::numeric_limits<float>::quiet_NaN());
+    return;
+  }
+  const float k = grad_logp[row] * inv_t, l = lse[row];
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
+    const float p = expf(static_cast<float>(x[j]) * inv_t - l);
+    g[j] = static_cast<T>(j == y ? k * (1.f - p) : -k * p);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Host side
+// ------------------------------------------------------------------------------------------------
+
+void check_rows(const char* op, const at::Tensor& logits) {
+  TORCH_CHECK(logits.is_cuda(), op, ": logits must be CUDA tensors, got one on ", logits.device());
+  TORCH_CHECK(logits.dim() == 2, op, ": logits must be [N, V], got ", logits.sizes());
+  const auto dt = logits.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
+              ": logits must be float32, float16 or bfloat16 (fp64 goes to the reference or cpp backend), got ", dt);
+  TORCH_CHECK(logits.size(0) == 0 || logits.size(1) <= 1 || logits.stride(1) == 1, op,
+              ": the vocabulary dimension must be contiguous");
+  TORCH_CHECK(logits.size(0) <= std::numeric_limits<int32_t>::max(), op, ": too many rows (", logits.size(0), ")");
+}
+
+void check_pair(const char* op, const at::Tensor& policy, const at::Tensor& ref, const std::optional<at::Tensor>& mask) {
+  check_rows(op, policy);
+  check_rows(op, ref);
+  TORCH_CHECK(policy.sizes() == ref.sizes(), op, ": policy and reference logits differ in shape: ", policy.sizes(),
+              " vs ", ref.sizes());
+  TORCH_CHECK(policy.scalar_type() == ref.scalar_type(), op, ": policy and reference logits differ in dtype");
+  TORCH_CHECK(policy.device() == ref.device(), op, ": policy and reference logits are on different devices");
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 1 && mask->size(0) == policy.size(0) &&
+                    mask->is_contiguous() && mask->device() == policy.device(),
+                op, ": mask must be a contiguous bool [N] tensor on the logits' device");
+  }
+}
+
+void check_row_vector(const char* op, const char* name, const at::Tensor& t, int64_t n, at::ScalarType dtype,
+                      const at::Tensor& like) {
+  TORCH_CHECK(t.device() == like.device() && t.scalar_type() == dtype && t.numel() == n && t.is_contiguous(), op,
+              ": ", name, " must be a contiguous [", n, "] ", dtype, " tensor on ", like.device(), ", got ", t.sizes(),
+              " ", t.scalar_type(), " on ", t.device());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> full_kl_fwd_cuda(
+    const at::Tensor& policy, const at::Tensor& ref, const std::optional<at::Tensor>& mask,
+    const std::optional<at::Tensor>& grad_scale, double temperature, bool grad_policy, bool grad_ref) {
+  constexpr const char* op = "fastft::full_kl_fwd_kernel (CUDA)";
+  check_pair(op, policy, ref, mask);
+  TORCH_CHECK(temperature > 0, op, ": temperature must be > 0");
+  const bool fused = grad_scale.has_value();
+  if (fused) check_row_vector(op, "grad_scale", *grad_scale, 1, at::kFloat, policy);
+  const bool want_p = fused && grad_policy, want_r = fused && grad_ref;
+  const int64_t N = policy.size(0), V = policy.size(1);
+  const c10::cuda::CUDAGuard guard(policy.device());
+  const auto f32 = policy.options().dtype(at::kFloat);
+  at::Tensor kl = at::empty({N}, f32), lse_p = at::empty({N}, f32), lse_r = at::empty({N}, f32);
+  // Distinct empties: a custom op's outputs must not alias each other.
+  at::Tensor gp = want_p ? at::empty({N, V}, policy.options()) : at::empty({0}, policy.options());
+  at::Tensor gr = want_r ? at::empty({N, V}, policy.options()) : at::empty({0}, policy.options());
+  if (N == 0) return {kl, lse_p, lse_r, gp, gr};
+  const float inv_t = static_cast<float>(1.0 / temperature);
+  FASTFT_ROWS_DISPATCH(policy.scalar_type(), "full_kl_fwd_cuda", [&] {
+    full_kl_fwd_kernel<scalar_t><<<static_cast<unsigned>(N), threads_for_row(V, sizeof(scalar_t)), 0,
+                                   c10::cuda::getCurrentCUDAStream()>>>(
+        policy.const_data_ptr<scalar_t>(), policy.stride(0), ref.const_data_ptr<scalar_t>(), ref.stride(0), V,
+        mask.has_value() ? mask->const_data_ptr<bool>() : nullptr,
+        fused ? grad_scale->const_data_ptr<float>() : nullptr, inv_t, kl.mutable_data_ptr<float>(),
+        lse_p.mutable_data_ptr<float>(), lse_r.mutable_data_ptr<float>(),
+        want_p ? gp.mutable_data_ptr<scalar_t>() : nullptr, want_r ? gr.mutable_data_ptr<scalar_t>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {kl, lse_p, lse_r, gp, gr};
+}
+
+std::tuple<at::Tensor, at::Tensor> full_kl_bwd_cuda(const at::Tensor& grad_kl, const at::Tensor& policy,
+                                                    const at::Tensor& ref, const std::optional<at::Tensor>& mask,
+                                                    const at::Tensor& lse_p, const at::Tensor& lse_r,
+                                                    const at::Tensor& kl, double temperature, bool grad_policy,
+                                                    bool grad_ref) {
+  constexpr const char* op = "fastft::full_kl_bwd_kernel (CUDA)";
+  check_pair(op, policy, ref, mask);
+  TORCH_CHECK(temperature > 0, op, ": temperature must be > 0");
+  const int64_t N = policy.size(0), V = policy.size(1);
+  check_row_vector(op, "grad_kl", grad_kl, N, at::kFloat, policy);
+  check_row_vector(op, "lse_p", lse_p, N, at::kFloat, policy);
+  check_row_vector(op, "lse_r", lse_r, N, at::kFloat, policy);
+  check_row_vector(op, "kl", kl, N, at::kFloat, policy);
+  const c10::cuda::CUDAGuard guard(policy.device());
+  at::Tensor gp = grad_policy ? at::empty({N, V}, policy.options()) : at::empty({0}, policy.options());
+  at::Tensor gr = grad_ref ? at::empty({N, V}, policy.options()) : at::empty({0}, policy.options());
+  if (N == 0 || !(grad_policy || grad_ref)) return {gp, gr};
+  FASTFT_ROWS_DISPATCH(policy.scalar_type(), "full_kl_bwd_cuda", [&] {
+    full_kl_bwd_kernel<scalar_t><<<static_cast<unsigned>(N), threads_for_row(V, sizeof(scalar_t)), 0,
+                                   c10::cuda::getCurrentCUDAStream()>>>(
+        grad_kl.const_data_ptr<float>(), policy.const_data_ptr<scalar_t>(), policy.stride(0),
+        ref.const_data_ptr<scalar_t>(), ref.stride(0), V, mask.has_value() ? mask->const_data_ptr<bool>() : nullptr,
+        lse_p.const_data_ptr<float>(), lse_r.const_data_ptr<float>(), kl.const_data_ptr<float>(),
+        static_cast<float>(1.0 / temperature), grad_policy ? gp.mutable_data_ptr<scalar_t>() : nullptr,
+        grad_ref ? gr.mutable_data_ptr<scalar_t>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {gp, gr};
+}
+
+void check_index(const char* op, const at::Tensor& logits, const at::Tensor& index) {
+  check_rows(op, logits);
+  TORCH_CHECK(index.dim() == 1 && index.size(0) == logits.size(0) && index.scalar_type() == at::kLong &&
+                  index.is_contiguous() && index.device() == logits.device(),
+              op, ": index must be a contiguous int64 [N] tensor on the logits' device");
+}
+
+std::tuple<at::Tensor, at::Tensor> selective_log_softmax_fwd_cuda(const at::Tensor& logits, const at::Tensor& index,
+                                                                  double temperature) {
+  constexpr const char* op = "fastft::selective_log_softmax_fwd_kernel (CUDA)";
+  check_index(op, logits, index);
+  TORCH_CHECK(temperature > 0, op, ": temperature must be > 0");
+  const int64_t N = logits.size(0), V = logits.size(1);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const auto f32 = logits.options().dtype(at::kFloat);
+  at::Tensor logp = at::empty({N}, f32), lse = at::empty({N}, f32);
+  if (N == 0) return {logp, lse};
+  TORCH_CHECK(V > 0, op, ": logits have 0 classes");
+  FASTFT_ROWS_DISPATCH(logits.scalar_type(), "selective_log_softmax_fwd_cuda", [&] {
+    selective_log_softmax_fwd_kernel<scalar_t><<<static_cast<unsigned>(N), threads_for_row(V, sizeof(scalar_t)), 0,
+                                                 c10::cuda::getCurrentCUDAStream()>>>(
+        logits.const_data_ptr<scalar_t>(), logits.stride(0), V, index.const_data_ptr<int64_t>(),
+        static_cast<float>(1.0 / temperature), logp.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {logp, lse};
+}
+
+at::Tensor selective_log_softmax_bwd_cuda(const at::Tensor& grad_logp, const at::Tensor& logits,
+                                          const at::Tensor& index, const at::Tensor& lse, double temperature) {
+  constexpr const char* op = "fastft::selective_log_softmax_bwd_kernel (CUDA)";
+  check_index(op, logits, index);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  check_row_vector(op, "grad_logp", grad_logp, N, at::kFloat, logits);
+  check_row_vector(op, "lse", lse, N, at::kFloat, logits);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  at::Tensor grad = at::empty({N, V}, logits.options());
+  if (N == 0 || V == 0) return grad;
+  FASTFT_ROWS_DISPATCH(logits.scalar_type(), "selective_log_softmax_bwd_cuda", [&] {
+    selective_log_softmax_bwd_kernel<scalar_t><<<static_cast<unsigned>(N), threads_for_row(V, sizeof(scalar_t)), 0,
+                                                 c10::cuda::getCurrentCUDAStream()>>>(
+        grad_logp.const_data_ptr<float>(), logits.const_data_ptr<scalar_t>(), logits.stride(0), V,
+        index.const_data_ptr<int64_t>(), lse.const_data_ptr<float>(), static_cast<float>(1.0 / temperature),
+        grad.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad;
+}
+
+}  // namespace
+}  // namespace fastft
+
+TORCH_LIBRARY_IMPL(fastft, CUDA, m) {
+  m.impl("full_kl_fwd_kernel", &fastft::full_kl_fwd_cuda);
+  m.impl("full_kl_bwd_kernel", &fastft::full_kl_bwd_cuda);
+  m.impl("selective_log_softmax_fwd_kernel", &fastft::selective_log_softmax_fwd_cuda);
+  m.impl("selective_log_softmax_bwd_kernel", &fastft::selective_log_softmax_bwd_cuda);
+}
