@@ -1,0 +1,172 @@
+"""fastft.ops.rms_norm: fused RMSNorm, forward and backward, over the last dimension.
+
+    y = x * rsqrt(mean(x^2, -1) + eps) * (offset + weight)
+
+Kernels (same contract on every backend; "cpp" torch.ops.fastft.* from csrc/cpu/rms_norm.cpp, "triton"
+fastft.kernels.rms_norm, "reference" fastft.reference.rms_norm with plain autograd):
+  rms_norm_fwd(x [N, H], weight [H], eps, offset, gemma) -> (y [N, H], rstd [N] f32)
+  rms_norm_bwd(grad_y, x, weight, rstd, offset, gemma, need_input, need_weight) -> (dx, dw)
+Forward keeps x, the weight and one fp32 number per row (rstd); backward recomputes the normalised row from
+them. dw is summed per block of rows into fp32 partials and reduced once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..reference import rms_norm as _reference
+from . import registry
+from ._checks import check_float_tensor, check_number, check_same_device, rows
+from ._define import Backend, accumulator_dtype, define_op
+
+__all__ = ["CASTING_MODES", "RMSNormOptions", "rms_norm"]
+
+CASTING_MODES = _reference.CASTING_MODES
+_KERNELS = ("rms_norm_fwd_kernel", "rms_norm_bwd_kernel")
+
+
+@dataclass(frozen=True)
+class RMSNormOptions:
+    eps: float = 1e-6
+    offset: float = 0.0  # the scale is offset + weight (Gemma: 1 + weight)
+    casting_mode: str = "llama"  # "llama" | "gemma": see fastft.reference.rms_norm
+
+    @property
+    def gemma(self) -> bool:
+        return self.casting_mode == "gemma"
+
+
+def _output_dtype(x: Tensor, weight: Tensor, options: RMSNormOptions) -> torch.dtype:
+    # Llama multiplies the weight onto the normalised x in the promoted dtype (fp32 weight, bf16 x -> fp32).
+    return x.dtype if options.gemma else torch.promote_types(x.dtype, weight.dtype)
+
+
+def _forward(x: Tensor, weight: Tensor, options: RMSNormOptions, backend: str) -> tuple[Tensor, Tensor]:
+    if backend == "triton":
+        from ..kernels.rms_norm import rms_norm_fwd
+
+        return rms_norm_fwd(x, weight, options.eps, options.offset, options.gemma, _output_dtype(x, weight, options))
+    return torch.ops.fastft.rms_norm_fwd_kernel(x, weight, options.eps, options.offset, options.gemma)
+
+
+def _fake(x, weight, options, backend):
+    y = x.new_empty(x.shape, dtype=_output_dtype(x, weight, options))
+    return y, x.new_empty((x.shape[0],), dtype=accumulator_dtype(x.dtype))
+
+
+def _backward_impl(grad_y: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, need_input: bool, need_weight: bool,
+                   options: RMSNormOptions, backend: str) -> tuple[Tensor, Tensor]:
+    """(dx, dw); each an empty (0,) tensor when not needed."""
+    if backend == "triton":
+        from ..kernels.rms_norm import rms_norm_bwd
+
+        return rms_norm_bwd(grad_y, x, weight, rstd, options.offset, options.gemma, need_input, need_weight)
+    return torch.ops.fastft.rms_norm_bwd_kernel(grad_y, x, weight, rstd, options.offset, options.gemma, need_input,
+                                                need_weight)
+
+
+def _backward_fake(grad_y, x, weight, rstd, need_input, need_weight, options, backend):
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_input else x.new_empty((0,))
+    dw = torch.empty_like(weight) if need_weight else weight.new_empty((0,))
+    return dx, dw
+
+
+def _setup(ctx, inputs, outputs):
+    x, weight = inputs
+    ctx.save_for_backward(x, weight, outputs[1])
+
+
+def _backward(ctx, grad_y):
+    x, weight, rstd = ctx.saved_tensors
+    need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dx, dw = ctx.run_backward(grad_y.contiguous(), x, weight, rstd, need_input, need_weight)
+    return (dx if need_input else None), (dw if need_weight else None)
+
+
+rms_norm_op = define_op(
+    "rms_norm", forward=_forward, fake=_fake, setup=_setup, backward=_backward, backward_impl=_backward_impl,
+    backward_fake=_backward_fake, options=RMSNormOptions,
+    backends=(Backend("reference"), Backend("cpp", kernels=_KERNELS), Backend("triton")),
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# Public functional
+# ------------------------------------------------------------------------------------------------
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, *, offset: float = 0.0,
+             casting_mode: str = "llama") -> Tensor:
+    """RMSNorm over the last dimension of ``x`` with a ``weight`` of that size, forward and backward fused.
+
+    ``casting_mode="llama"`` (default) is Hugging Face's LlamaRMSNorm to the rounding: statistics in fp32, the
+    normalised x cast back to x's dtype, then multiplied by ``offset + weight`` in the promoted dtype of x and the
+    weight. ``"gemma"`` keeps everything in fp32 and casts the output to x's dtype (GemmaRMSNorm with
+    ``offset=1``). Backward computes in fp32 without intermediate rounding.
+    """
+    check_float_tensor("x", x, min_dim=1)
+    check_float_tensor("weight", weight, dim=1)
+    hidden = x.shape[-1]
+    if weight.shape[0] != hidden:
+        raise ValueError(f"weight has {weight.shape[0]} elements but x's last dimension is {hidden} "
+                         f"(x {tuple(x.shape)})")
+    check_same_device("x", x, weight=weight)
+    eps = check_number("eps", eps, low=0.0)
+    offset = check_number("offset", offset)
+    if casting_mode not in CASTING_MODES:
+        raise ValueError(f"casting_mode must be one of {CASTING_MODES}, got {casting_mode!r}")
+    backend = rms_norm_op.select(x)
+    # An fp64 weight on lower-precision x (output fp64 in llama mode) and empty rows stay with the reference.
+    if (weight.dtype == torch.float64 and x.dtype != torch.float64) or hidden == 0:
+        backend = "reference"
+    if backend == "reference":
+        return _reference.rms_norm(x, weight, eps, offset=offset, casting_mode=casting_mode)
+    options = RMSNormOptions(eps, offset, casting_mode)
+    y, _ = rms_norm_op(rows(x, hidden), weight, options=options, backend=backend)
+    return y.reshape(x.shape)
+
+
+# ------------------------------------------------------------------------------------------------
+# Registry entry
+# ------------------------------------------------------------------------------------------------
+
+
+def _truth(x, weight, eps=1e-6, *, offset=0.0, casting_mode="llama"):
+    """Hugging Face's LlamaRMSNorm / GemmaRMSNorm forward, with the fp32 upcast widened to fp64 for fp64 input."""
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    h = x.to(wide)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if casting_mode == "gemma":
+        return (h * (offset + weight.to(wide))).type_as(x)
+    return (weight + offset) * h.to(x.dtype)
+
+
+def _samples(dtype, device):
+    x = torch.randn(3, 7, 123, device=device).to(dtype).requires_grad_()  # odd rows and hidden size
+    w = (1 + 0.1 * torch.randn(123, device=device)).to(dtype).requires_grad_()
+    return [
+        registry.Sample((x, w), {}, "llama"),
+        registry.Sample((x, w), {"eps": 1e-5, "offset": 1.0, "casting_mode": "gemma"}, "gemma"),
+    ]
+
+
+def _bad_inputs(device):
+    x = torch.randn(4, 6, device=device)
+    w = torch.ones(6, device=device)
+    bad = registry.BadInput
+    return [
+        bad((x.int(), w), {}, TypeError, "x must be one of"),
+        bad((x, w[:5]), {}, ValueError, "weight has 5 elements"),
+        bad((x, w[None]), {}, ValueError, "weight must be 1-D"),
+        bad((x, w.to("meta")), {}, ValueError, "weight is on meta"),
+        bad((x, w), {"eps": -1.0}, ValueError, "eps"),
+        bad((x, w), {"casting_mode": "none"}, ValueError, "casting_mode must be one of"),
+    ]
+
+
+registry.register(registry.OpEntry(
+    name="rms_norm", functional=rms_norm, op=rms_norm_op, samples=_samples, truth=_truth, bad_inputs=_bad_inputs,
+    benchmark="rms_norm",
+))
