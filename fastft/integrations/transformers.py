@@ -15,10 +15,12 @@ logits are computed too. Same loss as transformers' ``ForCausalLMLoss``: labels 
 padded with ignore_index (or ``shift_labels`` when given), ignore -100, fp32 loss, mean over counted
 tokens or ``sum / num_items_in_batch`` when the trainer passes ``num_items_in_batch``.
 
-Logit transforms between lm_head and the loss are honoured when the model's forward is known to
-apply them from its config: Gemma-2/3 ``final_logit_softcapping`` (the op's ``softcap``), Cohere's
-``logit_scale`` and Granite's ``logits_scaling`` (folded into the hidden states: (s h) W^T = s (h W^T)).
-Any other change to the logits makes the patched forward raise rather than return a wrong loss.
+Logit transforms between lm_head and the loss come from the config's attributes: Gemma-2/3
+``final_logit_softcapping`` (the op's ``softcap``), Cohere's ``logit_scale`` and Granite's
+``logits_scaling`` (folded into the hidden states: (s h) W^T = s (h W^T)). A forward that changes the
+logits although its config names no transform, or leaves them alone although it names one, raises
+rather than return a wrong loss. The head may be a plain ``nn.Linear`` or a LoRA'd one (fastft's
+``LoRALinear``, PEFT's ``lora.Linear``): see ``fastft.integrations._head``.
 
 When it is used: whenever the forward gets ``labels``, in train and eval mode alike (a validation loss
 saves the same memory), with ``logits=None`` unless logits are asked for. The first fused forward of a
@@ -39,7 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.linear_cross_entropy import _linear_cross_entropy
+from ..ops.linear_cross_entropy import linear_cross_entropy as fused_linear_cross_entropy
+from ._head import head_operands
+from ._head import unsupported_reason as unsupported_head_reason
 
 __all__ = ["patch_causal_lm_loss", "unpatch", "is_patched"]
 
@@ -77,29 +81,22 @@ def is_patched(model: nn.Module) -> bool:
     return _STATE_ATTR in vars(_target_model(model))
 
 
-def _forward_source(model: nn.Module) -> str:
-    try:
-        return inspect.getsource(type(model).forward)
-    except (OSError, TypeError):
-        return ""
-
-
 def _logit_transforms(model: nn.Module) -> tuple[Optional[float], Optional[float]]:
-    """(softcap, multiplier) that the model's forward applies to the logits before its loss."""
-    source = _forward_source(model)
+    """(softcap, multiplier) that the model's forward applies to the logits before its loss, read from the
+    config's attributes: Gemma-2/3 ``final_logit_softcapping`` (tanh cap), Cohere ``logit_scale`` (times) and
+    Granite ``logits_scaling`` (divided by). Whether the forward really transformed the logits is checked
+    at every fused forward (``_loss_function``); fastft.patch also checks the loss of unknown model types."""
     config = getattr(model, "config", None)
-    softcap = None
-    multiplier = None
-    if "final_logit_softcapping" in source:
-        softcap = getattr(config, "final_logit_softcapping", None)
-    if "logit_scale" in source:
-        scale = getattr(model, "logit_scale", None)
-        if scale is None:
-            scale = getattr(config, "logit_scale", None)
-        multiplier = float(scale) if scale is not None else None
-    if "logits_scaling" in source:
-        scaling = getattr(config, "logits_scaling", None)
-        multiplier = 1.0 / float(scaling) if scaling is not None else None
+    get_text_config = getattr(config, "get_text_config", None)
+    if callable(get_text_config):
+        config = get_text_config()
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+    scaling = getattr(config, "logits_scaling", None)
+    if scale is not None and scaling is not None:
+        raise ValueError(f"{type(model).__name__}'s config has both logit_scale and logits_scaling; fastft does not "
+                         "know which one its forward applies")
+    multiplier = float(scale) if scale is not None else (1.0 / float(scaling) if scaling is not None else None)
     return (float(softcap) if softcap is not None else None), multiplier
 
 
@@ -113,11 +110,9 @@ def patch_causal_lm_loss(model: nn.Module, *, return_logits: bool = False, chunk
     lm_head = target.get_output_embeddings() if hasattr(target, "get_output_embeddings") else None
     if lm_head is None:
         lm_head = getattr(target, "lm_head", None)
-    if type(lm_head) is not nn.Linear:
-        raise TypeError(
-            f"patch_causal_lm_loss needs a plain torch.nn.Linear lm_head, got {type(lm_head).__name__} "
-            f"on {type(target).__name__} (an adapter-wrapped head cannot be fused)"
-        )
+    reason = unsupported_head_reason(lm_head) if lm_head is not None else "the model has no output layer"
+    if reason is not None:
+        raise TypeError(f"patch_causal_lm_loss cannot fuse the head of {type(target).__name__}: {reason}")
     if "_loss_function" in vars(target):
         raise ValueError(
             f"{type(target).__name__} has a custom loss_function set; patch_causal_lm_loss reproduces the standard "
@@ -188,7 +183,7 @@ def _patched_forward(self, *args, **kwargs):
 def _lm_head_forward(head, hidden_states):
     state: _PatchState = vars(head)[_STATE_ATTR]
     if not state.active:
-        return nn.Linear.forward(head, hidden_states)
+        return _stock_head(state, hidden_states)
     if state.hidden is not None:
         raise RuntimeError("lm_head was called twice in one patched forward; fastft cannot fuse this model")
     state.hidden = hidden_states
@@ -203,10 +198,12 @@ def _loss_function(self, logits, labels, vocab_size=None, **kwargs):
     if labels is not state.labels:
         raise RuntimeError("the patched model passed different labels to its loss than it was called with")
     transformed = state.softcap is not None or state.logit_multiplier is not None
-    if logits is not state.hidden and not transformed:
+    if (logits is not state.hidden) != transformed:
         raise RuntimeError(
             f"{type(self).__name__} changes the logits between lm_head and its loss in a way fastft does not "
-            "know; call unpatch(model)"
+            "know; call unpatch(model)" if not transformed else
+            f"{type(self).__name__}'s config names a logit transform (softcap {state.softcap}, multiplier "
+            f"{state.logit_multiplier}) that its forward did not apply; call unpatch(model)"
         )
     if vocab_size is not None and vocab_size != state.lm_head.out_features:
         raise ValueError(f"vocab_size {vocab_size} != lm_head.out_features {state.lm_head.out_features}")
@@ -225,11 +222,13 @@ def _fused_loss(state: _PatchState, hidden: Tensor) -> Tensor:
     shift_labels = shift_labels.to(hidden.device)
     if shift_labels.shape != hidden.shape[:-1]:
         shift_labels = shift_labels.reshape(hidden.shape[:-1])
-    if state.logit_multiplier is not None:
-        hidden = hidden * state.logit_multiplier
     num_items = kw.get("num_items_in_batch")
-    loss = _linear_cross_entropy(
-        hidden, state.lm_head.weight, shift_labels, linear_bias=state.lm_head.bias, weight=None,
+    hidden, head_weight, head_bias = head_operands(state.lm_head, hidden)  # a LoRA'd head: widened operands
+    if state.logit_multiplier is not None:  # m (x W^T + b) = (m x) W^T + m b
+        hidden = hidden * state.logit_multiplier
+        head_bias = head_bias * state.logit_multiplier if head_bias is not None else None
+    loss = fused_linear_cross_entropy(
+        hidden, head_weight, shift_labels, linear_bias=head_bias, weight=None,
         ignore_index=ignore_index, reduction="sum" if num_items is not None else "mean", label_smoothing=0.0,
         z_loss=0.0, softcap=state.softcap, chunk_size=state.chunk_size, loss_dtype=torch.float32,
     )
@@ -240,10 +239,16 @@ def _fused_loss(state: _PatchState, hidden: Tensor) -> Tensor:
     return loss
 
 
+def _stock_head(state: _PatchState, hidden: Tensor) -> Tensor:
+    """The head's own forward (an instance forward it had before the patch, else its class's)."""
+    previous = state.saved.get("lm_head.forward")
+    return previous(hidden) if previous is not None else type(state.lm_head).forward(state.lm_head, hidden)
+
+
 def _real_logits(state: _PatchState, hidden: Optional[Tensor]) -> Optional[Tensor]:
     if hidden is None:
         return None
-    logits = nn.Linear.forward(state.lm_head, hidden)
+    logits = _stock_head(state, hidden)
     if state.logit_multiplier is not None:
         logits = logits * state.logit_multiplier
     if state.softcap is not None:

@@ -70,7 +70,7 @@ def check_number(name: str, value, *, low: Optional[float] = None, high: Optiona
     if isinstance(value, (bool, Tensor)) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
     v = float(value)
-    bad = not math.isfinite(v)
+    bad = not abs(v) < math.inf  # not math.isfinite: torch.compile traces this with symbolic floats
     if low is not None:
         bad = bad or (v <= low if low_open else v < low)
     if high is not None:

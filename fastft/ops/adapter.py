@@ -18,28 +18,39 @@ Saved for backward: pre [N, r] and the seed; never a full-width activation besid
 down-projection's weight gradient needs, as in eager). The eager block stores act/dropout outputs and
 a mask and makes 3-4 extra full-width passes (bias, scale, residual add, gradient accumulation).
 
-Dropout masks come from a counter-based hash of (seed, element index) (fastft.reference.adapter); the
-seed is drawn from torch's default generator, so ``torch.manual_seed`` makes runs reproducible and the
-reference, C++ and Triton backends drop the same elements.
+Dropout masks come from a counter-based hash of (seed, element index) (kernels/_dropout.py,
+csrc/_dropout.h); the seed is drawn from torch's default generator, so ``torch.manual_seed`` makes runs
+reproducible and the reference, C++ and Triton backends drop the same elements. "cuda" calls the same
+torch.ops.fastft.adapter_*_kernel schemas as "cpp"; the dispatcher picks the CUDA implementation.
 """
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .. import backend as _backend
-from ._eager import eager_function
+from ..kernels import _dropout
 from ..reference import adapter as _ref
+from . import registry
+from ._checks import check_float_tensor, check_number, check_optional_tensor, check_same_device, check_tensor
+from ._define import Backend, define_op
 
 ACTIVATIONS = tuple(_ref.ACTIVATIONS)
-_SUPPORTED = ("reference", "cpp", "triton")
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_KERNELS = ("adapter_fwd_kernel", "adapter_bwd_kernel")
+_FUSED_BLOCK = ("cpp", "cuda")  # the whole block in one extension kernel; triton composes GEMMs + epilogues
 
 
-def _epilogues(backend: str):
+@dataclass(frozen=True)
+class AdapterOptions:
+    activation: int = 0  # index into ACTIVATIONS
+    drop_threshold: int = 0  # dropout: 24-bit threshold (kernels/_dropout.py); 0 = no dropout
+    scale: float = 1.0
+
+
+def _epilogues():
     """The element-wise bottleneck kernels of the GEMM-composed path (the Triton backend)."""
     from ..kernels import adapter as k
 
@@ -50,78 +61,45 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty((0,))
 
 
-# ------------------------------------------------------------------------------------------------
-# Registered ops
-# ------------------------------------------------------------------------------------------------
-
-
-def _forward_impl(
-    x: Tensor,
-    down_weight: Tensor,
-    down_bias: Optional[Tensor],
-    up_weight: Tensor,
-    up_bias: Optional[Tensor],
-    seed: Tensor,
-    activation: int,
-    drop_threshold: int,
-    scale: float,
-    backend: str,
-) -> tuple[Tensor, Tensor]:
-    if backend == "cpp":  # the whole block fused by row tiles in C++ (csrc/cpu/adapter.cpp)
-        return torch.ops.fastft.adapter_fwd_kernel(
-            x, down_weight, down_bias, up_weight, up_bias, seed, activation, drop_threshold, scale
-        )
-    fwd, _ = _epilogues(backend)
+def _forward(x: Tensor, down_weight: Tensor, down_bias: Optional[Tensor], up_weight: Tensor, up_bias: Optional[Tensor],
+             seed: Tensor, options: AdapterOptions, backend: str) -> tuple[Tensor, Tensor]:
+    if backend in _FUSED_BLOCK:  # the whole block fused by row tiles (csrc/cpu/adapter.cpp)
+        return torch.ops.fastft.adapter_fwd_kernel(x, down_weight, down_bias, up_weight, up_bias, seed,
+                                                   options.activation, options.drop_threshold, options.scale)
+    fwd, _ = _epilogues()
     if down_bias is not None:
         pre = torch.addmm(down_bias, x, down_weight.t())
     else:
         pre = torch.mm(x, down_weight.t())
     has_up_bias = up_bias is not None
-    h = fwd(pre.contiguous(), seed, activation, drop_threshold, has_up_bias)
+    h = fwd(pre.contiguous(), seed, options.activation, options.drop_threshold, has_up_bias)
     w = torch.cat([up_weight, up_bias[:, None]], dim=1) if has_up_bias else up_weight
-    y = torch.addmm(x, h, w.t(), alpha=scale)
+    y = torch.addmm(x, h, w.t(), alpha=options.scale)
     return y, pre
 
 
-_adapter_op = torch.library.custom_op("fastft::adapter", _forward_impl, mutates_args=())
-
-
-@_adapter_op.register_fake
-def _(x, down_weight, down_bias, up_weight, up_bias, seed, activation, drop_threshold, scale, backend):
+def _fake(x, down_weight, down_bias, up_weight, up_bias, seed, options, backend):
     return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((x.shape[0], down_weight.shape[0]))
 
 
-def _backward_impl(
-    grad: Tensor,
-    x: Tensor,
-    down_weight: Tensor,
-    up_weight: Tensor,
-    pre: Tensor,
-    seed: Tensor,
-    activation: int,
-    drop_threshold: int,
-    scale: float,
-    has_down_bias: bool,
-    has_up_bias: bool,
-    need_input: bool,
-    need_down: bool,
-    need_up: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _backward_impl(grad: Tensor, x: Tensor, down_weight: Tensor, up_weight: Tensor, pre: Tensor, seed: Tensor,
+                   has_down_bias: bool, has_up_bias: bool, need_input: bool, need_down: bool, need_up: bool,
+                   options: AdapterOptions, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dW_down, db_down, dW_up, db_up); each is an empty (0,) tensor when not needed."""
-    if backend == "cpp":
+    if backend in _FUSED_BLOCK:
         outs = torch.ops.fastft.adapter_bwd_kernel(
-            grad, x, down_weight, up_weight, pre, seed, activation, drop_threshold, scale,
+            grad, x, down_weight, up_weight, pre, seed, options.activation, options.drop_threshold, options.scale,
             has_down_bias, has_up_bias, need_input, need_down, need_up,
         )
         # Zero-size placeholders from C++ can share one StorageImpl, which the custom-op aliasing check
         # rejects; give each not-computed gradient its own.
         computed = (need_input, need_down, need_down and has_down_bias, need_up, need_up and has_up_bias)
         return tuple(o if c else _empty(x) for o, c in zip(outs, computed))
-    _, bwd = _epilogues(backend)
+    _, bwd = _epilogues()
     r = pre.shape[1]
     grad_h = torch.mm(grad, up_weight)
-    grad_pre, h = bwd(grad_h, pre.contiguous(), seed, activation, drop_threshold, scale, has_up_bias, need_up)
+    grad_pre, h = bwd(grad_h, pre.contiguous(), seed, options.activation, options.drop_threshold, options.scale,
+                      has_up_bias, need_up)
     dx = torch.addmm(grad, grad_pre, down_weight) if need_input else _empty(x)
     dwd, dbd, dwu, dbu = (_empty(x) for _ in range(4))  # outputs may not alias each other
     if need_down:
@@ -129,19 +107,15 @@ def _backward_impl(
         if has_down_bias:
             dbd = grad_pre.sum(0)
     if need_up:
-        dwu_aug = torch.mm(grad.t(), h).mul_(scale)  # [H, r (+1)]: the last column is db_up
+        dwu_aug = torch.mm(grad.t(), h).mul_(options.scale)  # [H, r (+1)]: the last column is db_up
         dwu = dwu_aug[:, :r].contiguous() if has_up_bias else dwu_aug
         if has_up_bias:
             dbu = dwu_aug[:, r].contiguous()
     return dx, dwd, dbd, dwu, dbu
 
 
-_adapter_backward_op = torch.library.custom_op("fastft::adapter_backward", _backward_impl, mutates_args=())
-
-
-@_adapter_backward_op.register_fake
-def _(grad, x, down_weight, up_weight, pre, seed, activation, drop_threshold, scale, has_down_bias, has_up_bias,
-      need_input, need_down, need_up, backend):
+def _backward_fake(grad, x, down_weight, up_weight, pre, seed, has_down_bias, has_up_bias, need_input, need_down,
+                   need_up, options, backend):
     e = x.new_empty((0,))
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_input else e
     dwd = down_weight.new_empty(down_weight.shape) if need_down else e
@@ -151,39 +125,26 @@ def _(grad, x, down_weight, up_weight, pre, seed, activation, drop_threshold, sc
     return dx, dwd, dbd, dwu, dbu
 
 
-def _setup_context(ctx, inputs, output):
-    x, down_weight, down_bias, up_weight, up_bias, seed, activation, drop_threshold, scale, backend = inputs
-    _, pre = output
-    ctx.save_for_backward(x, down_weight, up_weight, pre, seed)
-    ctx.options = (activation, drop_threshold, scale, down_bias is not None, up_bias is not None)
-    ctx.backend = backend
-    ctx.backward_fn = _adapter_backward_op
+def _setup(ctx, inputs, outputs):
+    x, down_weight, down_bias, up_weight, up_bias, seed = inputs
+    ctx.save_for_backward(x, down_weight, up_weight, outputs[1], seed)
+    ctx.has_bias = (down_bias is not None, up_bias is not None)
 
 
-def _backward(ctx, grad_y, _grad_pre):
+def _backward(ctx, grad_y):
     x, down_weight, up_weight, pre, seed = ctx.saved_tensors
-    activation, drop_threshold, scale, has_down_bias, has_up_bias = ctx.options
     need = ctx.needs_input_grad
-    need_input, need_down, need_up = need[0], need[1] or need[2], need[3] or need[4]
-    dx, dwd, dbd, dwu, dbu = ctx.backward_fn(
-        grad_y, x, down_weight, up_weight, pre, seed, activation, drop_threshold, scale,
-        has_down_bias, has_up_bias, need_input, need_down, need_up, ctx.backend,
-    )
-    return (
-        dx if need[0] else None,
-        dwd if need[1] else None,
-        dbd if need[2] else None,
-        dwu if need[3] else None,
-        dbu if need[4] else None,
-        None, None, None, None, None,
-    )
+    dx, dwd, dbd, dwu, dbu = ctx.run_backward(grad_y, x, down_weight, up_weight, pre, seed, *ctx.has_bias,
+                                              need[0], need[1] or need[2], need[3] or need[4])
+    return tuple(g if need[i] else None for i, g in enumerate((dx, dwd, dbd, dwu, dbu))) + (None,)
 
 
-_adapter_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-# Eager mode skips torch.library's Python dispatch (~0.5 ms a call); torch.compile uses the registered op.
-_EagerAdapter = eager_function("_EagerAdapter", _forward_impl, _setup_context, _backward_impl, _backward)
+adapter_op = define_op(
+    "adapter", forward=_forward, fake=_fake, setup=_setup, backward=_backward, backward_impl=_backward_impl,
+    backward_fake=_backward_fake, options=AdapterOptions,
+    backends=(Backend("reference"), Backend("cpp", kernels=_KERNELS), Backend("triton"),
+              Backend("cuda", kernels=_KERNELS)),
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -192,15 +153,12 @@ _EagerAdapter = eager_function("_EagerAdapter", _forward_impl, _setup_context, _
 
 
 def _check_inputs(x, down_weight, down_bias, up_weight, up_bias, activation, dropout_p, scale) -> None:
-    named = {"x": x, "down_weight": down_weight, "up_weight": up_weight}
-    for name, t in named.items():
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    for name, t in (("down_bias", down_bias), ("up_bias", up_bias)):
-        if t is not None and not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    check_tensor("x", x)
+    check_tensor("down_weight", down_weight)
+    check_tensor("up_weight", up_weight)
+    check_optional_tensor("down_bias", down_bias)
+    check_optional_tensor("up_bias", up_bias)
+    check_float_tensor("x", x)
     if x.dim() == 0:
         raise ValueError("x must have a hidden dimension (shape [..., H]), got a 0-dim tensor")
     hidden = x.shape[-1]
@@ -226,21 +184,15 @@ def _check_inputs(x, down_weight, down_bias, up_weight, up_bias, activation, dro
         raise ValueError(f"down_bias must have shape ({r},), got {tuple(down_bias.shape)}")
     if up_bias is not None and tuple(up_bias.shape) != (hidden,):
         raise ValueError(f"up_bias must have shape ({hidden},), got {tuple(up_bias.shape)}")
-    for name, t in (("down_weight", down_weight), ("down_bias", down_bias), ("up_weight", up_weight),
-                    ("up_bias", up_bias)):
-        if t is None:
-            continue
-        if t.dtype != x.dtype:
+    params = {"down_weight": down_weight, "down_bias": down_bias, "up_weight": up_weight, "up_bias": up_bias}
+    for name, t in params.items():
+        if t is not None and t.dtype != x.dtype:
             raise TypeError(f"{name} is {t.dtype} but x is {x.dtype}; the adapter's parameters must match x's dtype")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    check_same_device("x", x, **params)
     if activation not in _ref.ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
-    p = float(dropout_p)
-    if not (0.0 <= p < 1.0):
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if not math.isfinite(float(scale)):
-        raise ValueError(f"scale must be a finite number, got {scale}")
+    check_number("dropout_p", dropout_p, low=0.0, high=1.0, high_open=True)
+    check_number("scale", scale)
 
 
 def adapter(
@@ -264,23 +216,65 @@ def adapter(
     not stored, for backward. Same values and gradients as the eager block up to rounding.
     """
     _check_inputs(x, down_weight, down_bias, up_weight, up_bias, activation, dropout_p, scale)
-    backend = _backend.select(x.device.type, supported=_SUPPORTED)
-    if backend != "cpp" and x.dtype == torch.float64:
-        backend = "reference"  # the Triton epilogue computes in fp32; keep fp64 exact
-    threshold = _ref.drop_threshold(dropout_p) if training else 0
-    seed = _ref.draw_seed(x.device) if threshold > 0 else None
+    backend = adapter_op.select(x)
+    threshold = _dropout.drop_threshold(dropout_p) if training else 0
+    seed = _dropout.draw_seed(x.device) if threshold > 0 else None
     if backend == "reference":
         return _ref.adapter(
             x, down_weight, down_bias, up_weight, up_bias, activation=activation,
             dropout_p=dropout_p, training=training, scale=scale, seed=seed,
         )
     if seed is None:
-        seed = torch.zeros((), dtype=torch.int64, device=x.device)  # never read without dropout
-    hidden = x.shape[-1]
-    args = (x.reshape(-1, hidden), down_weight, down_bias, up_weight, up_bias, seed, _ref.ACTIVATIONS[activation],
-            threshold, float(scale), backend)
-    if torch.compiler.is_compiling():
-        y, _ = _adapter_op(*args)
-    else:
-        y = _EagerAdapter.apply(*args)
+        seed = torch.zeros((1,), dtype=torch.int64, device=x.device)  # never read without dropout
+    options = AdapterOptions(_ref.ACTIVATIONS[activation], threshold, float(scale))
+    y = adapter_op(x.reshape(-1, x.shape[-1]), down_weight, down_bias, up_weight, up_bias, seed, options=options,
+                   backend=backend)[0]
     return y.reshape(x.shape)
+
+
+# ------------------------------------------------------------------------------------------------
+# Registry entry
+# ------------------------------------------------------------------------------------------------
+
+_TRUTH_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+                      "silu": F.silu}
+
+
+def _truth(x, down_weight, down_bias, up_weight, up_bias, *, activation="relu", dropout_p=0.0, training=True,
+           scale=1.0):
+    h = _TRUTH_ACTIVATIONS[activation](F.linear(x, down_weight, down_bias))
+    return x + scale * F.linear(h, up_weight, up_bias)
+
+
+def _samples(dtype, device):
+    n, hidden, r = 13, 21, 6
+    x = torch.randn(n, hidden, device=device).to(dtype).requires_grad_()
+    wd = (torch.randn(r, hidden, device=device) / hidden ** 0.5).to(dtype).requires_grad_()
+    bd = (torch.randn(r, device=device) * 0.1).to(dtype).requires_grad_()
+    wu = (torch.randn(hidden, r, device=device) / r ** 0.5).to(dtype).requires_grad_()
+    bu = (torch.randn(hidden, device=device) * 0.1).to(dtype).requires_grad_()
+    return [
+        registry.Sample((x, wd, bd, wu, bu), {"activation": "gelu", "scale": 0.5}, "gelu, biases"),
+        registry.Sample((x.detach().reshape(1, n, hidden), wd, None, wu, None), {"activation": "silu"},
+                        "3-D x, silu, no biases"),
+    ]
+
+
+def _bad_inputs(device):
+    x = torch.randn(4, 6, device=device)
+    wd = torch.randn(2, 6, device=device)
+    wu = torch.randn(6, 2, device=device)
+    bad = registry.BadInput
+    return [
+        bad((x, wd[:, :5], None, wu, None), {}, ValueError, "hidden size mismatch"),
+        bad((x, wd, None, wu.double(), None), {}, TypeError, "up_weight is torch.float64"),
+        bad((x, wd, None, wu.to("meta"), None), {}, ValueError, "up_weight is on meta"),
+        bad((x, wd, None, wu, None), {"activation": "tanh"}, ValueError, "unknown activation"),
+        bad((x, wd, None, wu, None), {"dropout_p": -0.1}, ValueError, "dropout_p"),
+    ]
+
+
+registry.register(registry.OpEntry(
+    name="adapter", functional=adapter, op=adapter_op, samples=_samples, truth=_truth, bad_inputs=_bad_inputs,
+    benchmark="adapter",
+))

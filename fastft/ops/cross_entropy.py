@@ -19,169 +19,99 @@ Kernels (same signature on every backend):
       in eager backward; under torch.compile the scaling is a plain multiply in the traced graph).
 Backends: "cpp" and "cuda" are torch.ops.fastft.*_kernel from fastft._C (csrc/cpu, csrc/cuda);
 "triton" is fastft.kernels.cross_entropy; "reference" is fastft.reference.cross_entropy (plain
-autograd, no custom op).
+autograd, no custom op). The op is defined through fastft.ops._define (docs/ARCHITECTURE.md).
 """
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .. import backend as _backend
 from ..reference.cross_entropy import cross_entropy as _reference
-
-_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
-_NONE, _MEAN, _SUM = 0, 1, 2
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def _kernels(backend: str):
-    if backend == "triton":
-        from ..kernels import cross_entropy as k
-
-        return k.cross_entropy_fwd, k.cross_entropy_bwd, k.scale_if_not_one_
-    ops = torch.ops.fastft
-    return ops.cross_entropy_fwd_kernel, ops.cross_entropy_bwd_kernel, ops.scale_if_not_one_kernel_
+from . import registry
+from ._checks import check_float_tensor, check_index_tensor, check_indices_in_range, check_tensor
+from ._define import Backend, accumulator_dtype, define_op, save_fused_grads, scale_fused_grads
+from ._losses import CE_KERNELS, ce_reduction_scale, check_ce_options, loss_kernels, scale_in_place
 
 
-def reduction_scale(
-    target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: int, dtype: torch.dtype = torch.float32
-) -> Tensor:
-    """The factor that turns the sum of row losses into the reduced loss, as a 0-dim tensor on
-    the target's device (no host sync): 1 for "sum", 1/sum(w_y over counted rows) for "mean",
-    and 0 when no row counts (so an all-ignored batch gives loss 0 and a zero gradient)."""
-    if reduction != _MEAN:
-        return torch.ones((), dtype=dtype, device=target.device)
-    counted = target != ignore_index
-    if weight is None:
-        denom = counted.sum(dtype=dtype)
-    else:
-        safe_t = torch.where(counted, target, torch.zeros_like(target)).clamp_(0, weight.numel() - 1)
-        denom = (weight.to(dtype)[safe_t] * counted).sum()
-    return torch.where(denom > 0, 1.0 / denom, torch.zeros_like(denom))
+@dataclass(frozen=True)
+class CrossEntropyOptions:
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: float = 0.0  # 0 = no softcap
+    reduction: str = "mean"
+
+    def kernel_args(self) -> tuple:
+        return self.ignore_index, self.label_smoothing, self.z_loss, self.softcap
 
 
-# ------------------------------------------------------------------------------------------------
-# Registered ops
-# ------------------------------------------------------------------------------------------------
+def _fused(options: CrossEntropyOptions, compute_grad: bool) -> bool:
+    return compute_grad and options.reduction != "none"
 
 
-@torch.library.custom_op("fastft::cross_entropy", mutates_args=())
-def _cross_entropy_op(
-    logits: Tensor,
-    target: Tensor,
-    weight: Optional[Tensor],
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float,
-    reduction: int,
-    compute_grad: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    fwd, _, _ = _kernels(backend)
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    scale = reduction_scale(target, weight, ignore_index, reduction, acc)
-    fuse_grad = compute_grad and reduction != _NONE
-    loss_rows, lse, grad = fwd(
-        logits, target, weight, scale if fuse_grad else None, ignore_index, label_smoothing, z_loss, softcap
-    )
-    if reduction == _NONE:
+def _forward(logits: Tensor, target: Tensor, weight: Optional[Tensor], compute_grad: bool,
+             options: CrossEntropyOptions, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    acc = accumulator_dtype(logits.dtype)
+    scale = ce_reduction_scale(target, weight, options.ignore_index, options.reduction, acc)
+    loss_rows, lse, grad = loss_kernels(backend).ce_fwd(
+        logits, target, weight, scale if _fused(options, compute_grad) else None, *options.kernel_args())
+    if options.reduction == "none":
         loss = loss_rows.to(logits.dtype)
     else:
         loss = (loss_rows.sum() * scale).to(logits.dtype)
     return loss, lse, grad
 
 
-@_cross_entropy_op.register_fake
-def _(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, compute_grad, backend):
+def _fake(logits, target, weight, compute_grad, options, backend):
     n, v = logits.shape
-    loss = logits.new_empty((n,) if reduction == _NONE else ())
-    lse = logits.new_empty((n,), dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
-    grad = logits.new_empty((n, v) if compute_grad and reduction != _NONE else (0,))
+    loss = logits.new_empty((n,) if options.reduction == "none" else ())
+    lse = logits.new_empty((n,), dtype=accumulator_dtype(logits.dtype))
+    grad = logits.new_empty((n, v) if _fused(options, compute_grad) else (0,))
     return loss, lse, grad
 
 
-@torch.library.custom_op("fastft::cross_entropy_backward", mutates_args=())
-def _cross_entropy_backward_op(
-    grad_loss: Tensor,
-    logits: Tensor,
-    target: Tensor,
-    weight: Optional[Tensor],
-    lse: Tensor,
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float,
-    backend: str,
-) -> Tensor:
-    _, bwd, _ = _kernels(backend)
-    return bwd(grad_loss.to(lse.dtype).contiguous(), logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap)
+def _backward_impl(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor,
+                   options: CrossEntropyOptions, backend: str) -> Tensor:
+    return loss_kernels(backend).ce_bwd(grad_loss.to(lse.dtype).contiguous(), logits, target, weight, lse,
+                                        *options.kernel_args())
 
 
-@_cross_entropy_backward_op.register_fake
-def _(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap, backend):
+def _backward_fake(grad_loss, logits, target, weight, lse, options, backend):
     return torch.empty_like(logits)
 
 
-def _is_traced(t: Tensor) -> bool:
-    """True while torch.compile / AOTAutograd traces (fake or functional tensors): no in-place tricks then."""
-    from torch._subclasses.fake_tensor import is_fake
-    from torch._subclasses.functional_tensor import FunctionalTensor
-
-    return torch.compiler.is_compiling() or is_fake(t) or isinstance(t, FunctionalTensor)
-
-
-def _setup_context(ctx, inputs, output):
-    logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, compute_grad, backend = inputs
-    _, lse, grad = output
-    # lse and grad are auxiliary outputs: without this autograd would build a zero [N, V] "gradient"
-    # for grad on every backward.
-    ctx.mark_non_differentiable(lse, grad)
-    ctx.set_materialize_grads(False)
-    ctx.options = (ignore_index, label_smoothing, z_loss, softcap)
-    ctx.reduction = reduction
-    ctx.backend = backend
-    ctx.fused = compute_grad and reduction != _NONE
-    ctx.grad_consumed = False
+def _setup(ctx, inputs, outputs):
+    logits, target, weight, compute_grad = inputs
+    ctx.fused = _fused(ctx.options, compute_grad)
     if ctx.fused:
-        ctx.save_for_backward(grad)
+        save_fused_grads(ctx, outputs[2])
     else:
-        ctx.save_for_backward(logits, target, weight, lse)
+        ctx.save_for_backward(logits, target, weight, outputs[1])
 
 
-def _backward(ctx, grad_loss, _grad_lse, _grad_grad):
-    if grad_loss is None:
-        return None, None, None, None, None, None, None, None, None, None
-    if not ctx.fused:
-        # Per-row upstream gradient (reduction "none", or a mean/sum whose logits did not require
-        # grad in forward): one sweep from the saved logsumexp.
-        logits, target, weight, lse = ctx.saved_tensors
-        if ctx.reduction != _NONE:
-            scale = reduction_scale(target, weight, ctx.options[0], ctx.reduction, lse.dtype)
-            grad_loss = (grad_loss.to(lse.dtype) * scale).expand(target.shape[0])
-        grad = _cross_entropy_backward_op(grad_loss, logits, target, weight, lse, *ctx.options, ctx.backend)
-        return grad, None, None, None, None, None, None, None, None, None
-    (grad,) = ctx.saved_tensors
-    if _is_traced(grad):
-        grad = grad * grad_loss.to(grad.dtype)
-    else:
-        # Eager: scale the forward's gradient buffer in place; a no-op for the usual upstream 1.0.
-        if ctx.grad_consumed:
-            raise RuntimeError(
-                "fastft.cross_entropy: backward ran twice through the same loss (retain_graph=True); the fused "
-                "gradient buffer is scaled in place by the first backward. Recompute the loss instead."
-            )
-        ctx.grad_consumed = True
-        _, _, scale_ = _kernels(ctx.backend)
-        acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
-        scale_(grad, grad_loss.detach().reshape(()).to(acc))
-    return grad, None, None, None, None, None, None, None, None, None
+def _backward(ctx, grad_loss):
+    if ctx.fused:
+        (grad,) = scale_fused_grads(ctx, grad_loss, scale_in_place(ctx.backend))
+        return grad, None, None, None
+    # Per-row upstream gradient (reduction "none", or a mean/sum whose logits did not require grad in
+    # forward): one sweep from the saved logsumexp.
+    logits, target, weight, lse = ctx.saved_tensors
+    if ctx.options.reduction != "none":
+        scale = ce_reduction_scale(target, weight, ctx.options.ignore_index, ctx.options.reduction, lse.dtype)
+        grad_loss = (grad_loss.to(lse.dtype) * scale).expand(target.shape[0])
+    return ctx.run_backward(grad_loss, logits, target, weight, lse), None, None, None
 
 
-_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+cross_entropy_op = define_op(
+    "cross_entropy", forward=_forward, fake=_fake, setup=_setup, backward=_backward,
+    backward_impl=_backward_impl, backward_fake=_backward_fake, options=CrossEntropyOptions,
+    backends=(Backend("reference"), Backend("cpp", kernels=CE_KERNELS), Backend("triton"),
+              Backend("cuda", kernels=CE_KERNELS)),
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -190,17 +120,9 @@ _cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_inputs(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap) -> None:
-    if not isinstance(input, Tensor):
-        raise TypeError(f"input must be a torch.Tensor of logits, got {type(input).__name__}")
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a torch.Tensor of class indices, got {type(target).__name__}")
-    if input.dtype not in _DTYPES:
-        raise TypeError(f"input must be float32, float16, bfloat16 or float64 logits, got {input.dtype}")
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise TypeError(
-            f"target must hold integer class indices (int64 or int32), got {target.dtype}; "
-            "class-probability targets are not supported"
-        )
+    check_tensor("input", input)
+    check_index_tensor("target", target)
+    check_float_tensor("input", input)
     if input.dim() == 0:
         raise ValueError("input must have a class dimension (shape [..., C]), got a 0-dim tensor")
     if tuple(target.shape) != tuple(input.shape[:-1]):
@@ -213,47 +135,7 @@ def _check_inputs(input, target, weight, ignore_index, reduction, label_smoothin
         raise ValueError("input has 0 classes")
     if target.device != input.device:
         raise ValueError(f"target is on {target.device} but input is on {input.device}")
-    check_loss_options(weight, input.shape[-1], input.device, ignore_index, reduction, label_smoothing, z_loss, softcap)
-
-
-def check_loss_options(weight, num_classes, device, ignore_index, reduction, label_smoothing, z_loss, softcap) -> None:
-    """The cross-entropy options shared by every loss built on it (also fused linear cross-entropy)."""
-    if weight is not None:
-        if not isinstance(weight, Tensor):
-            raise TypeError(f"weight must be a tensor or None, got {type(weight).__name__}")
-        if weight.dim() != 1 or weight.shape[0] != num_classes:
-            raise ValueError(f"weight (class weights) must have shape ({num_classes},), one per class, got {tuple(weight.shape)}")
-        if not weight.is_floating_point():
-            raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
-        if weight.device != device:
-            raise ValueError(f"weight is on {weight.device} but input is on {device}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if not (0.0 <= float(label_smoothing) <= 1.0):
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if not (math.isfinite(float(z_loss)) and float(z_loss) >= 0.0):
-        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
-    if softcap is not None and not (math.isfinite(float(softcap)) and float(softcap) > 0.0):
-        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap}")
-
-
-def check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
-    """Raise ValueError on a target outside [0, num_classes) that is not ignore_index. Always on CPU
-    tensors; on CUDA only with FASTFT_DEBUG=1 (it syncs with the host). Skipped while compiling."""
-    if torch.compiler.is_compiling():
-        return
-    if target.device.type != "cpu" and not _backend.debug_checks():
-        return
-    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
-    if bool(bad.any()):
-        pos = int(bad.reshape(-1).nonzero()[0, 0])
-        value = int(target.reshape(-1)[pos])
-        raise ValueError(
-            f"target value {value} at flat position {pos} is out of range for {num_classes} classes "
-            f"(valid: 0..{num_classes - 1}, or ignore_index={ignore_index})"
-        )
+    check_ce_options(weight, input.shape[-1], input.device, ignore_index, reduction, label_smoothing, z_loss, softcap)
 
 
 def cross_entropy(
@@ -278,11 +160,8 @@ def cross_entropy(
     """
     _check_inputs(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
     num_classes = input.shape[-1]
-    check_targets(target, num_classes, ignore_index)
-    device_type = input.device.type
-    backend = _backend.select(device_type)
-    if backend != "cpp" and input.dtype == torch.float64:
-        backend = "reference"  # Triton and CUDA kernels compute in fp32; keep fp64 exact
+    check_indices_in_range("target", target, num_classes, ignore_index)
+    backend = cross_entropy_op.select(input)
     if backend == "reference":
         return _reference(
             input, target, weight, ignore_index=ignore_index, reduction=reduction,
@@ -292,13 +171,68 @@ def cross_entropy(
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     flat_target = target.reshape(-1).to(torch.int64)
-    w_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
-    w = None if weight is None else weight.to(w_dtype).contiguous()
+    w = None if weight is None else weight.to(accumulator_dtype(input.dtype)).contiguous()
     compute_grad = torch.is_grad_enabled() and input.requires_grad
-    loss, _, _ = _cross_entropy_op(
-        logits, flat_target, w, int(ignore_index), float(label_smoothing), float(z_loss),
-        float(softcap) if softcap is not None else 0.0, _REDUCTIONS[reduction], compute_grad, backend,
-    )
+    options = CrossEntropyOptions(int(ignore_index), float(label_smoothing), float(z_loss),
+                                  float(softcap) if softcap is not None else 0.0, reduction)
+    loss = cross_entropy_op(logits, flat_target, w, compute_grad, options=options, backend=backend)[0]
     if reduction == "none":
         loss = loss.reshape(target.shape)
     return loss
+
+
+# ------------------------------------------------------------------------------------------------
+# Registry entry: what the generic tests, `fastft info` and the benchmarks read
+# ------------------------------------------------------------------------------------------------
+
+
+def _truth(input, target, weight=None, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
+           softcap=None):
+    x = input if softcap is None else softcap * torch.tanh(input / softcap)
+    weight = weight.to(x.dtype) if weight is not None else None
+    loss = F.cross_entropy(x.reshape(-1, x.shape[-1]), target.reshape(-1), weight, ignore_index=ignore_index,
+                           reduction="none", label_smoothing=label_smoothing)
+    if z_loss:
+        counted = (target.reshape(-1) != ignore_index).to(x.dtype)
+        loss = loss + z_loss * torch.logsumexp(x.reshape(-1, x.shape[-1]), -1).square() * counted
+    if reduction == "none":
+        return loss.reshape(target.shape)
+    if reduction == "sum":
+        return loss.sum()
+    counted = target.reshape(-1) != ignore_index
+    w = weight[target.reshape(-1).clamp(min=0)] if weight is not None else torch.ones_like(loss)
+    return loss.sum() / (w * counted).sum()
+
+
+def _samples(dtype, device):
+    n, v = 13, 37  # odd: partial tiles everywhere
+    x = (torch.randn(n, v, device=device) * 3).to(dtype).requires_grad_()
+    t = torch.randint(0, v, (n,), device=device)
+    t[::4] = -100
+    w = torch.rand(v, device=device) + 0.5
+    return [
+        registry.Sample((x, t), {}, "mean"),
+        registry.Sample((x, t), {"reduction": "none", "label_smoothing": 0.1}, "none+smoothing"),
+        registry.Sample((x, t, w), {"reduction": "sum", "z_loss": 1e-3, "softcap": 5.0}, "weights+zloss+softcap"),
+    ]
+
+
+def _bad_inputs(device):
+    x = torch.randn(4, 5, device=device)
+    t = torch.zeros(4, dtype=torch.int64, device=device)
+    bad = registry.BadInput
+    return [
+        bad((x, t), {"reduction": "avg"}, ValueError, "reduction must be one of"),
+        bad((x.int(), t), {}, TypeError, "input must be one of"),
+        bad((x, t.float()), {}, TypeError, "target must hold integer"),
+        bad((x, t[:3]), {}, ValueError, "target shape"),
+        bad((x, t.to("meta")), {}, ValueError, "target is on meta"),
+        bad((x, t), {"label_smoothing": 2.0}, ValueError, "label_smoothing"),
+        bad((x, t + 9), {}, ValueError, "out of range"),
+    ]
+
+
+registry.register(registry.OpEntry(
+    name="cross_entropy", functional=cross_entropy, op=cross_entropy_op, samples=_samples, truth=_truth,
+    bad_inputs=_bad_inputs, benchmark="cross_entropy",
+))

@@ -18,24 +18,32 @@ Backends: "cpp" = torch.ops.fastft.*_kernel (csrc/cpu/lora.cpp: MKL for the two 
 products in csrc/cpu/_low_rank.h's register-blocked kernels, the rank-r term added in place onto the GEMM
 output: no [N, out] temporary, dy read once for g and dB); "triton" = fastft.kernels.lora (one fused GEMM kernel: the base and
 LoRA-down products share each loaded x tile, the LoRA-up product and dropout live in its epilogue);
-"reference" = fastft.reference.lora (plain autograd, no custom op; dropout from the global generator).
-The masks of different backends differ (different generators); each backend's backward uses its own
-forward's mask.
+"reference" = fastft.reference.lora (plain autograd, no custom op). Every backend draws the same
+counter-based dropout mask for a seed (kernels/_dropout.py, csrc/_dropout.h; tests/test_dropout.py).
+"cuda" calls the same torch.ops.fastft.*_kernel schemas as "cpp"; the dispatcher picks the CUDA
+implementation (csrc/cuda) for CUDA tensors.
 """
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .. import backend as _backend
-from ._eager import eager_function
+from ..kernels import _dropout
 from ..reference import lora as _reference
+from . import registry
+from ._checks import check_float_tensor, check_number, check_same_device, check_same_dtype
+from ._define import Backend, define_op
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-SUPPORTED_BACKENDS = ("reference", "cpp", "triton")
+_KERNELS = ("lora_linear_fwd_kernel", "lora_linear_bwd_kernel", "lora_dropout_mask_kernel")
+
+
+@dataclass(frozen=True)
+class LoRAOptions:
+    scaling: float = 1.0
+    dropout_p: float = 0.0
 
 
 def _kernels(backend: str):
@@ -47,62 +55,26 @@ def _kernels(backend: str):
     return ops.lora_linear_fwd_kernel, ops.lora_linear_bwd_kernel, ops.lora_dropout_mask_kernel
 
 
-# ------------------------------------------------------------------------------------------------
-# Registered ops
-# ------------------------------------------------------------------------------------------------
-
-
-def _forward_impl(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    lora_A: Tensor,
-    lora_B: Tensor,
-    scaling: float,
-    dropout_p: float,
-    seed: Optional[Tensor],
-    backend: str,
-) -> tuple[Tensor, Tensor]:
+def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+             seed: Optional[Tensor], options: LoRAOptions, backend: str) -> tuple[Tensor, Tensor]:
     fwd, _, _ = _kernels(backend)
-    return fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    return fwd(x, weight, bias, lora_A, lora_B, options.scaling, options.dropout_p, seed)
 
 
-_lora_linear_op = torch.library.custom_op("fastft::lora_linear", _forward_impl, mutates_args=())
-
-
-@_lora_linear_op.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
+def _fake(x, weight, bias, lora_A, lora_B, seed, options, backend):
     return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]))
 
 
-def _backward_impl(
-    grad_y: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    lora_A: Tensor,
-    lora_B: Tensor,
-    u: Tensor,
-    seed: Optional[Tensor],
-    scaling: float,
-    dropout_p: float,
-    need_dx: bool,
-    need_dweight: bool,
-    need_dbias: bool,
-    need_dA: bool,
-    need_dB: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _backward_impl(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, u: Tensor,
+                   seed: Optional[Tensor], needs: list[bool], options: LoRAOptions,
+                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     _, bwd, _ = _kernels(backend)
-    return bwd(grad_y.contiguous(), x, weight, lora_A, lora_B, u, seed, scaling, dropout_p,
-               need_dx, need_dweight, need_dbias, need_dA, need_dB)
+    return bwd(grad_y.contiguous(), x, weight, lora_A, lora_B, u, seed, options.scaling, options.dropout_p, *needs)
 
 
-_lora_linear_backward_op = torch.library.custom_op("fastft::lora_linear_backward", _backward_impl, mutates_args=())
+def _backward_fake(grad_y, x, weight, lora_A, lora_B, u, seed, needs, options, backend):
+    need_dx, need_dweight, need_dbias, need_dA, need_dB = needs
 
-
-@_lora_linear_backward_op.register_fake
-def _(grad_y, x, weight, lora_A, lora_B, u, seed, scaling, dropout_p, need_dx, need_dweight, need_dbias, need_dA,
-      need_dB, backend):
     def maybe(flag, like):
         return torch.empty_like(like) if flag else x.new_empty((0,))
 
@@ -110,31 +82,24 @@ def _(grad_y, x, weight, lora_A, lora_B, u, seed, scaling, dropout_p, need_dx, n
             maybe(need_dA, lora_A), maybe(need_dB, lora_B))
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend = inputs
-    _, u = output
-    ctx.options = (scaling, dropout_p)
-    ctx.backend = backend
-    ctx.save_for_backward(x, weight, lora_A, lora_B, u, seed)
-    ctx.backward_fn = _lora_linear_backward_op
+def _setup(ctx, inputs, outputs):
+    x, weight, bias, lora_A, lora_B, seed = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, outputs[1], seed)
 
 
-def _backward(ctx, grad_y, _grad_u):
+def _backward(ctx, grad_y):
     x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
-    need_dx, need_dweight, need_dbias, need_dA, need_dB = (ctx.needs_input_grad[i] for i in range(5))
-    dx, dweight, dbias, dA, dB = ctx.backward_fn(
-        grad_y, x, weight, lora_A, lora_B, u, seed, *ctx.options,
-        need_dx, need_dweight, need_dbias, need_dA, need_dB, ctx.backend,
-    )
-    return (dx if need_dx else None, dweight if need_dweight else None, dbias if need_dbias else None,
-            dA if need_dA else None, dB if need_dB else None, None, None, None, None)
+    needs = [bool(ctx.needs_input_grad[i]) for i in range(5)]
+    grads = ctx.run_backward(grad_y, x, weight, lora_A, lora_B, u, seed, needs)
+    return (*(g if need else None for g, need in zip(grads, needs)), None)
 
 
-_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-# Eager mode skips torch.library's Python dispatch (~0.5 ms a call); torch.compile uses the registered op.
-_EagerLoRALinear = eager_function("_EagerLoRALinear", _forward_impl, _setup_context, _backward_impl, _backward)
+lora_linear_op = define_op(
+    "lora_linear", forward=_forward, fake=_fake, setup=_setup, backward=_backward, backward_impl=_backward_impl,
+    backward_fake=_backward_fake, options=LoRAOptions,
+    backends=(Backend("reference"), Backend("cpp", kernels=_KERNELS), Backend("triton"),
+              Backend("cuda", kernels=_KERNELS)),
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -142,22 +107,13 @@ _EagerLoRALinear = eager_function("_EagerLoRALinear", _forward_impl, _setup_cont
 # ------------------------------------------------------------------------------------------------
 
 
-def _check_tensor(name: str, t, dims: int) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _DTYPES:
-        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
-    if dims and t.dim() != dims:
-        raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
-
-
 def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
-    _check_tensor("x", x, 0)
+    check_float_tensor("x", x)
     if x.dim() == 0:
         raise ValueError("x must have a feature dimension (shape [..., in_features]), got a 0-dim tensor")
-    _check_tensor("weight", weight, 2)
-    _check_tensor("lora_A", lora_A, 2)
-    _check_tensor("lora_B", lora_B, 2)
+    check_float_tensor("weight", weight, dim=2)
+    check_float_tensor("lora_A", lora_A, dim=2)
+    check_float_tensor("lora_B", lora_B, dim=2)
     out_features, in_features = weight.shape
     rank = lora_A.shape[0]
     if x.shape[-1] != in_features:
@@ -170,49 +126,22 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
     if tuple(lora_B.shape) != (out_features, rank):
         raise ValueError(f"lora_B must have shape (out_features, r) = ({out_features}, {rank}), got "
                          f"{tuple(lora_B.shape)}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} differs from x dtype {x.dtype} (as in F.linear, they must match)")
     if bias is not None:
-        _check_tensor("bias", bias, 1)
+        check_float_tensor("bias", bias, dim=1)
         if bias.shape[0] != out_features:
             raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias dtype {bias.dtype} differs from x dtype {x.dtype}")
-    for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    if isinstance(scaling, Tensor) or not math.isfinite(float(scaling)):
-        raise ValueError(f"scaling must be a finite Python number, got {scaling!r}")
-    if not (0.0 <= float(dropout_p) < 1.0):
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-
-
-def draw_seed(device: torch.device) -> Tensor:
-    """A one-element int64 seed for a dropout mask, drawn from the global generator (so
-    ``torch.manual_seed`` reproduces the mask), on ``device`` (no host sync on CUDA)."""
-    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
-
-
-def _reference_mask(like: Tensor, dropout_p: float, seed: Optional[Tensor]) -> Tensor:
-    gen = None
-    if seed is not None:
-        gen = torch.Generator(device=like.device).manual_seed(int(seed.reshape(-1)[0]))
-    return torch.empty_like(like).bernoulli_(1.0 - dropout_p, generator=gen)
+    check_same_dtype("x", x, weight=weight, bias=bias)
+    check_same_device("x", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+    check_number("scaling", scaling)
+    check_number("dropout_p", dropout_p, low=0.0, high=1.0, high_open=True)
 
 
 def dropout_mask(like: Tensor, dropout_p: float, seed: Tensor, backend: str) -> Tensor:
     """The 0/1 keep-mask (``like``'s shape and dtype) that ``backend`` draws for ``seed``. For tests."""
     if backend == "reference":
-        return _reference_mask(like, dropout_p, seed)
+        return _dropout.keep_mask(like.shape, dropout_p, seed, device=like.device).to(like.dtype)
     _, _, mask = _kernels(backend)
     return mask(like.reshape(-1, like.shape[-1]), float(dropout_p), seed).reshape(like.shape)
-
-
-def select_backend(x: Tensor) -> str:
-    backend = _backend.select(x.device.type, SUPPORTED_BACKENDS)
-    if backend == "triton" and x.dtype == torch.float64:
-        backend = "reference"  # Triton's dot has no fp64 on every target; keep fp64 exact
-    return backend
 
 
 def lora_linear(
@@ -233,25 +162,69 @@ def lora_linear(
     (cast to x's dtype for the product when they differ, e.g. fp32 adapters on a bf16 model, as PEFT
     keeps them; their gradients come back in their own dtype). Dropout (only when ``training`` and
     ``dropout_p > 0``) applies to the LoRA branch's input, as in PEFT. ``seed`` (one-element int64
-    tensor) fixes the dropout mask; by default it is drawn from the global generator. Gradients: x, W,
-    b, A, B each only when it requires grad.
+    tensor) fixes the dropout mask (the same on every backend); by default it is drawn from the global
+    generator. Gradients: x, W, b, A, B each only when it requires grad.
     """
     _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     p = float(dropout_p) if training else 0.0
-    backend = select_backend(x)
+    backend = lora_linear_op.select(x)
     lora_A = lora_A.to(x.dtype)
     lora_B = lora_B.to(x.dtype)
+    if p > 0 and seed is None:
+        seed = _dropout.draw_seed(x.device)
+    elif p == 0:
+        seed = None
     if backend == "reference":
-        mask = _reference_mask(x, p, seed) if p > 0 else None
-        return _reference.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), dropout_p=p, dropout_mask=mask)
+        return _reference.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), dropout_p=p, seed=seed)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    if p > 0 and seed is None:
-        seed = draw_seed(x.device)
-    elif p == 0:
-        seed = None
-    args = (x2, weight, bias, lora_A, lora_B, float(scaling), p, seed, backend)
-    y = _lora_linear_op(*args)[0] if torch.compiler.is_compiling() else _EagerLoRALinear.apply(*args)
+    y = lora_linear_op(x2, weight, bias, lora_A, lora_B, seed, options=LoRAOptions(float(scaling), p),
+                       backend=backend)[0]
     return y.reshape(*lead, weight.shape[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# Registry entry
+# ------------------------------------------------------------------------------------------------
+
+
+def _truth(x, weight, bias, lora_A, lora_B, scaling, *, dropout_p=0.0, training=True, seed=None):
+    return torch.nn.functional.linear(x, weight, bias) + scaling * (x @ lora_A.t().to(x.dtype)) @ lora_B.t().to(x.dtype)
+
+
+def _samples(dtype, device):
+    n, d_in, d_out, r = 13, 23, 19, 5
+    x = torch.randn(n, d_in, device=device).to(dtype).requires_grad_()
+    w = (torch.randn(d_out, d_in, device=device) / d_in ** 0.5).to(dtype)
+    b = (torch.randn(d_out, device=device) * 0.1).to(dtype)
+    a = (torch.randn(r, d_in, device=device) / d_in ** 0.5).to(dtype).requires_grad_()
+    bb = (torch.randn(d_out, r, device=device) * 0.2).to(dtype).requires_grad_()
+    return [
+        registry.Sample((x, w, b, a, bb, 2.0), {}, "frozen base"),
+        registry.Sample((x.detach().reshape(1, n, d_in), w.requires_grad_(), None, a, bb, 0.5), {},
+                        "3-D x, trainable W, no bias"),
+    ]
+
+
+def _bad_inputs(device):
+    x = torch.randn(4, 6, device=device)
+    w = torch.randn(5, 6, device=device)
+    a = torch.randn(2, 6, device=device)
+    b = torch.randn(5, 2, device=device)
+    bad = registry.BadInput
+    return [
+        bad((x, w[:, :5], None, a, b, 1.0), {}, ValueError, "features"),
+        bad((x, w, None, a, b[:, :1], 1.0), {}, ValueError, "lora_B must have shape"),
+        bad((x, w.double(), None, a, b, 1.0), {}, TypeError, "weight dtype"),
+        bad((x, w, None, a.to("meta"), b, 1.0), {}, ValueError, "lora_A is on meta"),
+        bad((x, w, None, a, b, 1.0), {"dropout_p": 1.0}, ValueError, "dropout_p"),
+        bad((x.int(), w, None, a, b, 1.0), {}, TypeError, "x must be one of"),
+    ]
+
+
+registry.register(registry.OpEntry(
+    name="lora_linear", functional=lora_linear, op=lora_linear_op, samples=_samples, truth=_truth,
+    bad_inputs=_bad_inputs, benchmark="lora",
+))

@@ -54,5 +54,7 @@ def cross_entropy(
     if reduction == "sum":
         return total.to(input.dtype)
     denom = torch.where(counted, w_t, torch.zeros_like(w_t)).sum()
-    safe = torch.where(denom > 0, denom, torch.ones_like(denom))
-    return torch.where(denom > 0, total / safe, torch.zeros_like(total)).to(input.dtype)
+    # "no counted row" is the count, not the sign of sum(w_y): negative class weights are legal in torch.
+    any_counted = counted.any()
+    safe = torch.where(any_counted, denom, torch.ones_like(denom))
+    return torch.where(any_counted, total / safe, torch.zeros_like(total)).to(input.dtype)

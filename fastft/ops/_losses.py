@@ -1,0 +1,202 @@
+"""What the loss ops (cross_entropy, linear_cross_entropy, full_kl, linear_full_kl) share: their
+kernels per backend, the reduction factor, the in-place scaling of fused gradients, the options of
+cross-entropy, and one chunk policy for the heads that never hold the whole logits."""
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._checks import check_number, check_reduction, check_tensor
+from ._define import accumulator_dtype
+
+# Kernels by backend. "cpp" and "cuda" call the same torch.ops.fastft.*_kernel schemas: the
+# dispatcher routes by the tensors' device to the CPU (csrc/cpu) or CUDA (csrc/cuda) implementation.
+CE_KERNELS = ("cross_entropy_fwd_kernel", "cross_entropy_bwd_kernel", "scale_if_not_one_kernel_")
+KL_KERNELS = ("full_kl_fwd_kernel", "full_kl_bwd_kernel", "scale_if_not_one_kernel_")
+
+
+def loss_kernels(backend: str) -> SimpleNamespace:
+    """ce_fwd, ce_bwd, kl_fwd, kl_bwd, sel_fwd, sel_bwd, scale_ (grad *= scale unless scale == 1)."""
+    if backend == "triton":
+        from ..kernels import cross_entropy as ce
+        from ..kernels import kl
+
+        return SimpleNamespace(ce_fwd=ce.cross_entropy_fwd, ce_bwd=ce.cross_entropy_bwd, kl_fwd=kl.full_kl_fwd,
+                               kl_bwd=kl.full_kl_bwd, sel_fwd=kl.selective_log_softmax_fwd,
+                               sel_bwd=kl.selective_log_softmax_bwd, scale_=ce.scale_if_not_one_)
+    ops = torch.ops.fastft
+    return SimpleNamespace(ce_fwd=ops.cross_entropy_fwd_kernel, ce_bwd=ops.cross_entropy_bwd_kernel,
+                           kl_fwd=ops.full_kl_fwd_kernel, kl_bwd=ops.full_kl_bwd_kernel,
+                           sel_fwd=ops.selective_log_softmax_fwd_kernel,
+                           sel_bwd=ops.selective_log_softmax_bwd_kernel, scale_=ops.scale_if_not_one_kernel_)
+
+
+def scale_in_place(backend: str):
+    """(grad, upstream 0-dim gradient) -> None: grad *= upstream, touching nothing when it is exactly 1."""
+    scale_ = loss_kernels(backend).scale_
+
+    def run(grad: Tensor, grad_output: Tensor) -> None:
+        scale_(grad, grad_output.detach().reshape(()).to(accumulator_dtype(grad.dtype)))
+
+    return run
+
+
+def scale_rows_in_place(grad: Tensor, grad_output: Tensor) -> None:
+    """grad[i] *= grad_output[i] (reduction "none": one upstream gradient per row)."""
+    grad.mul_(grad_output.reshape(-1, 1).to(grad.dtype))
+
+
+def mean_scale(counted: Tensor, denominator: Tensor, reduction: str) -> Tensor:
+    """0-dim factor from the sum of row losses to the reduced loss, on the device (no host sync): 1 for
+    "sum" and "none", 1/denominator for "mean", and 0 when no row is counted (an all-ignored batch gives
+    loss 0 and a zero gradient; torch gives NaN). The test is the count of counted rows, not the sign of
+    the denominator: negative class weights give a negative denominator, as in torch."""
+    if reduction != "mean":
+        return torch.ones((), dtype=denominator.dtype, device=denominator.device)
+    any_counted = counted.any()
+    safe = torch.where(any_counted, denominator, torch.ones_like(denominator))
+    return torch.where(any_counted, 1.0 / safe, torch.zeros_like(denominator))
+
+
+def ce_reduction_scale(target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: str,
+                       dtype: torch.dtype = torch.float32) -> Tensor:
+    """mean_scale for cross-entropy: the denominator is sum(w_y) over counted rows (the count without weights)."""
+    counted = target != ignore_index
+    if reduction != "mean":
+        return mean_scale(counted, torch.ones((), dtype=dtype, device=target.device), reduction)
+    if weight is None:
+        denom = counted.sum(dtype=dtype)
+    else:
+        safe_t = torch.where(counted, target, torch.zeros_like(target)).clamp_(0, weight.numel() - 1)
+        denom = (weight.to(dtype)[safe_t] * counted).sum()
+    return mean_scale(counted, denom, reduction)
+
+
+def count_reduction_scale(mask: Optional[Tensor], n: int, reduction: str, dtype: torch.dtype, device) -> Tensor:
+    """mean_scale over tokens: the denominator is the number of counted (mask True) rows."""
+    counted = mask if mask is not None else torch.ones((n,), dtype=torch.bool, device=device)
+    return mean_scale(counted, counted.sum(dtype=dtype), reduction)
+
+
+def check_ce_options(weight, num_classes: int, device, ignore_index, reduction, label_smoothing, z_loss,
+                     softcap) -> None:
+    """The cross-entropy options (shared by cross_entropy and linear_cross_entropy)."""
+    if weight is not None:
+        check_tensor("weight", weight)
+        if weight.dim() != 1 or weight.shape[0] != num_classes:
+            raise ValueError(f"weight (class weights) must have shape ({num_classes},), one per class, got "
+                             f"{tuple(weight.shape)}")
+        if not weight.is_floating_point():
+            raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
+        if weight.device != device:
+            raise ValueError(f"weight is on {weight.device} but input is on {device}")
+    check_reduction(reduction)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    check_number("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    check_number("z_loss", z_loss, low=0.0)
+    if softcap is not None:
+        check_number("softcap", softcap, low=0.0, low_open=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# The chunk policy of the linear heads (linear_cross_entropy, linear_full_kl)
+# ------------------------------------------------------------------------------------------------
+
+DEFAULT_CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 512 << 20}
+
+
+def chunk_rows(n: int, v: int, dtype: torch.dtype, device_type: str, buffers_per_row: int, chunk_size: int) -> int:
+    """Token rows per chunk: ``chunk_size`` when > 0, else as many as fit the byte budget of the
+    [rows, v] buffers alive at once (FASTFT_LCE_CHUNK_BYTES; default 64 MiB on CPU, 512 MiB on CUDA)."""
+    if chunk_size > 0:
+        return max(1, min(chunk_size, n))
+    env = os.environ.get("FASTFT_LCE_CHUNK_BYTES")
+    budget = int(env) if env else DEFAULT_CHUNK_BYTES.get(device_type, 512 << 20)
+    row_bytes = max(1, v * torch.empty((), dtype=dtype).element_size() * buffers_per_row)
+    rows = max(1, budget // row_bytes)
+    if rows >= 64:
+        rows -= rows % 16  # GEMM-friendly M
+    return max(1, min(rows, n))
+
+
+def counted_rows(counted: Optional[Tensor]) -> Optional[Tensor]:
+    """Indices of the counted rows when some but not all are counted, on CPU; else None.
+
+    A row that is not counted (padding, prompt tokens) has zero loss and gradient, so its share of the
+    GEMMs is skipped. Not on CUDA: finding the rows is a host sync; there every row is computed and the
+    kernels skip the uncounted ones."""
+    if counted is None or counted.device.type != "cpu":
+        return None
+    idx = counted.nonzero().squeeze(1)
+    return idx if 0 < idx.numel() < counted.numel() else None
+
+
+def scatter_rows(rows: Tensor, idx: Tensor, n: int) -> Tensor:
+    full = rows.new_zeros((n,) + tuple(rows.shape[1:]))
+    return full.index_copy_(0, idx, rows)
+
+
+class HeadGrads:
+    """The gradients of one linear head (hidden rows x, weight W, bias b) from each chunk's logit
+    gradient, only those wanted: grad_x rows written per chunk, grad_W / grad_b summed over chunks (for
+    fp16/bf16 over more than one chunk in fp32, rounded once at the end; one chunk's GEMM already
+    accumulates in fp32)."""
+
+    def __init__(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], need_x: bool, need_w: bool,
+                 need_b: bool, single_chunk: bool) -> None:
+        n, h = x.shape
+        v = weight.shape[0]
+        self.weight, self.need_x, self.need_w, self.need_b = weight, need_x, need_w, need_b
+        low = weight.dtype in (torch.float16, torch.bfloat16)
+        self.w_acc = torch.float32 if (low and not single_chunk) else weight.dtype
+        self.grad_x = torch.empty((n, h), dtype=x.dtype, device=x.device) if need_x else None
+        self.grad_w = torch.empty((v, h), dtype=self.w_acc, device=x.device) if need_w else None
+        self.first_w = True
+        b_acc = torch.float64 if bias is not None and bias.dtype == torch.float64 else torch.float32
+        self.grad_b = torch.zeros((v,), dtype=b_acc, device=x.device) if need_b else None
+        self.bias_dtype = bias.dtype if bias is not None else None
+
+    def add(self, start: int, end: int, x_chunk: Tensor, dlogits: Tensor) -> None:
+        if self.need_x:
+            torch.mm(dlogits, self.weight, out=self.grad_x[start:end])
+        if self.need_w:
+            if self.grad_w.dtype == dlogits.dtype:
+                if self.first_w:
+                    torch.mm(dlogits.t(), x_chunk, out=self.grad_w)
+                else:
+                    self.grad_w.addmm_(dlogits.t(), x_chunk)
+            else:
+                # fp32 accumulation of half GEMMs (each rounds once; CPU and torch < 2.8 CUDA have no
+                # half x half -> fp32 addmm).
+                part = torch.mm(dlogits.t(), x_chunk)
+                if self.first_w:
+                    self.grad_w.copy_(part)
+                else:
+                    self.grad_w.add_(part)
+                del part
+            self.first_w = False
+        if self.need_b:
+            self.grad_b.add_(dlogits.sum(0, dtype=self.grad_b.dtype))
+
+    def finish(self, like: Tensor) -> tuple:
+        """(grad_x, grad_W, grad_b), each a distinct empty (0,) tensor when not wanted (outputs may not alias)."""
+        gx = self.grad_x if self.need_x else like.new_empty((0,))
+        if self.need_w:
+            if self.first_w:  # no rows at all
+                self.grad_w.zero_()
+            gw = self.grad_w.to(self.weight.dtype)
+        else:
+            gw = like.new_empty((0,))
+        gb = self.grad_b.to(self.bias_dtype) if self.need_b else like.new_empty((0,))
+        return gx, gw, gb
+
+
+def logits_into(out: Tensor, x_chunk: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    if bias is None:
+        return torch.mm(x_chunk, weight.t(), out=out)
+    return torch.addmm(bias, x_chunk, weight.t(), out=out)

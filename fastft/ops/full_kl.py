@@ -1,0 +1,211 @@
+"""fastft.ops.full_kl: KL(pi || pi_ref) over the whole vocabulary, per token (RLHF penalties, distillation).
+
+Data flow (reduction "mean"/"sum", gradients wanted): one kernel per row reads both rows once from
+memory and writes KL and d(loss)/d(logits) already scaled by the reduction (1/counted tokens for
+"mean"); backward only multiplies by the upstream gradient, and skips even that when it is exactly 1
+(the usual ``loss.backward()``), as fastft.ops.cross_entropy does. For reduction "none" forward saves
+both rows' logsumexps and the KL, and backward writes the gradient in one sweep. Masked tokens are never
+read: their KL and gradient are 0.
+
+Kernels (same signature on every backend; "cpp"/"cuda" are torch.ops.fastft.* from csrc/cpu/kl.cpp and
+its CUDA twin, "triton" is fastft.kernels.kl, "reference" is fastft.reference.kl with plain autograd):
+  full_kl_fwd(policy[N,V], ref[N,V], mask[N] bool?, grad_scale[] f32?, temperature, grad_policy, grad_ref)
+      -> (kl[N], lse_p[N], lse_r[N] f32, grad_policy[N,V] | (0,), grad_ref[N,V] | (0,))
+  full_kl_bwd(grad_kl[N] f32, policy, ref, mask?, lse_p, lse_r, kl, temperature, grad_policy, grad_ref)
+      -> (grad_policy | (0,), grad_ref | (0,))
+  (f32 is fp64 for fp64 logits on the C++ backend, the only one that takes fp64.)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..reference import kl as _reference
+from . import registry
+from ._checks import check_float_tensor, check_mask, check_number, check_reduction, rows
+from ._define import Backend, accumulator_dtype, define_op, save_fused_grads, scale_fused_grads
+from ._losses import KL_KERNELS, count_reduction_scale, loss_kernels, scale_in_place
+
+__all__ = ["full_kl", "KLOptions"]
+
+
+@dataclass(frozen=True)
+class KLOptions:
+    temperature: float = 1.0
+    reduction: str = "mean"
+
+
+def _fused(options: KLOptions, grad_policy: bool, grad_ref: bool) -> bool:
+    return options.reduction != "none" and (grad_policy or grad_ref)
+
+
+def _forward(policy: Tensor, ref: Tensor, mask: Optional[Tensor], grad_policy: bool, grad_ref: bool,
+             options: KLOptions, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    fused = _fused(options, grad_policy, grad_ref)
+    scale = count_reduction_scale(mask, policy.shape[0], options.reduction, accumulator_dtype(policy.dtype),
+                                  policy.device)
+    kl, lse_p, lse_r, gp, gr = loss_kernels(backend).kl_fwd(policy, ref, mask, scale if fused else None,
+                                                          options.temperature, grad_policy, grad_ref)
+    if options.reduction == "none":
+        loss = kl.to(policy.dtype, copy=True)
+    else:
+        loss = (kl.sum() * scale).to(policy.dtype)
+    return loss, kl, lse_p, lse_r, gp, gr
+
+
+def _fake(policy, ref, mask, grad_policy, grad_ref, options, backend):
+    n, v = policy.shape
+    fused = _fused(options, grad_policy, grad_ref)
+    loss = policy.new_empty((n,) if options.reduction == "none" else ())
+    stats = [policy.new_empty((n,), dtype=accumulator_dtype(policy.dtype)) for _ in range(3)]
+    gp = policy.new_empty((n, v) if fused and grad_policy else (0,))
+    gr = policy.new_empty((n, v) if fused and grad_ref else (0,))
+    return loss, *stats, gp, gr
+
+
+def _backward_impl(grad_kl: Tensor, policy: Tensor, ref: Tensor, mask: Optional[Tensor], lse_p: Tensor,
+                   lse_r: Tensor, kl: Tensor, grad_policy: bool, grad_ref: bool, options: KLOptions,
+                   backend: str) -> tuple[Tensor, Tensor]:
+    return loss_kernels(backend).kl_bwd(grad_kl.to(kl.dtype).contiguous(), policy, ref, mask, lse_p, lse_r, kl,
+                                        options.temperature, grad_policy, grad_ref)
+
+
+def _backward_fake(grad_kl, policy, ref, mask, lse_p, lse_r, kl, grad_policy, grad_ref, options, backend):
+    return (policy.new_empty(policy.shape if grad_policy else (0,)), policy.new_empty(policy.shape if grad_ref else (0,)))
+
+
+def _setup(ctx, inputs, outputs):
+    policy, ref, mask, grad_policy, grad_ref = inputs
+    ctx.flags = (grad_policy, grad_ref)
+    ctx.fused = _fused(ctx.options, grad_policy, grad_ref)
+    if ctx.fused:
+        save_fused_grads(ctx, *outputs[4:])
+    else:
+        ctx.save_for_backward(policy, ref, mask, *outputs[1:4])
+
+
+def _backward(ctx, grad_loss):
+    grad_policy, grad_ref = ctx.flags
+    if ctx.fused:
+        gp, gr = scale_fused_grads(ctx, grad_loss, scale_in_place(ctx.backend), wanted=ctx.flags)
+    elif not (grad_policy or grad_ref):
+        gp = gr = None
+    else:
+        policy, ref, mask, kl, lse_p, lse_r = ctx.saved_tensors
+        if ctx.options.reduction != "none":
+            scale = count_reduction_scale(mask, policy.shape[0], ctx.options.reduction, kl.dtype, kl.device)
+            grad_loss = (grad_loss.to(kl.dtype) * scale).expand(policy.shape[0])
+        gp, gr = ctx.run_backward(grad_loss, policy, ref, mask, lse_p, lse_r, kl, grad_policy, grad_ref)
+    return (gp if grad_policy else None), (gr if grad_ref else None), None, None, None
+
+
+full_kl_op = define_op(
+    "full_kl", forward=_forward, fake=_fake, setup=_setup, backward=_backward, backward_impl=_backward_impl,
+    backward_fake=_backward_fake, options=KLOptions,
+    backends=(Backend("reference"), Backend("cpp", kernels=KL_KERNELS), Backend("triton"),
+              Backend("cuda", kernels=KL_KERNELS)),
+)
+
+
+def full_kl(
+    policy_logits: Tensor,
+    ref_logits: Tensor,
+    *,
+    mask: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+) -> Tensor:
+    """Full-vocabulary KL(pi || pi_ref) per token, pi = softmax(policy_logits / T), pi_ref =
+    softmax(ref_logits / T), over the last dimension: sum_v pi_v (log pi_v - log pi_ref_v).
+
+    ``mask`` (shape = the logits' leading shape; True / nonzero = counted) zeroes the other tokens;
+    reduction "none" -> per-token KL of the leading shape, "sum", or "mean" over counted tokens (0
+    when none is counted). Gradients flow to ``policy_logits`` and, when it requires grad, to
+    ``ref_logits``. ``ref_logits`` of another floating dtype are cast to the policy's. Tokens the
+    policy gives probability 0 (logit -inf) contribute 0. The result has the policy's dtype.
+    """
+    check_float_tensor("policy_logits", policy_logits)
+    check_float_tensor("ref_logits", ref_logits)
+    if policy_logits.dim() == 0:
+        raise ValueError("policy_logits must have a vocabulary dimension (shape [..., V]), got a 0-dim tensor")
+    if policy_logits.shape[-1] != ref_logits.shape[-1]:
+        raise ValueError(
+            f"vocabulary sizes differ: policy_logits has {policy_logits.shape[-1]} and ref_logits {ref_logits.shape[-1]} "
+            "(last dimension)"
+        )
+    if tuple(policy_logits.shape) != tuple(ref_logits.shape):
+        raise ValueError(f"policy_logits {tuple(policy_logits.shape)} and ref_logits {tuple(ref_logits.shape)} "
+                         "must have the same shape")
+    if policy_logits.shape[-1] == 0:
+        raise ValueError("the logits have a vocabulary of size 0")
+    if ref_logits.device != policy_logits.device:
+        raise ValueError(f"ref_logits is on {ref_logits.device} but policy_logits is on {policy_logits.device}")
+    temperature = check_number("temperature", temperature, low=0.0, low_open=True)
+    check_reduction(reduction)
+    token_shape = tuple(policy_logits.shape[:-1])
+    flat_mask = check_mask("mask", mask, token_shape, policy_logits.device)
+    if ref_logits.dtype != policy_logits.dtype:
+        ref_logits = ref_logits.to(policy_logits.dtype)
+    backend = full_kl_op.select(policy_logits)
+    if backend == "reference":
+        return _reference.full_kl(policy_logits, ref_logits, mask=mask, temperature=temperature, reduction=reduction)
+    v = policy_logits.shape[-1]
+    grad_on = torch.is_grad_enabled()
+    loss = full_kl_op(rows(policy_logits, v), rows(ref_logits, v), flat_mask, grad_on and policy_logits.requires_grad,
+                      grad_on and ref_logits.requires_grad, options=KLOptions(temperature, reduction),
+                      backend=backend)[0]
+    return loss.reshape(token_shape) if reduction == "none" else loss
+
+
+# ------------------------------------------------------------------------------------------------
+# Registry entry
+# ------------------------------------------------------------------------------------------------
+
+
+def kl_truth(policy_logits, ref_logits, *, mask=None, temperature=1.0, reduction="mean"):
+    """Plain torch KL(softmax(p/T) || softmax(r/T)) per token with fastft's mask/reduction rules."""
+    logp = torch.log_softmax(policy_logits / temperature, -1)
+    logr = torch.log_softmax(ref_logits / temperature, -1)
+    per_token = (logp.exp() * (logp - logr)).sum(-1)
+    if mask is not None:
+        per_token = per_token * (mask != 0).to(per_token.dtype)
+    if reduction == "none":
+        return per_token
+    if reduction == "sum":
+        return per_token.sum()
+    count = per_token.numel() if mask is None else (mask != 0).sum()
+    return per_token.sum() / count
+
+
+def _samples(dtype, device):
+    n, v = 2, 37
+    p = (torch.randn(n, 5, v, device=device) * 2).to(dtype).requires_grad_()
+    r = (torch.randn(n, 5, v, device=device) * 2).to(dtype).requires_grad_()
+    mask = torch.rand(n, 5, device=device) > 0.3
+    return [
+        registry.Sample((p, r.detach()), {}, "mean"),
+        registry.Sample((p, r), {"mask": mask, "reduction": "none", "temperature": 0.7}, "none+mask, both grads"),
+        registry.Sample((p, r.detach()), {"mask": mask, "reduction": "sum"}, "sum+mask"),
+    ]
+
+
+def _bad_inputs(device):
+    p = torch.randn(3, 6, device=device)
+    bad = registry.BadInput
+    return [
+        bad((p, p), {"reduction": "avg"}, ValueError, "reduction must be one of"),
+        bad((p, p[:, :5]), {}, ValueError, "vocabulary sizes differ"),
+        bad((p, p.to("meta")), {}, ValueError, "ref_logits is on meta"),
+        bad((p.int(), p), {}, TypeError, "policy_logits must be one of"),
+        bad((p, p), {"temperature": 0.0}, ValueError, "temperature"),
+        bad((p, p), {"mask": torch.ones(2, dtype=torch.bool, device=device)}, ValueError, "mask shape"),
+    ]
+
+
+registry.register(registry.OpEntry(
+    name="full_kl", functional=full_kl, op=full_kl_op, samples=_samples, truth=kl_truth, bad_inputs=_bad_inputs,
+    benchmark="kl",
+))

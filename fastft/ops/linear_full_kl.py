@@ -1,0 +1,268 @@
+"""fastft.ops.linear_full_kl: full_kl of two linear heads' logits, never holding either [N, V] logits.
+
+Per token chunk: two GEMMs into chunk logits, the full_kl kernel with its fused gradient (reduction
+mean/sum), and the GEMMs into grad_hidden / grad_weight of each head (fastft.ops._losses.HeadGrads, the
+engine linear_cross_entropy uses, with the same chunk policy, fastft.ops._losses.chunk_rows). Masked
+tokens: on CPU they are dropped before the GEMMs; on CUDA (where finding them is a host sync) every row
+is computed and the kernel's mask skips them. Reduction "none" saves the row statistics and recomputes the
+logits chunk by chunk in backward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..reference import kl as _reference
+from . import registry
+from ._checks import check_float_tensor, check_mask, check_number, check_reduction
+from ._define import Backend, accumulator_dtype, define_op, save_fused_grads, scale_fused_grads
+from ._losses import (KL_KERNELS, HeadGrads, chunk_rows, count_reduction_scale, counted_rows, loss_kernels,
+                      scale_in_place, scatter_rows)
+from .full_kl import KLOptions, kl_truth
+from .linear_cross_entropy import check_chunk_size
+
+__all__ = ["linear_full_kl", "LinearKLOptions"]
+
+
+@dataclass(frozen=True)
+class LinearKLOptions(KLOptions):
+    chunk_size: int = 0  # token rows per chunk; 0 = from the byte budget
+
+
+def _run_chunks(hp, wp, hr, wr, mask, options, backend, needs, grad_scale=None, row_grad=None, stats=None):
+    """Forward (``row_grad`` None): (kl, lse_p, lse_r) rows and, with ``grad_scale``, the four gradients.
+    Backward (``row_grad`` [N] and ``stats`` = (kl, lse_p, lse_r)): the four gradients."""
+    n = hp.shape[0]
+    idx = counted_rows(mask)
+    if idx is not None:
+        pick = (lambda t: None if t is None else t.index_select(0, idx))
+        sub_stats = None if stats is None else tuple(pick(s) for s in stats)
+        out_stats, grads = _run_chunks(pick(hp), wp, pick(hr), wr, None, options, backend, needs, grad_scale,
+                                       pick(row_grad), sub_stats)
+        out_stats = tuple(scatter_rows(s, idx, n) for s in out_stats)
+        if grads is not None:
+            grads = (scatter_rows(grads[0], idx, n) if needs[0] else grads[0], grads[1],
+                     scatter_rows(grads[2], idx, n) if needs[2] else grads[2], grads[3])
+        return out_stats, grads
+    k = loss_kernels(backend)
+    v = wp.shape[0]
+    want_grads = grad_scale is not None or row_grad is not None
+    grad_p, grad_r = needs[0] or needs[1], needs[2] or needs[3]
+    buffers = 2 + (int(grad_p) + int(grad_r) if want_grads else 0)
+    step = chunk_rows(max(n, 1), v, hp.dtype, hp.device.type, buffers, options.chunk_size)
+    single = step >= n
+    sinks = (HeadGrads(hp, wp, None, needs[0], needs[1], False, single),
+             HeadGrads(hr, wr, None, needs[2], needs[3], False, single)) if want_grads else None
+    acc = accumulator_dtype(hp.dtype)
+    out_stats = tuple(torch.zeros((n,), dtype=acc, device=hp.device) for _ in range(3)) if stats is None else stats
+    for start in range(0, n, step):
+        end = min(start + step, n)
+        lp = hp[start:end] @ wp.t()
+        lr = hr[start:end] @ wr.t()
+        m = None if mask is None else mask[start:end]
+        if row_grad is None:
+            kl_c, lp_c, lr_c, gp, gr = k.kl_fwd(lp, lr, m, grad_scale, options.temperature, grad_p and want_grads,
+                                               grad_r and want_grads)
+            for dst, src in zip(out_stats, (kl_c, lp_c, lr_c)):
+                dst[start:end] = src
+            del kl_c, lp_c, lr_c
+        else:
+            kl_s, lp_s, lr_s = (s[start:end] for s in stats)
+            gp, gr = k.kl_bwd(row_grad[start:end], lp, lr, m, lp_s, lr_s, kl_s, options.temperature, grad_p, grad_r)
+        del lp, lr
+        if want_grads:
+            if grad_p:
+                sinks[0].add(start, end, hp[start:end], gp)
+            if grad_r:
+                sinks[1].add(start, end, hr[start:end], gr)
+        # Drop the chunk's gradients before the next kernel call: the C++ kernel then hands the same
+        # cached buffers out again instead of page-faulting fresh ones.
+        del gp, gr
+    if not want_grads:
+        return out_stats, None
+    gxp, gwp, _ = sinks[0].finish(hp)
+    gxr, gwr, _ = sinks[1].finish(hr)
+    return out_stats, (gxp, gwp, gxr, gwr)
+
+
+def _fused(options: LinearKLOptions, needs) -> bool:
+    return options.reduction != "none" and any(needs)
+
+
+def _forward(hp: Tensor, wp: Tensor, hr: Tensor, wr: Tensor, mask: Optional[Tensor], needs: list[bool],
+             options: LinearKLOptions, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                             Tensor]:
+    n = hp.shape[0]
+    scale = count_reduction_scale(mask, n, options.reduction, accumulator_dtype(hp.dtype), hp.device)
+    fused = _fused(options, needs)
+    (kl, lse_p, lse_r), grads = _run_chunks(hp, wp, hr, wr, mask, options, backend, needs,
+                                            grad_scale=scale if fused else None)
+    if grads is None:
+        grads = tuple(hp.new_empty((0,)) for _ in range(4))
+    loss = kl.to(hp.dtype, copy=True) if options.reduction == "none" else (kl.sum() * scale).to(hp.dtype)
+    return loss, kl, lse_p, lse_r, *grads
+
+
+def _grads_fake(like, needs):
+    return tuple(t.new_empty(t.shape if need else (0,)) for t, need in zip(like, needs))
+
+
+def _fake(hp, wp, hr, wr, mask, needs, options, backend):
+    n = hp.shape[0]
+    loss = hp.new_empty((n,) if options.reduction == "none" else ())
+    stats = [hp.new_empty((n,), dtype=accumulator_dtype(hp.dtype)) for _ in range(3)]
+    fused = _fused(options, needs)
+    return loss, *stats, *_grads_fake((hp, wp, hr, wr), [fused and need for need in needs])
+
+
+def _backward_impl(row_grad: Tensor, hp: Tensor, wp: Tensor, hr: Tensor, wr: Tensor, mask: Optional[Tensor],
+                   kl: Tensor, lse_p: Tensor, lse_r: Tensor, needs: list[bool], options: LinearKLOptions,
+                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _, grads = _run_chunks(hp, wp, hr, wr, mask, options, backend, needs, row_grad=row_grad.to(kl.dtype).contiguous(),
+                           stats=(kl, lse_p, lse_r))
+    return grads
+
+
+def _backward_fake(row_grad, hp, wp, hr, wr, mask, kl, lse_p, lse_r, needs, options, backend):
+    return _grads_fake((hp, wp, hr, wr), needs)
+
+
+def _setup(ctx, inputs, outputs):
+    hp, wp, hr, wr, mask, needs = inputs
+    ctx.needs = list(needs)
+    ctx.fused = _fused(ctx.options, needs)
+    if ctx.fused:
+        save_fused_grads(ctx, *outputs[4:])
+    else:
+        ctx.save_for_backward(hp, wp, hr, wr, mask, *outputs[1:4])
+
+
+def _backward(ctx, grad_loss):
+    needs = ctx.needs
+    if ctx.fused:
+        grads = scale_fused_grads(ctx, grad_loss, scale_in_place(ctx.backend), wanted=needs)
+    elif not any(needs):
+        grads = [None] * 4
+    else:
+        hp, wp, hr, wr, mask, kl, lse_p, lse_r = ctx.saved_tensors
+        if ctx.options.reduction != "none":
+            scale = count_reduction_scale(mask, hp.shape[0], ctx.options.reduction, kl.dtype, kl.device)
+            grad_loss = (grad_loss.to(kl.dtype) * scale).expand(hp.shape[0])
+        grads = ctx.run_backward(grad_loss, hp, wp, hr, wr, mask, kl, lse_p, lse_r, needs)
+        grads = [g if need else None for g, need in zip(grads, needs)]
+    return (*grads, None, None)
+
+
+linear_full_kl_op = define_op(
+    "linear_full_kl", forward=_forward, fake=_fake, setup=_setup, backward=_backward, backward_impl=_backward_impl,
+    backward_fake=_backward_fake, options=LinearKLOptions,
+    backends=(Backend("reference"), Backend("cpp", kernels=KL_KERNELS), Backend("triton"),
+              Backend("cuda", kernels=KL_KERNELS)),
+)
+
+
+def linear_full_kl(
+    policy_hidden: Tensor,
+    policy_weight: Tensor,
+    ref_hidden: Tensor,
+    ref_weight: Tensor,
+    *,
+    mask: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    """``full_kl(policy_hidden @ policy_weight.T, ref_hidden @ ref_weight.T, ...)`` computed in token
+    chunks, never holding either [N, V] logits: per chunk two GEMMs, the full_kl kernel with its
+    fused gradient, and the GEMMs into grad_hidden / grad_weight. Masked tokens are skipped (on CPU no
+    GEMM at all). Gradients to every input that requires grad (usually the policy's hidden states and
+    head). ``chunk_size`` (token rows) overrides the automatic choice. The hidden sizes of the two models
+    may differ; ref tensors of another floating dtype are cast to the policy's."""
+    for t, name in ((policy_hidden, "policy_hidden"), (policy_weight, "policy_weight"), (ref_hidden, "ref_hidden"),
+                    (ref_weight, "ref_weight")):
+        check_float_tensor(name, t)
+        if t.device != policy_hidden.device:
+            raise ValueError(f"{name} is on {t.device} but policy_hidden is on {policy_hidden.device}")
+    if policy_weight.dim() != 2 or ref_weight.dim() != 2:
+        raise ValueError(f"the weights must be [V, H] matrices, got {tuple(policy_weight.shape)} and "
+                         f"{tuple(ref_weight.shape)}")
+    if policy_weight.shape[0] != ref_weight.shape[0]:
+        raise ValueError(f"vocabulary sizes differ: policy_weight has {policy_weight.shape[0]} rows and ref_weight "
+                         f"{ref_weight.shape[0]}")
+    if policy_hidden.dim() == 0 or policy_hidden.shape[-1] != policy_weight.shape[1]:
+        raise ValueError(f"policy_hidden {tuple(policy_hidden.shape)} must end in the head's hidden size "
+                         f"{policy_weight.shape[1]} (policy_weight {tuple(policy_weight.shape)})")
+    if ref_hidden.dim() == 0 or ref_hidden.shape[-1] != ref_weight.shape[1]:
+        raise ValueError(f"ref_hidden {tuple(ref_hidden.shape)} must end in the head's hidden size "
+                         f"{ref_weight.shape[1]} (ref_weight {tuple(ref_weight.shape)})")
+    if tuple(policy_hidden.shape[:-1]) != tuple(ref_hidden.shape[:-1]):
+        raise ValueError(f"policy_hidden {tuple(policy_hidden.shape)} and ref_hidden {tuple(ref_hidden.shape)} must "
+                         "have the same token shape")
+    if policy_weight.shape[0] == 0:
+        raise ValueError("the heads have a vocabulary of size 0")
+    check_chunk_size(chunk_size)
+    temperature = check_number("temperature", temperature, low=0.0, low_open=True)
+    check_reduction(reduction)
+    token_shape = tuple(policy_hidden.shape[:-1])
+    flat_mask = check_mask("mask", mask, token_shape, policy_hidden.device)
+    dtype = policy_hidden.dtype
+    policy_weight, ref_hidden, ref_weight = (t.to(dtype) for t in (policy_weight, ref_hidden, ref_weight))
+    backend = linear_full_kl_op.select(policy_hidden)
+    if backend == "reference":
+        return _reference.linear_full_kl(policy_hidden, policy_weight, ref_hidden, ref_weight, mask=mask,
+                                         temperature=temperature, reduction=reduction)
+    grad_on = torch.is_grad_enabled()
+    ins = (policy_hidden.reshape(-1, policy_hidden.shape[-1]), policy_weight,
+           ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight)
+    needs = [bool(grad_on and t.requires_grad) for t in ins]
+    ins = tuple(t.contiguous() for t in ins)
+    options = LinearKLOptions(temperature, reduction, int(chunk_size or 0))
+    loss = linear_full_kl_op(*ins, flat_mask, needs, options=options, backend=backend)[0]
+    return loss.reshape(token_shape) if reduction == "none" else loss
+
+
+# ------------------------------------------------------------------------------------------------
+# Registry entry
+# ------------------------------------------------------------------------------------------------
+
+
+def _truth(policy_hidden, policy_weight, ref_hidden, ref_weight, *, chunk_size=None, **kw):
+    return kl_truth(policy_hidden @ policy_weight.t(), ref_hidden @ ref_weight.t(), **kw)
+
+
+def _samples(dtype, device):
+    n, h, h_ref, v = 11, 13, 9, 37
+    hp = torch.randn(n, h, device=device).to(dtype).requires_grad_()
+    wp = (torch.randn(v, h, device=device) / h ** 0.5 * 2).to(dtype).requires_grad_()
+    hr = torch.randn(n, h_ref, device=device).to(dtype)
+    wr = (torch.randn(v, h_ref, device=device) / h_ref ** 0.5 * 2).to(dtype)
+    mask = torch.rand(n, device=device) > 0.3
+    return [
+        registry.Sample((hp, wp, hr, wr), {"chunk_size": 4}, "mean, 3 chunks"),
+        registry.Sample((hp, wp, hr.requires_grad_(), wr), {"mask": mask, "reduction": "none", "temperature": 0.8},
+                        "none+mask"),
+        registry.Sample((hp, wp.detach(), hr.detach(), wr), {"mask": mask, "reduction": "sum", "chunk_size": 5},
+                        "sum+mask, frozen head"),
+    ]
+
+
+def _bad_inputs(device):
+    hp = torch.randn(4, 6, device=device)
+    wp = torch.randn(7, 6, device=device)
+    bad = registry.BadInput
+    return [
+        bad((hp, wp, hp, wp[:5]), {}, ValueError, "vocabulary sizes differ"),
+        bad((hp, wp, hp[:, :5], wp), {}, ValueError, "ref_hidden"),
+        bad((hp, wp, hp, wp.to("meta")), {}, ValueError, "ref_weight is on meta"),
+        bad((hp, wp, hp, wp), {"reduction": "avg"}, ValueError, "reduction must be one of"),
+        bad((hp, wp, hp, wp), {"chunk_size": -1}, ValueError, "chunk_size"),
+    ]
+
+
+registry.register(registry.OpEntry(
+    name="linear_full_kl", functional=linear_full_kl, op=linear_full_kl_op, samples=_samples, truth=_truth,
+    bad_inputs=_bad_inputs, benchmark="kl",
+))

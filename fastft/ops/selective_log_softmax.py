@@ -1,0 +1,125 @@
+"""fastft.ops.selective_log_softmax: log pi(index) without materializing the [N, V] log-softmax
+(TRL's ``selective_log_softmax``, the per-token log-probs of PPO / GRPO).
+
+Kernels (same signature on every backend; "cpp"/"cuda" torch.ops.fastft.* from csrc/cpu/kl.cpp and its
+CUDA twin, "triton" fastft.kernels.kl, "reference" fastft.reference.kl with plain autograd):
+  selective_log_softmax_fwd(logits[N,V], index[N] i64, temperature) -> (logp[N] f32, lse[N] f32)
+  selective_log_softmax_bwd(grad_logp[N] f32, logits, index, lse, temperature) -> grad[N,V]
+  (f32 is fp64 for fp64 logits on the C++ backend.)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..reference import kl as _reference
+from . import registry
+from ._checks import check_float_tensor, check_index_tensor, check_indices_in_range, check_number, rows
+from ._define import Backend, accumulator_dtype, define_op
+from ._losses import loss_kernels
+
+__all__ = ["selective_log_softmax"]
+
+_KERNELS = ("selective_log_softmax_fwd_kernel", "selective_log_softmax_bwd_kernel")
+
+
+@dataclass(frozen=True)
+class SelectiveLogSoftmaxOptions:
+    temperature: float = 1.0
+
+
+def _forward(logits: Tensor, index: Tensor, options: SelectiveLogSoftmaxOptions, backend: str) -> tuple[Tensor, Tensor]:
+    logp, lse = loss_kernels(backend).sel_fwd(logits, index, options.temperature)
+    return logp.to(logits.dtype, copy=True), lse
+
+
+def _fake(logits, index, options, backend):
+    n = logits.shape[0]
+    return logits.new_empty((n,)), logits.new_empty((n,), dtype=accumulator_dtype(logits.dtype))
+
+
+def _backward_impl(grad_logp: Tensor, logits: Tensor, index: Tensor, lse: Tensor,
+                   options: SelectiveLogSoftmaxOptions, backend: str) -> Tensor:
+    return loss_kernels(backend).sel_bwd(grad_logp.to(lse.dtype).contiguous(), logits, index, lse, options.temperature)
+
+
+def _setup(ctx, inputs, outputs):
+    logits, index = inputs
+    ctx.save_for_backward(logits, index, outputs[1])
+
+
+def _backward(ctx, grad_logp):
+    logits, index, lse = ctx.saved_tensors
+    return ctx.run_backward(grad_logp, logits, index, lse), None
+
+
+selective_log_softmax_op = define_op(
+    "selective_log_softmax", forward=_forward, fake=_fake, setup=_setup, backward=_backward,
+    backward_impl=_backward_impl, backward_fake=lambda grad_logp, logits, index, lse, options, backend:
+    torch.empty_like(logits), options=SelectiveLogSoftmaxOptions,
+    backends=(Backend("reference"), Backend("cpp", kernels=_KERNELS), Backend("triton"),
+              Backend("cuda", kernels=_KERNELS)),
+)
+
+
+def selective_log_softmax(logits: Tensor, index: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """``log_softmax(logits / T, -1).gather(-1, index[..., None])[..., 0]`` without the [..., V]
+    log-softmax: the log-probability of the chosen tokens (TRL's ``selective_log_softmax``), in
+    the logits' dtype, with its gradient. ``index`` has the logits' leading shape."""
+    check_float_tensor("logits", logits)
+    check_index_tensor("index", index, "token ids")
+    if logits.dim() == 0:
+        raise ValueError("logits must have a vocabulary dimension (shape [..., V]), got a 0-dim tensor")
+    if tuple(index.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"index shape {tuple(index.shape)} must equal the logits' leading shape "
+                         f"{tuple(logits.shape[:-1])} (logits {tuple(logits.shape)})")
+    if logits.shape[-1] == 0:
+        raise ValueError("logits have a vocabulary of size 0")
+    if index.device != logits.device:
+        raise ValueError(f"index is on {index.device} but logits are on {logits.device}")
+    temperature = check_number("temperature", temperature, low=0.0, low_open=True)
+    v = logits.shape[-1]
+    check_indices_in_range("index", index, v)
+    backend = selective_log_softmax_op.select(logits)
+    if backend == "reference":
+        return _reference.selective_log_softmax(logits, index, temperature=temperature)
+    flat_index = index.reshape(-1).to(torch.int64).contiguous()
+    logp = selective_log_softmax_op(rows(logits, v), flat_index, options=SelectiveLogSoftmaxOptions(temperature),
+                                    backend=backend)[0]
+    return logp.reshape(index.shape)
+
+
+# ------------------------------------------------------------------------------------------------
+# Registry entry
+# ------------------------------------------------------------------------------------------------
+
+
+def _truth(logits, index, *, temperature=1.0):
+    return torch.log_softmax(logits / temperature, -1).gather(-1, index[..., None])[..., 0]
+
+
+def _samples(dtype, device):
+    x = (torch.randn(3, 5, 37, device=device) * 3).to(dtype).requires_grad_()
+    idx = torch.randint(0, 37, (3, 5), device=device)
+    return [registry.Sample((x, idx), {}, "T=1"), registry.Sample((x, idx.int()), {"temperature": 0.6}, "T=0.6")]
+
+
+def _bad_inputs(device):
+    x = torch.randn(3, 6, device=device)
+    idx = torch.zeros(3, dtype=torch.int64, device=device)
+    bad = registry.BadInput
+    return [
+        bad((x, idx.float()), {}, TypeError, "index must hold integer"),
+        bad((x, idx[:2]), {}, ValueError, "index shape"),
+        bad((x, idx.to("meta")), {}, ValueError, "index is on meta"),
+        bad((x, idx + 6), {}, ValueError, "out of range"),
+        bad((x, idx), {"temperature": -1.0}, ValueError, "temperature"),
+    ]
+
+
+registry.register(registry.OpEntry(
+    name="selective_log_softmax", functional=selective_log_softmax, op=selective_log_softmax_op, samples=_samples,
+    truth=_truth, bad_inputs=_bad_inputs, benchmark="kl",
+))
