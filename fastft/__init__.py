@@ -24,6 +24,8 @@ __all__ = ["backend", "bottleneck", "cross_entropy", "integrations", "lora", "nn
 def __getattr__(name: str):
     if name in _LAZY_MODULES:
         return importlib.import_module(f".{name}", __name__)  # also sets it as an attribute of fastft
+    if name in ("patch", "AutoModelForCausalLM"):  # fastft.patch(model), fastft.AutoModelForCausalLM
+        return getattr(importlib.import_module(".integrations.patch", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

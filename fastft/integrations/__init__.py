@@ -1,8 +1,9 @@
 """Integrations with other libraries: ``fastft.integrations.transformers`` (Hugging Face causal-LM loss
-through fastft's fused linear cross-entropy). Submodules are imported on first use."""
+through fastft's fused linear cross-entropy), ``patch`` (``fastft.patch(model)``: loss, LoRA and layers of
+a live model) and ``trl`` (TRL's log-prob computations). Submodules are imported on first use."""
 import importlib
 
-_SUBMODULES = ("transformers",)
+_SUBMODULES = ("transformers", "patch", "trl")
 __all__ = list(_SUBMODULES)
 
 

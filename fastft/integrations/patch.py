@@ -1,0 +1,475 @@
+"""``fastft.patch(model)``: one call that puts fastft's fused kernels into a live Hugging Face model.
+
+    handle = fastft.patch(model)          # a transformers model, a PeftModel, an FSDP2-sharded model,
+    print(handle.report)                  # or a torch.compile'd model (its original module is patched)
+    ... train ...
+    handle.undo()                         # the instance exactly as it was
+
+What it patches, per instance (no class and no module global is touched):
+
+* ``loss``: the causal-LM loss of a labelled forward goes through the fused linear cross-entropy
+  (``fastft.integrations.transformers.patch_causal_lm_loss``): the [tokens x vocab] logits are never
+  built. The head may be a plain Linear or a LoRA'd one (PEFT ``target_modules`` with ``lm_head``,
+  tied to the embedding or not). Logit transforms come from the config (Gemma softcap, Cohere
+  ``logit_scale``, Granite ``logits_scaling``).
+* ``lora``: every PEFT LoRA Linear (one adapter, plain LoRA) computes its forward with fastft's fused
+  LoRA op (``fastft.nn.LoRALinear``), on the PEFT layer's own parameters, read at each call (so an
+  FSDP2-unsharded parameter is the one used). The PEFT layer stays where it is: PEFT's
+  ``save_pretrained``, ``disable_adapter()`` (a reference model in TRL), merging and adapter switching
+  keep working, and a disabled, merged or mixed-batch call runs PEFT's own forward.
+* ``layers``: the RMSNorm and SwiGLU-MLP modules of the named architectures run fastft.nn.RMSNorm's
+  and fastft.nn.SwiGLU's fused ops on their own weights.
+* ``adapters``: fastft's bottleneck adapters already run fused; other PEFT tuners are listed as stock.
+
+Dispatch is by ``config.model_type``: the named architectures (``ARCHITECTURES``) are tested by
+fastft's convergence tests; any other causal LM with a plain Linear head and the ForCausalLM loss goes
+through the generic path, which first compares the patched loss with the stock loss on one batch and
+leaves the loss stock (and says so) if they differ. ``handle.report`` lists what was patched and what
+was left stock, with the reason; ``verbose=True`` prints it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import types
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from . import transformers as hf_loss
+
+__all__ = ["ARCHITECTURES", "AutoModelForCausalLM", "PatchEntry", "PatchHandle", "PatchReport", "get_handle", "patch"]
+
+logger = logging.getLogger(__name__)
+
+_HANDLE_ATTR = "_fastft_patch_handle"
+_LORA_ATTR = "_fastft_lora"
+_LAYER_ATTR = "_fastft_layer"
+_LOGIT_TRANSFORM_ATTRIBUTES = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What fastft fuses in one model_type (tested per entry in tests/integrations)."""
+
+    logit_transforms: tuple = ()  # config attributes its forward applies to the logits
+    norm: str = ""  # "llama" (LlamaRMSNorm), "gemma" (1 + weight, fp32 product), "olmo2" (fp32 product), "" none
+    swiglu_mlp: bool = False  # its MLP is down(silu(gate(x)) * up(x)) with separate gate/up Linears
+    lora_note: str = ""  # where LoRA cannot be fused
+
+
+ARCHITECTURES = {
+    "llama": Architecture(norm="llama", swiglu_mlp=True),
+    "mistral": Architecture(norm="llama", swiglu_mlp=True),
+    "qwen2": Architecture(norm="llama", swiglu_mlp=True),
+    "qwen3": Architecture(norm="llama", swiglu_mlp=True),
+    "gemma2": Architecture(logit_transforms=("final_logit_softcapping",), norm="gemma"),
+    "gemma3_text": Architecture(logit_transforms=("final_logit_softcapping",), norm="gemma"),
+    "phi3": Architecture(norm="llama"),  # its MLP has one fused gate_up_proj
+    "granite": Architecture(logit_transforms=("logits_scaling",), norm="llama", swiglu_mlp=True),
+    "olmo2": Architecture(norm="olmo2", swiglu_mlp=True),
+    "cohere": Architecture(logit_transforms=("logit_scale",), swiglu_mlp=True),  # LayerNorm, not RMSNorm
+    "gpt_neox": Architecture(),
+    "gpt2": Architecture(lora_note="attention and MLP projections are Conv1D (PEFT fan_in_fan_out)"),
+}
+
+# (casting_mode, offset, eps attribute) of fastft.ops.rms_norm for each norm flavour above.
+_NORM_FLAVOURS = {"llama": ("llama", 0.0, "variance_epsilon"), "olmo2": ("gemma", 0.0, "variance_epsilon"),
+                  "gemma": ("gemma", 1.0, "eps")}
+_SILU_NAMES = ("silu", "swish")
+
+
+# ------------------------------------------------------------------------------------------------
+# Report and handle
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PatchEntry:
+    part: str  # "loss", "lora", "layers", "adapters", "model"
+    module: str  # qualified module name ("" for the model)
+    fused: bool
+    detail: str  # what runs, or why it was left stock
+
+
+@dataclass
+class PatchReport:
+    model_type: Optional[str]
+    path: str  # "named" (tested architecture), "generic" (checked on one batch) or "" (loss not patched)
+    entries: list = field(default_factory=list)
+
+    def add(self, part: str, module: str, fused: bool, detail: str) -> None:
+        self.entries.append(PatchEntry(part, module, fused, detail))
+
+    def fused(self, part: Optional[str] = None) -> list:
+        return [e for e in self.entries if e.fused and (part is None or e.part == part)]
+
+    def stock(self, part: Optional[str] = None) -> list:
+        return [e for e in self.entries if not e.fused and (part is None or e.part == part)]
+
+    def __str__(self) -> str:
+        lines = [f"fastft.patch: model_type={self.model_type!r}" + (f" ({self.path} path)" if self.path else "")]
+        for part in dict.fromkeys(e.part for e in self.entries):
+            groups: dict = {}
+            for e in self.entries:
+                if e.part == part:
+                    groups.setdefault((e.fused, e.detail), []).append(e.module or "model")
+            for (fused, detail), modules in groups.items():
+                where = modules[0] if len(modules) == 1 else f"{len(modules)} modules, e.g. {modules[0]}"
+                lines.append(f"  {part:8s} {'fused' if fused else 'STOCK'}  {where}: {detail}")
+        return "\n".join(lines)
+
+
+class PatchHandle:
+    """What :func:`patch` did to one model; ``undo()`` restores the instance exactly (idempotent)."""
+
+    def __init__(self, model: nn.Module, report: PatchReport) -> None:
+        self.model = model
+        self.report = report
+        self._undo_steps: list = []
+        self.undone = False
+
+    def _on_undo(self, step: Callable[[], None]) -> None:
+        self._undo_steps.append(step)
+
+    def undo(self) -> nn.Module:
+        while self._undo_steps:
+            self._undo_steps.pop()()
+        self.undone = True
+        return self.model
+
+    def __repr__(self) -> str:
+        state = "undone" if self.undone else f"{len(self.report.fused())} parts fused"
+        return f"<fastft.PatchHandle {type(self.model).__name__} ({state})>"
+
+
+def get_handle(model: nn.Module) -> Optional[PatchHandle]:
+    """The handle of the live :func:`patch` on ``model`` (or None)."""
+    return vars(_unwrap(model)[0]).get(_HANDLE_ATTR)
+
+
+# ------------------------------------------------------------------------------------------------
+# patch
+# ------------------------------------------------------------------------------------------------
+
+
+def patch(model: nn.Module, *, loss: bool = True, lora: bool = True, adapters: bool = True, layers: bool = True,
+          verbose: bool = False, return_logits: bool = False, check: str = "auto") -> PatchHandle:
+    """Patch ``model`` in place with fastft's fused kernels; returns a :class:`PatchHandle` (``.report``,
+    ``.undo()``). ``model``: a transformers causal LM, a PeftModel around one, an FSDP2-sharded one, or a
+    torch.compile'd one (its ``_orig_mod`` is patched; the compiled wrapper retraces on its next call).
+
+    ``loss`` / ``lora`` / ``layers`` / ``adapters`` switch the parts (see the module docstring).
+    ``return_logits``: labelled forwards also return logits (they are then built). ``check``: "auto"
+    compares patched and stock loss on one batch for architectures not in ``ARCHITECTURES``, "always"
+    for every model, "never" skips it. ``verbose`` prints the report."""
+    if check not in ("auto", "always", "never"):
+        raise ValueError(f"check must be 'auto', 'always' or 'never', got {check!r}")
+    root, notes = _unwrap(model)
+    if not isinstance(getattr(getattr(root, "config", None), "model_type", None), str):
+        raise TypeError(f"fastft.patch takes a Hugging Face transformers model (with a config.model_type), got "
+                        f"{type(root).__name__}")
+    live = vars(root).get(_HANDLE_ATTR)
+    if live is not None:
+        raise ValueError(f"{type(root).__name__} is patched already; call .undo() on its handle "
+                         "(fastft.integrations.patch.get_handle(model)) first")
+    model_type = root.config.model_type
+    handle = PatchHandle(root, PatchReport(model_type, ""))
+    for note in notes:
+        handle.report.add("model", "", True, note)
+    try:
+        _patch_lora(root, handle, enabled=lora)
+        _report_adapters(root, handle, enabled=adapters)
+        _patch_layers(root, handle, enabled=layers)
+        if loss:
+            _patch_loss(root, handle, check=check, return_logits=return_logits)
+        else:
+            handle.report.add("loss", "", False, "loss=False")
+    except BaseException:
+        handle.undo()
+        raise
+    vars(root)[_HANDLE_ATTR] = handle
+    handle._undo_steps.insert(0, lambda: vars(root).pop(_HANDLE_ATTR, None))
+    logger.info("%s", handle.report)
+    if verbose:
+        print(handle.report)
+    return handle
+
+
+def _unwrap(model: nn.Module) -> tuple[nn.Module, list]:
+    """(the transformers model to patch, notes for the report)."""
+    notes = []
+    inner = getattr(model, "_orig_mod", None)
+    if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule":
+        notes.append("torch.compile'd model: its _orig_mod is patched; the compiled wrapper retraces on its next call")
+        model = inner
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base) and hasattr(model, "peft_config"):
+        notes.append(f"PeftModel: patched the {type(get_base()).__name__} inside it")
+        model = get_base()
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        FSDPModule = ()
+    if FSDPModule and isinstance(model, FSDPModule):
+        notes.append("FSDP2-sharded model: layers read their (unsharded) parameters at each call")
+    return model, notes
+
+
+# ------------------------------------------------------------------------------------------------
+# Instance-forward overrides (LoRA and layers): one mechanism, undone by restoring the attribute
+# ------------------------------------------------------------------------------------------------
+
+
+def _override_forward(handle: PatchHandle, module: nn.Module, forward, attr: str, state) -> None:
+    had_forward = "forward" in vars(module)
+    previous = vars(module).get("forward")
+    vars(module)[attr] = state
+    module.forward = types.MethodType(forward, module)
+
+    def restore() -> None:
+        vars(module).pop(attr, None)
+        vars(module).pop("forward", None)
+        if had_forward:
+            vars(module)["forward"] = previous
+
+    handle._on_undo(restore)
+
+
+def _patch_lora(root: nn.Module, handle: PatchHandle, *, enabled: bool) -> None:
+    from ..nn.lora import LoRALinear
+
+    report = handle.report
+    for name, module in root.named_modules():
+        if isinstance(module, LoRALinear):
+            report.add("lora", name, True, "fastft LoRALinear (fused already)")
+    try:
+        from peft.tuners.lora import LoraLayer
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return
+    for name, module in root.named_modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        if not isinstance(module, LoraLayer):
+            report.add("lora", name, False, f"PEFT {type(module).__name__} is not LoRA; fastft has no kernel for it")
+            continue
+        if not enabled:
+            report.add("lora", name, False, "lora=False")
+            continue
+        delegate, reason = _fused_lora_delegate(module)
+        if delegate is None:
+            report.add("lora", name, False, reason)
+            continue
+        _override_forward(handle, module, _fused_peft_lora_forward, _LORA_ATTR, (next(iter(module.lora_A)), delegate))
+        report.add("lora", name, True, "PEFT lora.Linear runs fastft's fused LoRA op on its own parameters")
+
+
+def _fused_lora_delegate(module: nn.Module):
+    """(a fastft LoRALinear computing ``module``'s forward, None) or (None, why not), checked by
+    fastft.lora.from_peft's own rules (one plain-LoRA adapter on an nn.Linear, unmerged, no lora_bias)."""
+    from ..lora import from_peft
+
+    holder = nn.Module()
+    holder.layer = module
+    try:
+        from_peft(holder)
+    except ValueError as error:
+        return None, str(error).removeprefix("layer: ")
+    if module.lora_variant:
+        return None, f"LoRA variant {type(next(iter(module.lora_variant.values()))).__name__} (fastft fuses plain LoRA)"
+    return holder.layer, ""
+
+
+def _fused_peft_lora_forward(self, x, *args, **kwargs):
+    adapter, delegate = vars(self)[_LORA_ATTR]
+    if args or kwargs or self.disable_adapters or self.merged or list(self.active_adapters) != [adapter]:
+        return type(self).forward(self, x, *args, **kwargs)  # PEFT's own path (mixed batch, disabled, merged)
+    # Read the parameters now: FSDP2 puts the unsharded ones on the PEFT modules for the call.
+    delegate._parameters["lora_A"] = self.lora_A[adapter].weight
+    delegate._parameters["lora_B"] = self.lora_B[adapter].weight
+    delegate.training = self.training
+    return delegate(x)
+
+
+def _report_adapters(root: nn.Module, handle: PatchHandle, *, enabled: bool) -> None:
+    from ..bottleneck import has_bottleneck_adapters
+    from ..prefix import has_prefix_tuning
+
+    if has_bottleneck_adapters(root):
+        handle.report.add("adapters", "", enabled, "fastft bottleneck adapters run fastft.ops.adapter (fused already)"
+                          if enabled else "adapters=False (they still run fastft.ops.adapter, they are fastft's)")
+    if has_prefix_tuning(root):
+        handle.report.add("adapters", "", False, "prefix tuning is a key/value cache prefix: nothing to fuse")
+
+
+def _patch_layers(root: nn.Module, handle: PatchHandle, *, enabled: bool) -> None:
+    arch = ARCHITECTURES.get(root.config.model_type)
+    report = handle.report
+    if not enabled:
+        report.add("layers", "", False, "layers=False")
+        return
+    if arch is None:
+        report.add("layers", "", False, f"model_type {root.config.model_type!r} has no fused-layer table entry")
+        return
+    text_config = root.config.get_text_config() if hasattr(root.config, "get_text_config") else root.config
+    prefix = type(root).__name__.removesuffix("ForCausalLM").removesuffix("LMHeadModel")
+    norm_class = f"{prefix}RMSNorm"
+    for name, module in root.named_modules():
+        cls = type(module).__name__
+        if arch.norm and cls == norm_class:
+            casting_mode, offset, eps_attr = _NORM_FLAVOURS[arch.norm]
+            _override_forward(handle, module, _fused_rms_norm_forward, _LAYER_ATTR, (casting_mode, offset, eps_attr))
+            report.add("layers", name, True, f"{cls} runs fastft.nn.RMSNorm's op ({casting_mode}, offset {offset:g})")
+        elif cls.endswith("MLP") and hasattr(module, "down_proj"):
+            act = getattr(text_config, "hidden_act", None) or getattr(text_config, "hidden_activation", None)
+            if arch.swiglu_mlp and act in _SILU_NAMES and hasattr(module, "gate_proj") and hasattr(module, "up_proj"):
+                _override_forward(handle, module, _fused_swiglu_forward, _LAYER_ATTR, None)
+                report.add("layers", name, True, f"{cls} runs fastft.nn.SwiGLU's op (gate/up/down stay its Linears)")
+            else:
+                why = (f"hidden_act={act!r} is not SwiGLU" if act not in _SILU_NAMES else
+                       f"{cls} is not a gate/up/down SwiGLU MLP")
+                report.add("layers", name, False, why)
+    if not report.fused("layers"):
+        report.add("layers", "", False, f"no {norm_class} or SwiGLU MLP in {type(root).__name__} (LayerNorm / "
+                   "GELU MLPs have no fastft kernel)")
+
+
+def _fused_rms_norm_forward(self, hidden_states):
+    from ..ops.rms_norm import rms_norm
+
+    casting_mode, offset, eps_attr = vars(self)[_LAYER_ATTR]
+    return rms_norm(hidden_states, self.weight, getattr(self, eps_attr), offset=offset, casting_mode=casting_mode)
+
+
+def _fused_swiglu_forward(self, x):
+    from ..nn.swiglu import SwiGLU
+
+    return SwiGLU.forward(self, x)  # down_proj(swiglu(gate_proj(x), up_proj(x))) on this module's projections
+
+
+# ------------------------------------------------------------------------------------------------
+# Loss
+# ------------------------------------------------------------------------------------------------
+
+
+def _patch_loss(root: nn.Module, handle: PatchHandle, *, check: str, return_logits: bool) -> None:
+    report = handle.report
+    config = root.config.get_text_config() if hasattr(root.config, "get_text_config") else root.config
+    arch = ARCHITECTURES.get(root.config.model_type)
+    named = arch is not None
+    transforms = [a for a in _LOGIT_TRANSFORM_ATTRIBUTES if getattr(config, a, None) is not None]
+    if named and not set(transforms) <= set(arch.logit_transforms):
+        named = False  # a config that names a transform the table does not expect: check it like an unknown model
+    run_check = check == "always" or (check == "auto" and not named)
+    stock_loss = None
+    if run_check:
+        stock_loss, why = _one_batch_loss(root)
+        if stock_loss is None:
+            report.add("loss", "", False, f"the one-batch check could not run the stock model: {why}")
+            return
+    try:
+        hf_loss.patch_causal_lm_loss(root, return_logits=return_logits)
+    except (TypeError, ValueError) as error:
+        report.add("loss", "", False, str(error))
+        return
+    handle._on_undo(lambda: hf_loss.unpatch(root))
+    if run_check:
+        fused_loss, why = _one_batch_loss(root)
+        tolerance = _loss_tolerance(root)
+        if fused_loss is None or not math.isclose(fused_loss, stock_loss, rel_tol=tolerance, abs_tol=tolerance):
+            hf_loss.unpatch(root)
+            handle._undo_steps.pop()
+            found = why if fused_loss is None else f"patched loss {fused_loss!r} != stock loss {stock_loss!r}"
+            report.add("loss", "", False, f"generic path: the one-batch check failed ({found}); left stock")
+            return
+    report.path = "named" if named else "generic"
+    state = vars(root)[hf_loss._STATE_ATTR]
+    what = ["fused linear cross-entropy, no [tokens x vocab] logits"]
+    if state.softcap is not None:
+        what.append(f"softcap {state.softcap:g} (final_logit_softcapping)")
+    if state.logit_multiplier is not None:
+        what.append(f"logit multiplier {state.logit_multiplier:g} (from the config)")
+    if type(state.lm_head) is not nn.Linear:
+        what.append("LoRA'd head fused (LoRA coordinates appended to the hidden states, B to the weight)")
+    emb = root.get_input_embeddings() if hasattr(root, "get_input_embeddings") else None
+    if emb is not None and getattr(emb, "weight", None) is getattr(state.lm_head, "weight", False):
+        what.append("tied to the input embedding")
+    if run_check:
+        what.append(f"checked on one batch: {fused_loss:.6g} vs stock {stock_loss:.6g}")
+    report.add("loss", _module_name(root, state.lm_head), True, "; ".join(what))
+
+
+def _module_name(root: nn.Module, module: nn.Module) -> str:
+    return next((n for n, m in root.named_modules() if m is module), "lm_head")
+
+
+def _loss_tolerance(root: nn.Module) -> float:
+    dtype = next(root.parameters()).dtype
+    return 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
+
+
+def _one_batch_loss(root: nn.Module) -> tuple[Optional[float], str]:
+    """The model's loss on a fixed small batch (eval mode, no grad, the caller's RNG state untouched)."""
+    head = root.get_output_embeddings()
+    vocab = getattr(head, "out_features", None) or root.config.get_text_config().vocab_size
+    device = next(root.parameters()).device
+    ids = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0)).to(device)
+    training_flags = [(m, m.training) for m in root.modules()]
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            root.eval()
+            out = root(input_ids=ids, labels=ids)
+        loss = getattr(out, "loss", None)
+        if loss is None:
+            return None, "its forward returned no loss for labels"
+        return float(loss), ""
+    except Exception as error:  # any failure of an unknown model's forward: report it, leave the loss stock
+        return None, f"{type(error).__name__}: {error}"
+    finally:
+        for module, flag in training_flags:
+            module.training = flag
+
+
+# ------------------------------------------------------------------------------------------------
+# Auto class
+# ------------------------------------------------------------------------------------------------
+
+_PATCH_OPTIONS = ("loss", "lora", "adapters", "layers", "verbose", "return_logits", "check")
+
+
+class AutoModelForCausalLM:
+    """``transformers.AutoModelForCausalLM`` whose models come back patched by :func:`patch` (like Liger's
+    ``AutoLigerKernelForCausalLM``). The options of :func:`patch` may be passed along with transformers'
+    own arguments; the handle is ``fastft.integrations.patch.get_handle(model)``.
+
+        model = fastft.AutoModelForCausalLM.from_pretrained("path/or/id", dtype=torch.bfloat16)
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        raise TypeError("fastft.AutoModelForCausalLM is used through from_pretrained(...) or from_config(...)")
+
+    @staticmethod
+    def _split(kwargs: dict) -> dict:
+        return {k: kwargs.pop(k) for k in _PATCH_OPTIONS if k in kwargs}
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> nn.Module:
+        import transformers
+
+        options = cls._split(kwargs)
+        model = transformers.AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        patch(model, **options)
+        return model
+
+    @classmethod
+    def from_config(cls, config, **kwargs) -> nn.Module:
+        import transformers
+
+        options = cls._split(kwargs)
+        model = transformers.AutoModelForCausalLM.from_config(config, **kwargs)
+        patch(model, **options)
+        return model
