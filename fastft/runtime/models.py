@@ -87,7 +87,10 @@ def hf_model(cfg):
         raise ModelLoadError(f"cannot load a model from {folder!r}: {exc}") from None
     if kwargs and cache is not None and _is_rank0():
         tmp = cache.with_name(cache.name + ".tmp")
+        # the weights are dequantized on load; drop the GGUF quantizer so transformers saves them plainly
+        quantizer, model.hf_quantizer = getattr(model, "hf_quantizer", None), None
         model.save_pretrained(tmp)
+        model.hf_quantizer = quantizer
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, cache) if not cache.exists() else None
     if tokenizer.pad_token_id is None:

@@ -1,0 +1,79 @@
+"""Every parallel mode at 2 processes (one torchrun launch, gloo on CPU) against one process; LoRA
+export under FSDP2 vs DDP; early stopping agreed across ranks; a 2-process FSDP2 checkpoint loaded
+by one process (resharding)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from helpers import tiny_config, trainable_state, write_uneven_data
+from fastft.runtime.trainer import Trainer
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+ROOT = Path(__file__).absolute().parents[2]
+MODES = ("ddp", "zero1", "zero2", "fsdp2", "hsdp")
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    work = tmp_path_factory.mktemp("dist")
+    data = write_uneven_data(work / "data.jsonl")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
+           str(work), str(data)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert "RUNTIME_DIST_OK" in proc.stdout
+    # the same global batch (4 sequences) in one process: 2 micro-batches of 2
+    single = Trainer(tiny_config(work / "single", data, batch={"grad_accum": 2}))
+    single.fit()
+    return {"work": work, "data": data, "rank0": torch.load(work / "results_rank0.pt"),
+            "rank1": torch.load(work / "results_rank1.pt"), "single": single}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mode_matches_one_process(runs, mode):
+    got, single = runs["rank0"][mode], runs["single"]
+    want = trainable_state(single)
+    assert got["params"].keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got["params"][name], want[name], atol=2e-6, rtol=1e-5, msg=f"{mode}: {name}")
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor([r["loss"] for r in single.history]),
+                               atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(torch.tensor(got["grad_norms"]), torch.tensor([r["grad_norm"] for r in single.history]),
+                               atol=1e-6, rtol=1e-5)
+
+
+def test_lora_export_fsdp2_matches_ddp(runs):
+    ddp, fsdp = runs["work"] / "ddp" / "adapter", runs["work"] / "fsdp2" / "adapter"
+    assert json.loads((ddp / "adapter_config.json").read_text()) == json.loads((fsdp / "adapter_config.json").read_text())
+    a, b = load_file(ddp / "adapter_model.safetensors"), load_file(fsdp / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and any(k.endswith("lora_A.weight") for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=2e-6, rtol=1e-5, msg=key)
+
+
+def test_early_stopping_agreed_across_ranks(runs):
+    # rank 1's metric worsens from the 2nd eval on (patience 2): both ranks stop at step 3 of 8
+    assert runs["rank0"]["early_stop_step"] == runs["rank1"]["early_stop_step"] == 3
+
+
+def test_reshard_fsdp2_checkpoint_into_one_process(runs, tmp_path):
+    out = tmp_path / "resharded"
+    shutil.copytree(runs["work"] / "fsdp2" / "checkpoints", out / "checkpoints")
+    trainer = Trainer(tiny_config(out, runs["data"], run={"max_steps": 4}, batch={"grad_accum": 2}))
+    assert trainer.resume() and trainer.step == 3
+    saved = runs["rank0"]["fsdp2"]["params"]
+    for name, value in trainable_state(trainer).items():
+        assert torch.equal(value, saved[name]), name
+    trainer.fit()  # and it trains on from there
+    assert trainer.step == 4 and len(trainer.history) == 1
