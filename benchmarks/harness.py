@@ -472,7 +472,9 @@ def interleaved(bench: Benchmark, rounds: int, out_dir: Optional[Path] = None) -
              "", f"{meta['date']}, git {meta['git']}, torch {meta['torch']}, {meta['torch_threads']} threads, load "
              f"average at start {meta['load_avg_at_start']}.",
              "", "| provider | min ms | median ms |" + "".join(f" time / {b} (per-round median) |" for b in bases),
-             "|---|---|---|" + "---|" * len(bases)]
+             "|---|---|---|" + "---|" * len(bases),
+             "| *(column meaning)* | *fastest step* | *time per step* |"
+             + "".join(f" *median over rounds of this step / {b}'s step (<1 faster)* |" for b in bases)]
     for r in rows:
         lines.append(f"| {r['provider']} | {r['min_ms']:.2f} | {r['median_ms']:.2f} |"
                      + "".join(f" {r[f'time / {b}']:.3f} |" for b in bases))
