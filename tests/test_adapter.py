@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from fastft import backend
 from fastft.nn.adapter import Adapter
-from fastft.ops.adapter import ACTIVATIONS, _adapter_backward_op, _adapter_op, adapter
+from fastft.ops.adapter import ACTIVATIONS, AdapterOptions, adapter, adapter_op
 from fastft.reference import adapter as ref
 
 BACKENDS = ["cpp", "triton", "reference"]
@@ -130,7 +130,7 @@ def test_gradcheck_float64_with_seeded_dropout(be):
 
 @pytest.mark.parametrize("be", ["cpp", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("activation", ["relu", "gelu_tanh"])  # gelu and silu: the generic suite's samples
 def test_low_precision_within_twice_torch_error(be, dtype, activation):
     shape, r = (2, 67, 96), 16
     x32 = torch.randn(shape)
@@ -178,18 +178,19 @@ def test_empty_batch():
 
 
 @pytest.mark.parametrize("be", ["cpp", "triton"])
-def test_opcheck(be):
+def test_opcheck_with_dropout(be):
+    """The generic suite opchecks the op without dropout; here the seeded dropout path and its backward op."""
     x = torch.randn(37, 24, requires_grad=True)
     wd, bd, wu, bu = _params(24, 8)
-    seed = torch.tensor(1234, dtype=torch.int64)
-    t = ref.drop_threshold(0.2)
-    torch.library.opcheck(_adapter_op, (x, wd, bd, wu, bu, seed, 1, t, 0.5, be))
-    torch.library.opcheck(_adapter_op, (x, wd, None, wu, None, seed, 0, 0, 1.0, be))
+    seed = torch.tensor([1234], dtype=torch.int64)
+    options = AdapterOptions(1, ref.drop_threshold(0.2), 0.5)
+    torch.library.opcheck(adapter_op.registered,
+                          adapter_op.registered_args(x, wd, bd, wu, bu, seed, options=options, backend=be))
     pre = torch.randn(37, 8)
     g = torch.randn(37, 24)
-    torch.library.opcheck(
-        _adapter_backward_op, (g, x.detach(), wd.detach(), wu.detach(), pre, seed, 3, t, 0.5, True, True, True, True, True, be)
-    )
+    torch.library.opcheck(adapter_op.registered_backward,
+                          (g, x.detach(), wd.detach(), wu.detach(), pre, seed, True, True, True, True, True,
+                           3, options.drop_threshold, 0.5, be))
 
 
 @pytest.mark.parametrize("be", ["cpp", "triton"])
@@ -232,37 +233,8 @@ def test_module_casts_fp32_params_to_input_dtype():
     assert m.up.weight.grad.dtype == torch.float32
 
 
-@pytest.mark.parametrize(
-    "kwargs,match",
-    [
-        (dict(activation="tanh"), "unknown activation"),
-        (dict(dropout_p=1.0), "dropout_p"),
-        (dict(dropout_p=-0.1), "dropout_p"),
-        (dict(scale=float("nan")), "scale"),
-    ],
-)
-def test_bad_options(kwargs, match):
-    x = torch.randn(4, 16)
-    params = [p.detach() for p in _params(16, 4)]
-    with pytest.raises(ValueError, match=match):
-        adapter(x, *params, **kwargs)
-
-
-def test_bad_shapes_and_types():
-    x = torch.randn(4, 16)
-    wd, bd, wu, bu = [p.detach() for p in _params(16, 4)]
-    with pytest.raises(ValueError, match="hidden size mismatch"):
-        adapter(torch.randn(4, 17), wd, bd, wu, bu)
-    with pytest.raises(ValueError, match="hidden size mismatch"):
-        adapter(x, wd, bd, torch.randn(16, 5), bu)
-    with pytest.raises(ValueError, match="adapter_size"):
-        adapter(x, torch.randn(0, 16), torch.randn(0), torch.randn(16, 0), bu)
-    with pytest.raises(ValueError, match="down_bias"):
-        adapter(x, wd, torch.randn(5), wu, bu)
-    with pytest.raises(TypeError, match="dtype"):
-        adapter(x, wd.double(), bd, wu, bu)
-    with pytest.raises(TypeError, match="x must be"):
-        adapter(x.long(), wd, bd, wu, bu)
+def test_module_bad_arguments():
+    """The functional's bad inputs are declared in its registry entry (tests/test_ops_generic.py)."""
     with pytest.raises(ValueError, match="adapter_size"):
         Adapter(16, 0)
     with pytest.raises(ValueError, match="unknown activation"):

@@ -7,7 +7,8 @@ from torch import nn
 
 from fastft import backend as fb
 from fastft.nn.lora import LoRALinear, lora_scaling
-from fastft.ops.lora import _lora_linear_backward_op, _lora_linear_op, draw_seed, dropout_mask, lora_linear
+from fastft.kernels._dropout import draw_seed
+from fastft.ops.lora import LoRAOptions, dropout_mask, lora_linear, lora_linear_op
 from fastft.reference.lora import lora_linear as reference
 
 BACKENDS = ["cpp", "triton", "reference"]
@@ -136,19 +137,20 @@ def test_dropout_reproducible_under_manual_seed(backend):
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
-def test_opcheck(backend):
+def test_opcheck_with_dropout(backend):
+    """The generic suite opchecks the op without dropout; here the seeded dropout path and its backward op."""
     _usable(backend)
     x, w, b, a, bb = _make((9,), 20, 12, 3, torch.float32)
     for t in (x, a, bb):
         t.requires_grad_(True)
     seed = torch.tensor([11])
-    torch.library.opcheck(_lora_linear_op, (x, w, b, a, bb, 1.5, 0.2, seed, backend))
-    torch.library.opcheck(_lora_linear_op, (x, w, None, a, bb, 1.5, 0.0, None, backend))
+    options = LoRAOptions(1.5, 0.2)
+    torch.library.opcheck(lora_linear_op.registered,
+                          lora_linear_op.registered_args(x, w, b, a, bb, seed, options=options, backend=backend))
     u = x.detach() @ a.detach().t()
     dy = torch.randn(9, 12)
-    torch.library.opcheck(_lora_linear_backward_op,
-                          (dy, x.detach(), w, a.detach(), bb.detach(), u, seed, 1.5, 0.2, True, True, True, True, True,
-                           backend))
+    torch.library.opcheck(lora_linear_op.registered_backward,
+                          (dy, x.detach(), w, a.detach(), bb.detach(), u, seed, [True] * 5, 1.5, 0.2, backend))
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
@@ -182,28 +184,6 @@ def test_compile_fullgraph(backend):
         torch.testing.assert_close(c0, e0, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(torch.autograd.grad(c0, (x, a, bb)), torch.autograd.grad(e0, (x, a, bb)))
     assert len(ge) == len(gc)
-
-
-def test_bad_inputs():
-    x, w, b, a, bb = _make((4,), 8, 6, 2, torch.float32)
-    with pytest.raises(ValueError, match="dropout_p"):
-        lora_linear(x, w, b, a, bb, 1.0, dropout_p=1.0)
-    with pytest.raises(ValueError, match="features"):
-        lora_linear(torch.randn(4, 9), w, b, a, bb, 1.0)
-    with pytest.raises(ValueError, match="lora_A"):
-        lora_linear(x, w, b, torch.randn(2, 9), bb, 1.0)
-    with pytest.raises(ValueError, match="lora_B"):
-        lora_linear(x, w, b, a, torch.randn(6, 3), 1.0)
-    with pytest.raises(ValueError, match="bias"):
-        lora_linear(x, w, torch.randn(5), a, bb, 1.0)
-    with pytest.raises(TypeError, match="weight dtype"):
-        lora_linear(x, w.double(), b, a, bb, 1.0)
-    with pytest.raises(TypeError, match="x must be"):
-        lora_linear(x.long(), w, b, a, bb, 1.0)
-    with pytest.raises(ValueError, match="scaling"):
-        lora_linear(x, w, b, a, bb, float("nan"))
-    with pytest.raises(ValueError, match="rank 0"):
-        lora_linear(x, w, b, torch.randn(0, 8), torch.randn(6, 0), 1.0)
 
 
 def test_fp32_adapters_on_half_base():

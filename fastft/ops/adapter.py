@@ -261,16 +261,23 @@ def _samples(dtype, device):
 
 
 def _bad_inputs(device):
-    x = torch.randn(4, 6, device=device)
-    wd = torch.randn(2, 6, device=device)
-    wu = torch.randn(6, 2, device=device)
+    x = torch.randn(4, 16, device=device)
+    wd, bd = torch.randn(4, 16, device=device), torch.randn(4, device=device)
+    wu, bu = torch.randn(16, 4, device=device), torch.randn(16, device=device)
     bad = registry.BadInput
     return [
-        bad((x, wd[:, :5], None, wu, None), {}, ValueError, "hidden size mismatch"),
-        bad((x, wd, None, wu.double(), None), {}, TypeError, "up_weight is torch.float64"),
-        bad((x, wd, None, wu.to("meta"), None), {}, ValueError, "up_weight is on meta"),
-        bad((x, wd, None, wu, None), {"activation": "tanh"}, ValueError, "unknown activation"),
-        bad((x, wd, None, wu, None), {"dropout_p": -0.1}, ValueError, "dropout_p"),
+        bad((torch.randn(4, 17, device=device), wd, bd, wu, bu), {}, ValueError, "hidden size mismatch"),
+        bad((x, wd, bd, torch.randn(16, 5, device=device), bu), {}, ValueError, "hidden size mismatch"),
+        bad((x, torch.randn(0, 16, device=device), torch.randn(0, device=device), torch.randn(16, 0, device=device), bu),
+            {}, ValueError, "adapter_size"),
+        bad((x, wd, torch.randn(5, device=device), wu, bu), {}, ValueError, "down_bias"),
+        bad((x, wd.double(), bd, wu, bu), {}, TypeError, "down_weight is torch.float64"),
+        bad((x.long(), wd, bd, wu, bu), {}, TypeError, "x must be one of"),
+        bad((x, wd, bd, wu.to("meta"), bu), {}, ValueError, "up_weight is on meta"),
+        bad((x, wd, bd, wu, bu), {"activation": "tanh"}, ValueError, "unknown activation"),
+        bad((x, wd, bd, wu, bu), {"dropout_p": 1.0}, ValueError, "dropout_p"),
+        bad((x, wd, bd, wu, bu), {"dropout_p": -0.1}, ValueError, "dropout_p"),
+        bad((x, wd, bd, wu, bu), {"scale": float("nan")}, ValueError, "scale"),
     ]
 
 

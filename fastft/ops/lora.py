@@ -209,18 +209,24 @@ def _samples(dtype, device):
 
 
 def _bad_inputs(device):
-    x = torch.randn(4, 6, device=device)
-    w = torch.randn(5, 6, device=device)
-    a = torch.randn(2, 6, device=device)
-    b = torch.randn(5, 2, device=device)
+    x = torch.randn(4, 8, device=device)
+    w = torch.randn(6, 8, device=device)
+    b = torch.randn(6, device=device)
+    a = torch.randn(2, 8, device=device)
+    bb = torch.randn(6, 2, device=device)
     bad = registry.BadInput
     return [
-        bad((x, w[:, :5], None, a, b, 1.0), {}, ValueError, "features"),
-        bad((x, w, None, a, b[:, :1], 1.0), {}, ValueError, "lora_B must have shape"),
-        bad((x, w.double(), None, a, b, 1.0), {}, TypeError, "weight dtype"),
-        bad((x, w, None, a.to("meta"), b, 1.0), {}, ValueError, "lora_A is on meta"),
-        bad((x, w, None, a, b, 1.0), {"dropout_p": 1.0}, ValueError, "dropout_p"),
-        bad((x.int(), w, None, a, b, 1.0), {}, TypeError, "x must be one of"),
+        bad((x, w, b, a, bb, 1.0), {"dropout_p": 1.0}, ValueError, "dropout_p"),
+        bad((torch.randn(4, 9, device=device), w, b, a, bb, 1.0), {}, ValueError, "features"),
+        bad((x, w, b, torch.randn(2, 9, device=device), bb, 1.0), {}, ValueError, "lora_A"),
+        bad((x, w, b, a, torch.randn(6, 3, device=device), 1.0), {}, ValueError, "lora_B must have shape"),
+        bad((x, w, torch.randn(5, device=device), a, bb, 1.0), {}, ValueError, "bias"),
+        bad((x, w.double(), b, a, bb, 1.0), {}, TypeError, "weight dtype"),
+        bad((x.long(), w, b, a, bb, 1.0), {}, TypeError, "x must be one of"),
+        bad((x, w, b, a, bb, float("nan")), {}, ValueError, "scaling"),
+        bad((x, w, b, torch.randn(0, 8, device=device), torch.randn(6, 0, device=device), 1.0), {}, ValueError,
+            "rank 0"),
+        bad((x, w, b, a.to("meta"), bb, 1.0), {}, ValueError, "lora_A is on meta"),
     ]
 
 
