@@ -681,6 +681,7 @@ def metadata(bench: Benchmark, opts: Options) -> dict:
         "cpu_count": os.cpu_count(),
         "load_avg_at_start": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "notes": list(bench.notes),
+        "check_note": bench.check_note,
     }
     try:
         import triton
@@ -715,6 +716,16 @@ def save(bench: Benchmark, rows: list, meta: dict, out_dir: Path, tag: str = "")
     with open(stem.with_suffix(".json"), "w") as f:
         json.dump({"meta": meta, "results": rows}, f, indent=2)
     paths.append(stem.with_suffix(".json"))
+    stem.with_suffix(".md").write_text(markdown(bench, rows, meta))
+    paths.append(stem.with_suffix(".md"))
+    png = plot(bench, rows, meta, stem.with_suffix(".png"))
+    if png is not None:
+        paths.append(png)
+    return paths
+
+
+def markdown(bench: Benchmark, rows: list, meta: dict) -> str:
+    """The .md report: what was measured, how, on what, the table, the benchmark's notes."""
     where = meta.get("gpu") or meta.get("cpu")
     md = [
         f"# {bench.op} on {bench.device} ({where})",
@@ -735,12 +746,7 @@ def save(bench: Benchmark, rows: list, meta: dict, out_dir: Path, tag: str = "")
         table(bench, rows),
     ]
     md += [""] + [f"- {n}" for n in bench.notes] if bench.notes else []
-    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
-    paths.append(stem.with_suffix(".md"))
-    png = plot(bench, rows, meta, stem.with_suffix(".png"))
-    if png is not None:
-        paths.append(png)
-    return paths
+    return "\n".join(md) + "\n"
 
 
 def machine_line(meta: dict) -> str:
@@ -814,8 +820,9 @@ def plot(bench: Benchmark, rows: list, meta: dict, path: Path):
     return path
 
 
-def replot(results_dir: Path) -> list:
-    """Redraw every ``<stem>.png`` from its ``<stem>.json`` (same numbers, current plot layout)."""
+def redraw(results_dir: Path) -> list:
+    """Rewrite every ``<stem>.md`` and ``<stem>.png`` from its ``<stem>.json``: the same numbers and
+    metadata in the current report layout (no benchmark is run)."""
     paths = []
     for path in sorted(results_dir.glob("*.json")):
         data = json.loads(path.read_text())
@@ -824,7 +831,11 @@ def replot(results_dir: Path) -> list:
         meta = data["meta"]
         shell = Benchmark(op=meta["op"], device=meta["device"], config=meta["config"], providers=[],
                           description=meta["description"], reference=meta["reference"],
-                          baselines=tuple(meta["baselines"]))
+                          baselines=tuple(meta["baselines"]), bytes_per_step=meta.get("bytes_per_step"),
+                          flops_per_step=meta.get("flops_per_step"), notes=list(meta.get("notes", [])),
+                          check_note=meta.get("check_note", ""))
+        path.with_suffix(".md").write_text(markdown(shell, data["results"], meta))
+        paths.append(path.with_suffix(".md"))
         png = plot(shell, data["results"], meta, path.with_suffix(".png"))
         if png is not None:
             paths.append(png)
@@ -948,8 +959,8 @@ def main(module, argv: Optional[list] = None) -> int:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
         sys.exit(_child(sys.argv[2]))
-    if len(sys.argv) == 3 and sys.argv[1] == "--replot":
-        print("wrote " + ", ".join(str(p) for p in replot(Path(sys.argv[2]))))
+    if len(sys.argv) == 3 and sys.argv[1] == "--redraw":
+        print("wrote " + ", ".join(str(p) for p in redraw(Path(sys.argv[2]))))
         sys.exit(0)
     if len(sys.argv) >= 2 and sys.argv[1] == "--expected-duration":  # `make bench` prints this first
         if len(sys.argv) > 2:
@@ -961,5 +972,5 @@ if __name__ == "__main__":
         print(expected_duration_text(device_arg))
         sys.exit(0)
     print("usage: python -m benchmarks.bench_<op> ... (benchmarks.harness is the shared library; it also takes "
-          "--expected-duration [cpu|cuda] and --replot DIR)", file=sys.stderr)
+          "--expected-duration [cpu|cuda] and --redraw DIR)", file=sys.stderr)
     sys.exit(2)
