@@ -4,5 +4,7 @@ from .cross_entropy import CrossEntropyLoss
 from .kl import KLPenalty
 from .linear_cross_entropy import LinearCrossEntropyLoss
 from .lora import LoRALinear
+from .rms_norm import RMSNorm
+from .swiglu import SwiGLU
 
-__all__ = ["Adapter", "CrossEntropyLoss", "KLPenalty", "LinearCrossEntropyLoss", "LoRALinear"]
+__all__ = ["Adapter", "CrossEntropyLoss", "KLPenalty", "LinearCrossEntropyLoss", "LoRALinear", "RMSNorm", "SwiGLU"]

@@ -1,0 +1,138 @@
+"""What is specific to fastft.ops.rms_norm / fastft.nn.RMSNorm. Parity on every backend and dtype, opcheck,
+torch.compile, bad inputs and a second backward come from the generic suite (tests/test_ops_generic.py)."""
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
+
+import fastft
+from fastft.nn import RMSNorm
+from fastft.ops import rms_norm
+from fastft.ops.rms_norm import rms_norm_op
+
+BACKENDS = tuple(rms_norm_op.backends)
+
+
+def _use(backend):
+    ok, why = rms_norm_op.backends[backend].status()
+    if not ok:
+        pytest.skip(f"{backend}: {why}")
+    return fastft.backend.use(backend)
+
+
+def _ulp(t: torch.Tensor) -> torch.Tensor:
+    """The spacing of t's dtype at each value of t, in fp64."""
+    mag = t.double().abs().clamp_min(torch.finfo(t.dtype).tiny)
+    return torch.exp2(torch.floor(torch.log2(mag))) * torch.finfo(t.dtype).eps
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_llama_casting_mode_rounds_like_transformers(backend, dtype):
+    # 423 x 123: odd rows and hidden size. Llama rounds the normalised x to the input dtype, then multiplies by
+    # the weight and rounds again; Gemma rounds once. On bf16 the two differ on a good share of the elements.
+    hf = LlamaRMSNorm(123, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        hf.weight.copy_(1 + 0.3 * torch.randn(123))
+    x = (3 * torch.randn(423, 123)).to(dtype)
+    expected = hf(x)
+    with _use(backend):
+        llama = rms_norm(x, hf.weight, 1e-5)
+        gemma_rounding = rms_norm(x, hf.weight, 1e-5, casting_mode="gemma")
+    assert llama.dtype == expected.dtype
+    diff = (llama.double() - expected.double()).abs()
+    # The fp32 row statistic may differ from torch's in its last bit (summation order), which can move a
+    # rounding by one step: at most one ulp anywhere, and rarely.
+    assert bool((diff <= _ulp(expected)).all()), f"max diff {diff.max().item()}"
+    same_llama = (llama == expected).float().mean().item()
+    same_gemma = (gemma_rounding == expected).float().mean().item()
+    assert same_llama > 0.99
+    assert same_gemma < same_llama - 0.05, (same_gemma, same_llama)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_weight_on_bf16_activations_promotes_like_transformers(backend):
+    hf = LlamaRMSNorm(64)  # fp32 weight (a master copy), bf16 activations: transformers returns fp32
+    with torch.no_grad():
+        hf.weight.copy_(1 + 0.3 * torch.randn(64))
+    x = torch.randn(37, 64).to(torch.bfloat16).requires_grad_()
+    expected = hf(x)
+    ours = RMSNorm(64)
+    ours.load_state_dict(hf.state_dict())
+    with _use(backend):
+        y = ours(x)
+    assert y.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(expected)
+    (dx_hf, dw_hf), (dx, dw) = (torch.autograd.grad(out, (x, m.weight), g) for out, m in ((expected, hf), (y, ours)))
+    assert dx.dtype == torch.bfloat16 and dw.dtype == torch.float32
+    torch.testing.assert_close(dw, dw_hf, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, dx_hf, rtol=2e-2, atol=2e-2)  # torch rounds dy * w to bf16 on the way; we do not
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_drop_in_for_a_config_built_llama_norm(backend):
+    config = LlamaConfig(hidden_size=96, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2,
+                         rms_norm_eps=1e-5)
+    layer = LlamaDecoderLayer(config, layer_idx=0)
+    hf = layer.input_layernorm
+    with torch.no_grad():
+        hf.weight.copy_(1 + 0.2 * torch.randn(96))
+    ours = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    assert ours.variance_epsilon == hf.variance_epsilon
+    x = torch.randn(2, 11, 96, requires_grad=True)
+    expected = hf(x)
+    g = torch.randn_like(expected)
+    dx_hf, dw_hf = torch.autograd.grad(expected, (x, hf.weight), g)
+    with _use(backend):
+        y = ours(x)
+        dx, dw = torch.autograd.grad(y, (x, ours.weight), g)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx, dx_hf, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dw, dw_hf, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gemma_mode_is_transformers_gemma_norm(backend):
+    hf = GemmaRMSNorm(123, eps=1e-6)
+    with torch.no_grad():
+        hf.weight.copy_(0.3 * torch.randn(123))
+    ours = RMSNorm(123, 1e-6, offset=1.0, casting_mode="gemma")
+    ours.load_state_dict(hf.state_dict())
+    x = torch.randn(5, 123).to(torch.bfloat16).requires_grad_()
+    expected = hf(x)
+    g = torch.randn_like(expected)
+    dx_hf, dw_hf = torch.autograd.grad(expected, (x, hf.weight), g)
+    with _use(backend):
+        y = ours(x)
+        dx, dw = torch.autograd.grad(y, (x, ours.weight), g)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, expected, rtol=0, atol=0) if backend == "reference" else \
+        torch.testing.assert_close(y, expected, rtol=8e-3, atol=1e-6)
+    torch.testing.assert_close(dx, dx_hf, rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(dw, dw_hf, rtol=1e-5, atol=1e-5)
+
+
+def test_new_module_starts_with_unit_scale():
+    assert torch.equal(RMSNorm(8).weight, torch.ones(8))
+    assert torch.equal(RMSNorm(8, offset=1.0, casting_mode="gemma").weight, torch.zeros(8))  # as GemmaRMSNorm
+    with pytest.raises(ValueError, match="casting_mode"):
+        RMSNorm(8, casting_mode="none")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("frozen", ["weight", "input"])
+def test_only_the_gradients_asked_for(backend, frozen):
+    x = torch.randn(423, 123, requires_grad=frozen != "input")
+    w = (1 + 0.1 * torch.randn(123)).requires_grad_(frozen != "weight")
+    ref_x, ref_w = x.detach().clone().requires_grad_(x.requires_grad), w.detach().clone().requires_grad_(w.requires_grad)
+    with _use(backend):
+        rms_norm(x, w).square().sum().backward()
+    fastft.reference.rms_norm.rms_norm(ref_x, ref_w).square().sum().backward()
+    for ours, ref in ((x, ref_x), (w, ref_w)):
+        if ref.requires_grad:
+            torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-5, atol=1e-5)
+        else:
+            assert ours.grad is None
