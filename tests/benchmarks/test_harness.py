@@ -70,7 +70,11 @@ def test_save_writes_where_asked_and_the_expected_duration_reads_it(tmp_path):
     meta = harness.metadata(bench, harness.Options())
     paths = harness.save(bench, rows, meta, tmp_path)
     assert {p.suffix for p in paths} >= {".csv", ".json", ".md"} and all(p.parent == tmp_path for p in paths)
-    assert "The table's first row repeats what each column means" in (tmp_path / "toy_cpu.md").read_text()
+    report = (tmp_path / "toy_cpu.md").read_text()
+    assert "The table's first row repeats what each column means" in report
+    (tmp_path / "toy_cpu.md").unlink()
+    harness.redraw(tmp_path)  # from the JSON alone: the same report
+    assert (tmp_path / "toy_cpu.md").read_text() == report
     assert harness.reference_seconds("toy", "cpu", tmp_path) == pytest.approx(14.0)
     assert "toy 0.2" in harness.expected_duration_text("cpu", tmp_path)
     # results written before wall times were recorded: estimated from their steps
