@@ -1,43 +1,82 @@
 #!/usr/bin/env bash
-# GPU check, for a CUDA machine with its own torch + triton, no network, no pip installs:
+# GPU check in ONE device call (a lent CUDA machine with its own torch + triton; no network, no installs):
 #   bash benchmarks/gpu_check.sh OUTDIR        (from anywhere; it cd's to the repo root)
-# 1. builds fastft._C with the CUDA kernels in place (log: OUTDIR/build.log; on failure it goes on
-#    with Triton only), 2. `python3 -m fastft info`, 3. `python3 -m pytest -m cuda` (OUTDIR/pytest.log),
-# 4. the GPU benchmarks `python3 -m benchmarks.run_demo --device cuda` (OUTDIR/bench.log, result
-#    files in OUTDIR/results/), 5. prints a summary (also OUTDIR/summary.txt).
-# Whole run within GPU_CHECK_BUDGET_S (default 450 s, under 8 minutes); each step has a timeout.
 #
-# Imports come from the source tree, no pip install: PYTHONPATH=<repo root>. `fastft.kernels` is
-# the top-level kernels/ folder only through setup.py's package_dir mapping (an install), so when
-# fastft/kernels does not exist the script makes a temporary symlink fastft/kernels -> ../kernels
-# and removes it on exit (trap), leaving the tree as it found it.
-# Environment knobs: PYTHON (default python3), CUDA_HOME (else found from nvcc), TORCH_CUDA_ARCH_LIST
-# (default 9.0), GPU_CHECK_BUDGET_S. An existing PYTHONPATH is kept after the repo root (e.g. a folder
-# holding liger_kernel, to benchmark it where it is not installed).
+#   1. build     FASTFT_BUILD_CUDA=1 setup.py build_ext --inplace, then `import fastft._C` (with_cuda)
+#   2. info      python -m fastft info
+#   3. tests     pytest -m cuda (pytest-xdist workers when present: the torch.compile tests are CPU-bound)
+#   4. benches   every op benchmark, highest priority first: the LoRA-Llama training step, the LoRA layer,
+#                adapter, full_kl, cross_entropy, linear_cross_entropy, linear_full_kl
+#   5. summary   OUTDIR/summary.md: the status of every section and EVERY benchmark table, in one file
+#
+# Time: the whole run fits GPU_CHECK_BUDGET_S (default 450 s: under 8 minutes with margin for the device
+# call's own start). Every section runs under `timeout`, capped by its own limit and by what is left of the
+# budget; a section that fails or times out is recorded in the summary and the script goes on. A benchmark
+# that no longer fits is listed as skipped. Repeats are cut (warmup 3, 15 timed steps, 4 s per provider) and
+# providers run in one process per benchmark (--inprocess: one torch import and CUDA start per benchmark
+# instead of per provider; GPU times and peak GPU memory are measured the same way).
+#
+# Files back (the device runner returns at most 8): summary.md, build.log, pytest.log, bench.log and
+# results.tar.gz (the benchmarks' csv/json/md/png). Nothing else is written under OUTDIR.
+#
+# Imports come from the source tree (PYTHONPATH=<repo root>); `fastft.kernels` is kernels/ only through
+# setup.py's package_dir mapping, so without an install a temporary symlink fastft/kernels -> ../kernels is
+# made and removed on exit. Knobs: PYTHON (default python3), CUDA_HOME (else found from nvcc),
+# TORCH_CUDA_ARCH_LIST (default 9.0), GPU_CHECK_BUDGET_S, GPU_CHECK_XDIST (pytest workers, default 8; 0: off).
 set -u
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR}
-mkdir -p "$OUT/results" && OUT=$(cd "$OUT" && pwd)
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET_S:-450}
 T0=$SECONDS
-SUMMARY="$OUT/summary.txt"
-: >"$SUMMARY"
-
-say() { echo "$*" | tee -a "$SUMMARY"; }
-# Seconds for the next step: its own cap, or what is left of the budget if less (at least 5).
-cap() { local left=$((BUDGET - (SECONDS - T0))); if ((left < $1)); then echo $((left > 5 ? left : 5)); else echo "$1"; fi; }
-elapsed() { echo "$((SECONDS - T0)) s"; }
+RESULTS=$(mktemp -d)   # benchmark files, packed into OUTDIR/results.tar.gz at the end
+STATUS=$(mktemp)       # one markdown table row per section
+SUMMARY="$OUT/summary.md"
+BUILD_LOG="$OUT/build.log" PYTEST_LOG="$OUT/pytest.log" BENCH_LOG="$OUT/bench.log"
+: >"$BUILD_LOG"; : >"$PYTEST_LOG"; : >"$BENCH_LOG"
 
 LINK_MADE=0
-cleanup() { if [ "$LINK_MADE" = 1 ]; then rm -f "$ROOT/fastft/kernels"; fi; }
+cleanup() {
+    if [ "$LINK_MADE" = 1 ]; then rm -f "$ROOT/fastft/kernels"; fi
+    rm -rf "$RESULTS" "$STATUS"
+}
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+left() { echo $((BUDGET - (SECONDS - T0))); }
+# Seconds for the next section: its own cap, or what is left of the budget if less.
+cap() { local l; l=$(left); if ((l < $1)); then echo "$l"; else echo "$1"; fi; }
+record() { printf '| %s | %s | %s s |\n' "$1" "$2" "$3" >>"$STATUS"; echo "[gpu-check] $1: $2 ($3 s, $(left) s of the budget left)"; }
+describe_rc() {  # exit status -> words
+    case $1 in
+        0) echo "ok" ;;
+        124 | 137) echo "TIMED OUT" ;;
+        *) echo "FAILED (exit $1)" ;;
+    esac
+}
+# run NAME CAP LOG CMD...: CMD under timeout (capped by the budget), output appended to LOG, status recorded.
+# Returns CMD's exit status (or 125 when no time was left to start it).
+run() {
+    local name=$1 limit=$2 log=$3 t rc start
+    shift 3
+    t=$(cap "$limit")
+    if ((t < 10)); then
+        record "$name" "skipped: the budget is spent" 0
+        return 125
+    fi
+    echo "=== $name (limit $t s): $*" >>"$log"
+    start=$SECONDS
+    timeout -k 10 "$t" "$@" >>"$log" 2>&1
+    rc=$?
+    echo "=== $name: exit $rc after $((SECONDS - start)) s" >>"$log"
+    record "$name" "$(describe_rc $rc)" $((SECONDS - start))
+    return $rc
+}
+
 # ---- toolkit -------------------------------------------------------------------------------------
-# A toolkit root holds bin/nvcc and include/cuda_runtime.h. An nvcc on PATH may be a wrapper script
-# (/usr/local/bin/nvcc here execs /usr/local/cuda-13.0/bin/nvcc), so each guess is checked.
+# A toolkit root holds bin/nvcc and include/cuda_runtime.h; an nvcc on PATH may be a wrapper script.
 is_toolkit() { [ -n "$1" ] && [ -x "$1/bin/nvcc" ] && [ -f "$1/include/cuda_runtime.h" ]; }
 if ! is_toolkit "${CUDA_HOME:-}"; then
     CUDA_HOME=
@@ -52,71 +91,98 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 unset FASTFT_BACKEND
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-
-say "== fastft GPU check: $(date -u +%FT%TZ), git $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
-say "GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -n 1)"
-say "CUDA_HOME=${CUDA_HOME:-<none found>} nvcc: $("${CUDA_HOME:-/nonexistent}/bin/nvcc" --version 2>/dev/null | tail -n 2 | head -n 1)"
+HEADER="fastft GPU check, $(date -u +%FT%TZ), git $(git rev-parse --short HEAD 2>/dev/null || echo '?')
+GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -n 1)
+torch/triton: $("$PY" -c 'import torch, triton; print(torch.__version__, "cuda", torch.version.cuda, "/ triton", triton.__version__)' 2>&1 | tail -n 1)
+CUDA_HOME=${CUDA_HOME:-<none found>}, arch $TORCH_CUDA_ARCH_LIST"
+echo "$HEADER"
 
 # ---- 1. build ------------------------------------------------------------------------------------
-BUILD=failed
-if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then
-    FASTFT_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} timeout -k 10 "$(cap 200)" \
-        "$PY" setup.py build_ext --inplace >"$OUT/build.log" 2>&1
-    rc=$?
-    if [ $rc = 0 ] && "$PY" -c "import fastft._C as c; assert c.with_cuda" >>"$OUT/build.log" 2>&1; then
-        BUILD=ok
-    else
-        BUILD="failed (exit $rc; last lines of build.log below); going on with Triton only"
-    fi
+if [ -n "${CUDA_HOME:-}" ]; then
+    run "build (CUDA extension)" 200 "$BUILD_LOG" \
+        env FASTFT_BUILD_CUDA=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PY" setup.py build_ext --inplace &&
+        run "load fastft._C (with_cuda)" 60 "$BUILD_LOG" "$PY" -c "import fastft._C as c; assert c.with_cuda, 'built without CUDA'"
 else
-    echo "no nvcc found (set CUDA_HOME)" >"$OUT/build.log"
-    BUILD="skipped: no nvcc found; going on with Triton only"
+    echo "no nvcc found (set CUDA_HOME)" >>"$BUILD_LOG"
+    record "build (CUDA extension)" "skipped: no nvcc found" 0
 fi
-say "build (FASTFT_BUILD_CUDA=1, arch $TORCH_CUDA_ARCH_LIST): $BUILD [$(elapsed)]"
-[ "$BUILD" = ok ] || tail -n 15 "$OUT/build.log" | sed 's/^/    /' | tee -a "$SUMMARY"
 
-# ---- fastft.kernels from the source tree -----------------------------------------------------------
 if [ ! -e fastft/kernels ] && [ -d kernels ]; then
     ln -s ../kernels fastft/kernels && LINK_MADE=1
 fi
 
 # ---- 2. info -------------------------------------------------------------------------------------
-say ""
-timeout 120 "$PY" -m fastft info 2>&1 | tee -a "$SUMMARY" >"$OUT/bench.log"
+INFO=$(timeout 60 "$PY" -m fastft info 2>&1 | tail -n 40)
 
 # ---- 3. CUDA tests -------------------------------------------------------------------------------
-PYTEST_OPTS=(-m cuda -q -p no:cacheprovider)
+PYTEST_OPTS=(-m cuda -q -p no:cacheprovider -rfE)
 # pyproject's addopts name pytest-benchmark's flag; without the plugin pytest would refuse to start.
 "$PY" -c "import pytest_benchmark" 2>/dev/null || PYTEST_OPTS+=(-o "addopts=-ra")
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_OPTS+=(--timeout=120)
-timeout -k 10 "$(cap 120)" "$PY" -m pytest "${PYTEST_OPTS[@]}" tests >"$OUT/pytest.log" 2>&1
-rc=$?
-case $rc in
-    0) PYTEST="passed" ;;
-    5) PYTEST="no tests marked cuda were collected" ;;
-    124 | 137) PYTEST="TIMED OUT" ;;
-    *) PYTEST="FAILED (exit $rc)" ;;
-esac
-say ""
-say "pytest -m cuda: $PYTEST: $(grep -E '(passed|failed|error|skipped|deselected)' "$OUT/pytest.log" | tail -n 1) [$(elapsed)]"
-[ $rc = 0 ] || [ $rc = 5 ] || grep -E '^(FAILED|ERROR)' "$OUT/pytest.log" | head -n 15 | sed 's/^/    /' | tee -a "$SUMMARY"
+XDIST=${GPU_CHECK_XDIST:-8}
+if [ "$XDIST" != 0 ] && "$PY" -c "import xdist" 2>/dev/null; then PYTEST_OPTS+=(-n "$XDIST"); fi
+run "pytest -m cuda" 170 "$PYTEST_LOG" "$PY" -m pytest "${PYTEST_OPTS[@]}" tests
+PYTEST_LINE=$(grep -E '[0-9]+ (passed|failed|error|skipped)' "$PYTEST_LOG" | tail -n 1)
+PYTEST_FAILURES=$(grep -E '^(FAILED|ERROR) ' "$PYTEST_LOG" | head -n 40)
 
-# ---- 4. GPU benchmarks ---------------------------------------------------------------------------
-BT=$(cap 300)
-timeout -k 10 "$BT" "$PY" -m benchmarks.run_demo --device cuda --out-dir "$OUT/results" \
-    --timeout $((BT > 60 ? BT / 3 : 20)) >>"$OUT/bench.log" 2>&1
-rc=$?
-say ""
-say "benchmarks (run_demo --device cuda): exit $rc$([ $rc = 124 ] && echo ' TIMED OUT') [$(elapsed)]"
-for md in "$OUT"/results/*.md; do
-    [ -e "$md" ] && sed -n '/^| provider/,$p' "$md" | tee -a "$SUMMARY"
-done
-# The device runner returns at most 8 files: with more result files than fit beside the 4 logs,
-# pack them into one archive.
-n=$(find "$OUT/results" -type f | wc -l)
-if [ "$n" -gt 4 ]; then
-    tar -czf "$OUT/results.tar.gz" -C "$OUT" results && rm -rf "$OUT/results"
-    say "(results packed into results.tar.gz: $n files)"
+# ---- 4. benchmarks (highest priority first; each time-boxed; what no longer fits is skipped) ------
+HARNESS=(--device cuda --warmup 3 --repeats 15 --max-time 4 --inprocess --out-dir "$RESULTS")
+bench() {  # bench NAME CAP MODULE ARGS...
+    local name=$1 limit=$2 module=$3
+    shift 3
+    run "bench $name" "$limit" "$BENCH_LOG" "$PY" -m "benchmarks.bench_$module" "${HARNESS[@]}" "$@"
+}
+bench "LoRA Llama step (end to end)" 70 lora --case llama --tag llama
+bench "LoRA layer" 45 lora --case layer
+bench "adapter" 45 adapter
+bench "full_kl" 45 kl --op full
+bench "cross_entropy" 45 cross_entropy
+bench "linear_cross_entropy" 50 linear_cross_entropy
+bench "linear_full_kl" 45 kl --op linear --tag linear
+
+# ---- 5. summary: every section's status and every table, in one file -------------------------------
+N_RESULTS=$(find "$RESULTS" -type f | wc -l)
+if [ "$N_RESULTS" -gt 0 ]; then
+    tar -czf "$OUT/results.tar.gz" -C "$RESULTS" . || echo "could not pack the results" >>"$BENCH_LOG"
 fi
-say ""
-say "== done in $(elapsed); logs: $OUT/{build,pytest,bench}.log, summary.txt"
+{
+    echo "# fastft GPU check"
+    echo
+    echo '```'
+    echo "$HEADER"
+    echo '```'
+    echo
+    echo "| section | result | time |"
+    echo "| --- | --- | --- |"
+    cat "$STATUS"
+    echo
+    echo "Total: $((SECONDS - T0)) s of a $BUDGET s budget. Logs: build.log, pytest.log, bench.log; $N_RESULTS benchmark"
+    echo "file(s) packed in results.tar.gz (none: no archive)."
+    echo
+    echo "## pytest -m cuda"
+    echo
+    echo "${PYTEST_LINE:-no pytest summary line (see pytest.log)}"
+    if [ -n "$PYTEST_FAILURES" ]; then
+        echo
+        echo '```'
+        echo "$PYTEST_FAILURES"
+        echo '```'
+    fi
+    echo
+    echo "## fastft info"
+    echo
+    echo '```'
+    echo "$INFO"
+    echo '```'
+    echo
+    echo "## Benchmarks"
+    for md in "$RESULTS"/*.md; do
+        [ -e "$md" ] || continue
+        echo
+        echo "### $(basename "$md" .md)"
+        echo
+        cat "$md"
+    done
+} >"$SUMMARY"
+echo "[gpu-check] done in $((SECONDS - T0)) s; summary: $SUMMARY"
+cat "$STATUS"
