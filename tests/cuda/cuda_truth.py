@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 import fastft
+from fastft.ops.registry import float_like
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BACKENDS = ("triton", "cuda")
@@ -25,16 +26,6 @@ ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 def dtype_id(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
-
-
-def _cast(obj, dtype):
-    if isinstance(obj, torch.Tensor) and obj.is_floating_point():
-        return obj.detach().to(dtype).requires_grad_(obj.requires_grad)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_cast(o, dtype) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _cast(v, dtype) for k, v in obj.items()}
-    return obj
 
 
 def _leaves(args, kwargs) -> list:
@@ -51,7 +42,7 @@ def _upstream(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def run(fn, args, kwargs, dtype, grad_dtype):
     """fn on the inputs cast to ``dtype``; returns (output, [gradient of each leaf]) in fp64."""
-    args, kwargs = _cast(args, dtype), _cast(kwargs, dtype)
+    args, kwargs = float_like(args, dtype), float_like(kwargs, dtype)
     out = fn(*args, **kwargs)
     leaves = _leaves(args, kwargs)
     grads = []
