@@ -138,6 +138,14 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class RecipeConfig:
+    # a module imported before the run is built: it registers the recipe's task, model builder and
+    # callbacks (e.g. "fastft.recipes.text_classification"); docs/recipes.md lists them
+    module: str = ""
+    options: Any = field(default_factory=dict)   # free-form table the recipe validates ([recipe.options])
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -151,6 +159,7 @@ class Config:
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -228,13 +237,18 @@ def parse_override(arg: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {arg!r} must look like --section.key=value")
     dotted, _, text = arg[2:].partition("=")
     path = dotted.split(".")
+    if len(path) == 3 and path[:2] == ["recipe", "options"] and path[2]:  # --recipe.options.key=value
+        return path, _parse_value(text)
     if len(path) != 2 or not all(path):
         raise ConfigError(f"override {arg!r}: the key must be section.key, got {dotted!r}")
+    return path, _parse_value(text)
+
+
+def _parse_value(text: str):
     try:
-        value = tomllib.loads(f"v = {text}")["v"]
+        return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
-        value = text
-    return path, value
+        return text
 
 
 def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) -> Config:
@@ -249,11 +263,14 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) ->
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
     for arg in overrides:
-        (section, key), value = parse_override(arg)
+        (section, key, *option), value = parse_override(arg)
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise ConfigError(f"config section {section!r} must be a table")
-        raw[section][key] = value
+        if option:  # recipe.options.<name>
+            raw[section].setdefault(key, {})[option[0]] = value
+        else:
+            raw[section][key] = value
     return _build(raw)
 
 

@@ -182,8 +182,10 @@ def as_samples(examples: list[Example], max_length: int, packing: bool) -> list[
 
 
 def collate(samples: list[dict], pad_id: int) -> dict:
-    """Right-padded tensors. Packed samples carry position_ids and no attention mask (transformers
-    builds the per-example block-causal mask from the position ids)."""
+    """Right-padded tensors. Packed samples carry position ids and no attention mask: transformers then
+    builds a block-causal mask per example from the restarts of the position ids (with no KV cache in
+    the forward: the task passes use_cache=False). A packed row's padding restarts its positions too,
+    so it forms a block of its own that no real token attends to."""
     width = max(len(s["input_ids"]) for s in samples)
     ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
@@ -193,17 +195,14 @@ def collate(samples: list[dict], pad_id: int) -> dict:
         ids[i, :n] = torch.tensor(s["input_ids"])
         labels[i, :n] = torch.tensor(s["labels"])
         mask[i, :n] = 1
-    batch = {"input_ids": ids, "labels": labels}
-    if "position_ids" in samples[0]:
-        positions = torch.zeros((len(samples), width), dtype=torch.long)
-        for i, s in enumerate(samples):
-            positions[i, : len(s["position_ids"])] = torch.tensor(s["position_ids"])
-        batch["position_ids"] = positions
-        if len(samples) > 1 and any(len(s["input_ids"]) < width for s in samples):
-            batch["attention_mask"] = mask  # padding must still be masked
-    else:
-        batch["attention_mask"] = mask
-    return batch
+    if "position_ids" not in samples[0]:
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    positions = torch.zeros((len(samples), width), dtype=torch.long)
+    for i, s in enumerate(samples):
+        n = len(s["position_ids"])
+        positions[i, :n] = torch.tensor(s["position_ids"])
+        positions[i, n:] = torch.arange(width - n)
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
 
 # ------------------------------------------------------------------------------------------------

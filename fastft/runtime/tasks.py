@@ -7,8 +7,9 @@ else (order, sharding, normalization across accumulation and ranks, optimizer, c
 """
 from __future__ import annotations
 
+import importlib
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +25,19 @@ def register_task(name: str):
         TASKS[name] = cls
         return cls
     return add
+
+
+def import_recipe(cfg) -> None:
+    """Imports ``recipe.module``, which registers the recipe's task, model builder and callbacks."""
+    name = cfg.recipe.module
+    if not name:
+        return
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and name.startswith(exc.name):
+            raise ConfigError(f"recipe.module {name!r} cannot be imported: {exc}") from None
+        raise
 
 
 def build_task(cfg, tokenizer):
@@ -55,6 +69,14 @@ class Task:
     def evaluate(self, model: nn.Module, d) -> dict:
         """Metrics over the eval set; every rank calls it and gets the same numbers."""
         return {}
+
+    def callbacks(self) -> list:
+        """Callbacks the task adds to the run (schedules, extra loss terms, observers)."""
+        return []
+
+    def param_groups(self, model: nn.Module, params: list) -> Optional[list]:
+        """Optimizer parameter groups over ``params`` (dicts, each may set its own ``lr``), or None: one group."""
+        return None
 
 
 @register_task("causal_lm")

@@ -30,7 +30,7 @@ from .data import step_micro_batches
 from .models import build_model, export_adapter, kernel_switches, prepare_model
 from .parallel import (FSDP_MODES, Dist, all_reduce_max, all_reduce_sum, apply_activation_checkpointing,
                        init_distributed, unwrap, wrap)
-from .tasks import build_task
+from .tasks import build_task, import_recipe
 
 
 class Callback:
@@ -86,8 +86,10 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.d: Dist = init_distributed(cfg.parallel.mode)
         torch.manual_seed(cfg.run.seed)
+        import_recipe(cfg)
         self.model, self.tokenizer = build_model(cfg)
         self.task = task if task is not None else build_task(cfg, self.tokenizer)
+        self.callbacks += self.task.callbacks()
         model = prepare_model(self.model, cfg)
         self.ac_blocks = apply_activation_checkpointing(model, cfg.memory.activation_checkpointing, cfg.memory.every_k)
         self.model = wrap(model, cfg, self.d)
@@ -120,7 +122,7 @@ class Trainer:
             from torch.distributed.optim import ZeroRedundancyOptimizer
 
             return ZeroRedundancyOptimizer(self.params, optimizer_class=torch.optim.AdamW, **kwargs)
-        return torch.optim.AdamW(self.params, **kwargs)
+        return torch.optim.AdamW(self.task.param_groups(self.model, self.params) or self.params, **kwargs)
 
     def _autocast(self):
         p = self.cfg.precision

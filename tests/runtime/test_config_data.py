@@ -1,0 +1,109 @@
+"""Config loading and overrides, the CLI, and the data pipeline (response-only labels, order, sharding)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import write_uneven_data
+from fastft.runtime import cli
+from fastft.runtime.config import ConfigError, load_config
+from fastft.runtime.data import (IGNORE_INDEX, DataError, global_indices, pack, read_jsonl, step_micro_batches,
+                                 tokenize)
+from fastft.runtime.models import byte_tokenizer
+
+ROOT = Path(__file__).absolute().parents[2]
+
+
+def test_toml_and_dotted_overrides(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[optim]\nlr = 1e-3\nschedule = "wsd"\n[data]\ngenerator = "addition"\n')
+    cfg = load_config(path, ["--optim.lr=3e-4", "--parallel.mode=fsdp2", "--lora.target_modules=[\"q_proj\"]",
+                             "--run.output_dir=out/x"])
+    assert cfg.optim.lr == 3e-4 and cfg.optim.schedule == "wsd" and cfg.parallel.mode == "fsdp2"
+    assert cfg.lora.target_modules == ["q_proj"] and cfg.run.output_dir == "out/x"
+    assert cfg.optim.warmup_steps == 0  # untouched default
+    with pytest.raises(Exception):
+        cfg.optim.lr = 1.0  # frozen
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--optim.lrr=1", r"unknown config key optim\.lrr; valid keys of \[optim\]: lr, weight_decay"),
+    ("--optimizer.lr=1", r"unknown config section 'optimizer'; valid sections: run, model"),
+    ("--optim.lr=fast", r"optim\.lr must be a float, got 'fast'"),
+    ("--batch.grad_accum=0", r"batch\.grad_accum must be positive"),
+    ("--parallel.mode=fsdp3", r"parallel\.mode = 'fsdp3' is not one of ddp, zero1, zero2, fsdp2, hsdp"),
+    ("--precision.impl=fsdp", r"precision\.impl = 'fsdp' needs parallel\.mode zero2, fsdp2 or hsdp"),
+    ("optim.lr=1", r"must look like --section\.key=value"),
+])
+def test_bad_config_is_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["--data.generator=addition", override])
+
+
+def test_cli_reports_config_errors(tmp_path, capsys):
+    assert cli.main([str(tmp_path / "missing.toml")]) == 2
+    assert "missing.toml' does not exist" in capsys.readouterr().err
+    assert cli.main(["--data.generator=addition", "--run.nonsense=1"]) == 2
+    assert "unknown config key run.nonsense" in capsys.readouterr().err
+
+
+def test_cli_nproc_relaunches_through_torchrun(tmp_path):
+    """`python -m fastft train ... --nproc 2`: two gloo ranks, one summary from rank 0."""
+    data = write_uneven_data(tmp_path / "d.jsonl", n=16)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "fastft", "train", "--nproc", "2", f"--data.path={data}", "--model.builder=tiny_llama",
+           "--model.hidden_size=16", "--model.num_heads=2", "--model.intermediate_size=32", "--run.max_steps=2",
+           f"--run.output_dir={tmp_path / 'out'}", "--run.progress=false", "--run.plots=false",
+           "--batch.micro_batch_size=2", "--data.max_length=96", "--lora.r=2"]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 2
+    assert proc.stdout.count("steps 2:") == 1  # rank 0 prints
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_labels_only_on_responses():
+    tok = byte_tokenizer()
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                {"role": "user", "content": "again"}, {"role": "assistant", "content": "ok!"}]
+    ex = tokenize(tok, messages, 512, "x")
+    labelled = tok.decode([t for t, l in zip(ex.input_ids, ex.labels) if l != IGNORE_INDEX])
+    assert labelled == "yo<|im_end|>\nok!<|im_end|>\n"
+    assert all(l in (IGNORE_INDEX, t) for t, l in zip(ex.input_ids, ex.labels))
+    assert tok.decode(ex.prompt).endswith("again<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_bad_records_are_named(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n\n{"messages": [{"role": "user", "content": "x"}]}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:3: no assistant message"):
+        read_jsonl(str(path))
+    with pytest.raises(DataError, match="does not exist"):
+        read_jsonl(str(tmp_path / "nope.jsonl"))
+
+
+def test_packing_restarts_positions_and_hides_boundaries():
+    tok = byte_tokenizer()
+    exs = [tokenize(tok, [{"role": "user", "content": u}, {"role": "assistant", "content": a}], 512, "x")
+           for u, a in (("a", "bb"), ("ccc", "d"), ("e", "ffff"))]
+    packs = pack(exs, max_length=2 * max(len(e.input_ids) for e in exs))
+    assert sum(len(p["input_ids"]) for p in packs) == sum(len(e.input_ids) for e in exs)
+    first = packs[0]
+    starts = [i for i, p in enumerate(first["position_ids"]) if p == 0]
+    assert len(starts) >= 2 and all(first["labels"][s] == IGNORE_INDEX for s in starts)
+    assert first["position_ids"][starts[1] - 1] == starts[1] - 1
+
+
+def test_order_is_a_function_of_seed_and_step_and_ranks_partition_it():
+    samples = list(range(10))
+    assert global_indices(10, 3, 5, 4) == global_indices(10, 3, 5, 4)
+    assert global_indices(10, 3, 5, 4) != global_indices(10, 4, 5, 4)
+    epoch = [i for step in range(5) for i in global_indices(10, 0, step, 2)]
+    assert sorted(epoch) == samples  # one epoch visits every sample once
+    world = [x for rank in range(2) for mb in step_micro_batches(samples, 0, 7, 2, 3, rank, 2) for x in mb]
+    single = [x for mb in step_micro_batches(samples, 0, 7, 2, 6, 0, 1) for x in mb]
+    assert sorted(world) == sorted(single) and len(world) == 12

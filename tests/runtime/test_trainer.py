@@ -1,0 +1,172 @@
+"""One-process trainer checks on a tiny config-built Llama: exact loss normalization under gradient
+accumulation (and the naive mean of means as a negative control), activation checkpointing modes,
+bit-exact DCP resume with dropout (and without RNG restore as a negative control), a save killed
+midway, clear errors that leave a checkpoint untouched, and packing."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import tiny_config, trainable_state, write_uneven_data
+from fastft.runtime import checkpoint as ckpt_module
+from fastft.runtime.checkpoint import latest_checkpoint
+from fastft.runtime.config import ConfigError
+from fastft.runtime.data import DataError, IGNORE_INDEX
+from fastft.runtime.models import ModelLoadError
+from fastft.runtime.tasks import CausalLMTask
+from fastft.runtime.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_uneven_data(tmp_path_factory.mktemp("data") / "train.jsonl")
+
+
+def first_step_grads(trainer) -> dict:
+    """Gradients of step 0 as the optimizer would see them."""
+    grads = {}
+
+    def capture(*args, **kwargs):
+        for name, p in trainer.model.named_parameters():
+            if p.grad is not None:
+                grads[name] = p.grad.detach().clone()
+    trainer.optimizer.step = capture
+    trainer.train_step(0)
+    return grads
+
+
+class MeanOfMeans(CausalLMTask):
+    """HF Trainer's pre-2024-fix accumulation: each micro-batch's mean loss, averaged over micro-batches."""
+
+    def loss(self, model, batch, normalizer):
+        return model(**batch, use_cache=False).loss / self.cfg.batch.grad_accum
+
+
+def test_grad_accumulation_is_exact(data, tmp_path):
+    full = first_step_grads(Trainer(tiny_config(tmp_path / "a", data, batch={"micro_batch_size": 4})))
+    accum = first_step_grads(Trainer(tiny_config(tmp_path / "b", data, batch={"micro_batch_size": 2, "grad_accum": 2})))
+    assert full.keys() == accum.keys() and full
+    for name in full:
+        torch.testing.assert_close(accum[name], full[name], atol=1e-6, rtol=0, msg=name)
+    # negative control: the same micro-batches averaged as means of means
+    cfg = tiny_config(tmp_path / "c", data, batch={"micro_batch_size": 2, "grad_accum": 2})
+    trainer = Trainer(cfg, task=None)
+    trainer.task.__class__ = MeanOfMeans
+    naive = first_step_grads(trainer)
+    worst = max(float((naive[n] - full[n]).abs().max()) for n in full)
+    assert worst > 1e-4, worst
+
+
+@pytest.mark.parametrize("mode", ["full", "every_k", "offload"])
+def test_activation_checkpointing_matches_none(data, tmp_path, mode):
+    plain = Trainer(tiny_config(tmp_path / "none", data))
+    plain.fit()
+    checkpointed = Trainer(tiny_config(tmp_path / mode, data, memory={"activation_checkpointing": mode, "every_k": 2}))
+    assert checkpointed.ac_blocks == (1 if mode == "every_k" else 2)
+    checkpointed.fit()
+    a, b = trainable_state(plain), trainable_state(checkpointed)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=1e-6, msg=name)
+
+
+def dropout_config(out, data, steps):
+    return tiny_config(out, data, run={"max_steps": steps}, model={"dropout": 0.2}, lora={"dropout": 0.3},
+                       checkpoint={"at_end": True})
+
+
+def test_resume_is_bit_exact_and_needs_rng(data, tmp_path):
+    straight = Trainer(dropout_config(tmp_path / "straight", data, 4))
+    straight.fit()
+    first = Trainer(dropout_config(tmp_path / "resumed", data, 2))
+    first.fit()
+    torch.manual_seed(1234)  # a resumed process starts from another RNG state
+    second = Trainer(dropout_config(tmp_path / "resumed", data, 4))
+    second.fit()
+    assert second.step == 4 and len(second.history) == 2
+    want = trainable_state(straight)
+    got = trainable_state(second)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    assert [r["loss"] for r in second.history] == [r["loss"] for r in straight.history[2:]]
+    # negative control: the same resume without restoring the RNG states
+    torch.manual_seed(1234)
+    no_rng = Trainer(dropout_config(tmp_path / "resumed", data, 4))
+    assert no_rng.resume(restore_rng=False)
+    for step in range(2, 4):
+        no_rng.train_step(step)
+    got = trainable_state(no_rng)
+    assert not all(torch.equal(got[n], want[n]) for n in want)
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_killed_save_leaves_latest(data, tmp_path, monkeypatch):
+    trainer = Trainer(dropout_config(tmp_path / "run", data, 2))
+    trainer.fit()
+    root = tmp_path / "run" / "checkpoints"
+    good = latest_checkpoint(root)
+    before = _snapshot(root)
+
+    def dies_midway(state, checkpoint_id):
+        (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"partial")
+        raise KeyboardInterrupt("killed during save")
+    monkeypatch.setattr(ckpt_module.dcp, "save", dies_midway)
+    trainer.step = 3
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save()
+    assert latest_checkpoint(root) == good
+    assert {k: v for k, v in _snapshot(root).items() if ".tmp" not in k} == before
+    monkeypatch.undo()
+    resumed = Trainer(dropout_config(tmp_path / "run", data, 2))
+    assert resumed.resume() and resumed.step == 2
+
+
+def test_errors_name_the_problem_and_keep_the_checkpoint(data, tmp_path):
+    out = tmp_path / "run"
+    Trainer(dropout_config(out, data, 1)).fit()
+    before = _snapshot(out)
+    bad_line = tmp_path / "bad.jsonl"
+    bad_line.write_text(data.read_text().splitlines()[0] + "\n{not json\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: not valid JSON"):
+        Trainer(dropout_config(out, bad_line, 2))
+    missing_field = tmp_path / "missing.jsonl"
+    missing_field.write_text('{"instruction": "x"}\n')
+    with pytest.raises(DataError, match=r"missing\.jsonl:1: .*'messages' or 'instruction' \+ 'output'"):
+        Trainer(dropout_config(out, missing_field, 2))
+    gguf = tiny_config(out, data, model={"builder": "hf", "path": str(tmp_path), "gguf_file": "nope.gguf"})
+    with pytest.raises(ModelLoadError, match="nope.gguf"):
+        Trainer(gguf)
+    with pytest.raises(ConfigError, match=r"unknown config key optim\.lrr; valid keys of \[optim\]: lr, "):
+        tiny_config(out, data, optim={"lrr": 1.0})
+    assert _snapshot(out) == before
+
+
+def test_packing_keeps_examples_apart(data, tmp_path):
+    """The loss of a packed row equals the summed losses of its examples run alone (block-causal
+    attention from the restarted position ids, no prediction across a boundary)."""
+    trainer = Trainer(tiny_config(tmp_path / "p", data, data={"packing": True, "max_length": 160},
+                                  kernels={"fused_loss": False}))
+    with torch.no_grad():  # weights large enough that attending to another example changes the loss
+        for p in trainer.model.parameters():
+            p.mul_(8.0)
+    task, model = trainer.task, trainer.model
+    model.eval()
+    pack = next(s for s in task.train_samples if s["position_ids"].count(0) >= 2)
+    short = min(task.train_samples, key=lambda s: len(s["input_ids"]))  # padded when batched with `pack`
+    assert len(short["input_ids"]) < len(pack["input_ids"])
+
+    def examples(sample):
+        starts = [i for i, p in enumerate(sample["position_ids"]) if p == 0] + [len(sample["input_ids"])]
+        return [{"input_ids": sample["input_ids"][a:b], "labels": [IGNORE_INDEX] + sample["labels"][a + 1:b]}
+                for a, b in zip(starts, starts[1:])]
+    one = torch.ones(())
+    with torch.no_grad():
+        packed = task.loss(model, task.collate([pack, short]), one)
+        alone = sum(task.loss(model, task.collate([e]), one) for e in examples(pack) + examples(short))
+        # negative control: the same row as one sequence lets examples attend to each other
+        leaky = task.loss(model, task.collate([{"input_ids": pack["input_ids"], "labels": pack["labels"]}]), one)
+        pack_alone = sum(task.loss(model, task.collate([e]), one) for e in examples(pack))
+    torch.testing.assert_close(packed, alone, atol=1e-4, rtol=1e-5)
+    assert abs(float(leaky - pack_alone)) > 1e-2
