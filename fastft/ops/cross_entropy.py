@@ -222,13 +222,21 @@ def _bad_inputs(device):
     t = torch.zeros(4, dtype=torch.int64, device=device)
     bad = registry.BadInput
     return [
-        bad((x, t), {"reduction": "avg"}, ValueError, "reduction must be one of"),
-        bad((x.int(), t), {}, TypeError, "input must be one of"),
-        bad((x, t.float()), {}, TypeError, "target must hold integer"),
+        bad((x, torch.tensor([0, 1, 5, 2], device=device)), {}, ValueError, "out of range"),
+        bad((x, torch.tensor([0, -3, 1, 2], device=device)), {}, ValueError, "out of range"),
+        bad((x, t.float()), {}, TypeError, "integer class indices"),
         bad((x, t[:3]), {}, ValueError, "target shape"),
+        bad((torch.randn(2, 5, 3, device=device), torch.zeros(2, 3, dtype=torch.int64, device=device)), {}, ValueError,
+            "LAST"),
+        bad((x.int(), t), {}, TypeError, "input must be one of"),
         bad((x, t.to("meta")), {}, ValueError, "target is on meta"),
-        bad((x, t), {"label_smoothing": 2.0}, ValueError, "label_smoothing"),
-        bad((x, t + 9), {}, ValueError, "out of range"),
+        bad((x, t), {"reduction": "avg"}, ValueError, "reduction must be one of"),
+        bad((x, t), {"label_smoothing": 1.5}, ValueError, "label_smoothing"),
+        bad((x, t), {"label_smoothing": -0.1}, ValueError, "label_smoothing"),
+        bad((x, t), {"z_loss": -1.0}, ValueError, "z_loss"),
+        bad((x, t), {"softcap": 0.0}, ValueError, "softcap"),
+        bad((x, t, torch.ones(4, device=device)), {}, ValueError, "weight"),
+        bad((x, t), {"ignore_index": 1.5}, TypeError, "ignore_index"),
     ]
 
 
