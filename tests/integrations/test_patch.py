@@ -1,0 +1,210 @@
+"""fastft.patch: undo restores the instance bit for bit, PEFT LoRA layers run fastft's op on their own
+parameters (PEFT's adapter switching still works), a LoRA'd head (untied and tied) trains fused, the
+generic path checks its loss, a torch.compile'd model and fastft.AutoModelForCausalLM."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+import fastft  # noqa: E402
+import fastft.integrations.transformers as hf_loss  # noqa: E402
+import fastft.nn.lora as nn_lora  # noqa: E402
+from fastft.integrations.patch import get_handle  # noqa: E402
+from patch_models import batches, one_thread, tiny_model  # noqa: E402,F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _peft(model, targets, dropout=0.0):
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                                            target_modules=targets))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return peft_model
+
+
+def _loss_and_grads(model, ids, labels, seed=0):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _instance_state(model):
+    """Per module: its instance attribute names, parameter objects and training flag."""
+    return {name: (sorted(vars(m)), [id(p) for p in m.parameters(recurse=False)], m.training)
+            for name, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("case", ["llama", "llama-peft-lora-head", "tied-peft-lora-head", "gpt2-peft"])
+def test_undo_restores_the_instance_bit_for_bit(case):
+    if case == "gpt2-peft":
+        model = _peft(tiny_model("gpt2"), ["c_attn", "lm_head"])
+    elif case == "tied-peft-lora-head":
+        model = _peft(tiny_model("llama", tie_word_embeddings=True), ["q_proj", "down_proj", "lm_head"])
+    elif case == "llama-peft-lora-head":
+        model = _peft(tiny_model("llama"), ["q_proj", "v_proj", "gate_proj", "lm_head"])
+    else:
+        model = tiny_model("llama")
+    ids, labels = batches(1)[0]
+    before_state = _instance_state(model)
+    model.eval()
+    with torch.no_grad():
+        before_logits = model(input_ids=ids).logits
+    model.train()
+    before_out, before_grads = _loss_and_grads(model, ids, labels)
+
+    handle = fastft.patch(model)
+    assert get_handle(model) is handle and handle.report.fused("loss")
+    patched_out, _ = _loss_and_grads(model, ids, labels)
+    assert patched_out.logits is None  # the fused path ran
+    handle.undo()
+    handle.undo()  # idempotent
+
+    assert get_handle(model) is None and not hf_loss.is_patched(model)
+    assert _instance_state(model) == before_state
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before_logits)
+    model.train()
+    after_out, after_grads = _loss_and_grads(model, ids, labels)
+    assert torch.equal(after_out.loss, before_out.loss) and torch.equal(after_out.logits, before_out.logits)
+    assert after_grads.keys() == before_grads.keys()
+    assert all(torch.equal(after_grads[n], before_grads[n]) for n in before_grads)
+
+
+def test_peft_lora_layers_run_fastft_on_the_same_parameters(monkeypatch):
+    from peft.utils import get_peft_model_state_dict
+
+    model = _peft(tiny_model("llama"), "all-linear")
+    params_before = [(n, id(p)) for n, p in model.named_parameters()]
+    saved_before = get_peft_model_state_dict(model)
+    ids, labels = batches(1)[0]
+    stock_out, stock_grads = _loss_and_grads(model, ids, labels)
+
+    handle = fastft.patch(model, loss=False, layers=False)
+    assert [(n, id(p)) for n, p in model.named_parameters()] == params_before  # same objects: an optimizer keeps working
+    calls = []
+    real = nn_lora.lora_linear
+    monkeypatch.setattr(nn_lora, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out, grads = _loss_and_grads(model, ids, labels)
+    assert len(calls) == len(handle.report.fused("lora")) == 14  # 7 linears x 2 layers
+    torch.testing.assert_close(out.loss, stock_out.loss, rtol=1e-6, atol=1e-6)
+    for name in stock_grads:
+        torch.testing.assert_close(grads[name], stock_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+    # PEFT's own API still sees its layers: disabling the adapter (a TRL reference model) and saving
+    calls.clear()
+    with torch.no_grad(), model.disable_adapter():
+        disabled = model(input_ids=ids).logits
+    assert not calls  # PEFT's own forward ran (adapter off)
+    handle.undo()
+    with torch.no_grad(), model.disable_adapter():
+        torch.testing.assert_close(disabled, model(input_ids=ids).logits, rtol=0, atol=0)
+    saved = get_peft_model_state_dict(model)
+    assert saved.keys() == saved_before.keys()
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_lora_head_trains_fused(tied, monkeypatch):
+    # lm_head LoRA with dropout: the fused head draws PEFT's dropout mask (same place, same RNG state)
+    model = _peft(tiny_model("llama", tie_word_embeddings=tied), ["lm_head"], dropout=0.1)
+    head = model.get_base_model().lm_head
+    assert (head.weight is model.get_base_model().model.embed_tokens.weight) == tied
+    ids, labels = batches(1)[0]
+    stock_out, stock_grads = _loss_and_grads(model, ids, labels, seed=3)
+
+    handle = fastft.patch(model)
+    assert "LoRA'd head fused" in handle.report.fused("loss")[0].detail
+    assert ("tied to the input embedding" in handle.report.fused("loss")[0].detail) == tied
+    calls = []
+    real = hf_loss.fused_linear_cross_entropy
+    monkeypatch.setattr(hf_loss, "fused_linear_cross_entropy", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    out, grads = _loss_and_grads(model, ids, labels, seed=3)
+    assert out.logits is None and calls == [torch.Size([head.out_features, head.in_features + 4])]  # [W | B]
+    torch.testing.assert_close(out.loss, stock_out.loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == stock_grads.keys() and any("lm_head.lora_A" in n for n in grads)
+    for name in stock_grads:
+        torch.testing.assert_close(grads[name], stock_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    handle.undo()
+
+
+def test_generic_path_checks_the_loss_on_one_batch():
+    model = tiny_model("llama")
+    model.config.model_type = "toy_llama"  # not in fastft's table
+    ids, labels = batches(1)[0]
+    stock_out, _ = _loss_and_grads(model, ids, labels)
+    rng = torch.get_rng_state()
+    handle = fastft.patch(model)
+    assert torch.equal(torch.get_rng_state(), rng)  # the check does not move the caller's RNG
+    assert handle.report.path == "generic"
+    assert "checked on one batch" in handle.report.fused("loss")[0].detail
+    out, _ = _loss_and_grads(model, ids, labels)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, stock_out.loss, rtol=1e-5, atol=1e-6)
+    handle.undo()
+
+    # A config naming a logit transform that this forward does not apply: the check fails, loss stays stock
+    model.config.logit_scale = 2.0
+    handle = fastft.patch(model)
+    (entry,) = handle.report.stock("loss")
+    assert "one-batch check failed" in entry.detail and not hf_loss.is_patched(model)
+    assert model(input_ids=ids, labels=labels).logits is not None
+    handle.undo()
+
+
+def test_gpt2_conv1d_lora_left_stock_with_the_reason_loss_fused():
+    model = _peft(tiny_model("gpt2"), ["c_attn", "c_fc"])
+    handle = fastft.patch(model)
+    text = str(handle.report)
+    assert handle.report.fused("loss") and not handle.report.fused("lora")
+    assert len(handle.report.stock("lora")) == 4 and "Conv1D" in text and "STOCK" in text
+    handle.undo()
+
+
+def test_torch_compiled_model_is_patched_through_orig_mod():
+    model = tiny_model("qwen2")
+    ids, labels = batches(1)[0]
+    compiled = torch.compile(model, backend="eager")
+    stock = compiled(input_ids=ids, labels=labels)
+    handle = fastft.patch(compiled)
+    assert handle.model is model and "torch.compile" in handle.report.fused("model")[0].detail
+    fused = compiled(input_ids=ids, labels=labels)
+    assert fused.logits is None
+    torch.testing.assert_close(fused.loss, stock.loss, rtol=1e-5, atol=1e-6)
+    handle.undo()
+    assert compiled(input_ids=ids, labels=labels).logits is not None
+
+
+def test_auto_model_loads_and_patches(tmp_path):
+    tiny_model("gemma2").save_pretrained(tmp_path)
+    model = fastft.AutoModelForCausalLM.from_pretrained(tmp_path, layers=False)
+    stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    report = get_handle(model).report
+    assert report.fused("loss") and report.stock("layers")[0].detail == "layers=False"
+    ids, labels = batches(1)[0]
+    out = model(input_ids=ids, labels=labels)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, stock(input_ids=ids, labels=labels).loss, rtol=1e-5, atol=1e-6)
+    config_built = fastft.AutoModelForCausalLM.from_config(stock.config)
+    assert get_handle(config_built).report.fused("layers")
+
+
+def test_bad_input():
+    with pytest.raises(TypeError, match="transformers model"):
+        fastft.patch(torch.nn.Linear(2, 2))
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="check must be"):
+        fastft.patch(model, check="sometimes")
+    handle = fastft.patch(model, verbose=False)
+    with pytest.raises(ValueError, match="patched already"):
+        fastft.patch(model)
+    handle.undo()
+    with pytest.raises(TypeError, match="from_pretrained"):
+        fastft.AutoModelForCausalLM()
