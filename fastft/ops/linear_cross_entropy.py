@@ -388,17 +388,24 @@ def _samples(dtype, device):
 
 
 def _bad_inputs(device):
-    x = torch.randn(4, 6, device=device)
-    w = torch.randn(5, 6, device=device)
+    x = torch.randn(4, 8, device=device)
+    w = torch.randn(10, 8, device=device)
     t = torch.zeros(4, dtype=torch.int64, device=device)
     bad = registry.BadInput
     return [
-        bad((x, w, t), {"reduction": "avg"}, ValueError, "reduction must be one of"),
-        bad((x, w[:, :5], t), {}, ValueError, "hidden size mismatch"),
+        bad((x, torch.randn(10, 7, device=device), t), {}, ValueError, r"hidden size mismatch.*\(4, 8\).*\(10, 7\)"),
+        bad((x, w, t), {"linear_bias": torch.randn(9, device=device)}, ValueError, r"linear_bias shape \(9,\).*\(10,\)"),
+        bad((torch.randn(2, 3, 8, device=device), w, torch.zeros(6, dtype=torch.int64, device=device)), {},
+            ValueError, r"target shape \(6,\).*\(2, 3\)"),
+        bad((x, torch.randn(10, 8, 2, device=device), t), {}, ValueError, "linear_weight must be 2-D"),
         bad((x, w.double(), t), {}, TypeError, "linear_weight dtype"),
-        bad((x, w.to("meta"), t), {}, ValueError, "linear_weight is on meta"),
-        bad((x, w, t[:2]), {}, ValueError, "target shape"),
+        bad((x, w, t.float()), {}, TypeError, "integer class indices"),
+        bad((x, w, torch.full((4,), 10, device=device)), {}, ValueError, "out of range"),
+        bad((x, w, t), {"weight": torch.rand(9, device=device)}, ValueError, r"weight.*\(10,\)"),
+        bad((x, w, t), {"reduction": "avg"}, ValueError, "reduction must be one of"),
         bad((x, w, t), {"chunk_size": 0}, ValueError, "chunk_size"),
+        bad((x, w, t), {"softcap": -1.0}, ValueError, "softcap"),
+        bad((x, w.to("meta"), t), {}, ValueError, "linear_weight is on meta"),
     ]
 
 
