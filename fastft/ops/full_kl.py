@@ -193,15 +193,18 @@ def _samples(dtype, device):
 
 
 def _bad_inputs(device):
-    p = torch.randn(3, 6, device=device)
+    p = torch.randn(4, 10, device=device)
     bad = registry.BadInput
     return [
-        bad((p, p), {"reduction": "avg"}, ValueError, "reduction must be one of"),
-        bad((p, p[:, :5]), {}, ValueError, "vocabulary sizes differ"),
-        bad((p, p.to("meta")), {}, ValueError, "ref_logits is on meta"),
-        bad((p.int(), p), {}, TypeError, "policy_logits must be one of"),
+        bad((p, torch.randn(4, 11, device=device)), {}, ValueError, "vocabulary sizes differ"),
+        bad((p, torch.randn(5, 10, device=device)), {}, ValueError, "same shape"),
+        bad((p, p), {"mask": torch.ones(5, dtype=torch.bool, device=device)}, ValueError, "mask shape"),
         bad((p, p), {"temperature": 0.0}, ValueError, "temperature"),
-        bad((p, p), {"mask": torch.ones(2, dtype=torch.bool, device=device)}, ValueError, "mask shape"),
+        bad((p, p), {"temperature": -1.0}, ValueError, "temperature"),
+        bad((p, p), {"reduction": "avg"}, ValueError, "reduction must be one of"),
+        bad((p, p.to("meta")), {}, ValueError, "ref_logits is on meta"),
+        bad((p.long(), p), {}, TypeError, "policy_logits"),
+        bad((p, [[0.0] * 10] * 4), {}, TypeError, "ref_logits"),
     ]
 
 

@@ -64,13 +64,14 @@ def _samples(dtype, device):
 
 
 def _bad_inputs(device):
-    lp = torch.randn(3, 4, device=device)
+    a = torch.randn(3, 5, device=device)
     bad = registry.BadInput
     return [
-        bad((lp, lp), {"estimator": "k4"}, ValueError, "estimator must be one of"),
-        bad((lp, lp[:2]), {}, ValueError, "must have the same shape"),
-        bad((lp, lp.to("meta")), {}, ValueError, "ref_logprobs is on meta"),
-        bad((lp, lp), {"reduction": "avg"}, ValueError, "reduction must be one of"),
+        bad((a, a), {"estimator": "k4"}, ValueError, "estimator must be one of"),
+        bad((a, a[:2]), {}, ValueError, "same shape"),
+        bad((a, a), {"mask": torch.ones(3, dtype=torch.bool, device=device)}, ValueError, "mask shape"),
+        bad((a, a), {"reduction": "batchmean"}, ValueError, "reduction must be one of"),
+        bad((a, a.to("meta")), {}, ValueError, "ref_logprobs is on meta"),
     ]
 
 

@@ -250,15 +250,18 @@ def _samples(dtype, device):
 
 
 def _bad_inputs(device):
-    hp = torch.randn(4, 6, device=device)
-    wp = torch.randn(7, 6, device=device)
+    hp, wp = torch.randn(4, 8, device=device), torch.randn(50, 8, device=device)
+    hr, wr = torch.randn(4, 6, device=device), torch.randn(50, 6, device=device)
     bad = registry.BadInput
     return [
-        bad((hp, wp, hp, wp[:5]), {}, ValueError, "vocabulary sizes differ"),
-        bad((hp, wp, hp[:, :5], wp), {}, ValueError, "ref_hidden"),
-        bad((hp, wp, hp, wp.to("meta")), {}, ValueError, "ref_weight is on meta"),
-        bad((hp, wp, hp, wp), {"reduction": "avg"}, ValueError, "reduction must be one of"),
-        bad((hp, wp, hp, wp), {"chunk_size": -1}, ValueError, "chunk_size"),
+        bad((hp, wp, hr, wr[:49]), {}, ValueError, "vocabulary sizes differ"),
+        bad((hp, wp, hr[:, :5], wr), {}, ValueError, "hidden size"),
+        bad((hp, wp, hr[:3], wr), {}, ValueError, "token shape"),
+        bad((hp, wp, hr, wr), {"mask": torch.ones(5, dtype=torch.bool, device=device)}, ValueError, "mask shape"),
+        bad((hp, wp, hr, wr), {"temperature": float("nan")}, ValueError, "temperature"),
+        bad((hp, wp, hr, wr), {"chunk_size": 0}, ValueError, "chunk_size"),
+        bad((hp, wp, hr, wr), {"reduction": "avg"}, ValueError, "reduction must be one of"),
+        bad((hp, wp, hr, wr.to("meta")), {}, ValueError, "ref_weight is on meta"),
     ]
 
 

@@ -107,15 +107,15 @@ def _samples(dtype, device):
 
 
 def _bad_inputs(device):
-    x = torch.randn(3, 6, device=device)
-    idx = torch.zeros(3, dtype=torch.int64, device=device)
+    x = torch.randn(4, 10, device=device)
+    idx = torch.zeros(4, dtype=torch.int64, device=device)
     bad = registry.BadInput
     return [
-        bad((x, idx.float()), {}, TypeError, "index must hold integer"),
-        bad((x, idx[:2]), {}, ValueError, "index shape"),
+        bad((x, torch.zeros(5, dtype=torch.int64, device=device)), {}, ValueError, "index shape"),
+        bad((x, torch.tensor([0, 1, 10, 2], device=device)), {}, ValueError, "out of range"),
+        bad((x, idx), {"temperature": 0}, ValueError, "temperature"),
+        bad((x, idx.float()), {}, TypeError, "integer"),
         bad((x, idx.to("meta")), {}, ValueError, "index is on meta"),
-        bad((x, idx + 6), {}, ValueError, "out of range"),
-        bad((x, idx), {"temperature": -1.0}, ValueError, "temperature"),
     ]
 
 
