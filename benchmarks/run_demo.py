@@ -1,7 +1,8 @@
 """`make demo`: every registered op benchmark, default shapes for the device (CUDA when present).
 
-Each op registers itself by name in BENCHES below; its module ``benchmarks/bench_<name>.py``
-exposes ``main(argv) -> int`` (see benchmarks/harness.py). Options after the known ones are passed
+The list comes from fastft.ops.registry: each registered op names the ``benchmarks/bench_<name>.py``
+that measures it (one module may cover several ops, e.g. bench_kl); each module exposes
+``main(argv) -> int`` (see benchmarks/harness.py). Options after the known ones are passed
 on to every benchmark, e.g. ``python -m benchmarks.run_demo --only cross_entropy -- --n 2048``.
 """
 from __future__ import annotations
@@ -11,8 +12,23 @@ import importlib
 import sys
 import time
 
-# Order = run order; each name is benchmarks/bench_<name>.py.
-BENCHES = ["cross_entropy", "linear_cross_entropy", "lora", "kl", "adapter"]
+
+
+def registered_benches() -> list:
+    """benchmarks/bench_<name>.py modules named by the registered ops, in registration order (those present)."""
+    import importlib.util
+
+    from fastft.ops import registry
+
+    names = []
+    for entry in registry.entries():
+        name = entry.benchmark
+        if name and name not in names and importlib.util.find_spec(f"benchmarks.bench_{name}") is not None:
+            names.append(name)
+    return names
+
+
+BENCHES = registered_benches()
 
 
 def main(argv=None) -> int:

@@ -5,16 +5,6 @@ import argparse
 import platform
 import sys
 
-# Every public op and the backends it implements; `info` reports each.
-OPS = {
-    "cross_entropy": ("reference", "cpp", "triton", "cuda"),
-    "linear_cross_entropy": ("reference", "cpp", "triton", "cuda"),
-    "lora_linear": ("reference", "cpp", "triton"),
-    "full_kl / selective_log_softmax / linear_full_kl": ("reference", "cpp", "triton"),
-    "adapter": ("reference", "cpp", "triton"),
-}
-
-
 def _versions() -> list[tuple[str, str]]:
     import torch
 
@@ -42,11 +32,13 @@ def info() -> int:
         print(f"  {'fastft._C':<13} built (cpu: {ext.cpu_capability}, cuda kernels: {ext.with_cuda})")
     else:
         print(f"  {'fastft._C':<13} missing: {backend.extension_error()}")
-    print("\nops and backends (default: CUDA tensors -> triton, CPU tensors -> cpp):")
-    for op, names in OPS.items():
-        print(f"  {op}")
-        for name in names:
-            ok, why = backend.status(name)
+    from fastft.ops import registry
+
+    print("\nops and backends (fastft.ops.registry; default: CUDA tensors -> triton, else cuda; CPU tensors -> cpp;")
+    print("a backend an op lacks falls back to that op's default; fp64 on triton/cuda runs the reference):")
+    for entry in registry.entries():
+        print(f"  {entry.name}")
+        for name, (ok, why) in entry.status().items():
             print(f"    {name:<10} {'usable' if ok else 'unusable':<9} {why}")
     return 0
 

@@ -132,26 +132,6 @@ def check_device(name: str, device_type: str) -> None:
         raise ValueError(f"backend {name!r} runs on {where} tensors, got tensors on {device_type}")
 
 
-# Transitional (removed once every op is defined through fastft.ops._define): the old process-wide choice.
-import torch  # noqa: E402
-
-
-@torch.compiler.assume_constant_result
-def select(device_type: str, supported: tuple[str, ...] = BACKENDS) -> str:
-    forced_name = _forced()
-    if forced_name is not None:
-        check_device(forced_name, device_type)
-        ok, why = status(forced_name)
-        if not ok:
-            raise RuntimeError(f"fastft backend {forced_name!r} was requested but is unusable: {why}")
-        if forced_name in supported:
-            return forced_name
-    for name in PREFERRED.get(device_type, ()):
-        if name in supported and status(name)[0]:
-            return name
-    return "reference"
-
-
 def debug_checks() -> bool:
     """Full (host-syncing) input checks on CUDA tensors; always on for CPU tensors."""
     return os.environ.get("FASTFT_DEBUG", "0") == "1"

@@ -14,7 +14,6 @@ import torch
 
 import fastft
 from fastft.nn.kl import KLPenalty
-from fastft.ops import kl as kl_ops
 from fastft.ops.kl import full_kl, kl_penalty, linear_full_kl, selective_log_softmax
 from fastft.reference import kl as ref
 
