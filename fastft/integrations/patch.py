@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import types
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -375,7 +376,7 @@ def _patch_loss(root: nn.Module, handle: PatchHandle, *, check: str, return_logi
     except (TypeError, ValueError) as error:
         report.add("loss", "", False, str(error))
         return
-    handle._on_undo(lambda: hf_loss.unpatch(root))
+    handle._on_undo(lambda: _unpatch_loss(root))
     if run_check:
         fused_loss, why = _one_batch_loss(root)
         tolerance = _loss_tolerance(root)
@@ -397,9 +398,28 @@ def _patch_loss(root: nn.Module, handle: PatchHandle, *, check: str, return_logi
     emb = root.get_input_embeddings() if hasattr(root, "get_input_embeddings") else None
     if emb is not None and getattr(emb, "weight", None) is getattr(state.lm_head, "weight", False):
         what.append("tied to the input embedding")
+    note = _wrapper_note(state.saved.get("model.forward"))
+    if note is not None:
+        what.append(note)
     if run_check:
         what.append(f"checked on one batch: {fused_loss:.6g} vs stock {stock_loss:.6g}")
     report.add("loss", _module_name(root, state.lm_head), True, "; ".join(what))
+
+
+def _unpatch_loss(root: nn.Module) -> None:
+    current = vars(root).get("forward")
+    if getattr(current, "__func__", None) is not hf_loss._patched_forward:
+        warnings.warn(f"{type(root).__name__}.forward was wrapped after fastft.patch ({getattr(current, '__qualname__', current)}); "
+                      "undo restores the forward from before the patch, without that wrapper", stacklevel=3)
+    hf_loss.unpatch(root)
+
+
+def _wrapper_note(previous_forward) -> Optional[str]:
+    """A note when the model's forward was already wrapped by a trainer that computes the loss itself."""
+    if "add_fused_lm_head" in getattr(previous_forward, "__qualname__", ""):
+        return ("model.forward is TRL's fused LM head (add_fused_lm_head): its fused_lm_head=True calls compute TRL's "
+                "loss (fastft.integrations.trl.patch() routes them to fastft); other labelled calls are fused here")
+    return None
 
 
 def _module_name(root: nn.Module, module: nn.Module) -> str:

@@ -167,6 +167,10 @@ def _patched_forward(self, *args, **kwargs):
     state.hidden, state.loss, state.loss_called, state.active = None, None, False, True
     try:
         out = original(*args, **kwargs)
+        if not state.loss_called and state.hidden is None:
+            # lm_head never ran, so nothing was intercepted: a wrapper computed the loss its own way
+            # (TRL's add_fused_lm_head with fused_lm_head=True reads lm_head.weight itself). Its output stands.
+            return out
         if not state.loss_called:
             raise RuntimeError(
                 f"{type(self).__name__}.forward did not compute its loss through self.loss_function; "

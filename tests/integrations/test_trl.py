@@ -1,0 +1,180 @@
+"""fastft with TRL 1.16: fastft.integrations.trl.patch() computes TRL's log-probs with fastft's ops (same
+values as TRL's own kernels), and SFT / GRPO training of a fastft-patched tiny model gives stock TRL's loss."""
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+peft = pytest.importorskip("peft")
+
+import transformers  # noqa: E402
+import trl.trainer.utils as trl_utils  # noqa: E402
+
+import fastft  # noqa: E402
+import fastft.integrations.trl as fastft_trl  # noqa: E402
+from patch_models import one_thread  # noqa: E402,F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+@pytest.fixture
+def trl_patch():
+    handle = fastft_trl.patch()
+    yield handle
+    handle.undo()
+
+
+@pytest.mark.parametrize("with_bias,temperature,softcap,scale",
+                         list(itertools.product([False, True], [1.0, 0.7], [None, 3.0], [1.0, 0.5])))
+def test_chunked_log_probs_match_trl(with_bias, temperature, softcap, scale):
+    trl_head = trl_utils._ChunkedLogProbFunction
+    fastft_head = fastft_trl._FastftChunkedLogProb(trl_head, Counter())
+    hidden = torch.randn(10, 16, requires_grad=True)
+    weight = (torch.randn(37, 16) * 0.5).requires_grad_()
+    bias = (torch.randn(37) * 0.1).requires_grad_() if with_bias else None
+    targets = torch.randint(0, 37, (10,))
+    results = []
+    for head in (trl_head, fastft_head):
+        logp = head.apply(hidden, weight, bias, targets, temperature, 16, softcap, scale, ("log_probs",))[0]
+        grads = torch.autograd.grad((logp * torch.linspace(-1, 1, 10)).sum(), [hidden, weight])
+        results.append((logp, *grads))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+    assert fastft_head.counts == Counter({"fastft: log-probs from fastft.ops.linear_cross_entropy": 1})
+
+
+def test_extra_outputs_stay_trl_and_are_counted(trl_patch):
+    hidden, weight, targets = torch.randn(6, 8), torch.randn(11, 8), torch.randint(0, 11, (6,))
+    head = trl_utils._ChunkedLogProbFunction
+    assert isinstance(head, fastft_trl._FastftChunkedLogProb)
+    got = head.apply(hidden, weight, None, targets, 1.0, 8, None, 1.0, ("log_probs", "entropy"))
+    want = head.original.apply(hidden, weight, None, targets, 1.0, 8, None, 1.0, ("log_probs", "entropy"))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert "entropy requested" in trl_patch.report()
+
+
+def test_selective_log_softmax_routed_and_undone():
+    original = trl_utils.selective_log_softmax
+    handle = fastft_trl.patch()
+    assert fastft_trl.patch() is handle  # idempotent while live
+    try:
+        routed = trl_utils.selective_log_softmax
+        assert routed is not original
+        logits, index = torch.randn(3, 5, 19, dtype=torch.float64), torch.randint(0, 19, (3, 5))
+        row_mask = torch.rand(3, 5) > 0.3
+        for kwargs in ({}, {"temperature": 0.8}, {"row_mask": row_mask}):
+            torch.testing.assert_close(routed(logits, index, **kwargs), original(logits, index, **kwargs))
+        top_k = torch.randint(0, 19, (3, 5, 2))
+        torch.testing.assert_close(routed(logits, top_k), original(logits, top_k))
+        assert handle.counts["fastft: fastft.ops.selective_log_softmax"] == 3
+        assert handle.counts["TRL: selective_log_softmax with top-K indices"] == 1
+        with pytest.raises(ValueError, match="temperature"):
+            routed(logits, index, temperature=0.0)
+    finally:
+        handle.undo()
+    assert trl_utils.selective_log_softmax is original
+    assert not isinstance(trl_utils._ChunkedLogProbFunction, fastft_trl._FastftChunkedLogProb)
+
+
+# ------------------------------------------------------------------------------------------------
+# Trainers on a tiny config-built model with a word-level letter tokenizer (no downloads)
+# ------------------------------------------------------------------------------------------------
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(LETTERS)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                                eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    config = transformers.LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    _tokenizer().save_pretrained(tmp_path / "model")
+    return str(tmp_path / "model")
+
+
+def _common_args(tmp_path):
+    return dict(output_dir=str(tmp_path / "out"), logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                learning_rate=1e-3, disable_tqdm=True, seed=0, adam_epsilon=1e-6)
+
+
+def _losses(trainer):
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_sft_trainer_with_patched_peft_model_matches_stock(model_dir, tmp_path):
+    data = datasets.Dataset.from_dict({"text": [" ".join(LETTERS[i:i + 6]) for i in range(12)]})
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+
+    def run(patched):
+        args = trl.SFTConfig(max_steps=3, per_device_train_batch_size=4, **_common_args(tmp_path))
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=_tokenizer(),
+                                 peft_config=lora)
+        handles = (fastft.patch(trainer.model), fastft_trl.patch()) if patched else ()
+        try:
+            trainer.train()
+        finally:
+            for handle in handles:
+                handle.undo()
+        return _losses(trainer), handles
+
+    stock, _ = run(False)
+    fused, (handle, _) = run(True)
+    assert len(handle.report.fused("lora")) == 14 and handle.report.fused("layers")
+    assert len(stock) == 3 and stock[-1] < stock[0]
+    torch.testing.assert_close(torch.tensor(fused), torch.tensor(stock), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_grpo_two_steps_patched_matches_stock(model_dir, tmp_path):
+    # The task: continue three letters; the rule reward is 1 for the exact next letter, less the further off.
+    data = datasets.Dataset.from_dict({"prompt": [" ".join(LETTERS[i:i + 3]) for i in range(8)],
+                                       "answer": [LETTERS[i + 3] for i in range(8)]})
+
+    def reward(completions, answer, **kwargs):
+        firsts = [(c.split() or ["?"])[0][0] for c in completions]
+        return [1.0 - abs(ord(f) - ord(a)) / 26 for f, a in zip(firsts, answer)]
+
+    def run(patched):
+        args = trl.GRPOConfig(max_steps=2, per_device_train_batch_size=4, num_generations=4, max_completion_length=4,
+                              beta=0.1, **_common_args(tmp_path))
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+        handles = (fastft.patch(model), fastft_trl.patch()) if patched else ()
+        trainer = trl.GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data,
+                                  processing_class=_tokenizer())
+        try:
+            trainer.train()
+        finally:
+            if patched:
+                handles[1].undo()
+                # TRL and accelerate wrapped model.forward after the patch: undo says it drops their wrappers
+                with pytest.warns(UserWarning, match="wrapped after fastft.patch"):
+                    handles[0].undo()
+        history = [e for e in trainer.state.log_history if "loss" in e]
+        return history, handles
+
+    stock, _ = run(False)
+    fused, (_, trl_handle) = run(True)
+    # the reference model's log-probs (the KL term) ran on fastft; the policy's (entropy logged) on TRL's
+    assert trl_handle.counts["fastft: log-probs from fastft.ops.linear_cross_entropy"] == 2
+    assert len(stock) == len(fused) == 2 and any(e["reward_std"] > 0 for e in stock)
+    for s, f in zip(stock, fused):
+        assert s["reward"] == f["reward"]  # the same completions were sampled
+        torch.testing.assert_close(torch.tensor(f["loss"]), torch.tensor(s["loss"]), rtol=1e-3, atol=1e-6)
