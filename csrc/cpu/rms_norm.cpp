@@ -68,7 +68,8 @@ int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 32768 / std::max<int6
 
 void check_x(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() == 2, "rms_norm: ", name, " must be [N, H], got ", x.sizes());
-  TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, "rms_norm: ", name, "'s last dimension must be contiguous");
+  TORCH_CHECK(x.numel() == 0 || x.size(1) == 1 || x.stride(1) == 1, "rms_norm: ", name,
+              "'s last dimension must be contiguous");
 }
 
 // The output dtype: x's for "gemma"; for "llama" torch's promotion of x and the weight (an fp32 weight with
