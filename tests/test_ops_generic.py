@@ -225,3 +225,15 @@ def test_use_after_compile_recompiles_with_the_new_backend():
     with fb.use("reference"):
         torch.testing.assert_close(compiled(x), torch.full((3,), 3.0))  # not the cpp graph kept from before
     assert len(graphs) == 2
+
+
+def test_info_and_benchmarks_read_the_registry(capsys):
+    from benchmarks import run_demo
+    from fastft.__main__ import info
+
+    assert info() == 0
+    printed = capsys.readouterr().out
+    for entry in ENTRIES:
+        assert f"\n  {entry.name}\n" in printed
+        if entry.benchmark is not None:
+            assert entry.benchmark in run_demo.BENCHES

@@ -83,13 +83,10 @@ def check_number(name: str, value, *, low: Optional[float] = None, high: Optiona
     return v
 
 
-def check_int(name: str, value, *, minimum: Optional[int] = None, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
-        need = "an int" if minimum is None else f"an int >= {minimum}"
-        raise (TypeError if not isinstance(value, int) or isinstance(value, bool) else ValueError)(
-            f"{name} must be {'None or ' if allow_none else ''}{need}, got {value!r}")
+def check_chunk_size(chunk_size) -> None:
+    """None or a positive int: token rows per chunk of the linear heads."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or a positive int (token rows per chunk), got {chunk_size!r}")
 
 
 def check_mask(name: str, mask, token_shape: tuple, device) -> Optional[Tensor]:

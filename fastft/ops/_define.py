@@ -72,7 +72,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 LOW_AND_FP32 = (torch.float32, torch.float16, torch.bfloat16)
 
 __all__ = ["Backend", "FLOAT_DTYPES", "LOW_AND_FP32", "Op", "define_op", "save_fused_grads", "scale_fused_grads", "select_backend",
-           "graph_kept", "accumulator_dtype"]
+           "graph_kept", "accumulator_dtype", "standard_backends"]
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -125,6 +125,13 @@ class Backend:
         if self.probe is not None:
             return self.probe()
         return ok, why
+
+
+def standard_backends(kernels: tuple = ()) -> tuple:
+    """reference, cpp, triton and cuda, where cpp and cuda call the same torch.ops.fastft ``kernels``
+    (the dispatcher routes CPU tensors to csrc/cpu, CUDA tensors to csrc/cuda)."""
+    return (Backend("reference"), Backend("cpp", kernels=tuple(kernels)), Backend("triton"),
+            Backend("cuda", kernels=tuple(kernels)))
 
 
 def _has_kernel(kernel: str, key: str) -> bool:

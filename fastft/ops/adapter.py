@@ -36,7 +36,7 @@ from ..kernels import _dropout
 from ..reference import adapter as _ref
 from . import registry
 from ._checks import check_float_tensor, check_number, check_optional_tensor, check_same_device, check_tensor
-from ._define import Backend, define_op
+from ._define import define_op, standard_backends
 
 ACTIVATIONS = tuple(_ref.ACTIVATIONS)
 _KERNELS = ("adapter_fwd_kernel", "adapter_bwd_kernel")
@@ -142,8 +142,7 @@ def _backward(ctx, grad_y):
 adapter_op = define_op(
     "adapter", forward=_forward, fake=_fake, setup=_setup, backward=_backward, backward_impl=_backward_impl,
     backward_fake=_backward_fake, options=AdapterOptions,
-    backends=(Backend("reference"), Backend("cpp", kernels=_KERNELS), Backend("triton"),
-              Backend("cuda", kernels=_KERNELS)),
+    backends=standard_backends(_KERNELS),
 )
 
 
@@ -158,9 +157,7 @@ def _check_inputs(x, down_weight, down_bias, up_weight, up_bias, activation, dro
     check_tensor("up_weight", up_weight)
     check_optional_tensor("down_bias", down_bias)
     check_optional_tensor("up_bias", up_bias)
-    check_float_tensor("x", x)
-    if x.dim() == 0:
-        raise ValueError("x must have a hidden dimension (shape [..., H]), got a 0-dim tensor")
+    check_float_tensor("x", x, min_dim=1)
     hidden = x.shape[-1]
     if down_weight.dim() != 2 or up_weight.dim() != 2:
         raise ValueError(

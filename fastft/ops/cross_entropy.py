@@ -33,7 +33,7 @@ from torch import Tensor
 from ..reference.cross_entropy import cross_entropy as _reference
 from . import registry
 from ._checks import check_float_tensor, check_index_tensor, check_indices_in_range, check_tensor
-from ._define import Backend, accumulator_dtype, define_op, save_fused_grads, scale_fused_grads
+from ._define import accumulator_dtype, define_op, save_fused_grads, scale_fused_grads, standard_backends
 from ._losses import CE_KERNELS, ce_reduction_scale, check_ce_options, loss_kernels, scale_in_place
 
 
@@ -109,8 +109,7 @@ def _backward(ctx, grad_loss):
 cross_entropy_op = define_op(
     "cross_entropy", forward=_forward, fake=_fake, setup=_setup, backward=_backward,
     backward_impl=_backward_impl, backward_fake=_backward_fake, options=CrossEntropyOptions,
-    backends=(Backend("reference"), Backend("cpp", kernels=CE_KERNELS), Backend("triton"),
-              Backend("cuda", kernels=CE_KERNELS)),
+    backends=standard_backends(CE_KERNELS),
 )
 
 
@@ -122,9 +121,7 @@ cross_entropy_op = define_op(
 def _check_inputs(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap) -> None:
     check_tensor("input", input)
     check_index_tensor("target", target)
-    check_float_tensor("input", input)
-    if input.dim() == 0:
-        raise ValueError("input must have a class dimension (shape [..., C]), got a 0-dim tensor")
+    check_float_tensor("input", input, min_dim=1)
     if tuple(target.shape) != tuple(input.shape[:-1]):
         raise ValueError(
             f"target shape {tuple(target.shape)} must equal the input's leading shape {tuple(input.shape[:-1])} "

@@ -26,7 +26,7 @@ from torch import Tensor
 from ..reference import kl as _reference
 from . import registry
 from ._checks import check_float_tensor, check_mask, check_number, check_reduction, rows
-from ._define import Backend, accumulator_dtype, define_op, save_fused_grads, scale_fused_grads
+from ._define import accumulator_dtype, define_op, save_fused_grads, scale_fused_grads, standard_backends
 from ._losses import KL_KERNELS, count_reduction_scale, loss_kernels, scale_in_place
 
 __all__ = ["full_kl", "KLOptions"]
@@ -105,8 +105,7 @@ def _backward(ctx, grad_loss):
 full_kl_op = define_op(
     "full_kl", forward=_forward, fake=_fake, setup=_setup, backward=_backward, backward_impl=_backward_impl,
     backward_fake=_backward_fake, options=KLOptions,
-    backends=(Backend("reference"), Backend("cpp", kernels=KL_KERNELS), Backend("triton"),
-              Backend("cuda", kernels=KL_KERNELS)),
+    backends=standard_backends(KL_KERNELS),
 )
 
 
@@ -127,10 +126,8 @@ def full_kl(
     ``ref_logits``. ``ref_logits`` of another floating dtype are cast to the policy's. Tokens the
     policy gives probability 0 (logit -inf) contribute 0. The result has the policy's dtype.
     """
-    check_float_tensor("policy_logits", policy_logits)
+    check_float_tensor("policy_logits", policy_logits, min_dim=1)
     check_float_tensor("ref_logits", ref_logits)
-    if policy_logits.dim() == 0:
-        raise ValueError("policy_logits must have a vocabulary dimension (shape [..., V]), got a 0-dim tensor")
     if policy_logits.shape[-1] != ref_logits.shape[-1]:
         raise ValueError(
             f"vocabulary sizes differ: policy_logits has {policy_logits.shape[-1]} and ref_logits {ref_logits.shape[-1]} "
@@ -169,15 +166,7 @@ def kl_truth(policy_logits, ref_logits, *, mask=None, temperature=1.0, reduction
     """Plain torch KL(softmax(p/T) || softmax(r/T)) per token with fastft's mask/reduction rules."""
     logp = torch.log_softmax(policy_logits / temperature, -1)
     logr = torch.log_softmax(ref_logits / temperature, -1)
-    per_token = (logp.exp() * (logp - logr)).sum(-1)
-    if mask is not None:
-        per_token = per_token * (mask != 0).to(per_token.dtype)
-    if reduction == "none":
-        return per_token
-    if reduction == "sum":
-        return per_token.sum()
-    count = per_token.numel() if mask is None else (mask != 0).sum()
-    return per_token.sum() / count
+    return registry.masked_reduction((logp.exp() * (logp - logr)).sum(-1), mask, reduction)
 
 
 def _samples(dtype, device):

@@ -46,13 +46,7 @@ def kl_penalty(
 def _truth(logprobs, ref_logprobs, *, estimator="k3", mask=None, reduction="none"):
     d = logprobs - ref_logprobs
     per_token = {"k1": d, "k2": d * d / 2, "k3": torch.exp(-d) + d - 1, "abs": d.abs()}[estimator]
-    if mask is not None:
-        per_token = per_token * (mask != 0).to(per_token.dtype)
-    if reduction == "none":
-        return per_token
-    if reduction == "sum":
-        return per_token.sum()
-    return per_token.sum() / (per_token.numel() if mask is None else (mask != 0).sum())
+    return registry.masked_reduction(per_token, mask, reduction)
 
 
 def _samples(dtype, device):

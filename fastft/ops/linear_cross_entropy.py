@@ -38,8 +38,8 @@ from torch import Tensor
 
 from ..reference.linear_cross_entropy import linear_cross_entropy as _reference
 from . import registry
-from ._checks import check_float_tensor, check_index_tensor, check_indices_in_range, check_int, check_tensor
-from ._define import Backend, accumulator_dtype, define_op, save_fused_grads, scale_fused_grads
+from ._checks import check_chunk_size, check_float_tensor, check_index_tensor, check_indices_in_range, check_tensor
+from ._define import accumulator_dtype, define_op, save_fused_grads, scale_fused_grads, standard_backends
 from ._losses import (CE_KERNELS, HeadGrads, ce_reduction_scale, check_ce_options, chunk_rows, counted_rows,
                       logits_into, loss_kernels, scale_in_place, scale_rows_in_place, scatter_rows)
 from .cross_entropy import CrossEntropyOptions
@@ -227,8 +227,7 @@ def _backward(ctx, grad_loss):
 linear_cross_entropy_op = define_op(
     "linear_cross_entropy", forward=_forward, fake=_fake, setup=_setup, backward=_backward,
     backward_impl=_backward_impl, backward_fake=_backward_fake, options=LinearCrossEntropyOptions,
-    backends=(Backend("reference"), Backend("cpp", kernels=CE_KERNELS), Backend("triton"),
-              Backend("cuda", kernels=CE_KERNELS)),
+    backends=standard_backends(CE_KERNELS),
 )
 
 
@@ -242,9 +241,7 @@ def _check_inputs(input, linear_weight, target, linear_bias, weight, ignore_inde
     check_tensor("input", input)
     check_tensor("linear_weight", linear_weight)
     check_index_tensor("target", target)
-    check_float_tensor("input", input)
-    if input.dim() == 0:
-        raise ValueError("input must have a hidden dimension (shape [..., H]), got a 0-dim tensor")
+    check_float_tensor("input", input, min_dim=1)
     if linear_weight.dim() != 2:
         raise ValueError(f"linear_weight must be 2-D [num_classes, hidden], got shape {tuple(linear_weight.shape)}")
     if linear_weight.shape[1] != input.shape[-1]:
@@ -279,11 +276,6 @@ def _check_inputs(input, linear_weight, target, linear_bias, weight, ignore_inde
     check_ce_options(weight, linear_weight.shape[0], input.device, ignore_index, reduction, label_smoothing, z_loss,
                      softcap)
     check_chunk_size(chunk_size)
-
-
-def check_chunk_size(chunk_size) -> None:
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or a positive int (token rows per chunk), got {chunk_size!r}")
 
 
 def _autocast(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor]):

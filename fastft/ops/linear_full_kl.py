@@ -17,12 +17,11 @@ from torch import Tensor
 
 from ..reference import kl as _reference
 from . import registry
-from ._checks import check_float_tensor, check_mask, check_number, check_reduction
-from ._define import Backend, accumulator_dtype, define_op, save_fused_grads, scale_fused_grads
+from ._checks import check_chunk_size, check_float_tensor, check_mask, check_number, check_reduction
+from ._define import accumulator_dtype, define_op, save_fused_grads, scale_fused_grads, standard_backends
 from ._losses import (KL_KERNELS, HeadGrads, chunk_rows, count_reduction_scale, counted_rows, loss_kernels,
                       scale_in_place, scatter_rows)
 from .full_kl import KLOptions, kl_truth
-from .linear_cross_entropy import check_chunk_size
 
 __all__ = ["linear_full_kl", "LinearKLOptions"]
 
@@ -159,8 +158,7 @@ def _backward(ctx, grad_loss):
 linear_full_kl_op = define_op(
     "linear_full_kl", forward=_forward, fake=_fake, setup=_setup, backward=_backward, backward_impl=_backward_impl,
     backward_fake=_backward_fake, options=LinearKLOptions,
-    backends=(Backend("reference"), Backend("cpp", kernels=KL_KERNELS), Backend("triton"),
-              Backend("cuda", kernels=KL_KERNELS)),
+    backends=standard_backends(KL_KERNELS),
 )
 
 

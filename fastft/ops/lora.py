@@ -35,7 +35,7 @@ from ..kernels import _dropout
 from ..reference import lora as _reference
 from . import registry
 from ._checks import check_float_tensor, check_number, check_same_device, check_same_dtype
-from ._define import Backend, define_op
+from ._define import define_op, standard_backends
 
 _KERNELS = ("lora_linear_fwd_kernel", "lora_linear_bwd_kernel", "lora_dropout_mask_kernel")
 
@@ -97,8 +97,7 @@ def _backward(ctx, grad_y):
 lora_linear_op = define_op(
     "lora_linear", forward=_forward, fake=_fake, setup=_setup, backward=_backward, backward_impl=_backward_impl,
     backward_fake=_backward_fake, options=LoRAOptions,
-    backends=(Backend("reference"), Backend("cpp", kernels=_KERNELS), Backend("triton"),
-              Backend("cuda", kernels=_KERNELS)),
+    backends=standard_backends(_KERNELS),
 )
 
 
@@ -108,9 +107,7 @@ lora_linear_op = define_op(
 
 
 def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
-    check_float_tensor("x", x)
-    if x.dim() == 0:
-        raise ValueError("x must have a feature dimension (shape [..., in_features]), got a 0-dim tensor")
+    check_float_tensor("x", x, min_dim=1)
     check_float_tensor("weight", weight, dim=2)
     check_float_tensor("lora_A", lora_A, dim=2)
     check_float_tensor("lora_B", lora_B, dim=2)

@@ -107,3 +107,14 @@ def float_like(t, dtype: torch.dtype):
     if isinstance(t, dict):
         return {k: float_like(v, dtype) for k, v in t.items()}
     return t
+
+
+def masked_reduction(per_token, mask, reduction: str):
+    """fastft's token reductions in plain torch, for truths: mask zeroes tokens, "mean" over counted ones."""
+    if mask is not None:
+        per_token = per_token * (mask != 0).to(per_token.dtype)
+    if reduction == "none":
+        return per_token
+    if reduction == "sum":
+        return per_token.sum()
+    return per_token.sum() / (per_token.numel() if mask is None else (mask != 0).sum())

@@ -17,7 +17,7 @@ from torch import Tensor
 from ..reference import kl as _reference
 from . import registry
 from ._checks import check_float_tensor, check_index_tensor, check_indices_in_range, check_number, rows
-from ._define import Backend, accumulator_dtype, define_op
+from ._define import accumulator_dtype, define_op, standard_backends
 from ._losses import loss_kernels
 
 __all__ = ["selective_log_softmax"]
@@ -59,8 +59,7 @@ selective_log_softmax_op = define_op(
     "selective_log_softmax", forward=_forward, fake=_fake, setup=_setup, backward=_backward,
     backward_impl=_backward_impl, backward_fake=lambda grad_logp, logits, index, lse, options, backend:
     torch.empty_like(logits), options=SelectiveLogSoftmaxOptions,
-    backends=(Backend("reference"), Backend("cpp", kernels=_KERNELS), Backend("triton"),
-              Backend("cuda", kernels=_KERNELS)),
+    backends=standard_backends(_KERNELS),
 )
 
 
@@ -68,10 +67,8 @@ def selective_log_softmax(logits: Tensor, index: Tensor, *, temperature: float =
     """``log_softmax(logits / T, -1).gather(-1, index[..., None])[..., 0]`` without the [..., V]
     log-softmax: the log-probability of the chosen tokens (TRL's ``selective_log_softmax``), in
     the logits' dtype, with its gradient. ``index`` has the logits' leading shape."""
-    check_float_tensor("logits", logits)
+    check_float_tensor("logits", logits, min_dim=1)
     check_index_tensor("index", index, "token ids")
-    if logits.dim() == 0:
-        raise ValueError("logits must have a vocabulary dimension (shape [..., V]), got a 0-dim tensor")
     if tuple(index.shape) != tuple(logits.shape[:-1]):
         raise ValueError(f"index shape {tuple(index.shape)} must equal the logits' leading shape "
                          f"{tuple(logits.shape[:-1])} (logits {tuple(logits.shape)})")
