@@ -202,6 +202,7 @@ def patch(model: nn.Module, *, loss: bool = True, lora: bool = True, adapters: b
 def _unwrap(model: nn.Module) -> tuple[nn.Module, list]:
     """(the transformers model to patch, notes for the report)."""
     notes = []
+    outer = model
     inner = getattr(model, "_orig_mod", None)
     if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule":
         notes.append("torch.compile'd model: its _orig_mod is patched; the compiled wrapper retraces on its next call")
@@ -214,7 +215,7 @@ def _unwrap(model: nn.Module) -> tuple[nn.Module, list]:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover - torch without distributed
         FSDPModule = ()
-    if FSDPModule and isinstance(model, FSDPModule):
+    if FSDPModule and (isinstance(model, FSDPModule) or isinstance(outer, FSDPModule)):
         notes.append("FSDP2-sharded model: layers read their (unsharded) parameters at each call")
     return model, notes
 
@@ -316,7 +317,9 @@ def _patch_layers(root: nn.Module, handle: PatchHandle, *, enabled: bool) -> Non
         report.add("layers", "", False, f"model_type {root.config.model_type!r} has no fused-layer table entry")
         return
     text_config = root.config.get_text_config() if hasattr(root.config, "get_text_config") else root.config
-    prefix = type(root).__name__.removesuffix("ForCausalLM").removesuffix("LMHeadModel")
+    # the transformers class (FSDP2 puts a subclass of it, FSDP<Name>, on a sharded model)
+    model_class = next(c for c in type(root).__mro__ if c.__module__.startswith("transformers.") or c is nn.Module)
+    prefix = model_class.__name__.removesuffix("ForCausalLM").removesuffix("LMHeadModel")
     norm_class = f"{prefix}RMSNorm"
     for name, module in root.named_modules():
         cls = type(module).__name__

@@ -1,0 +1,84 @@
+"""Worker for test_patch_fsdp2.py (torchrun, 2 gloo processes on CPU): a PEFT-LoRA tiny model sharded with
+FSDP2 (fully_shard per decoder layer and the root) and then fastft.patch'ed trains like the unsharded stock
+model on the same global batch: 5 AdamW steps, losses and final adapter parameters. Llama (untied, LoRA on
+lm_head too) and Gemma-2 (tied head, softcap)."""
+import copy
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import peft  # noqa: E402
+
+import fastft  # noqa: E402
+from patch_models import batches, tiny_model  # noqa: E402
+
+try:
+    from torch.distributed.fsdp import fully_shard
+except ImportError:  # torch < 2.6
+    from torch.distributed._composable.fsdp import fully_shard
+
+STEPS = 5
+
+
+def lora_model(model_type):
+    model = tiny_model(model_type)
+    targets = ["q_proj", "v_proj", "down_proj", "lm_head"]
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return model
+
+
+def check(model_type, rank, world):
+    model = lora_model(model_type)
+    reference = copy.deepcopy(model)
+    for layer in model.get_base_model().model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    handle = fastft.patch(model)
+    assert handle.report.fused("loss") and len(handle.report.fused("lora")) == 7, str(handle.report)
+    assert "FSDP2" in handle.report.fused("model")[-1].detail
+    assert "LoRA'd head fused" in handle.report.fused("loss")[0].detail
+
+    data = batches(STEPS, batch=2 * world)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, eps=1e-6)
+    ref_opt = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=3e-3, eps=1e-6)
+    for ids, labels in data:
+        opt.zero_grad(set_to_none=True)
+        ref_opt.zero_grad(set_to_none=True)
+        out = model(input_ids=ids[rank::world], labels=labels[rank::world])
+        assert out.logits is None  # the fused head ran
+        out.loss.backward()
+        opt.step()
+        # FSDP averages the ranks' gradients: the reference is the mean of the per-rank losses
+        ref_losses = [reference(input_ids=ids[r::world], labels=labels[r::world]).loss for r in range(world)]
+        (sum(ref_losses) / world).backward()
+        ref_opt.step()
+        torch.testing.assert_close(out.loss.detach(), ref_losses[rank].detach(), rtol=1e-4, atol=1e-6)
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        if q.requires_grad:
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p
+            torch.testing.assert_close(full.detach(), q.detach(), rtol=1e-3, atol=1e-4, msg=name)
+    handle.undo()
+
+
+def main():
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    for model_type in ("llama", "gemma2"):
+        check(model_type, rank, world)
+    dist.barrier()
+    if rank == 0:
+        print("FSDP2_PATCH_OK")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
