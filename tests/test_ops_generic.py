@@ -237,3 +237,46 @@ def test_info_and_benchmarks_read_the_registry(capsys):
         assert f"\n  {entry.name}\n" in printed
         if entry.benchmark is not None:
             assert entry.benchmark in run_demo.BENCHES
+
+
+def test_forced_cuda_selects_the_cuda_extension_for_every_op_that_has_it(monkeypatch):
+    """What FASTFT_BACKEND=cuda does on a CUDA machine, simulated here: the probes say CUDA is usable and
+    fastft._C has CUDA kernels. Ops declaring a cuda backend take it; ops without one fall back to their
+    default (triton) with a warning, instead of failing."""
+    from fastft.ops import _define
+
+    monkeypatch.setitem(fb._status_cache, "cuda", (True, "simulated"))
+    monkeypatch.setitem(fb._status_cache, "triton", (True, "simulated"))
+    monkeypatch.setattr(_define, "_has_kernel", lambda kernel, key: True)
+    monkeypatch.setattr(_define, "_warned", set())
+    for entry in ENTRIES:
+        if entry.op is None:
+            continue
+        if "cuda" in entry.op.backends:
+            assert _define.select_backend(entry.name, "cuda", "cuda") == "cuda"
+        else:
+            with pytest.warns(RuntimeWarning, match=f"{entry.name} has no 'cuda' backend"):
+                assert _define.select_backend(entry.name, "cuda", "cuda") == "triton"
+
+
+def test_cuda_backends_call_kernels_the_cpu_extension_declares():
+    """The cuda backend of an op calls the same torch.ops.fastft schemas as cpp (csrc/cuda registers its
+    kernels under them), so each must exist in the extension built here."""
+    if not fb.status("cpp")[0]:
+        pytest.skip(fb.status("cpp")[1])
+    for entry in ENTRIES:
+        if entry.op is None or "cuda" not in entry.op.backends:
+            continue
+        kernels = entry.op.backends["cuda"].kernels
+        assert kernels, f"{entry.name}: a cuda backend must name the extension kernels it calls"
+        assert kernels == entry.op.backends["cpp"].kernels
+        for kernel in kernels:
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastft::{kernel}", "CPU"), kernel
+
+
+def test_forced_backend_the_op_has_but_cannot_run_raises(monkeypatch):
+    monkeypatch.setitem(fb._status_cache, "triton", (False, "simulated: no triton"))
+    with fb.use("triton"), pytest.raises(RuntimeError, match="requested for cross_entropy but is unusable"):
+        fastft.ops.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2]))
+    with fb.use("cuda"), pytest.raises(ValueError, match="runs on CUDA tensors"):
+        fastft.ops.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2]))
