@@ -1,0 +1,108 @@
+"""Measurements of the runtime itself (results in runs/measure/, with the machine's load average).
+
+    python -m fastft.runtime.measure overhead RECIPE.toml [--rounds N] [--section.key=value ...]
+        The Trainer's optimizer step against a hand-written loop over the same model, kernels, batches
+        and optimizer settings, interleaved step by step in one process (so both see the same machine
+        load); reports median ms per step and the tokens/s ratio.
+    python -m fastft.runtime.measure modes RECIPE.toml [--nproc 2] [--section.key=value ...]
+        tokens/s of every parallel mode at N processes (one `fastft train --nproc N` run each).
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+OUT = Path("runs/measure")
+
+
+def _load() -> str:
+    return "load average %.2f %.2f %.2f" % os.getloadavg()
+
+
+def overhead(recipe: str, overrides: list[str], rounds: int) -> dict:
+    from .config import load_config
+    from .trainer import Trainer
+
+    cfg = load_config(recipe, [*overrides, f"--run.output_dir={OUT / 'overhead'}", "--run.progress=false"])
+    trainer = Trainer(cfg)
+    model, task, params = trainer.model, trainer.task, trainer.params
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
+                                  **({"fused": True} if "fused" in trainer.optimizer.defaults and
+                                     trainer.optimizer.defaults["fused"] else {"foreach": True}))
+    model.train()
+
+    def hand_step(step: int) -> None:
+        """What a user would write: same batches, summed-token loss over the step's token count."""
+        batches = trainer.micro_batches(step)
+        n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        for b in batches:
+            model(**b, use_cache=False, num_items_in_batch=torch.tensor(float(n))).loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    times = {"runtime": [], "hand": []}
+    tokens = []
+    for step in range(rounds + 1):
+        for name in (("runtime", "hand") if step % 2 == 0 else ("hand", "runtime")):
+            start = time.perf_counter()
+            if name == "runtime":
+                tokens.append(trainer.train_step(step)["tokens"])
+            else:
+                hand_step(step)
+            if step > 0:  # the first round warms both up
+                times[name].append(time.perf_counter() - start)
+    median = {k: statistics.median(v) for k, v in times.items()}
+    return {"ms_per_step": {k: v * 1e3 for k, v in median.items()},
+            "runtime_tokens_per_s_vs_hand": median["hand"] / median["runtime"],
+            "tokens_per_step": statistics.mean(tokens), "rounds": rounds, "load": _load()}
+
+
+def modes(recipe: str, overrides: list[str], nproc: int) -> dict:
+    out = {}
+    for mode in ("ddp", "zero1", "zero2", "fsdp2", "hsdp"):
+        target = OUT / f"mode_{mode}"
+        before = _load()
+        cmd = [sys.executable, "-m", "fastft", "train", recipe, *overrides, f"--nproc={nproc}",
+               f"--parallel.mode={mode}", f"--run.output_dir={target}", "--run.resume=false", "--run.progress=false",
+               "--eval.at_start=false", "--eval.at_end=false", "--checkpoint.at_end=false", "--run.plots=false"]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        summary = json.loads((target / "summary.json").read_text())
+        out[mode] = {"tokens_per_s": summary["tokens_per_s"], "ms_per_step": summary["seconds_per_step"] * 1e3,
+                     "peak_memory_mb_rank0": summary["peak_memory_mb"], "load_before": before, "load_after": _load()}
+        print(mode, out[mode], flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) < 2 or argv[0] not in ("overhead", "modes"):
+        raise SystemExit(__doc__)
+    what, recipe, rest = argv[0], argv[1], argv[2:]
+    rounds, nproc = 10, 2
+    overrides = []
+    for arg in rest:
+        if arg.startswith("--rounds="):
+            rounds = int(arg.split("=", 1)[1])
+        elif arg.startswith("--nproc="):
+            nproc = int(arg.split("=", 1)[1])
+        else:
+            overrides.append(arg)
+    OUT.mkdir(parents=True, exist_ok=True)
+    result = overhead(recipe, overrides, rounds) if what == "overhead" else modes(recipe, overrides, nproc)
+    result = {"recipe": recipe, "overrides": overrides, "torch_threads": torch.get_num_threads(), **result}
+    (OUT / f"{what}.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
