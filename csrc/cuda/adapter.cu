@@ -67,8 +67,8 @@ __device__ __forceinline__ acc activate(int64_t kind, acc p, acc* d) {
 template <typename T>
 __global__ void act_dropout_kernel(const T* __restrict__ pre, const T* __restrict__ grad_h, T* __restrict__ h,
                                    T* __restrict__ grad_pre, int64_t N, int64_t r, int64_t width, int64_t activation,
-                                   const int64_t* __restrict__ seed, uint32_t threshold, float keep_scale,
-                                   float grad_scale) {
+                                   const int64_t* __restrict__ seed, uint32_t threshold, double keep_scale,
+                                   double grad_scale) {
   using acc = at::opmath_type<T>;
   const bool drop = threshold > 0;
   const uint64_t s = drop ? static_cast<uint64_t>(*seed) : 0;
@@ -92,7 +92,7 @@ void launch_act_dropout(const at::Tensor& pre, const at::Tensor& grad_h, const a
                         double grad_scale) {
   const int64_t N = pre.size(0), r = pre.size(1);
   if (N * r == 0) return;
-  const float keep_scale = threshold > 0 ? static_cast<float>(dropout::keep_scale(threshold)) : 1.f;
+  const double keep_scale = threshold > 0 ? dropout::keep_scale(threshold) : 1.0;
   const int64_t blocks = std::min<int64_t>((N * r + kThreads - 1) / kThreads, 65536);  // grid-stride beyond
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pre.scalar_type(), "adapter_act_dropout_cuda", [&] {
     act_dropout_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
@@ -100,7 +100,7 @@ void launch_act_dropout(const at::Tensor& pre, const at::Tensor& grad_h, const a
         h.defined() ? h.mutable_data_ptr<scalar_t>() : nullptr,
         grad_pre.defined() ? grad_pre.mutable_data_ptr<scalar_t>() : nullptr, N, r, h.defined() ? h.size(1) : r,
         activation, threshold > 0 ? seed.const_data_ptr<int64_t>() : nullptr, static_cast<uint32_t>(threshold),
-        keep_scale, static_cast<float>(grad_scale));
+        keep_scale, grad_scale);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -34,7 +34,7 @@ constexpr int kThreads = 256;
 // in == nullptr, out[i] = keep_i (the 0/1 mask). keep_i is csrc/_dropout.h's draw for flat index i under *seed.
 template <typename T>
 __global__ void dropout_kernel(const T* __restrict__ in, const T* add, T* out, int64_t n, const int64_t* __restrict__ seed,
-                               uint32_t threshold, float keep_scale) {
+                               uint32_t threshold, double keep_scale) {
   using acc = at::opmath_type<T>;
   const uint64_t s = static_cast<uint64_t>(*seed);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -62,7 +62,7 @@ void launch_dropout(const at::Tensor& in, const at::Tensor& add, at::Tensor& out
   const int64_t n = out.numel();
   if (n == 0) return;
   const int64_t threshold = dropout::threshold_of(p);
-  const float keep_scale = static_cast<float>(dropout::keep_scale(threshold));
+  const double keep_scale = dropout::keep_scale(threshold);
   const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, 65536);  // grid-stride beyond
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "lora_dropout_cuda", [&] {
     dropout_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
