@@ -336,9 +336,10 @@ def _patch_layers(root: nn.Module, handle: PatchHandle, *, enabled: bool) -> Non
                 why = (f"hidden_act={act!r} is not SwiGLU" if act not in _SILU_NAMES else
                        f"{cls} is not a gate/up/down SwiGLU MLP")
                 report.add("layers", name, False, why)
-    if not report.fused("layers"):
-        report.add("layers", "", False, f"no {norm_class} or SwiGLU MLP in {type(root).__name__} (LayerNorm / "
-                   "GELU MLPs have no fastft kernel)")
+    if not arch.norm:
+        report.add("layers", "", False, f"{model_class.__name__}'s norms are LayerNorm: no fastft kernel")
+    if not any(e.part == "layers" and "SwiGLU" in e.detail for e in report.entries):
+        report.add("layers", "", False, f"{model_class.__name__}'s MLP is not a gate/up/down SwiGLU: no fastft kernel")
 
 
 def _fused_rms_norm_forward(self, hidden_states):
