@@ -135,6 +135,26 @@ def test_lora_head_trains_fused(tied, monkeypatch):
     handle.undo()
 
 
+def test_fastft_lora_head_trains_fused():
+    from fastft.lora import LoraConfig, apply_lora
+
+    model = apply_lora(tiny_model("qwen3"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
+    with torch.no_grad():
+        model.lm_head.lora_B.normal_(0, 0.05)
+    ids, labels = batches(1)[0]
+    stock_out, stock_grads = _loss_and_grads(model, ids, labels)
+    handle = fastft.patch(model)
+    assert "LoRA'd head fused" in handle.report.fused("loss")[0].detail
+    assert {e.detail for e in handle.report.fused("lora")} == {"fastft LoRALinear (fused already)"}
+    out, grads = _loss_and_grads(model, ids, labels)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, stock_out.loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == stock_grads.keys() and "lm_head.lora_A" in grads
+    for name in stock_grads:
+        torch.testing.assert_close(grads[name], stock_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    handle.undo()
+
+
 def test_generic_path_checks_the_loss_on_one_batch():
     model = tiny_model("llama")
     model.config.model_type = "toy_llama"  # not in fastft's table
