@@ -5,6 +5,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
+from ..ops._checks import check_reduction
 from ..ops.cross_entropy import cross_entropy
 
 
@@ -26,8 +27,7 @@ class CrossEntropyLoss(nn.Module):
         softcap: Optional[float] = None,
     ) -> None:
         super().__init__()
-        if reduction not in ("none", "mean", "sum"):
-            raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
+        check_reduction(reduction)
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
         self.reduction = reduction

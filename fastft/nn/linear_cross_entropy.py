@@ -10,6 +10,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
+from ..ops._checks import check_reduction
 from ..ops.linear_cross_entropy import linear_cross_entropy
 
 
@@ -44,8 +45,7 @@ class LinearCrossEntropyLoss(nn.Module):
         super().__init__()
         if tuple(out_features) != ():
             raise ValueError(f"out_features {tuple(out_features)}: K-dimensional losses are not supported, use ()")
-        if reduction not in ("none", "mean", "sum"):
-            raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
+        check_reduction(reduction)
         if weight is not None and tuple(weight.shape) != (num_classes,):
             raise ValueError(f"weight must have shape ({num_classes},) (one per class), got {tuple(weight.shape)}")
         if not (0.0 <= float(label_smoothing) <= 1.0):

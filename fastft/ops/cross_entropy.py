@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..reference.cross_entropy import cross_entropy as _reference
 from . import registry
-from ._checks import check_float_tensor, check_index_tensor, check_indices_in_range, check_tensor
+from ._checks import check_float_tensor, check_index_tensor, check_indices_in_range, check_same_device, check_tensor
 from ._define import accumulator_dtype, define_op, save_fused_grads, scale_fused_grads, standard_backends
 from ._losses import CE_KERNELS, ce_reduction_scale, check_ce_options, loss_kernels, scale_in_place
 
@@ -130,8 +130,7 @@ def _check_inputs(input, target, weight, ignore_index, reduction, label_smoothin
         )
     if input.shape[-1] == 0:
         raise ValueError("input has 0 classes")
-    if target.device != input.device:
-        raise ValueError(f"target is on {target.device} but input is on {input.device}")
+    check_same_device("input", input, target=target)
     check_ce_options(weight, input.shape[-1], input.device, ignore_index, reduction, label_smoothing, z_loss, softcap)
 
 

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..reference import kl as _reference
 from . import registry
-from ._checks import check_float_tensor, check_mask, check_number, check_reduction, rows
+from ._checks import check_float_tensor, check_mask, check_number, check_reduction, check_same_device, rows
 from ._define import accumulator_dtype, define_op, save_fused_grads, scale_fused_grads, standard_backends
 from ._losses import KL_KERNELS, count_reduction_scale, loss_kernels, scale_in_place
 
@@ -138,8 +138,7 @@ def full_kl(
                          "must have the same shape")
     if policy_logits.shape[-1] == 0:
         raise ValueError("the logits have a vocabulary of size 0")
-    if ref_logits.device != policy_logits.device:
-        raise ValueError(f"ref_logits is on {ref_logits.device} but policy_logits is on {policy_logits.device}")
+    check_same_device("policy_logits", policy_logits, ref_logits=ref_logits)
     temperature = check_number("temperature", temperature, low=0.0, low_open=True)
     check_reduction(reduction)
     token_shape = tuple(policy_logits.shape[:-1])

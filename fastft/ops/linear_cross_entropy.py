@@ -38,7 +38,8 @@ from torch import Tensor
 
 from ..reference.linear_cross_entropy import linear_cross_entropy as _reference
 from . import registry
-from ._checks import check_chunk_size, check_float_tensor, check_index_tensor, check_indices_in_range, check_tensor
+from ._checks import (check_chunk_size, check_float_tensor, check_index_tensor, check_indices_in_range,
+                      check_same_device, check_tensor)
 from ._define import accumulator_dtype, define_op, save_fused_grads, scale_fused_grads, standard_backends
 from ._losses import (CE_KERNELS, HeadGrads, ce_reduction_scale, check_ce_options, chunk_rows, counted_rows,
                       logits_into, loss_kernels, scale_in_place, scale_rows_in_place, scatter_rows)
@@ -265,9 +266,7 @@ def _check_inputs(input, linear_weight, target, linear_bias, weight, ignore_inde
             )
         if linear_bias.dtype != input.dtype:
             raise TypeError(f"linear_bias dtype {linear_bias.dtype} differs from input dtype {input.dtype}")
-    for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias), ("target", target)):
-        if t is not None and t.device != input.device:
-            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+    check_same_device("input", input, linear_weight=linear_weight, linear_bias=linear_bias, target=target)
     if tuple(target.shape) != tuple(input.shape[:-1]):
         raise ValueError(
             f"target shape {tuple(target.shape)} must equal the input's leading shape {tuple(input.shape[:-1])} "

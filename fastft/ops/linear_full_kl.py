@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..reference import kl as _reference
 from . import registry
-from ._checks import check_chunk_size, check_float_tensor, check_mask, check_number, check_reduction
+from ._checks import check_chunk_size, check_float_tensor, check_mask, check_number, check_reduction, check_same_device
 from ._define import accumulator_dtype, define_op, save_fused_grads, scale_fused_grads, standard_backends
 from ._losses import (KL_KERNELS, HeadGrads, chunk_rows, count_reduction_scale, counted_rows, loss_kernels,
                       scale_in_place, scatter_rows)
@@ -182,8 +182,8 @@ def linear_full_kl(
     for t, name in ((policy_hidden, "policy_hidden"), (policy_weight, "policy_weight"), (ref_hidden, "ref_hidden"),
                     (ref_weight, "ref_weight")):
         check_float_tensor(name, t)
-        if t.device != policy_hidden.device:
-            raise ValueError(f"{name} is on {t.device} but policy_hidden is on {policy_hidden.device}")
+    check_same_device("policy_hidden", policy_hidden, policy_weight=policy_weight, ref_hidden=ref_hidden,
+                      ref_weight=ref_weight)
     if policy_weight.dim() != 2 or ref_weight.dim() != 2:
         raise ValueError(f"the weights must be [V, H] matrices, got {tuple(policy_weight.shape)} and "
                          f"{tuple(ref_weight.shape)}")

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..reference import kl as _reference
 from . import registry
-from ._checks import check_float_tensor, check_index_tensor, check_indices_in_range, check_number, rows
+from ._checks import check_float_tensor, check_index_tensor, check_indices_in_range, check_number, check_same_device, rows
 from ._define import accumulator_dtype, define_op, standard_backends
 from ._losses import loss_kernels
 
@@ -74,8 +74,7 @@ def selective_log_softmax(logits: Tensor, index: Tensor, *, temperature: float =
                          f"{tuple(logits.shape[:-1])} (logits {tuple(logits.shape)})")
     if logits.shape[-1] == 0:
         raise ValueError("logits have a vocabulary of size 0")
-    if index.device != logits.device:
-        raise ValueError(f"index is on {index.device} but logits are on {logits.device}")
+    check_same_device("logits", logits, index=index)
     temperature = check_number("temperature", temperature, low=0.0, low_open=True)
     v = logits.shape[-1]
     check_indices_in_range("index", index, v)
