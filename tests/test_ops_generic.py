@@ -123,7 +123,7 @@ def _registered_calls(entry, backend, sample, monkeypatch) -> list:
 
 @pytest.mark.parametrize("entry,backend,dtype", list(_cases((torch.float32,), ("cpp", "triton"))))
 def test_opcheck(entry, backend, dtype, monkeypatch):
-    for sample in entry.samples(dtype, torch.device("cpu")):
+    for sample in entry.samples(dtype, torch.device("cpu"))[:2]:
         calls = _registered_calls(entry, backend, sample, monkeypatch)
         assert calls, f"{entry.name} on {backend} did not call its defined op"
         for op, args in calls:

@@ -1,7 +1,8 @@
 """One way to define an op: a declaration turns into the registered torch.library op pair, the eager fast
 path, per-op backend dispatch and the fp64 rule. The argument checks every functional shares live in
-``fastft.ops._checks`` (check_float_tensor, check_same_device, check_reduction, ...); the registry that drives ``fastft info``, the benchmarks and the generic tests is
-``fastft.ops.registry``.
+``fastft.ops._checks`` (check_float_tensor, check_same_device, check_reduction, ...); the registry that
+drives ``fastft info``, the benchmarks and the generic tests is ``fastft.ops.registry``. A newcomer's
+walk-through: docs/ARCHITECTURE.md, "Adding an op".
 
 Example (a toy op; the real ones are fastft/ops/*.py, e.g. fastft/ops/rms_norm.py)::
 
@@ -11,12 +12,12 @@ Example (a toy op; the real ones are fastft/ops/*.py, e.g. fastft/ops/rms_norm.p
 
     def _forward(x: Tensor, options: ScaleOptions, backend: str) -> tuple[Tensor, Tensor]:
         y = kernels_for(backend).scale_fwd(x, options.alpha)
-        return y, x.new_empty((0,))      # output 0 is the differentiable result; the rest are non-differentiable
+        return y, x.new_empty((0,))      # output 0: the differentiable result; the rest: non-differentiable
 
     def _fake(x, options, backend):
         return torch.empty_like(x), x.new_empty((0,))
 
-    def _setup(ctx, inputs, outputs):    # inputs = the tensors/flags before ``options``; ctx.options, ctx.backend set
+    def _setup(ctx, inputs, outputs):    # inputs: the arguments before ``options``; ctx.options/.backend are set
         ctx.save_for_backward(*inputs)
 
     def _backward_impl(grad: Tensor, x: Tensor, options: ScaleOptions, backend: str) -> Tensor:
@@ -30,7 +31,7 @@ Example (a toy op; the real ones are fastft/ops/*.py, e.g. fastft/ops/rms_norm.p
         backward_impl=_backward_impl, backward_fake=lambda grad, x, options, backend: torch.empty_like(x),
         options=ScaleOptions,
         backends=(Backend("reference"), Backend("cpp", kernels=("scale_fwd_kernel",)), Backend("triton")),
-    )
+    )                                    # or backends=standard_backends(kernels): reference, cpp, triton, cuda
 
     def scale(x, alpha=1.0):             # the public functional
         check_float_tensor("x", x)
@@ -50,9 +51,9 @@ What it generates:
 One autograd template for every op: only output 0 is differentiable (the others are marked so), and
 gradients are not materialized (``backward`` gets None when output 0 got no gradient). Gradients that
 forward already computed (the fused losses) are kept with ``save_fused_grads`` and scaled by the
-upstream gradient with ``scale_fused_grads``: in place (no copy; a no-op for ``loss.backward()``) when this is the graph's last
-backward in eager mode, otherwise out of place, so a second backward (``retain_graph=True``) gives the
-same result in eager and compiled mode.
+upstream gradient with ``scale_fused_grads``: in place (no copy; a no-op for ``loss.backward()``) when
+this is the graph's last backward in eager mode, otherwise out of place, so a second backward
+(``retain_graph=True``) gives the same result in eager and compiled mode.
 """
 from __future__ import annotations
 
@@ -71,8 +72,8 @@ from .. import backend as _backend
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 LOW_AND_FP32 = (torch.float32, torch.float16, torch.bfloat16)
 
-__all__ = ["Backend", "FLOAT_DTYPES", "LOW_AND_FP32", "Op", "define_op", "save_fused_grads", "scale_fused_grads", "select_backend",
-           "graph_kept", "accumulator_dtype", "standard_backends"]
+__all__ = ["Backend", "FLOAT_DTYPES", "LOW_AND_FP32", "Op", "accumulator_dtype", "define_op", "graph_kept",
+           "save_fused_grads", "scale_fused_grads", "select_backend", "standard_backends"]
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
