@@ -34,7 +34,7 @@ import math
 import types
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -124,20 +124,27 @@ class PatchReport:
 
 
 class PatchHandle:
-    """What :func:`patch` did to one model; ``undo()`` restores the instance exactly (idempotent)."""
+    """What :func:`patch` did to one model; ``undo()`` restores the instance exactly (idempotent).
+
+    The undo steps are data (module, attribute, previous value), not closures, so that a deepcopy of a
+    patched model (an EMA or reference model) carries a handle that undoes the copy, not the original."""
 
     def __init__(self, model: nn.Module, report: PatchReport) -> None:
         self.model = model
         self.report = report
-        self._undo_steps: list = []
+        self._undo_steps: list = []  # ("forward", module, state attribute) | ("loss", root)
         self.undone = False
-
-    def _on_undo(self, step: Callable[[], None]) -> None:
-        self._undo_steps.append(step)
 
     def undo(self) -> nn.Module:
         while self._undo_steps:
-            self._undo_steps.pop()()
+            step = self._undo_steps.pop()
+            if step[0] == "forward":
+                _, module, attr = step
+                vars(module).pop(attr, None)
+                vars(module).pop("forward", None)
+            else:
+                _unpatch_loss(step[1])
+        vars(self.model).pop(_HANDLE_ATTR, None)
         self.undone = True
         return self.model
 
@@ -192,7 +199,6 @@ def patch(model: nn.Module, *, loss: bool = True, lora: bool = True, adapters: b
         handle.undo()
         raise
     vars(root)[_HANDLE_ATTR] = handle
-    handle._undo_steps.insert(0, lambda: vars(root).pop(_HANDLE_ATTR, None))
     logger.info("%s", handle.report)
     if verbose:
         print(handle.report)
@@ -225,19 +231,18 @@ def _unwrap(model: nn.Module) -> tuple[nn.Module, list]:
 # ------------------------------------------------------------------------------------------------
 
 
-def _override_forward(handle: PatchHandle, module: nn.Module, forward, attr: str, state) -> None:
-    had_forward = "forward" in vars(module)
-    previous = vars(module).get("forward")
+def _override_forward(handle: PatchHandle, module: nn.Module, forward, attr: str, state) -> Optional[str]:
+    """Give ``module`` the instance forward ``forward`` (its per-module ``state`` in ``attr``); None, or why
+    not: a module that already has an instance forward (an accelerate hook, another patch) keeps it, since
+    the fused forward would bypass it."""
+    if "forward" in vars(module):
+        previous = vars(module)["forward"]
+        return (f"{type(module).__name__} already has an instance forward "
+                f"({getattr(previous, '__qualname__', type(previous).__name__)}); fastft does not bypass it")
     vars(module)[attr] = state
     module.forward = types.MethodType(forward, module)
-
-    def restore() -> None:
-        vars(module).pop(attr, None)
-        vars(module).pop("forward", None)
-        if had_forward:
-            vars(module)["forward"] = previous
-
-    handle._on_undo(restore)
+    handle._undo_steps.append(("forward", module, attr))
+    return None
 
 
 def _patch_lora(root: nn.Module, handle: PatchHandle, *, enabled: bool) -> None:
@@ -265,8 +270,10 @@ def _patch_lora(root: nn.Module, handle: PatchHandle, *, enabled: bool) -> None:
         if delegate is None:
             report.add("lora", name, False, reason)
             continue
-        _override_forward(handle, module, _fused_peft_lora_forward, _LORA_ATTR, (next(iter(module.lora_A)), delegate))
-        report.add("lora", name, True, "PEFT lora.Linear runs fastft's fused LoRA op on its own parameters")
+        reason = _override_forward(handle, module, _fused_peft_lora_forward, _LORA_ATTR,
+                                   (next(iter(module.lora_A)), delegate))
+        report.add("lora", name, reason is None,
+                   reason or "PEFT lora.Linear runs fastft's fused LoRA op on its own parameters")
 
 
 def _fused_lora_delegate(module: nn.Module):
@@ -325,13 +332,16 @@ def _patch_layers(root: nn.Module, handle: PatchHandle, *, enabled: bool) -> Non
         cls = type(module).__name__
         if arch.norm and cls == norm_class:
             casting_mode, offset, eps_attr = _NORM_FLAVOURS[arch.norm]
-            _override_forward(handle, module, _fused_rms_norm_forward, _LAYER_ATTR, (casting_mode, offset, eps_attr))
-            report.add("layers", name, True, f"{cls} runs fastft.nn.RMSNorm's op ({casting_mode}, offset {offset:g})")
+            reason = _override_forward(handle, module, _fused_rms_norm_forward, _LAYER_ATTR,
+                                       (casting_mode, offset, eps_attr))
+            report.add("layers", name, reason is None,
+                       reason or f"{cls} runs fastft.nn.RMSNorm's op ({casting_mode}, offset {offset:g})")
         elif cls.endswith("MLP") and hasattr(module, "down_proj"):
             act = getattr(text_config, "hidden_act", None) or getattr(text_config, "hidden_activation", None)
             if arch.swiglu_mlp and act in _SILU_NAMES and hasattr(module, "gate_proj") and hasattr(module, "up_proj"):
-                _override_forward(handle, module, _fused_swiglu_forward, _LAYER_ATTR, None)
-                report.add("layers", name, True, f"{cls} runs fastft.nn.SwiGLU's op (gate/up/down stay its Linears)")
+                reason = _override_forward(handle, module, _fused_swiglu_forward, _LAYER_ATTR, None)
+                report.add("layers", name, reason is None,
+                           reason or f"{cls} runs fastft.nn.SwiGLU's op (gate/up/down stay its Linears)")
             else:
                 why = (f"hidden_act={act!r} is not SwiGLU" if act not in _SILU_NAMES else
                        f"{cls} is not a gate/up/down SwiGLU MLP")
@@ -380,7 +390,7 @@ def _patch_loss(root: nn.Module, handle: PatchHandle, *, check: str, return_logi
     except (TypeError, ValueError) as error:
         report.add("loss", "", False, str(error))
         return
-    handle._on_undo(lambda: _unpatch_loss(root))
+    handle._undo_steps.append(("loss", root))
     if run_check:
         fused_loss, why = _one_batch_loss(root)
         tolerance = _loss_tolerance(root)

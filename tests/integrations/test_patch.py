@@ -3,6 +3,7 @@ parameters (PEFT's adapter switching still works), a LoRA'd head (untied and tie
 generic path checks its loss, a torch.compile'd model and fastft.AutoModelForCausalLM."""
 from __future__ import annotations
 
+import copy
 import pytest
 import torch
 
@@ -77,6 +78,27 @@ def test_undo_restores_the_instance_bit_for_bit(case):
     assert torch.equal(after_out.loss, before_out.loss) and torch.equal(after_out.logits, before_out.logits)
     assert after_grads.keys() == before_grads.keys()
     assert all(torch.equal(after_grads[n], before_grads[n]) for n in before_grads)
+
+
+def test_deepcopy_of_a_patched_model_is_patched_and_undoes_itself():
+    model = _peft(tiny_model("llama"), ["q_proj", "lm_head"])
+    ids, labels = batches(1)[0]
+    stock_out, _ = _loss_and_grads(model, ids, labels)
+    handle = fastft.patch(model)
+    copied = copy.deepcopy(model)  # e.g. a reference or EMA model
+    with torch.no_grad():
+        copied.get_base_model().lm_head.lora_B["default"].weight.zero_()  # its own weights, not the original's
+    copy_handle = get_handle(copied)
+    assert copy_handle is not handle and copy_handle.model is copied.get_base_model()
+    out = copied(input_ids=ids, labels=labels)
+    assert out.logits is None and not torch.allclose(out.loss, stock_out.loss)
+    copy_handle.undo()
+    assert get_handle(model) is handle and get_handle(copied) is None
+    patched_out, _ = _loss_and_grads(model, ids, labels)  # the original is still patched, on its own weights
+    assert patched_out.logits is None
+    torch.testing.assert_close(patched_out.loss, stock_out.loss, rtol=1e-5, atol=1e-6)
+    assert copied(input_ids=ids, labels=labels).logits is not None
+    handle.undo()
 
 
 def test_peft_lora_layers_run_fastft_on_the_same_parameters(monkeypatch):
