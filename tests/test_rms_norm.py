@@ -8,7 +8,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMS
 
 import fastft
 from fastft.nn import RMSNorm
-from fastft.ops import rms_norm
+from fastft.ops import registry, rms_norm
 from fastft.ops.rms_norm import rms_norm_op
 
 BACKENDS = tuple(rms_norm_op.backends)
@@ -25,6 +25,38 @@ def _ulp(t: torch.Tensor) -> torch.Tensor:
     """The spacing of t's dtype at each value of t, in fp64."""
     mag = t.double().abs().clamp_min(torch.finfo(t.dtype).tiny)
     return torch.exp2(torch.floor(torch.log2(mag))) * torch.finfo(t.dtype).eps
+
+
+# CPU: odd sizes on every backend; CUDA: a Llama-sized hidden on the GPU backends.
+CASES = [pytest.param("cpu", backend, (423, 123), id=f"cpu-{backend}-423x123") for backend in BACKENDS] + [
+    pytest.param("cuda", backend, (8192, 4096), id=f"cuda-{backend}-8192x4096", marks=pytest.mark.cuda)
+    for backend in BACKENDS if backend != "cpp"]
+
+
+@pytest.mark.parametrize("device,backend,shape", CASES)
+@pytest.mark.parametrize("casting_mode", ["llama", "gemma"])
+def test_bf16_within_twice_torchs_error(device, backend, shape, casting_mode):
+    # The op's error against an fp64 truth is at most twice that of the Hugging Face formula run in bf16 (plus the
+    # rounding of the result), for y, dx and dw.
+    truth_fn = registry.get("rms_norm").truth
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = (3 * torch.randn(shape, generator=gen, device=device)).to(torch.bfloat16).requires_grad_()
+    w = (1 + 0.3 * torch.randn(shape[1], generator=gen, device=device)).to(torch.bfloat16).requires_grad_()
+    g = torch.randn(shape, generator=gen, device=device).to(torch.bfloat16)
+    options = {"offset": 1.0 if casting_mode == "gemma" else 0.0, "casting_mode": casting_mode}
+    wide = [t.detach().double().requires_grad_() for t in (x, w)]
+    truth = truth_fn(*wide, 1e-5, **options)
+    truth_grads = torch.autograd.grad(truth, wide, g.double())
+    plain = truth_fn(x, w, 1e-5, **options)
+    plain_grads = torch.autograd.grad(plain, (x, w), g)
+    with _use(backend):
+        y = rms_norm(x, w, 1e-5, **options)
+        grads = torch.autograd.grad(y, (x, w), g)
+    for ours, torchs, exact in zip((y, *grads), (plain, *plain_grads), (truth, *truth_grads)):
+        assert ours.dtype == torchs.dtype
+        err = (ours.double() - exact).abs().max().item()
+        torch_err = (torchs.double() - exact).abs().max().item()
+        assert err <= 2 * torch_err + 1e-6 * exact.abs().max().item(), (err, torch_err)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
