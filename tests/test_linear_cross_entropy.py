@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from fastft import backend as fb
 from fastft.nn.linear_cross_entropy import LinearCrossEntropyLoss
 from fastft.ops.linear_cross_entropy import linear_cross_entropy
+from fastft.reference import kl as reference_kl
 from fastft.reference.linear_cross_entropy import linear_cross_entropy as reference
 
 CPU_BACKENDS = [b for b in ("reference", "cpp", "triton") if fb.status(b)[0]]
@@ -385,3 +386,48 @@ def test_cuda_bf16_llm_head(backend, reduction):
     assert err(loss, t_loss) <= 2 * err(p_loss, t_loss) + 1e-3 * t_loss.abs().max().item()
     for name, g, tg, pg in zip("xw", grads, t_grads, p_grads):
         assert err(g, tg) <= 2 * err(pg, tg) + 1e-6, name
+
+
+# ------------------------------------------------------------------------------------------------
+# The chunk engine shared with linear_full_kl (fastft/ops/_losses.py)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_both_heads_follow_one_chunk_budget(monkeypatch):
+    """FASTFT_LCE_CHUNK_BYTES sizes the chunks of linear_cross_entropy and linear_full_kl alike."""
+    import importlib
+
+    from fastft.ops import _losses
+
+    # The modules (fastft.ops binds the functionals under the same names).
+    lce_module = importlib.import_module("fastft.ops.linear_cross_entropy")
+    lfk_module = importlib.import_module("fastft.ops.linear_full_kl")
+
+    rows_seen = []
+
+    def spy(*args):
+        rows = _losses.chunk_rows(*args)
+        rows_seen.append(rows)
+        return rows
+
+    monkeypatch.setenv("FASTFT_LCE_CHUNK_BYTES", str(3 * 40 * 4 * 4))  # 3 rows of 4 fp32 [*, 40] buffers
+    monkeypatch.setattr(lce_module, "chunk_rows", spy)
+    monkeypatch.setattr(lfk_module, "chunk_rows", spy)
+    x, w, _, t = make_inputs((10,), 8, 40)
+    with fb.use("cpp"):
+        loss = linear_cross_entropy(x, w.requires_grad_(), t, reduction="sum")
+        kl = lfk_module.linear_full_kl(x, w, x, w.detach() * 0.5)
+    torch.testing.assert_close(loss, F.cross_entropy(F.linear(x, w), t, reduction="sum"), rtol=1e-5, atol=1e-5)
+    want = reference_kl.full_kl(F.linear(x, w), F.linear(x, w.detach() * 0.5))
+    torch.testing.assert_close(kl, want, rtol=1e-5, atol=1e-6)
+    assert len(rows_seen) == 2 and all(1 <= r < 10 for r in rows_seen), rows_seen
+
+
+def test_uncounted_rows_are_not_searched_off_the_cpu():
+    """Finding the counted rows is a host sync on CUDA: the engine only does it on CPU tensors."""
+    from fastft.ops._losses import counted_rows
+
+    mask = torch.tensor([True, False, True])
+    assert torch.equal(counted_rows(mask), torch.tensor([0, 2]))
+    assert counted_rows(mask.to("meta")) is None
+    assert counted_rows(torch.ones(3, dtype=torch.bool)) is None  # all counted: nothing to skip
