@@ -97,7 +97,8 @@ def _blocks(n_cols: int, device: torch.device) -> Tuple[int, int, int]:
     block_h = triton.next_power_of_2(n_cols)
     budget = 4096 if device.type == "cuda" else 32768
     block_m = max(1, min(64, budget // block_h))
-    num_warps = 4 if block_h * block_m <= 4096 else 8 if block_h * block_m <= 16384 else 16
+    tile = block_m * block_h  # warps as Liger-Kernel's calculate_settings picks them for a tile this size
+    num_warps = 32 if tile >= 32768 else 16 if tile >= 8192 else 8 if tile >= 2048 else 4
     return block_m, block_h, num_warps
 
 
