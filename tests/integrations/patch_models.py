@@ -29,9 +29,23 @@ CONFIGS = {
                                            bos_token_id=1, eos_token_id=2)),
 }
 
+# Causal LMs fastft.patch does not name: they take the generic path (one-batch check). Phi has a head bias,
+# Mixtral / Qwen3-MoE route through experts, Cohere-2 scales its logits, OPT projects its embeddings.
+GENERIC_CONFIGS = {
+    "gemma": (transformers.GemmaConfig, {**_DECODER, "head_dim": 16}),
+    "phi": (transformers.PhiConfig, _DECODER),
+    "mixtral": (transformers.MixtralConfig, {**_DECODER, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, {**_DECODER, "num_experts": 4, "num_experts_per_tok": 2,
+                                                "moe_intermediate_size": 32, "head_dim": 16}),
+    "cohere2": (transformers.Cohere2Config, {**_DECODER, "logit_scale": 0.5}),
+    "opt": (transformers.OPTConfig, dict(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                         num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64,
+                                         **_IDS)),
+}
+
 
 def tiny_config(model_type: str, **overrides):
-    config_class, kwargs = CONFIGS[model_type]
+    config_class, kwargs = {**CONFIGS, **GENERIC_CONFIGS}[model_type]
     return config_class(**{**kwargs, **overrides})
 
 

@@ -14,7 +14,7 @@ import fastft  # noqa: E402
 import fastft.integrations.transformers as hf_loss  # noqa: E402
 import fastft.nn.lora as nn_lora  # noqa: E402
 from fastft.integrations.patch import get_handle  # noqa: E402
-from patch_models import batches, one_thread, tiny_model  # noqa: E402,F401
+from patch_models import GENERIC_CONFIGS, batches, one_thread, tiny_model  # noqa: E402,F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -172,6 +172,22 @@ def test_fastft_lora_head_trains_fused():
     assert out.logits is None
     torch.testing.assert_close(out.loss, stock_out.loss, rtol=1e-5, atol=1e-6)
     assert grads.keys() == stock_grads.keys() and "lm_head.lora_A" in grads
+    for name in stock_grads:
+        torch.testing.assert_close(grads[name], stock_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    handle.undo()
+
+
+@pytest.mark.parametrize("model_type", sorted(GENERIC_CONFIGS))
+def test_unnamed_architectures_take_the_checked_generic_path(model_type):
+    model = tiny_model(model_type)
+    ids, labels = batches(1)[0]
+    stock_out, stock_grads = _loss_and_grads(model, ids, labels)
+    handle = fastft.patch(model)
+    assert handle.report.path == "generic" and handle.report.fused("loss"), str(handle.report)
+    assert handle.report.stock("layers")  # no fused-layer table entry: layers stay stock, and say so
+    out, grads = _loss_and_grads(model, ids, labels)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, stock_out.loss, rtol=1e-5, atol=1e-6)
     for name in stock_grads:
         torch.testing.assert_close(grads[name], stock_grads[name], rtol=1e-4, atol=1e-6, msg=name)
     handle.undo()
