@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from fastft.runtime.config import ConfigError, _check_type, _section_types
 from fastft.runtime.models import ModelLoadError, resolve_path
 from fastft.runtime.parallel import all_reduce_sum, unwrap
+from fastft.runtime.tasks import Task
 from fastft.runtime.trainer import Callback
 
 from . import generators
@@ -155,6 +156,44 @@ def encoder_with_heads(cfg, heads: dict, adapters: str, adapter_size: int, place
     return model, tokenizer
 
 
+class EncoderTask(Task):
+    """Base of the encoder recipes: samples are dicts of token lists (``input_ids``, ``token_type_ids``,
+    per-token targets: padded with -100) and ints (per-example targets); the loss unit is one example."""
+
+    def collate(self, samples: list) -> dict:
+        pad_id = self.tokenizer.pad_token_id
+        batch = {}
+        for key, value in samples[0].items():
+            if isinstance(value, list):
+                fill = pad_id if key == "input_ids" else 0 if key == "token_type_ids" else -100
+                batch[key] = pad([s[key] for s in samples], fill)
+            else:
+                batch[key] = torch.tensor([s[key] for s in samples])
+        lengths = torch.tensor([len(s["input_ids"]) for s in samples])
+        batch["attention_mask"] = (torch.arange(batch["input_ids"].shape[1])[None] < lengths[:, None]).long()
+        return batch
+
+    def count(self, batch: dict) -> Tensor:
+        return torch.tensor(batch["input_ids"].shape[0])
+
+    @staticmethod
+    def forward(model: nn.Module, batch: dict) -> dict:
+        return model(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch})
+
+    def callbacks(self) -> list:
+        return [Monitor(), SaveBottleneckAdapters()]
+
+
+def word_targets(word_ids: list, per_word: list) -> list:
+    """Per-token targets from per-word ones: the first sub-token of each word carries its word's target,
+    other sub-tokens and special tokens -100."""
+    out, previous = [], None
+    for w in word_ids:
+        out.append(per_word[w] if w is not None and w != previous else -100)
+        previous = w
+    return out
+
+
 def cross_entropy(cfg, logits: Tensor, target: Tensor, weight: Optional[Tensor] = None,
                   reduction: str = "sum") -> Tensor:
     """fastft's cross-entropy (class weights, ignore_index -100), or torch's with ``kernels.enabled = false``."""
@@ -187,8 +226,7 @@ def predict(model: nn.Module, task, samples: list, device) -> list[dict]:
     outputs = []
     for start in range(0, len(samples), size):
         batch = {k: v.to(device) for k, v in task.collate(samples[start:start + size]).items()}
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-        out = model(**inputs)
+        out = EncoderTask.forward(model, batch)
         outputs.append({"batch": {k: v.cpu() for k, v in batch.items()},
                         "logits": {k: v.float().cpu() for k, v in out.items()}})
     model.train(was_training)

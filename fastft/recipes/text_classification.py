@@ -21,11 +21,11 @@ from torch import Tensor, nn
 
 from fastft.runtime.config import ConfigError
 from fastft.runtime.models import register_model
-from fastft.runtime.tasks import Task, register_task
+from fastft.runtime.tasks import register_task
 
 from . import generators
-from .common import (Monitor, check_choice, classification_scores, cross_entropy, encoder_with_heads, pad, predict,
-                     recipe_options, SaveBottleneckAdapters)
+from .common import (EncoderTask, check_choice, classification_scores, cross_entropy, encoder_with_heads, predict,
+                     recipe_options)
 
 
 @dataclass(frozen=True)
@@ -58,12 +58,10 @@ def encode_words(tokenizer, words: list, max_length: int) -> list[int]:
 
 
 @register_task("text_classification")
-class TextClassificationTask(Task):
+class TextClassificationTask(EncoderTask):
     metrics = {"loss": False, "accuracy": True, "f1_weighted": True, "f1_macro": True}
 
     def __init__(self, cfg, tokenizer):
-        from sklearn.utils.class_weight import compute_class_weight
-
         super().__init__(cfg, tokenizer)
         self.options = recipe_options(ClassificationOptions, cfg)
         data, p = cfg.data, self.options.proportions
@@ -71,32 +69,15 @@ class TextClassificationTask(Task):
         held_out = generators.reviews(data.num_eval, cfg.run.seed + 1_000_003, p)
         self.train_samples = [self.sample(r) for r in train]
         self.eval_samples = [self.sample(r) for r in held_out]
-        labels = [r["label"] for r in train]
-        classes = list(range(len(generators.SENTIMENTS)))
-        if self.options.class_weights == "balanced":
-            if set(labels) != set(classes):
-                raise ConfigError(f"class_weights = 'balanced' needs every class in the training data; "
-                                  f"data.num_train = {data.num_train} gave only {sorted(set(labels))}")
-            self.class_weight = torch.tensor(compute_class_weight("balanced", classes=np.array(classes), y=np.array(labels)),
-                                             dtype=torch.float32)
-        else:
-            self.class_weight = None
-        self.pad_id = tokenizer.pad_token_id
+        self.class_weight = (balanced_class_weights([r["label"] for r in train], len(generators.SENTIMENTS))
+                             if self.options.class_weights == "balanced" else None)
 
     def sample(self, record: dict) -> dict:
         return {"input_ids": encode_words(self.tokenizer, record["words"], self.cfg.data.max_length),
-                "label": record["label"]}
-
-    def collate(self, samples: list) -> dict:
-        ids = pad([s["input_ids"] for s in samples], self.pad_id)
-        return {"input_ids": ids, "attention_mask": (ids != self.pad_id).long(),
-                "labels": torch.tensor([s["label"] for s in samples])}
-
-    def count(self, batch: dict) -> Tensor:
-        return torch.tensor(batch["labels"].numel())
+                "labels": record["label"]}
 
     def loss(self, model: nn.Module, batch: dict, normalizer: Tensor) -> Tensor:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])["label"]
+        logits = self.forward(model, batch)["label"]
         weight = None if self.class_weight is None else self.class_weight.to(logits.device)
         return cross_entropy(self.cfg, logits, batch["labels"], weight) / normalizer
 
@@ -107,5 +88,13 @@ class TextClassificationTask(Task):
         loss = torch.nn.functional.cross_entropy(logits, labels).item()
         return {"loss": loss, **classification_scores(labels.numpy(), logits.argmax(-1).numpy())}
 
-    def callbacks(self) -> list:
-        return [Monitor(), SaveBottleneckAdapters()]
+
+def balanced_class_weights(labels: list, num_classes: int) -> Tensor:
+    """scikit-learn's "balanced" weights, n / (k * count): every class then weighs the same in the loss."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    if set(labels) != set(range(num_classes)):
+        raise ConfigError(f"class_weights = 'balanced' needs every class in the training data; data.num_train = "
+                          f"{len(labels)} gave only {sorted(set(labels))}")
+    return torch.tensor(compute_class_weight("balanced", classes=np.arange(num_classes), y=np.array(labels)),
+                        dtype=torch.float32)

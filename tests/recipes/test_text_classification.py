@@ -31,7 +31,7 @@ def test_tiny_encoder_learns_the_labels(tmp_path):
 
 def test_balanced_class_weights_are_inverse_frequencies(tmp_path):
     trainer, _ = fit(config(tmp_path, run={"max_steps": 1}, eval={"at_start": False, "at_end": False}))
-    labels = torch.tensor([s["label"] for s in trainer.task.train_samples])
+    labels = torch.tensor([s["labels"] for s in trainer.task.train_samples])
     counts = torch.bincount(labels, minlength=3).float()
     expected = len(labels) / (3 * counts)  # scikit-learn's "balanced"
     torch.testing.assert_close(trainer.task.class_weight, expected)
@@ -45,7 +45,7 @@ def test_weighted_loss_matches_torch(tmp_path):
     batch = task.collate(task.train_samples[:16])
     with torch.no_grad():
         ours = task.loss(model, batch, torch.tensor(16.0))
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])["label"]
+        logits = task.forward(model, batch)["label"]
         theirs = torch.nn.functional.cross_entropy(logits, batch["labels"], task.class_weight, reduction="sum") / 16
     torch.testing.assert_close(ours, theirs)
 
