@@ -78,7 +78,8 @@ def patch() -> TRLPatchHandle:
     trl_utils._ChunkedLogProbFunction = _FastftChunkedLogProb(original_head, handle.counts)
     replacement = _selective_log_softmax(original_selective, handle.counts)
     for name, module in list(sys.modules.items()):
-        if (name == "trl" or name.startswith("trl.")) and getattr(module, "selective_log_softmax", None) is original_selective:
+        in_trl = name == "trl" or name.startswith("trl.")
+        if in_trl and getattr(module, "selective_log_softmax", None) is original_selective:
             handle.replaced.append((module, "selective_log_softmax", original_selective))
             module.selective_log_softmax = replacement
     _active = handle

@@ -111,7 +111,8 @@ def test_peft_lora_layers_run_fastft_on_the_same_parameters(monkeypatch):
     stock_out, stock_grads = _loss_and_grads(model, ids, labels)
 
     handle = fastft.patch(model, loss=False, layers=False)
-    assert [(n, id(p)) for n, p in model.named_parameters()] == params_before  # same objects: an optimizer keeps working
+    # the same parameter objects: an optimizer built before the patch keeps working
+    assert [(n, id(p)) for n, p in model.named_parameters()] == params_before
     calls = []
     real = nn_lora.lora_linear
     monkeypatch.setattr(nn_lora, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -147,7 +148,8 @@ def test_lora_head_trains_fused(tied, monkeypatch):
     assert ("tied to the input embedding" in handle.report.fused("loss")[0].detail) == tied
     calls = []
     real = hf_loss.fused_linear_cross_entropy
-    monkeypatch.setattr(hf_loss, "fused_linear_cross_entropy", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    monkeypatch.setattr(hf_loss, "fused_linear_cross_entropy",
+                        lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
     out, grads = _loss_and_grads(model, ids, labels, seed=3)
     assert out.logits is None and calls == [torch.Size([head.out_features, head.in_features + 4])]  # [W | B]
     torch.testing.assert_close(out.loss, stock_out.loss, rtol=1e-5, atol=1e-6)
