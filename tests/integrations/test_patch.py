@@ -219,6 +219,24 @@ def test_generic_path_checks_the_loss_on_one_batch():
     handle.undo()
 
 
+def test_adapters_and_gradient_checkpointing():
+    from fastft.bottleneck import apply_bottleneck_adapters
+
+    model = tiny_model("mistral")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apply_bottleneck_adapters(model, adapter_size=8, dropout=0.0)
+    ids, labels = batches(1)[0]
+    stock_out, stock_grads = _loss_and_grads(model, ids, labels)
+    handle = fastft.patch(model)
+    assert "fused already" in handle.report.fused("adapters")[0].detail
+    out, grads = _loss_and_grads(model, ids, labels)
+    assert out.logits is None and any("fastft_adapter" in n for n in grads)
+    torch.testing.assert_close(out.loss, stock_out.loss, rtol=1e-5, atol=1e-6)
+    for name in stock_grads:
+        torch.testing.assert_close(grads[name], stock_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    handle.undo()
+
+
 def test_gpt2_conv1d_lora_left_stock_with_the_reason_loss_fused():
     model = _peft(tiny_model("gpt2"), ["c_attn", "c_fc"])
     handle = fastft.patch(model)
