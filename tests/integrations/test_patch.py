@@ -223,7 +223,10 @@ def test_adapters_and_gradient_checkpointing():
     from fastft.bottleneck import apply_bottleneck_adapters
 
     model = tiny_model("mistral")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x (the old name warns)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     apply_bottleneck_adapters(model, adapter_size=8, dropout=0.0)
     ids, labels = batches(1)[0]
     stock_out, stock_grads = _loss_and_grads(model, ids, labels)
