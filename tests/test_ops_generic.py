@@ -249,6 +249,7 @@ def test_forced_cuda_selects_the_cuda_extension_for_every_op_that_has_it(monkeyp
     monkeypatch.setitem(fb._status_cache, "triton", (True, "simulated"))
     monkeypatch.setattr(_define, "_has_kernel", lambda kernel, key: True)
     monkeypatch.setattr(_define, "_warned", set())
+    monkeypatch.setattr(_define, "_choices", {})
     for entry in ENTRIES:
         if entry.op is None:
             continue
@@ -275,6 +276,9 @@ def test_cuda_backends_call_kernels_the_cpu_extension_declares():
 
 
 def test_forced_backend_the_op_has_but_cannot_run_raises(monkeypatch):
+    from fastft.ops import _define
+
+    monkeypatch.setattr(_define, "_choices", {})
     monkeypatch.setitem(fb._status_cache, "triton", (False, "simulated: no triton"))
     with fb.use("triton"), pytest.raises(RuntimeError, match="requested for cross_entropy but is unusable"):
         fastft.ops.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2]))

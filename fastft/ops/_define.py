@@ -147,13 +147,14 @@ def _has_kernel(kernel: str, key: str) -> bool:
 # ------------------------------------------------------------------------------------------------
 
 _OPS: dict = {}  # name -> Op, for select_backend (which must take only constants)
+_choices: dict = {}  # (op, device type, forced) -> backend name
 _warned: set = set()
 
 
 def _warn_once(key, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        warnings.warn(message, RuntimeWarning, stacklevel=6)  # the caller of the public functional
 
 
 # torch.compile evaluates this eagerly while tracing and keeps the answer as a graph constant. Every input
@@ -170,7 +171,14 @@ def select_backend(op_name: str, device_type: str, forced: Optional[str]) -> str
     Default: CUDA tensors -> triton, else cuda; CPU tensors -> cpp; else (or when none is usable) the
     reference, with a one-time warning.
     """
-    op = _OPS[op_name]
+    key = (op_name, device_type, forced)
+    if key not in _choices:  # probes are per process; a raise is not cached
+        _choices[key] = _select(_OPS[op_name], device_type, forced)
+    return _choices[key]
+
+
+def _select(op: "Op", device_type: str, forced: Optional[str]) -> str:
+    op_name = op.name
     if forced is not None:
         if forced in op.backends:
             _backend.check_device(forced, device_type)
