@@ -1,5 +1,5 @@
 // Block-wide reductions and the online softmax for the row kernels of csrc/cuda (one thread block per row).
-// Same scheme as csrc/cuda/cross_entropy.cu's copy (which predates this header).
+// Used by cross_entropy.cu and kl.cu.
 #pragma once
 
 #include <ATen/Dispatch.h>

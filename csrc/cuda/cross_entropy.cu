@@ -21,6 +21,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "cuda/_block_reduce.cuh"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -31,16 +33,9 @@
 namespace fastft {
 namespace {
 
-constexpr int kMaxThreads = 1024;
-constexpr int kWarp = 32;
-
-// The three dtypes these kernels take. fp64 is rejected (they compute in fp32); the op layer sends
-// fp64 to the reference instead.
-#define FASTFT_DISPATCH_FLOAT_HALF_BF16(TYPE, NAME, ...)          \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                                  \
-                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)    \
-                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)     \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+// Block reductions, the online softmax (MaxSum, online_add, CombineMaxSum) and threads_for_row are shared
+// with the other row kernels (kl.cu).
+using namespace cuda_rows;
 
 // ------------------------------------------------------------------------------------------------
 // Row sweeps with 16-byte vector access
@@ -109,78 +104,6 @@ template <typename T>
 __device__ __forceinline__ void row_fill(T* __restrict__ out, int64_t n, float value) {
   const T v = static_cast<T>(value);
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) out[j] = v;
-}
-
-// ------------------------------------------------------------------------------------------------
-// Online softmax and block reductions
-// ------------------------------------------------------------------------------------------------
-
-// Online softmax (Milakov & Gimelshein 2018, "Online normalizer calculation for softmax"): each
-// thread keeps a running max m and a sum s = sum exp(x - m), rescaled whenever m grows, so the row
-// is read once; the per-thread (m, s) pairs are then merged across the block with the same rule.
-struct MaxSum {
-  float m;
-  float s;
-};
-
-__device__ __forceinline__ void online_add(MaxSum& a, float x) {
-  if (x > a.m) {
-    a.s = a.s * __expf(a.m - x) + 1.f;  // exp(-inf) = 0 covers the first element
-    a.m = x;
-  } else if (x != -INFINITY) {          // skip -inf logits (masked classes); a NaN lands here and poisons s
-    a.s += __expf(x - a.m);
-  }
-}
-
-struct CombineMaxSum {
-  __device__ __forceinline__ static MaxSum identity() { return {-INFINITY, 0.f}; }
-  __device__ __forceinline__ MaxSum operator()(MaxSum a, MaxSum b) const {
-    if (b.m > a.m) {
-      const MaxSum t = a;
-      a = b;
-      b = t;
-    }
-    if (b.m == -INFINITY) return a;  // nothing (or only -inf) on one side; avoids (-inf) - (-inf)
-    return {a.m, a.s + b.s * __expf(b.m - a.m)};
-  }
-};
-
-struct Add {
-  __device__ __forceinline__ static float identity() { return 0.f; }
-  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
-};
-
-__device__ __forceinline__ float shfl_xor(float v, int lane_mask) { return __shfl_xor_sync(0xffffffffu, v, lane_mask); }
-__device__ __forceinline__ MaxSum shfl_xor(MaxSum v, int lane_mask) {
-  return {__shfl_xor_sync(0xffffffffu, v.m, lane_mask), __shfl_xor_sync(0xffffffffu, v.s, lane_mask)};
-}
-
-template <typename T, typename Op>
-__device__ __forceinline__ T warp_allreduce(T v, Op op) {
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o /= 2) v = op(v, shfl_xor(v, o));
-  return v;
-}
-
-// Reduce v over the whole block; every thread gets the result. blockDim.x must be a multiple of 32,
-// and every thread of the block must call it (callers only branch on block-uniform values).
-template <typename T, typename Op>
-__device__ __forceinline__ T block_allreduce(T v, Op op) {
-  constexpr int kResult = kMaxThreads / kWarp;  // partial[kResult] holds the block's result
-  __shared__ T partial[kMaxThreads / kWarp + 1];
-  const int lane = threadIdx.x % kWarp;
-  const int warp = threadIdx.x / kWarp;
-  v = warp_allreduce(v, op);
-  __syncthreads();  // an earlier call may still be reading partial[kResult]
-  if (lane == 0) partial[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    T w = lane < static_cast<int>(blockDim.x / kWarp) ? partial[lane] : Op::identity();
-    w = warp_allreduce(w, op);
-    if (lane == 0) partial[kResult] = w;
-  }
-  __syncthreads();
-  return partial[kResult];
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -336,13 +259,6 @@ __global__ void scale_if_not_one_kernel(T* __restrict__ g, int64_t n, const floa
 // Host side
 // ------------------------------------------------------------------------------------------------
 
-// Enough threads for one 16-byte pack each (a multiple of a warp, 32..1024).
-int threads_for_row(int64_t V, int64_t elem_size) {
-  const int64_t packs = (V * elem_size + 15) / 16;
-  const int64_t warps = (packs + kWarp - 1) / kWarp;
-  return static_cast<int>(std::min<int64_t>(kMaxThreads, std::max<int64_t>(1, warps) * kWarp));
-}
-
 void check_logits(const at::Tensor& logits, const char* op) {
   TORCH_CHECK(logits.is_cuda(), op, ": logits must be a CUDA tensor, got one on ", logits.device());
   TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D [N, V], got shape ", logits.sizes());
@@ -401,7 +317,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
 
   const Options o = make_options(ignore_index, label_smoothing, z_loss, softcap);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  FASTFT_DISPATCH_FLOAT_HALF_BF16(logits.scalar_type(), "cross_entropy_fwd_cuda", [&] {
+  FASTFT_ROWS_DISPATCH(logits.scalar_type(), "cross_entropy_fwd_cuda", [&] {
     cross_entropy_fwd_kernel<scalar_t><<<static_cast<unsigned>(N), threads_for_row(V, sizeof(scalar_t)), 0, stream>>>(
         logits.const_data_ptr<scalar_t>(), logits.stride(0), V, t.const_data_ptr<int64_t>(),
         w.defined() ? w.const_data_ptr<float>() : nullptr,
@@ -437,7 +353,7 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor&
 
   const Options o = make_options(ignore_index, label_smoothing, z_loss, softcap);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  FASTFT_DISPATCH_FLOAT_HALF_BF16(logits.scalar_type(), "cross_entropy_bwd_cuda", [&] {
+  FASTFT_ROWS_DISPATCH(logits.scalar_type(), "cross_entropy_bwd_cuda", [&] {
     cross_entropy_bwd_kernel<scalar_t><<<static_cast<unsigned>(N), threads_for_row(V, sizeof(scalar_t)), 0, stream>>>(
         gl.const_data_ptr<float>(), logits.const_data_ptr<scalar_t>(), logits.stride(0), V,
         t.const_data_ptr<int64_t>(), w.defined() ? w.const_data_ptr<float>() : nullptr, l.const_data_ptr<float>(), o,
@@ -460,7 +376,7 @@ void scale_if_not_one_cuda_(at::Tensor& grad, const at::Tensor& scale) {  // at:
   const int64_t n = grad.numel();
   if (n == 0) return;
   constexpr int kThreads = 256;
-  FASTFT_DISPATCH_FLOAT_HALF_BF16(dt, "scale_if_not_one_cuda_", [&] {
+  FASTFT_ROWS_DISPATCH(dt, "scale_if_not_one_cuda_", [&] {
     constexpr int64_t per_block = kThreads * Pack<scalar_t>::kSize;
     const int64_t blocks = std::min<int64_t>((n + per_block - 1) / per_block, 8192);  // grid-stride beyond
     scale_if_not_one_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
