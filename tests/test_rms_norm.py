@@ -155,7 +155,7 @@ def test_new_module_starts_with_unit_scale():
 def test_only_the_gradients_asked_for(backend, frozen):
     x = torch.randn(423, 123, requires_grad=frozen != "input")
     w = (1 + 0.1 * torch.randn(123)).requires_grad_(frozen != "weight")
-    ref_x, ref_w = x.detach().clone().requires_grad_(x.requires_grad), w.detach().clone().requires_grad_(w.requires_grad)
+    ref_x, ref_w = (t.detach().clone().requires_grad_(t.requires_grad) for t in (x, w))
     with _use(backend):
         rms_norm(x, w).square().sum().backward()
     fastft.reference.rms_norm.rms_norm(ref_x, ref_w).square().sum().backward()

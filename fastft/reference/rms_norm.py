@@ -18,7 +18,8 @@ from torch import Tensor
 CASTING_MODES = ("llama", "gemma")
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, *, offset: float = 0.0, casting_mode: str = "llama") -> Tensor:
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, *, offset: float = 0.0,
+             casting_mode: str = "llama") -> Tensor:
     if casting_mode not in CASTING_MODES:
         raise ValueError(f"unknown casting_mode {casting_mode!r}; expected one of {CASTING_MODES}")
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
