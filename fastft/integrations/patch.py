@@ -422,7 +422,7 @@ def _patch_loss(root: nn.Module, handle: PatchHandle, *, check: str, return_logi
 
 def _unpatch_loss(root: nn.Module) -> None:
     current = vars(root).get("forward")
-    if getattr(current, "__func__", None) is not hf_loss._patched_forward:
+    if not getattr(getattr(current, "__func__", None), "fastft_patched", False):
         wrapper = getattr(current, "__qualname__", current)
         warnings.warn(f"{type(root).__name__}.forward was wrapped after fastft.patch ({wrapper}); "
                       "undo restores the forward from before the patch, without that wrapper", stacklevel=3)

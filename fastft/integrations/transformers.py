@@ -31,6 +31,7 @@ inference) the stock forward runs, untouched.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import types
@@ -134,7 +135,7 @@ def patch_causal_lm_loss(model: nn.Module, *, return_logits: bool = False, chunk
     # of a patched model (EMA, a DPO reference model) is a patched copy that runs its own weights.
     setattr(target, _STATE_ATTR, state)
     setattr(lm_head, _STATE_ATTR, state)
-    target.forward = types.MethodType(_patched_forward, target)
+    target.forward = types.MethodType(_with_signature_of(type(target).forward), target)
     lm_head.forward = types.MethodType(_lm_head_forward, lm_head)
     target.loss_function = types.MethodType(_loss_function, target)  # the property stores it in _loss_function
     return model
@@ -143,6 +144,18 @@ def patch_causal_lm_loss(model: nn.Module, *, return_logits: bool = False, chunk
 def _original_forward(model: nn.Module, state: _PatchState):
     previous = state.saved.get("model.forward")
     return previous if previous is not None else type(model).forward.__get__(model)
+
+
+def _with_signature_of(class_forward):
+    """``_patched_forward`` carrying the model's own forward signature (``__wrapped__``): transformers'
+    Trainer keeps only the dataset columns that ``inspect.signature(model.forward)`` names, and
+    ``generate`` checks its kwargs against it."""
+    @functools.wraps(class_forward)
+    def forward(self, *args, **kwargs):
+        return _patched_forward(self, *args, **kwargs)
+
+    forward.fastft_patched = True
+    return forward
 
 
 def _patched_forward(self, *args, **kwargs):

@@ -277,6 +277,28 @@ def test_auto_model_loads_and_patches(tmp_path):
     assert get_handle(config_built).report.fused("layers")
 
 
+def test_hf_trainer_with_a_patched_model_matches_stock(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    pairs = batches(6, distinct=6, batch=1)
+    data = datasets.Dataset.from_dict({"input_ids": [ids[0].tolist() for ids, _ in pairs],
+                                       "labels": [labels[0].tolist() for _, labels in pairs]})
+
+    def run(patched):
+        model = tiny_model("qwen2")
+        handle = fastft.patch(model) if patched else None
+        args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2,
+                                              logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                                              learning_rate=3e-3, disable_tqdm=True, seed=0)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+        trainer.train()
+        return [e["loss"] for e in trainer.state.log_history if "loss" in e], handle
+
+    stock, _ = run(False)
+    fused, handle = run(True)
+    assert handle.report.fused("loss") and len(stock) == 3
+    torch.testing.assert_close(torch.tensor(fused), torch.tensor(stock), rtol=1e-5, atol=1e-6)
+
+
 def test_bad_input():
     with pytest.raises(TypeError, match="transformers model"):
         fastft.patch(torch.nn.Linear(2, 2))
