@@ -299,6 +299,15 @@ def test_hf_trainer_with_a_patched_model_matches_stock(tmp_path):
     torch.testing.assert_close(torch.tensor(fused), torch.tensor(stock), rtol=1e-5, atol=1e-6)
 
 
+def test_generation_of_a_patched_peft_model():
+    model = _peft(tiny_model("llama"), ["q_proj", "v_proj", "lm_head"])
+    ids = batches(1)[0][0]
+    stock = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
+    handle = fastft.patch(model)
+    assert torch.equal(model.generate(input_ids=ids, max_new_tokens=6, do_sample=False), stock)
+    handle.undo()
+
+
 def test_bad_input():
     with pytest.raises(TypeError, match="transformers model"):
         fastft.patch(torch.nn.Linear(2, 2))
