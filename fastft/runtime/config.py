@@ -146,6 +146,12 @@ class RecipeConfig:
 
 
 @dataclass(frozen=True)
+class RecipeSection:
+    module: str = ""               # a module imported before anything is built: it registers its task / model builder
+    options: Any = field(default_factory=dict)   # the recipe's own options (the recipe validates them)
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -232,14 +238,14 @@ def _validate(cfg: Config) -> None:
 
 
 def parse_override(arg: str) -> tuple[list[str], Any]:
-    """``--a.b=value`` -> (["a", "b"], parsed value)."""
+    """``--a.b=value`` -> (["a", "b"], parsed value); ``--a.b.c=value`` sets key c of the table a.b."""
     if not arg.startswith("--") or "=" not in arg:
         raise ConfigError(f"override {arg!r} must look like --section.key=value")
     dotted, _, text = arg[2:].partition("=")
     path = dotted.split(".")
     if len(path) == 3 and path[:2] == ["recipe", "options"] and path[2]:  # --recipe.options.key=value
         return path, _parse_value(text)
-    if len(path) != 2 or not all(path):
+    if len(path) < 2 or not all(path):
         raise ConfigError(f"override {arg!r}: the key must be section.key, got {dotted!r}")
     return path, _parse_value(text)
 

@@ -46,6 +46,19 @@ class Callback:
     def on_train_end(self, trainer: "Trainer") -> None: ...
 
 
+def import_recipe(cfg: Config) -> None:
+    """Imports ``recipe.module`` (it registers its task and model builder) before anything is built."""
+    import importlib
+
+    from .config import ConfigError
+
+    if cfg.recipe.module:
+        try:
+            importlib.import_module(cfg.recipe.module)
+        except ModuleNotFoundError as exc:
+            raise ConfigError(f"recipe.module {cfg.recipe.module!r} cannot be imported: {exc}") from None
+
+
 def lr_lambda(cfg: Config):
     o, total = cfg.optim, cfg.run.max_steps
 

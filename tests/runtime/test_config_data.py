@@ -25,6 +25,8 @@ def test_toml_and_dotted_overrides(tmp_path):
     assert cfg.optim.lr == 3e-4 and cfg.optim.schedule == "wsd" and cfg.parallel.mode == "fsdp2"
     assert cfg.lora.target_modules == ["q_proj"] and cfg.run.output_dir == "out/x"
     assert cfg.optim.warmup_steps == 0  # untouched default
+    recipe = load_config(path, ["--recipe.module=my.recipe", "--recipe.options.group_size=4"])
+    assert recipe.recipe.module == "my.recipe" and recipe.recipe.options == {"group_size": 4}
     with pytest.raises(Exception):
         cfg.optim.lr = 1.0  # frozen
 
