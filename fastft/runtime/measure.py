@@ -4,6 +4,10 @@
         The Trainer's optimizer step against a hand-written loop over the same model, kernels, batches
         and optimizer settings, interleaved step by step in one process (so both see the same machine
         load); reports median ms per step and the tokens/s ratio.
+    python -m fastft.runtime.measure kernels RECIPE.toml [--rounds N] [--section.key=value ...]
+        The same run with fastft's kernels on and off (stock transformers + PEFT), two Trainers in one
+        process, steps interleaved; median ms per step of each (peak memory needs separate processes:
+        `make demo` measures it).
     python -m fastft.runtime.measure modes RECIPE.toml [--nproc 2] [--section.key=value ...]
         tokens/s of every parallel mode at N processes (one `fastft train --nproc N` run each).
 """
@@ -66,6 +70,32 @@ def overhead(recipe: str, overrides: list[str], rounds: int) -> dict:
             "tokens_per_step": statistics.mean(tokens), "rounds": rounds, "load": _load()}
 
 
+def kernels(recipe: str, overrides: list[str], rounds: int) -> dict:
+    from .config import load_config
+    from .trainer import Trainer
+
+    trainers = {}
+    for name, enabled in (("fastft", "true"), ("hf_peft", "false")):
+        cfg = load_config(recipe, [*overrides, f"--run.output_dir={OUT / ('kernels_' + name)}", "--run.progress=false",
+                                   f"--kernels.enabled={enabled}"])
+        trainers[name] = Trainer(cfg)
+        trainers[name].model.train()
+    times = {name: [] for name in trainers}
+    losses = {name: [] for name in trainers}
+    for step in range(rounds + 1):
+        order = list(trainers) if step % 2 == 0 else list(trainers)[::-1]
+        for name in order:
+            start = time.perf_counter()
+            losses[name].append(trainers[name].train_step(step)["loss"])
+            if step > 0:
+                times[name].append(time.perf_counter() - start)
+    median = {k: statistics.median(v) for k, v in times.items()}
+    return {"ms_per_step": {k: v * 1e3 for k, v in median.items()},
+            "fastft_time_vs_hf_peft": median["fastft"] / median["hf_peft"],
+            "max_loss_difference": max(abs(a - b) for a, b in zip(losses["fastft"], losses["hf_peft"])),
+            "rounds": rounds, "load": _load()}
+
+
 def modes(recipe: str, overrides: list[str], nproc: int) -> dict:
     out = {}
     for mode in ("ddp", "zero1", "zero2", "fsdp2", "hsdp"):
@@ -84,7 +114,7 @@ def modes(recipe: str, overrides: list[str], nproc: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if len(argv) < 2 or argv[0] not in ("overhead", "modes"):
+    if len(argv) < 2 or argv[0] not in ("overhead", "kernels", "modes"):
         raise SystemExit(__doc__)
     what, recipe, rest = argv[0], argv[1], argv[2:]
     rounds, nproc = 10, 2
@@ -97,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             overrides.append(arg)
     OUT.mkdir(parents=True, exist_ok=True)
-    result = overhead(recipe, overrides, rounds) if what == "overhead" else modes(recipe, overrides, nproc)
+    if what == "modes":
+        result = modes(recipe, overrides, nproc)
+    else:
+        result = (overhead if what == "overhead" else kernels)(recipe, overrides, rounds)
     result = {"recipe": recipe, "overrides": overrides, "torch_threads": torch.get_num_threads(), **result}
     (OUT / f"{what}.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
