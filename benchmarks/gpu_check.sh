@@ -139,6 +139,8 @@ bench "full_kl" 45 kl --op full
 bench "cross_entropy" 45 cross_entropy
 bench "linear_cross_entropy" 50 linear_cross_entropy
 bench "linear_full_kl" 45 kl --op linear --tag linear
+bench "rms_norm" 30 rms_norm --dtype bfloat16
+bench "swiglu" 30 swiglu --dtype bfloat16
 
 # ---- 5. summary: every section's status and every table, in one file -------------------------------
 N_RESULTS=$(find "$RESULTS" -type f | wc -l)
