@@ -88,7 +88,8 @@ def _check_close(name, got, torch_same_dtype, truth, dtype):
     scale = truth.double().abs().max().item() if truth.numel() else 0.0
     bound = 2 * _err(torch_same_dtype, truth) + ATOL[dtype] * max(scale, 1.0)
     err = _err(got, truth)
-    assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} (torch's own error {_err(torch_same_dtype, truth):.3g})"
+    own = _err(torch_same_dtype, truth)
+    assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} (torch's own error {own:.3g})"
 
 
 @pytest.mark.parametrize("entry,backend,dtype", list(_cases()))
@@ -189,7 +190,8 @@ def _toy_forward(x: torch.Tensor, options: _ToyOptions, backend: str) -> tuple[t
 
 
 _toy = define_op(
-    "generic_suite_toy", forward=_toy_forward, fake=lambda x, options, backend: (torch.empty_like(x), x.new_empty((0,))),
+    "generic_suite_toy", forward=_toy_forward,
+    fake=lambda x, options, backend: (torch.empty_like(x), x.new_empty((0,))),
     setup=lambda ctx, inputs, outputs: None, backward=lambda ctx, grad: (grad * ctx.options.alpha,),
     options=_ToyOptions, backends=(Backend("reference"), Backend("cpp")),
 )

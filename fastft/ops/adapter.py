@@ -265,8 +265,8 @@ def _bad_inputs(device):
     return [
         bad((torch.randn(4, 17, device=device), wd, bd, wu, bu), {}, ValueError, "hidden size mismatch"),
         bad((x, wd, bd, torch.randn(16, 5, device=device), bu), {}, ValueError, "hidden size mismatch"),
-        bad((x, torch.randn(0, 16, device=device), torch.randn(0, device=device), torch.randn(16, 0, device=device), bu),
-            {}, ValueError, "adapter_size"),
+        bad((x, torch.randn(0, 16, device=device), torch.randn(0, device=device),
+             torch.randn(16, 0, device=device), bu), {}, ValueError, "adapter_size"),
         bad((x, wd, torch.randn(5, device=device), wu, bu), {}, ValueError, "down_bias"),
         bad((x, wd.double(), bd, wu, bu), {}, TypeError, "down_weight is torch.float64"),
         bad((x.long(), wd, bd, wu, bu), {}, TypeError, "x must be one of"),

@@ -74,7 +74,8 @@ def _backward_impl(grad_kl: Tensor, policy: Tensor, ref: Tensor, mask: Optional[
 
 
 def _backward_fake(grad_kl, policy, ref, mask, lse_p, lse_r, kl, grad_policy, grad_ref, options, backend):
-    return (policy.new_empty(policy.shape if grad_policy else (0,)), policy.new_empty(policy.shape if grad_ref else (0,)))
+    return (policy.new_empty(policy.shape if grad_policy else (0,)),
+            policy.new_empty(policy.shape if grad_ref else (0,)))
 
 
 def _setup(ctx, inputs, outputs):
@@ -130,8 +131,8 @@ def full_kl(
     check_float_tensor("ref_logits", ref_logits)
     if policy_logits.shape[-1] != ref_logits.shape[-1]:
         raise ValueError(
-            f"vocabulary sizes differ: policy_logits has {policy_logits.shape[-1]} and ref_logits {ref_logits.shape[-1]} "
-            "(last dimension)"
+            f"vocabulary sizes differ: policy_logits has {policy_logits.shape[-1]} and ref_logits "
+            f"{ref_logits.shape[-1]} (last dimension)"
         )
     if tuple(policy_logits.shape) != tuple(ref_logits.shape):
         raise ValueError(f"policy_logits {tuple(policy_logits.shape)} and ref_logits {tuple(ref_logits.shape)} "

@@ -385,7 +385,8 @@ def _bad_inputs(device):
     bad = registry.BadInput
     return [
         bad((x, torch.randn(10, 7, device=device), t), {}, ValueError, r"hidden size mismatch.*\(4, 8\).*\(10, 7\)"),
-        bad((x, w, t), {"linear_bias": torch.randn(9, device=device)}, ValueError, r"linear_bias shape \(9,\).*\(10,\)"),
+        bad((x, w, t), {"linear_bias": torch.randn(9, device=device)}, ValueError,
+            r"linear_bias shape \(9,\).*\(10,\)"),
         bad((torch.randn(2, 3, 8, device=device), w, torch.zeros(6, dtype=torch.int64, device=device)), {},
             ValueError, r"target shape \(6,\).*\(2, 3\)"),
         bad((x, torch.randn(10, 8, 2, device=device), t), {}, ValueError, "linear_weight must be 2-D"),

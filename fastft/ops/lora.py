@@ -16,8 +16,9 @@ Kernels (same signature on every backend):
   dropout mask(like, dropout_p, seed) -> the 0/1 keep-mask the two above draw (for tests)
 Backends: "cpp" = torch.ops.fastft.*_kernel (csrc/cpu/lora.cpp: MKL for the two big GEMMs, the thin
 products in csrc/cpu/_low_rank.h's register-blocked kernels, the rank-r term added in place onto the GEMM
-output: no [N, out] temporary, dy read once for g and dB); "triton" = fastft.kernels.lora (one fused GEMM kernel: the base and
-LoRA-down products share each loaded x tile, the LoRA-up product and dropout live in its epilogue);
+output: no [N, out] temporary, dy read once for g and dB); "triton" = fastft.kernels.lora (one fused GEMM
+kernel: the base and LoRA-down products share each loaded x tile, the LoRA-up product and dropout live in
+its epilogue);
 "reference" = fastft.reference.lora (plain autograd, no custom op). Every backend draws the same
 counter-based dropout mask for a seed (kernels/_dropout.py, csrc/_dropout.h; tests/test_dropout.py).
 "cuda" calls the same torch.ops.fastft.*_kernel schemas as "cpp"; the dispatcher picks the CUDA
@@ -119,7 +120,8 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
     if rank == 0:
         raise ValueError("lora_A has rank 0 (shape [0, in_features]); r must be >= 1")
     if tuple(lora_A.shape) != (rank, in_features):
-        raise ValueError(f"lora_A must have shape (r, in_features) = ({rank}, {in_features}), got {tuple(lora_A.shape)}")
+        raise ValueError(f"lora_A must have shape (r, in_features) = ({rank}, {in_features}), got "
+                         f"{tuple(lora_A.shape)}")
     if tuple(lora_B.shape) != (out_features, rank):
         raise ValueError(f"lora_B must have shape (out_features, r) = ({out_features}, {rank}), got "
                          f"{tuple(lora_B.shape)}")
