@@ -14,8 +14,11 @@ from pathlib import Path
 
 from .config import load_config
 
-# Measured on 2 shared cores (see docs/runtime.md); printed at the start.
-EXPECTED = {"full": "about 5 minutes", "quick": "about 1 minute"}
+# Printed at the start. Measured only on a shared 2-core machine (docs/runtime.md), one thread: 1.8-3.0 s
+# per fastft step and 3.8 s per HF + PEFT step at load average 7-8; the whole run took 11.5 minutes at load
+# average 9-10, --quick 71 s. On 2 idle cores the full run is estimated (not measured) at 4-5 minutes.
+EXPECTED = {"full": "about 4-5 minutes on 2 idle cores (longer on a busy machine)",
+            "quick": "about 1 minute"}
 QUICK = ["--run.max_steps=4", "--data.num_eval=10", "--eval.batch_size=10", "--optim.warmup_steps=1"]
 BASELINE = ["--kernels.enabled=false", "--eval.at_start=false", "--eval.at_end=false", "--checkpoint.at_end=false",
             "--run.export_adapter=false", "--run.plots=false"]
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     fast_dir, eager_dir = root / "fastft", root / "eager"
     print(f"fastft demo ({'quick' if quick else 'full'}): LoRA fine-tune of {cfg.model.gguf_file or cfg.model.path}, "
           f"{cfg.run.max_steps} steps, then the same steps with fastft's kernels off.\n"
-          f"Expected duration on 2 CPU cores: {EXPECTED['quick' if quick else 'full']}. Outputs: {root}/", flush=True)
+          f"Expected duration: {EXPECTED['quick' if quick else 'full']}. Outputs: {root}/", flush=True)
     start = time.time()
     _convert_once(cfg)
     print("\n== 1/2: fastft kernels on (fused LoRA layers, fused linear cross-entropy head)", flush=True)
