@@ -15,7 +15,7 @@ def test_non_finite_coef_raises(coef):
 
 @pytest.mark.parametrize("coef", [True, "0.1"])
 def test_non_number_coef_raises(coef):
-    with pytest.raises(TypeError, match="coef must be a number"):
+    with pytest.raises(TypeError, match="coef must be a Python number"):
         KLPenalty(coef)
 
 

@@ -1,12 +1,12 @@
 """fastft.nn.KLPenalty: the per-token KL penalty of PPO / GRPO as a module."""
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 from torch import Tensor, nn
 
-from ..ops.kl import ESTIMATORS, kl_penalty
+from ..ops._checks import check_number, check_reduction
+from ..ops.kl_penalty import ESTIMATORS, kl_penalty
 
 
 class KLPenalty(nn.Module):
@@ -14,22 +14,18 @@ class KLPenalty(nn.Module):
 
     With the default ``reduction="none"`` it gives the per-token penalty PPO subtracts from its
     rewards (``rewards = scores - KLPenalty(0.05, "k1")(logprobs, ref_logprobs)``) or GRPO adds to
-    its per-token loss (``beta * k3``). See :func:`fastft.ops.kl.kl_penalty` for the estimators.
+    its per-token loss (``beta * k3``). See :func:`fastft.ops.kl_penalty` for the estimators.
     """
 
     def __init__(self, coef: float, estimator: str = "k3", reduction: str = "none") -> None:
         super().__init__()
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-        if reduction not in ("none", "mean", "sum"):
-            raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
-        if isinstance(coef, (bool, str)):
-            raise TypeError(f"coef must be a number, got {type(coef).__name__}")
-        self.coef = float(coef)
-        if not math.isfinite(self.coef):
-            raise ValueError(f"coef must be a finite number, got {coef!r}")
+        self.reduction = check_reduction(reduction)
+        if isinstance(coef, Tensor) and coef.numel() == 1:  # a scheduler's beta as a tensor: taken by value
+            coef = coef.item()
+        self.coef = check_number("coef", coef)
         self.estimator = estimator
-        self.reduction = reduction
 
     def forward(self, logprobs: Tensor, ref_logprobs: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         kl = kl_penalty(logprobs, ref_logprobs, estimator=self.estimator, mask=mask, reduction=self.reduction)
