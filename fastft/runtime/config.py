@@ -116,6 +116,7 @@ class KernelsConfig:
     enabled: bool = True           # false: every switch below off (stock transformers + PEFT)
     fused_loss: bool = True        # fastft.integrations.transformers.patch_causal_lm_loss
     lora: bool = True              # fastft.lora (fused LoRA layers) instead of PEFT's
+    fused_layers: bool = True      # fused RMSNorm / SwiGLU MLP (fastft.patch(layers=True)) where the architecture has them
 
 
 @dataclass(frozen=True)

@@ -140,7 +140,8 @@ def tiny_llama(cfg):
 
 def kernel_switches(cfg) -> dict:
     k = cfg.kernels
-    return {"fused_loss": k.enabled and k.fused_loss, "lora": k.enabled and k.lora}
+    return {"fused_loss": k.enabled and k.fused_loss, "lora": k.enabled and k.lora,
+            "fused_layers": k.enabled and k.fused_layers}
 
 
 def prepare_model(model: nn.Module, cfg) -> nn.Module:
@@ -164,6 +165,10 @@ def prepare_model(model: nn.Module, cfg) -> nn.Module:
                 model = peft.get_peft_model(model, peft.LoraConfig(
                     r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=target,
                     task_type="CAUSAL_LM"))
+    if switches["fused_layers"]:
+        from fastft.integrations.patch import patch
+
+        patch(model, loss=False, lora=False, adapters=False, layers=True, check="never")
     if switches["fused_loss"]:
         from fastft.integrations.transformers import patch_causal_lm_loss
 
