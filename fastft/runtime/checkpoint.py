@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -100,13 +101,8 @@ class Checkpointer:
         dcp.save(self._state(step), checkpoint_id=str(tmp))
         barrier(self.d)  # every rank has written its part
         if self.d.is_rank0:
-            previous = latest_checkpoint(self.root)
-            if final.exists():  # a re-run reaching the same step: the new one replaces it, never `latest`'s target
-                if previous is not None and previous.resolve() == final.resolve():
-                    shutil.rmtree(tmp)
-                    barrier(self.d)
-                    return final
-                shutil.rmtree(final)
+            if final.exists():  # a fresh run reaching a step an earlier run saved: keep both, the new one is latest
+                final = self.root / f"step_{step:08d}_{time.strftime('%Y%m%d%H%M%S')}"
             os.rename(tmp, final)
             pointer_tmp = self.root / (LATEST + ".tmp")
             pointer_tmp.write_text(final.name)

@@ -248,6 +248,8 @@ class Trainer:
             self.output.mkdir(parents=True, exist_ok=True)
             (self.output / "config.json").write_text(json.dumps(c.to_dict(), indent=2))
         resumed = self.resume()
+        if self.d.is_rank0 and not resumed and (self.output / "metrics.jsonl").exists():
+            (self.output / "metrics.jsonl").unlink()  # a fresh run's log starts empty
         for cb in self.callbacks:
             cb.on_train_begin(self)
         summary: dict = {"resumed_from": self.step if resumed else None, "kernels": kernel_switches(c),
