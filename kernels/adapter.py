@@ -24,7 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._dropout import keep as _dropout_keep, keep_scale as _keep_scale
-from .cross_entropy import _bf16_by_hand, _cast_for_store, _device_ctx, _tanh
+from ._common import bf16_by_hand, cast_for_store, device_ctx, tanh
 
 __all__ = ["adapter_act_dropout_fwd", "adapter_act_dropout_bwd"]
 
@@ -46,7 +46,7 @@ def _activation(p, ACTIVATION: tl.constexpr, RETURN_GRAD: tl.constexpr):
             d = cdf + p * 0.3989422804014327 * tl.exp(-0.5 * p * p)
     elif ACTIVATION == 2:  # gelu, tanh approximation
         p2 = p * p
-        t = _tanh(0.7978845608028654 * p * (1.0 + 0.044715 * p2))
+        t = tanh(0.7978845608028654 * p * (1.0 + 0.044715 * p2))
         a = 0.5 * p * (1.0 + t)
         if RETURN_GRAD:
             d = 0.5 * (1.0 + t) + 0.5 * p * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * p2)
@@ -84,11 +84,11 @@ def _adapter_act_dropout_kernel(
             g = grad_scale * g * d
             if HAS_DROPOUT:
                 g = g * k
-            tl.store(grad_pre_ptr + index, _cast_for_store(g, grad_pre_ptr.dtype.element_ty, BF16_RNE_BY_HAND),
+            tl.store(grad_pre_ptr + index, cast_for_store(g, grad_pre_ptr.dtype.element_ty, BF16_RNE_BY_HAND),
                      mask=mask)
         if RETURN_H:
             h_off = rows[:, None] * h_stride + c[None, :]
-            tl.store(h_ptr + h_off, _cast_for_store(a, h_ptr.dtype.element_ty, BF16_RNE_BY_HAND), mask=mask)
+            tl.store(h_ptr + h_off, cast_for_store(a, h_ptr.dtype.element_ty, BF16_RNE_BY_HAND), mask=mask)
     if RETURN_H:
         if APPEND_ONES:
             ones = tl.full((BLOCK_M,), 1.0, tl.float32)
@@ -119,13 +119,13 @@ def _launch(pre, grad_h, seed, h, grad_pre, activation, drop_threshold, grad_sca
     has_dropout = drop_threshold > 0
     keep_scale = _keep_scale(drop_threshold) if has_dropout else 1.0
     block_m, block_r, num_warps = _config(n, r, pre.device)
-    with _device_ctx(pre):
+    with device_ctx(pre):
         _adapter_act_dropout_kernel[(triton.cdiv(n, block_m),)](
             pre, grad_h if backward else pre, seed if has_dropout else pre, h if return_h else pre,
             grad_pre if backward else pre,
             n, r, h.stride(0) if return_h else 0, int(drop_threshold), keep_scale, float(grad_scale),
             ACTIVATION=int(activation), HAS_DROPOUT=has_dropout, APPEND_ONES=bool(append_ones),
-            BACKWARD=backward, RETURN_H=return_h, BF16_RNE_BY_HAND=_bf16_by_hand(pre),
+            BACKWARD=backward, RETURN_H=return_h, BF16_RNE_BY_HAND=bf16_by_hand(pre),
             BLOCK_M=block_m, BLOCK_R=block_r, num_warps=num_warps,
         )
 

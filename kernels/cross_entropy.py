@@ -23,13 +23,13 @@ Every value is loaded, cast to fp32, computed on and cast back on store (bf16 ar
 wrong in the Triton interpreter). One program handles one row; row offsets are int64 because
 N * V passes 2**31 at LLM sizes (8192 x 128256).
 """
-import functools
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from ._common import bf16_by_hand, cast_for_store, device_ctx, row_config, sm_count, tanh
 
 __all__ = ["cross_entropy_fwd", "cross_entropy_bwd", "scale_if_not_one_"]
 
@@ -40,38 +40,6 @@ __all__ = ["cross_entropy_fwd", "cross_entropy_bwd", "scale_if_not_one_"]
 
 
 @triton.jit
-def _tanh(z):
-    # Not every Triton version has tl.tanh (it lives in libdevice on some), so build it from exp:
-    # tanh(|z|) = (1 - e) / (1 + e) with e = exp(-2|z|) in (0, 1]: no intermediate overflows for
-    # any finite z (logits of +-1e4 included), the sign is put back at the end. For small |z| the
-    # difference 1 - e cancels; there the odd Taylor series z - z^3/3 + 2 z^5/15 is exact to fp32
-    # (next term 17 z^7 / 315 < 3e-9 |z| at |z| < 1/16). Max error measured: 6e-8 abs, 4e-7 rel.
-    a = tl.abs(z)
-    e = tl.exp(-2.0 * a)
-    t = (1.0 - e) / (1.0 + e)
-    a2 = a * a
-    t_small = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0)))
-    t = tl.where(a < 0.0625, t_small, t)
-    return tl.where(z < 0.0, -t, t)
-
-
-@triton.jit
-def _cast_for_store(g, out_dtype: tl.constexpr, BF16_RNE_BY_HAND: tl.constexpr):
-    """g (fp32) cast to the output dtype for tl.store."""
-    if BF16_RNE_BY_HAND:
-        # Interpreter workaround: TRITON_INTERPRET=1 (3.7.1) casts fp32 -> bf16 by truncation, even with
-        # fp_downcast_rounding="rtne", so bf16 gradients came out one ulp low (3x torch's rounding error).
-        # Round to nearest even on the bits, after which the truncating cast is exact. GPUs round
-        # correctly and never take this branch (the launcher sets it only off CUDA).
-        bits = g.to(tl.int32, bitcast=True)
-        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
-        r = tl.where(g != g, g, bits.to(tl.float32, bitcast=True))  # keep NaN a NaN
-        return r.to(tl.bfloat16)
-    else:
-        return g.to(out_dtype)
-
-
-@triton.jit
 def _grad_block(
     x, offs, mask, y, lse, a, c_smooth, c_hit, weight_ptr, softcap,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -79,7 +47,7 @@ def _grad_block(
     """Gradient of one block of raw fp32 logits x (columns offs) given the row's lse:
     p_j * a - c_smooth * w_j - [j == y] * c_hit, times the softcap derivative."""
     if HAS_SOFTCAP:
-        t = _tanh(x / softcap)
+        t = tanh(x / softcap)
         x = softcap * t
     g = tl.exp(x - lse) * a
     if HAS_SMOOTHING:
@@ -143,7 +111,7 @@ def _write_grad_row(
         g = _grad_block(x, offs, mask, y, lse, a, c_smooth, c_hit, weight_ptr, softcap,
                         HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
         g = tl.where(counted, g, 0.0)
-        tl.store(g_row + offs, _cast_for_store(g, g_row.dtype.element_ty, BF16_RNE_BY_HAND), mask=mask)
+        tl.store(g_row + offs, cast_for_store(g, g_row.dtype.element_ty, BF16_RNE_BY_HAND), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -181,7 +149,7 @@ def _cross_entropy_fwd_kernel(
         # their lse is unused, so the masked load moves no bytes.
         x = tl.load(x_row + offs, mask=mask & counted, other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
-            x = softcap * _tanh(x / softcap)
+            x = softcap * tanh(x / softcap)
         if HAS_SMOOTHING:  # masked lanes hold x = 0 (softcap(0) = 0) and w = 0
             if HAS_WEIGHT:
                 w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
@@ -199,7 +167,7 @@ def _cross_entropy_fwd_kernel(
     safe_y = tl.where(in_range, y, 0)
     x_y = tl.load(x_row + safe_y).to(tl.float32)
     if HAS_SOFTCAP:
-        x_y = softcap * _tanh(x_y / softcap)
+        x_y = softcap * tanh(x_y / softcap)
     hit, eps_v, W = _target_terms(weight_ptr, safe_y, V, label_smoothing, sum_w, HAS_WEIGHT, HAS_SMOOTHING)
 
     loss = hit * (lse - x_y)
@@ -266,51 +234,12 @@ def _scale_if_not_one_kernel(grad_ptr, scale_ptr, numel, num_blocks, BF16_RNE_BY
             offs = tl.cast(blk, tl.int64) * BLOCK + cols  # int64: numel may pass 2**31
             mask = offs < numel
             g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(grad_ptr + offs, _cast_for_store(g * scale, grad_ptr.dtype.element_ty, BF16_RNE_BY_HAND), mask=mask)
+            tl.store(grad_ptr + offs, cast_for_store(g * scale, grad_ptr.dtype.element_ty, BF16_RNE_BY_HAND), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------
 # Launchers
 # ------------------------------------------------------------------------------------------------
-
-
-def _row_config(V: int, device: torch.device) -> Tuple[int, int]:
-    """(BLOCK, num_warps) for the per-row kernels. On CUDA an 8192-column tile (16 bf16 per thread at
-    16 warps) keeps the loads vectorized with few loop trips at V = 32k..256k. Under the interpreter
-    the cost is per program and per op, not per element, so the whole row is one tile up to 16384."""
-    block = triton.next_power_of_2(V)
-    if device.type == "cuda":
-        block = min(block, 8192)
-        num_warps = 16 if block >= 8192 else 8 if block >= 2048 else 4
-    else:
-        block = min(block, 16384)
-        num_warps = 4
-    return block, num_warps
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _device_ctx(t: Tensor):
-    # Triton launches on the current CUDA device; make it the tensor's.
-    if t.device.type == "cuda":
-        return torch.cuda.device(t.device)
-    return _NullCtx()
-
-
-class _NullCtx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _bf16_by_hand(t: Tensor) -> bool:
-    # See _cast_for_store: only the interpreter (tensors off CUDA) needs bf16 rounding done by hand.
-    return t.dtype == torch.bfloat16 and t.device.type != "cuda"
 
 
 def _check_logits(logits: Tensor, target: Tensor, name: str) -> Tuple[int, int]:
@@ -371,8 +300,8 @@ def cross_entropy_fwd(
     has_weight = weight is not None
     w = weight.to(torch.float32).contiguous() if has_weight else loss  # placeholder, never read
     scale = grad_scale.reshape(()).to(torch.float32) if return_grad else loss  # placeholder, never read
-    block, num_warps = _row_config(v, device)
-    with _device_ctx(logits):
+    block, num_warps = row_config(v, device)
+    with device_ctx(logits):
         _cross_entropy_fwd_kernel[(n,)](
             logits, logits.stride(0), target, w, scale,
             loss, lse, grad if return_grad else loss,
@@ -382,7 +311,7 @@ def cross_entropy_fwd(
             HAS_Z_LOSS=float(z_loss) > 0.0,
             HAS_SOFTCAP=float(softcap) > 0.0,
             RETURN_GRAD=return_grad,
-            BF16_RNE_BY_HAND=_bf16_by_hand(logits),
+            BF16_RNE_BY_HAND=bf16_by_hand(logits),
             BLOCK=block,
             num_warps=num_warps,
         )
@@ -419,8 +348,8 @@ def cross_entropy_bwd(
     w = weight.to(torch.float32).contiguous() if has_weight else lse  # placeholder, never read
     # W = sum(w) is needed only with weights and smoothing: one tiny reduction, no host sync.
     w_sum = w.sum().reshape(()) if has_weight and has_smoothing else lse
-    block, num_warps = _row_config(v, device)
-    with _device_ctx(logits):
+    block, num_warps = row_config(v, device)
+    with device_ctx(logits):
         _cross_entropy_bwd_kernel[(n,)](
             grad_loss, logits, logits.stride(0), target, w, w_sum, lse, grad,
             v, int(ignore_index), float(label_smoothing), float(z_loss), float(softcap),
@@ -428,7 +357,7 @@ def cross_entropy_bwd(
             HAS_SMOOTHING=has_smoothing,
             HAS_Z_LOSS=float(z_loss) > 0.0,
             HAS_SOFTCAP=float(softcap) > 0.0,
-            BF16_RNE_BY_HAND=_bf16_by_hand(logits),
+            BF16_RNE_BY_HAND=bf16_by_hand(logits),
             BLOCK=block,
             num_warps=num_warps,
         )
@@ -450,10 +379,10 @@ def scale_if_not_one_(grad: Tensor, scale: Tensor) -> None:
         return
     num_blocks = triton.cdiv(numel, _SCALE_BLOCK)
     if grad.device.type == "cuda":
-        programs = min(num_blocks, 4 * _sm_count(grad.device.index if grad.device.index is not None else torch.cuda.current_device()))
+        programs = min(num_blocks, 4 * sm_count(grad.device.index if grad.device.index is not None else torch.cuda.current_device()))
     else:
         programs = min(num_blocks, 2)
-    with _device_ctx(grad):
+    with device_ctx(grad):
         _scale_if_not_one_kernel[(programs,)](
-            grad, scale, numel, num_blocks, BF16_RNE_BY_HAND=_bf16_by_hand(grad), BLOCK=_SCALE_BLOCK, num_warps=8
+            grad, scale, numel, num_blocks, BF16_RNE_BY_HAND=bf16_by_hand(grad), BLOCK=_SCALE_BLOCK, num_warps=8
         )

@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from ._common import bf16_by_hand, cast_for_store, device_ctx, row_config
 
-from .cross_entropy import _bf16_by_hand, _cast_for_store, _device_ctx, _row_config
 
 __all__ = ["full_kl_fwd", "full_kl_bwd", "selective_log_softmax_fwd", "selective_log_softmax_bwd"]
 
@@ -64,10 +64,10 @@ def _write_kl_grad_rows(
         gp, gr = _kl_grad_block(xp, xr, lse_p, lse_r, inv_t, k, c, k, GRAD_POLICY, GRAD_REF)
         if GRAD_POLICY:
             gp = tl.where(counted, gp, 0.0)
-            tl.store(gp_row + offs, _cast_for_store(gp, gp_row.dtype.element_ty, BF16_RNE_BY_HAND), mask=in_row)
+            tl.store(gp_row + offs, cast_for_store(gp, gp_row.dtype.element_ty, BF16_RNE_BY_HAND), mask=in_row)
         if GRAD_REF:
             gr = tl.where(counted, gr, 0.0)
-            tl.store(gr_row + offs, _cast_for_store(gr, gr_row.dtype.element_ty, BF16_RNE_BY_HAND), mask=in_row)
+            tl.store(gr_row + offs, cast_for_store(gr, gr_row.dtype.element_ty, BF16_RNE_BY_HAND), mask=in_row)
 
 
 @triton.jit
@@ -192,7 +192,7 @@ def _selective_log_softmax_bwd_kernel(
         mask = offs < V
         x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
         g = k * (tl.where(offs == y, 1.0, 0.0) - tl.exp(x * inv_t - lse))
-        tl.store(grad_ptr + row * V + offs, _cast_for_store(g, grad_ptr.dtype.element_ty, BF16_RNE_BY_HAND), mask=mask)
+        tl.store(grad_ptr + row * V + offs, cast_for_store(g, grad_ptr.dtype.element_ty, BF16_RNE_BY_HAND), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -229,15 +229,15 @@ def full_kl_fwd(
     if n == 0:
         return kl, lse_p, lse_r, gp, gr
     scale = grad_scale.reshape(()).to(torch.float32) if grad_scale is not None else kl  # placeholder
-    block, num_warps = _row_config(v, device)
+    block, num_warps = row_config(v, device)
     mask_arg = mask.contiguous() if mask is not None else kl  # placeholder, never read
-    with _device_ctx(policy):
+    with device_ctx(policy):
         _full_kl_fwd_kernel[(n,)](
             policy, policy.stride(0), ref, ref.stride(0), mask_arg, scale,
             kl, lse_p, lse_r, gp if want_p else kl, gr if want_r else kl,
             v, 1.0 / float(temperature),
             HAS_MASK=mask is not None, GRAD_POLICY=want_p, GRAD_REF=want_r,
-            BF16_RNE_BY_HAND=_bf16_by_hand(policy), BLOCK=block, num_warps=num_warps,
+            BF16_RNE_BY_HAND=bf16_by_hand(policy), BLOCK=block, num_warps=num_warps,
         )
     return kl, lse_p, lse_r, gp, gr
 
@@ -255,14 +255,14 @@ def full_kl_bwd(
         return gp, gr
     f32 = lambda t: t.reshape(n).to(torch.float32).contiguous()  # noqa: E731
     grad_kl, lse_p, lse_r, kl = f32(grad_kl), f32(lse_p), f32(lse_r), f32(kl)
-    block, num_warps = _row_config(v, device)
+    block, num_warps = row_config(v, device)
     mask_arg = mask.contiguous() if mask is not None else kl
-    with _device_ctx(policy):
+    with device_ctx(policy):
         _full_kl_bwd_kernel[(n,)](
             grad_kl, policy, policy.stride(0), ref, ref.stride(0), mask_arg, lse_p, lse_r, kl,
             gp if grad_policy else kl, gr if grad_ref else kl, v, 1.0 / float(temperature),
             HAS_MASK=mask is not None, GRAD_POLICY=grad_policy, GRAD_REF=grad_ref,
-            BF16_RNE_BY_HAND=_bf16_by_hand(policy), BLOCK=block, num_warps=num_warps,
+            BF16_RNE_BY_HAND=bf16_by_hand(policy), BLOCK=block, num_warps=num_warps,
         )
     return gp, gr
 
@@ -287,8 +287,8 @@ def selective_log_softmax_fwd(logits: Tensor, index: Tensor, temperature: float)
     lse = torch.empty(n, dtype=torch.float32, device=logits.device)
     if n == 0:
         return logp, lse
-    block, num_warps = _row_config(v, logits.device)
-    with _device_ctx(logits):
+    block, num_warps = row_config(v, logits.device)
+    with device_ctx(logits):
         _selective_log_softmax_fwd_kernel[(n,)](
             logits, logits.stride(0), index.contiguous(), logp, lse, v, 1.0 / float(temperature),
             BLOCK=block, num_warps=num_warps,
@@ -303,11 +303,11 @@ def selective_log_softmax_bwd(grad_logp: Tensor, logits: Tensor, index: Tensor, 
     grad = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
     if n == 0:
         return grad
-    block, num_warps = _row_config(v, logits.device)
-    with _device_ctx(logits):
+    block, num_warps = row_config(v, logits.device)
+    with device_ctx(logits):
         _selective_log_softmax_bwd_kernel[(n,)](
             grad_logp.reshape(n).to(torch.float32).contiguous(), logits, logits.stride(0), index.contiguous(),
             lse.reshape(n).to(torch.float32).contiguous(), grad, v, 1.0 / float(temperature),
-            BF16_RNE_BY_HAND=_bf16_by_hand(logits), BLOCK=block, num_warps=num_warps,
+            BF16_RNE_BY_HAND=bf16_by_hand(logits), BLOCK=block, num_warps=num_warps,
         )
     return grad

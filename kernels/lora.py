@@ -33,7 +33,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._dropout import drop_threshold as _drop_threshold, keep as _dropout_keep, keep_scale as _keep_scale
-from .cross_entropy import _bf16_by_hand, _cast_for_store, _device_ctx
+from ._common import bf16_by_hand, cast_for_store, device_ctx
 
 __all__ = ["lora_linear_fwd", "lora_linear_bwd", "lora_dropout_mask"]
 
@@ -113,11 +113,11 @@ def _lora_matmul_kernel(
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     out_dtype = out_ptr.dtype.element_ty
     tl.store(out_ptr + rows64[:, None] * stride_om + cols[None, :] * stride_on,
-             _cast_for_store(acc, out_dtype, BF16_RNE_BY_HAND), mask=row_ok[:, None] & col_ok[None, :])
+             cast_for_store(acc, out_dtype, BF16_RNE_BY_HAND), mask=row_ok[:, None] & col_ok[None, :])
     if STORE_INNER:
         if pid_n == 0:
             tl.store(inner_ptr + rows64[:, None] * stride_im + rs[None, :] * stride_ir,
-                     _cast_for_store(inner, out_dtype, BF16_RNE_BY_HAND), mask=row_ok[:, None] & r_ok[None, :])
+                     cast_for_store(inner, out_dtype, BF16_RNE_BY_HAND), mask=row_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit
@@ -203,7 +203,7 @@ def _launch(x: Tensor, mat: Tensor, mat_strides: tuple, l1: Tensor, l1_strides: 
     meta = {key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
     grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)
     dummy = out  # never read when the matching flag is off
-    with _device_ctx(x):
+    with device_ctx(x):
         _lora_matmul_kernel[grid](
             x, mat, l1, l2, bias if bias is not None else dummy, out, inner, seed if seed is not None else dummy,
             m, n_out, k, rank,
@@ -211,7 +211,7 @@ def _launch(x: Tensor, mat: Tensor, mat_strides: tuple, l1: Tensor, l1_strides: 
             out.stride(0), out.stride(1), inner.stride(0), inner.stride(1),
             float(scaling), *_dropout_args(dropout_p),
             HAS_BIAS=bias is not None, DROP_IN=drop_in, DROP_OUT=drop_out, STORE_INNER=True,
-            UPCAST=x.device.type != "cuda", IEEE=x.dtype == torch.float32, BF16_RNE_BY_HAND=_bf16_by_hand(x),
+            UPCAST=x.device.type != "cuda", IEEE=x.dtype == torch.float32, BF16_RNE_BY_HAND=bf16_by_hand(x),
             BLOCK_R=_block_r(rank), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **meta,
         )
     return out, inner
@@ -251,7 +251,7 @@ def _down_grad(g_scaled: Tensor, x: Tensor, dropout_p: float, seed: Tensor) -> T
     rows_per_split = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
     splits = triton.cdiv(m, rows_per_split)
     partial = torch.empty((splits, rank, k), device=x.device, dtype=torch.float32)
-    with _device_ctx(x):
+    with device_ctx(x):
         _lora_down_grad_kernel[(triton.cdiv(k, block_k), splits)](
             g_scaled, x, partial, seed, m, k, rank, rows_per_split,
             g_scaled.stride(0), g_scaled.stride(1), x.stride(0), x.stride(1),
@@ -298,6 +298,6 @@ def lora_dropout_mask(like: Tensor, dropout_p: float, seed: Tensor) -> Tensor:
     out = torch.empty(like.shape, device=like.device, dtype=like.dtype)
     numel = out.numel()
     block = 1024
-    with _device_ctx(like):
+    with device_ctx(like):
         _dropout_mask_kernel[(triton.cdiv(numel, block),)](out, seed, numel, _drop_threshold(dropout_p), BLOCK=block)
     return out

@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from ._common import bf16_by_hand, cast_for_store, device_ctx, sm_count
 
-from .cross_entropy import _bf16_by_hand, _cast_for_store, _device_ctx, _sm_count
 
 __all__ = ["rms_norm_fwd", "rms_norm_bwd"]
 
@@ -48,9 +48,9 @@ def _rms_norm_fwd_kernel(
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
     normed = x * rstd[:, None]
     if not GEMMA:  # Llama: the normalised x is rounded to x's dtype before the weight multiplies it
-        normed = _cast_for_store(normed, x_ptr.dtype.element_ty, RNE_X).to(tl.float32)
+        normed = cast_for_store(normed, x_ptr.dtype.element_ty, RNE_X).to(tl.float32)
     y = normed * scale[None, :]
-    tl.store(y_ptr + rows[:, None] * y_row_stride + cols[None, :], _cast_for_store(y, y_ptr.dtype.element_ty, RNE_Y),
+    tl.store(y_ptr + rows[:, None] * y_row_stride + cols[None, :], cast_for_store(y, y_ptr.dtype.element_ty, RNE_Y),
              mask=mask)
     tl.store(rstd_ptr + rows, rstd, mask=row_ok)
 
@@ -79,14 +79,14 @@ def _rms_norm_bwd_kernel(
         if HAS_DW:
             normed = x * rstd[:, None]
             if not GEMMA:
-                normed = _cast_for_store(normed, x_ptr.dtype.element_ty, RNE_X).to(tl.float32)
+                normed = cast_for_store(normed, x_ptr.dtype.element_ty, RNE_X).to(tl.float32)
             dw += tl.sum(dy * normed, axis=0)
         if HAS_DX:
             g = dy * scale[None, :]
             coef = rstd * rstd * rstd * tl.sum(g * x, axis=1) / n_cols
             dx = rstd[:, None] * g - coef[:, None] * x
             tl.store(dx_ptr + rows[:, None] * dx_row_stride + cols[None, :],
-                     _cast_for_store(dx, dx_ptr.dtype.element_ty, RNE_X), mask=mask)
+                     cast_for_store(dx, dx_ptr.dtype.element_ty, RNE_X), mask=mask)
     if HAS_DW:
         tl.store(dw_partial_ptr + pid.to(tl.int64) * n_cols + cols, dw, mask=col_ok)
 
@@ -115,10 +115,10 @@ def rms_norm_fwd(x: Tensor, weight: Tensor, eps: float, offset: float, gemma: bo
     if n_rows == 0:
         return y, rstd
     block_m, block_h, num_warps = _blocks(n_cols, x.device)
-    with _device_ctx(x):
+    with device_ctx(x):
         _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
             x, weight, y, rstd, n_rows, n_cols, x.stride(0), y.stride(0), float(eps), float(offset),
-            GEMMA=gemma, RNE_X=_bf16_by_hand(x), RNE_Y=_bf16_by_hand(y), BLOCK_M=block_m, BLOCK_H=block_h,
+            GEMMA=gemma, RNE_X=bf16_by_hand(x), RNE_Y=bf16_by_hand(y), BLOCK_M=block_m, BLOCK_H=block_h,
             num_warps=num_warps,
         )
     return y, rstd
@@ -134,15 +134,15 @@ def rms_norm_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, offset
         return dx, dw
     block_m, block_h, num_warps = _blocks(n_cols, x.device)
     # Enough programs to fill the GPU (a few per SM); each owns a contiguous range of rows and one dw partial.
-    max_programs = 4 * _sm_count(x.device.index or 0) if x.device.type == "cuda" else 4
+    max_programs = 4 * sm_count(x.device.index or 0) if x.device.type == "cuda" else 4
     rows_per_program = max(block_m, triton.cdiv(triton.cdiv(n_rows, max_programs), block_m) * block_m)
     programs = triton.cdiv(n_rows, rows_per_program)
     dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device) if need_weight else _empty(rstd)
-    with _device_ctx(x):
+    with device_ctx(x):
         _rms_norm_bwd_kernel[(programs,)](
             grad_y, x, weight, rstd, dx if need_input else x, dw_partial if need_weight else rstd,
             n_rows, n_cols, rows_per_program, grad_y.stride(0), x.stride(0), n_cols, float(offset),
-            GEMMA=gemma, RNE_X=_bf16_by_hand(x), HAS_DX=need_input, HAS_DW=need_weight,
+            GEMMA=gemma, RNE_X=bf16_by_hand(x), HAS_DX=need_input, HAS_DW=need_weight,
             BLOCK_M=block_m, BLOCK_H=block_h, num_warps=num_warps,
         )
     dw = dw_partial.sum(0).to(weight.dtype) if need_weight else _empty(weight)

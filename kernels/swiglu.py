@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from ._common import bf16_by_hand, cast_for_store, device_ctx
 
-from .cross_entropy import _bf16_by_hand, _cast_for_store, _device_ctx
 
 __all__ = ["swiglu_fwd", "swiglu_bwd"]
 
@@ -33,8 +33,8 @@ def _swiglu_fwd_kernel(gate_ptr, up_ptr, out_ptr, n, RNE: tl.constexpr, BLOCK: t
     mask = offs < n
     a = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    act = _cast_for_store(a * tl.sigmoid(a), out_ptr.dtype.element_ty, RNE).to(tl.float32)
-    tl.store(out_ptr + offs, _cast_for_store(act * b, out_ptr.dtype.element_ty, RNE), mask=mask)
+    act = cast_for_store(a * tl.sigmoid(a), out_ptr.dtype.element_ty, RNE).to(tl.float32)
+    tl.store(out_ptr + offs, cast_for_store(act * b, out_ptr.dtype.element_ty, RNE), mask=mask)
 
 
 @triton.jit
@@ -46,11 +46,11 @@ def _swiglu_bwd_kernel(grad_ptr, gate_ptr, up_ptr, d_gate_ptr, d_up_ptr, n, RNE:
     a = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(a)
     if HAS_D_UP:
-        tl.store(d_up_ptr + offs, _cast_for_store(g * a * sig, d_up_ptr.dtype.element_ty, RNE), mask=mask)
+        tl.store(d_up_ptr + offs, cast_for_store(g * a * sig, d_up_ptr.dtype.element_ty, RNE), mask=mask)
     if HAS_D_GATE:
         b = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         d_gate = g * b * sig * (1.0 + a * (1.0 - sig))
-        tl.store(d_gate_ptr + offs, _cast_for_store(d_gate, d_gate_ptr.dtype.element_ty, RNE), mask=mask)
+        tl.store(d_gate_ptr + offs, cast_for_store(d_gate, d_gate_ptr.dtype.element_ty, RNE), mask=mask)
 
 
 def _block(device: torch.device) -> Tuple[int, int]:
@@ -65,8 +65,8 @@ def swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
     if n == 0:
         return out
     block, num_warps = _block(gate.device)
-    with _device_ctx(gate):
-        _swiglu_fwd_kernel[(triton.cdiv(n, block),)](gate, up, out, n, RNE=_bf16_by_hand(out), BLOCK=block,
+    with device_ctx(gate):
+        _swiglu_fwd_kernel[(triton.cdiv(n, block),)](gate, up, out, n, RNE=bf16_by_hand(out), BLOCK=block,
                                                      num_warps=num_warps)
     return out
 
@@ -80,9 +80,9 @@ def swiglu_bwd(grad_out: Tensor, gate: Tensor, up: Tensor, need_gate: bool, need
     if n == 0 or not (need_gate or need_up):
         return d_gate, d_up
     block, num_warps = _block(gate.device)
-    with _device_ctx(gate):
+    with device_ctx(gate):
         _swiglu_bwd_kernel[(triton.cdiv(n, block),)](
-            grad_out, gate, up, d_gate if need_gate else gate, d_up if need_up else gate, n, RNE=_bf16_by_hand(gate),
+            grad_out, gate, up, d_gate if need_gate else gate, d_up if need_up else gate, n, RNE=bf16_by_hand(gate),
             HAS_D_GATE=need_gate, HAS_D_UP=need_up, BLOCK=block, num_warps=num_warps,
         )
     return d_gate, d_up
