@@ -170,3 +170,27 @@ def test_packing_keeps_examples_apart(data, tmp_path):
         pack_alone = sum(task.loss(model, task.collate([e]), one) for e in examples(pack))
     torch.testing.assert_close(packed, alone, atol=1e-4, rtol=1e-5)
     assert abs(float(leaky - pack_alone)) > 1e-2
+
+
+def test_exported_adapter_loads_in_peft(data, tmp_path):
+    """The adapter the run exports is PEFT's format: PeftModel.from_pretrained gives the trained model."""
+    import peft
+
+    from fastft.runtime.models import build_model
+
+    cfg = tiny_config(tmp_path / "run", data, run={"max_steps": 2, "export_adapter": True},
+                      kernels={"fused_loss": False, "fused_layers": False})
+    trainer = Trainer(cfg)
+    trainer.fit()
+    base, _ = build_model(cfg)
+    loaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "run" / "adapter")).eval()
+    trainer.model.eval()
+    batch = trainer.task.collate(trainer.task.train_samples[:2])
+    with torch.no_grad():
+        want = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        got = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    untrained, _ = build_model(cfg)
+    with torch.no_grad():
+        stock = untrained(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert (stock - want).abs().max() > 1e-3  # the adapter changes the model
