@@ -109,3 +109,19 @@ def test_order_is_a_function_of_seed_and_step_and_ranks_partition_it():
     world = [x for rank in range(2) for mb in step_micro_batches(samples, 0, 7, 2, 3, rank, 2) for x in mb]
     single = [x for mb in step_micro_batches(samples, 0, 7, 2, 6, 0, 1) for x in mb]
     assert sorted(world) == sorted(single) and len(world) == 12
+
+
+def test_schedules_warm_up_then_decay():
+    from fastft.runtime.trainer import lr_lambda
+
+    def curve(**optim):
+        cfg = load_config(None, ["--data.generator=addition", "--run.max_steps=100",
+                                 *[f"--optim.{k}={v}" for k, v in optim.items()]])
+        return [lr_lambda(cfg)(step) for step in range(100)]
+    cosine = curve(schedule='"cosine"', warmup_steps=10, min_lr_ratio=0.1)
+    assert cosine[:10] == [pytest.approx((s + 1) / 10) for s in range(10)]
+    assert cosine[10] == pytest.approx(1.0) and all(a >= b for a, b in zip(cosine[10:], cosine[11:]))
+    assert cosine[55] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way down the cosine
+    wsd = curve(schedule='"wsd"', warmup_steps=5, decay_fraction=0.2)
+    assert wsd[5:80] == [1.0] * 75  # stable until the last 20% of the steps
+    assert wsd[90] == pytest.approx(0.5) and wsd[99] == pytest.approx(0.05)
