@@ -34,6 +34,19 @@ class _LoRABranch:
     dropout_p: float
 
 
+def _is_plain_linear(head: nn.Module) -> bool:
+    """An ``nn.Linear`` itself, also when FSDP2's ``fully_shard`` has put its subclass ``FSDPLinear`` on it
+    (a subclass of anything else, e.g. a quantized linear, is not plain)."""
+    cls = type(head)
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        FSDPModule = None
+    if FSDPModule is not None and isinstance(head, FSDPModule):
+        cls = next(c for c in cls.__mro__[1:] if not issubclass(c, FSDPModule))
+    return cls is nn.Linear
+
+
 def _base_linear(head: nn.Module) -> Optional[nn.Module]:
     from ..nn.lora import LoRALinear
 
@@ -54,7 +67,7 @@ def _is_peft_lora(head: nn.Module) -> bool:
 def unsupported_reason(head: nn.Module) -> Optional[str]:
     """Why ``head`` cannot be fused (None: it can). Checked at patch time; :func:`lora_branch` re-checks
     the per-call state (merged, disabled) at every forward."""
-    if type(head) is nn.Linear:
+    if _is_plain_linear(head):
         return None
     base = _base_linear(head)
     if base is None:
@@ -78,7 +91,7 @@ def unsupported_reason(head: nn.Module) -> Optional[str]:
 
 def lora_branch(head: nn.Module) -> Optional[_LoRABranch]:
     """The LoRA branch that ``head`` adds right now (None for a plain, merged or disabled head)."""
-    if type(head) is nn.Linear or head.merged or head.disable_adapters:
+    if _is_plain_linear(head) or head.merged or head.disable_adapters:
         return None
     if not _is_peft_lora(head):  # fastft LoRALinear
         return _LoRABranch(head.lora_A, head.lora_B, float(head.scaling), float(head.lora_dropout))
@@ -92,7 +105,7 @@ def lora_branch(head: nn.Module) -> Optional[_LoRABranch]:
 
 def head_operands(head: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """``(input, weight, bias)`` with ``F.linear(input, weight, bias)`` equal to ``head(hidden)``."""
-    base = head if type(head) is nn.Linear else _base_linear(head)
+    base = head if _is_plain_linear(head) else _base_linear(head)
     branch = lora_branch(head)
     if branch is None:
         return hidden, base.weight, base.bias
