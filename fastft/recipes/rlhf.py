@@ -1,15 +1,15 @@
-"""RL fine-tuning with a KL penalty to a frozen reference: a rule reward (exact match on a generated
-arithmetic task), on-policy sampling every step.
+"""RL fine-tuning with a KL penalty to a frozen reference: a rule reward on a generated arithmetic task,
+on-policy sampling every step.
 
     fastft train recipes/rlhf.toml                                   # GRPO
     fastft train recipes/rlhf.toml --recipe.options.algorithm=rloo   # KL folded into the reward
 
-Every step samples ``group_size`` completions per prompt from the policy, scores them (1 for the
-exact answer, plus ``format_reward`` times the fraction of digits in it, a shaping term for untrained
-models), and
-computes per-token log-probs of the sampled tokens under the policy and the frozen reference with
-fastft.ops.selective_log_softmax (no [B, T, V] log-softmax) and the per-token KL estimate with
-fastft.ops.kl_penalty (k1 or k3).
+Every step samples ``group_size`` completions per prompt from the policy and scores them: 1 when the
+answer is right (``match = "exact_match"``: the completion is the answer alone; ``"final_answer"``: the last
+number in it is the answer), plus ``format_reward`` times the fraction of digits in it (a shaping term
+for untrained models). Per-token log-probs of the sampled tokens under the policy and the frozen
+reference come from fastft.ops.selective_log_softmax (no [B, T, V] log-softmax), the per-token KL
+estimate from fastft.ops.kl_penalty (k1 or k3).
 
 * ``grpo`` (Shao et al. 2024; TRL's GRPO loss): advantages are the rewards normalized within each
   prompt's group; per token ``-exp(logp - logp.detach()) * A + beta * KL_t``, averaged over each
@@ -21,12 +21,13 @@ fastft.ops.kl_penalty (k1 or k3).
   update per batch of samples, so the PPO ratio is 1 and its clipping never acts: it is left out.
 
 The reference is the model as the builder returns it (a second copy, frozen); with LoRA on the policy
-that is the pretrained model. Logged per step: reward, exact_match, kl (the chosen estimator, per
-token), completion_tokens. Eval: greedy exact match on held-out prompts.
+that is the pretrained model. Logged per step: reward, exact_match, final_answer, kl (the chosen
+estimator, per token), completion_tokens. Eval: both matches of greedy answers to held-out prompts.
 """
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 import torch
@@ -49,11 +50,13 @@ class RLOptions:
     kl_estimator: str = "k3"      # k1 | k3
     temperature: float = 1.0
     max_new_tokens: int = 6
+    match: str = "exact_match"    # exact_match: the completion is the answer | final_answer: its last number is
     format_reward: float = 0.0    # times the fraction of the completion's characters that are digits
 
     def validate(self) -> None:
         check_choice("algorithm", self.algorithm, ("grpo", "rloo"))
         check_choice("kl_estimator", self.kl_estimator, ("k1", "k3"))
+        check_choice("match", self.match, ("exact_match", "final_answer"))
         if self.group_size < 2:
             raise ConfigError(f"recipe.options.group_size must be >= 2 (advantages compare a group), got {self.group_size}")
         if self.temperature <= 0 or self.max_new_tokens < 1 or self.beta < 0:
@@ -107,7 +110,7 @@ def kl_estimate(cfg, logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
 
 @register_task("rlhf")
 class RLTask(Task):
-    metrics = {"exact_match": True}
+    metrics = {"exact_match": True, "final_answer": True}
 
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)
@@ -150,12 +153,15 @@ class RLTask(Task):
         completions = seqs[:, ids.shape[1]:]
         return seqs, completion_mask(completions, self.eos_id)
 
-    def rewards(self, completions: Tensor, cmask: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
-        """(reward, exact match) per completion."""
+    def rewards(self, completions: Tensor, cmask: Tensor, index: Tensor) -> tuple[Tensor, dict]:
+        """(reward, {"exact_match", "final_answer"}) per completion: the completion is the answer alone, or
+        the last number in it is the answer."""
         texts = self.tokenizer.batch_decode(completions * cmask + self.pad_id * (1 - cmask), skip_special_tokens=True)
-        exact = torch.tensor([float(t.strip() == self.answers[i]) for t, i in zip(texts, index.tolist())])
+        answers = [self.answers[i] for i in index.tolist()]
+        scores = {"exact_match": torch.tensor([float(t.strip() == a) for t, a in zip(texts, answers)]),
+                  "final_answer": torch.tensor([float(re.findall(r"-?\d+", t)[-1:] == [a]) for t, a in zip(texts, answers)])}
         digits = torch.tensor([sum(c.isdigit() for c in t) / max(1, len(t)) for t in texts])
-        return exact + self.options.format_reward * digits, exact
+        return scores[self.options.match] + self.options.format_reward * digits, scores
 
     def loss(self, model: nn.Module, batch: dict, normalizer: Tensor) -> Tensor:
         o = self.options
@@ -165,8 +171,8 @@ class RLTask(Task):
         model.train(was_training)
         prompt_len = batch["input_ids"].shape[1]
         index = batch["index"].repeat_interleave(o.group_size)
-        reward, exact = self.rewards(seqs[:, prompt_len:], cmask, index.cpu())
-        reward, exact = reward.to(seqs.device), exact.to(seqs.device)
+        reward, scores = self.rewards(seqs[:, prompt_len:], cmask, index.cpu())
+        reward = reward.to(seqs.device)
         full_mask = torch.cat([batch["attention_mask"].repeat_interleave(o.group_size, 0), cmask], 1)
         logp = sampled_logprobs(self.cfg, model, seqs, full_mask, prompt_len, o.temperature)
         with torch.no_grad():
@@ -188,22 +194,25 @@ class RLTask(Task):
         per_sequence = (per_token * m).sum(-1) / tokens
         n = float(len(reward))
         self.stats.add("reward", reward.sum().item(), n)
-        self.stats.add("exact_match", exact.sum().item(), n)
+        for name, value in scores.items():
+            self.stats.add(name, value.sum().item(), n)
         self.stats.add("kl", (kl.detach() * m).sum().item(), m.sum().item())
         self.stats.add("completion_tokens", m.sum().item(), n)
         return per_sequence.sum() / normalizer
 
     def evaluate(self, model: nn.Module, d) -> dict:
         size = self.cfg.eval.batch_size
-        correct = 0.0
+        correct = {"exact_match": 0.0, "final_answer": 0.0}
         was_training = model.training
         model.eval()
         for start in range(0, len(self.eval_samples), size):
             batch = {k: v.to(d.device) for k, v in self.collate(self.eval_samples[start:start + size]).items()}
             seqs, cmask = self._generate(model, batch, greedy=True, repeats=1)
-            correct += self.rewards(seqs[:, batch["input_ids"].shape[1]:], cmask, batch["index"].cpu())[1].sum().item()
+            scores = self.rewards(seqs[:, batch["input_ids"].shape[1]:], cmask, batch["index"].cpu())[1]
+            for name, value in scores.items():
+                correct[name] += value.sum().item()
         model.train(was_training)
-        return {"exact_match": correct / max(1, len(self.eval_samples))}
+        return {name: value / max(1, len(self.eval_samples)) for name, value in correct.items()}
 
     def callbacks(self) -> list:
         return [Monitor()]
