@@ -2,8 +2,9 @@
 
     y = x * rsqrt(mean(x^2, -1) + eps) * (offset + weight)
 
-Kernels (same contract on every backend; "cpp" torch.ops.fastft.* from csrc/cpu/rms_norm.cpp, "triton"
-fastft.kernels.rms_norm, "reference" fastft.reference.rms_norm with plain autograd):
+Kernels (same contract on every backend; "cpp" torch.ops.fastft.* from csrc/cpu/rms_norm.cpp, "cuda" the same
+schemas from csrc/cuda/rms_norm.cu, "triton" fastft.kernels.rms_norm, "reference" fastft.reference.rms_norm
+with plain autograd):
   rms_norm_fwd(x [N, H], weight [H], eps, offset, gemma) -> (y [N, H], rstd [N] f32)
   rms_norm_bwd(grad_y, x, weight, rstd, offset, gemma, need_input, need_weight) -> (dx, dw)
 Forward keeps x, the weight and one fp32 number per row (rstd); backward recomputes the normalised row from
@@ -19,7 +20,7 @@ from torch import Tensor
 from ..reference import rms_norm as _reference
 from . import registry
 from ._checks import check_float_tensor, check_number, check_same_device, rows
-from ._define import Backend, accumulator_dtype, define_op
+from ._define import accumulator_dtype, define_op, standard_backends
 
 __all__ = ["CASTING_MODES", "RMSNormOptions", "rms_norm"]
 
@@ -88,7 +89,7 @@ def _backward(ctx, grad_y):
 rms_norm_op = define_op(
     "rms_norm", forward=_forward, fake=_fake, setup=_setup, backward=_backward, backward_impl=_backward_impl,
     backward_fake=_backward_fake, options=RMSNormOptions,
-    backends=(Backend("reference"), Backend("cpp", kernels=_KERNELS), Backend("triton")),
+    backends=standard_backends(_KERNELS),
 )
 
 

@@ -1,8 +1,8 @@
 """fastft.ops.swiglu: SwiGLU's gated product ``silu(gate) * up``, forward and backward fused.
 
-Kernels (same contract on every backend; "cpp" torch.ops.fastft.* from csrc/cpu/swiglu.cpp, "triton"
-fastft.kernels.swiglu, "reference" fastft.reference.swiglu with plain autograd), on contiguous tensors of one
-shape and dtype:
+Kernels (same contract on every backend; "cpp" torch.ops.fastft.* from csrc/cpu/swiglu.cpp, "cuda" the same
+schemas from csrc/cuda/swiglu.cu, "triton" fastft.kernels.swiglu, "reference" fastft.reference.swiglu with
+plain autograd), on contiguous tensors of one shape and dtype:
   swiglu_fwd(gate, up) -> out
   swiglu_bwd(grad_out, gate, up, need_gate, need_up) -> (d_gate, d_up)
 Forward keeps only gate and up; backward recomputes sigmoid(gate) (as Liger-Kernel's LigerSiLUMulFunction), so
@@ -16,7 +16,7 @@ from torch import Tensor
 from ..reference import swiglu as _reference
 from . import registry
 from ._checks import check_float_tensor, check_same_device, check_same_dtype
-from ._define import Backend, define_op
+from ._define import define_op, standard_backends
 
 __all__ = ["swiglu"]
 
@@ -66,7 +66,7 @@ def _backward(ctx, grad_out):
 swiglu_op = define_op(
     "swiglu", forward=_forward, fake=_fake, setup=_setup, backward=_backward, backward_impl=_backward_impl,
     backward_fake=_backward_fake,
-    backends=(Backend("reference"), Backend("cpp", kernels=_KERNELS), Backend("triton")),
+    backends=standard_backends(_KERNELS),
 )
 
 
