@@ -119,6 +119,10 @@ class RLTask(Task):
         self.answers: list[str] = []
         self.train_samples = [self._sample(r) for r in train]
         self.eval_samples = [self._sample(r) for r in held_out]
+        e = cfg.eval
+        if not self.eval_samples and (e.at_start or e.at_end or e.every):
+            raise ConfigError(f"no held-out prompt: every generated eval prompt of {cfg.data.generator!r} is also a "
+                              f"training prompt; lower data.num_train (now {cfg.data.num_train})")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_id = tokenizer.eos_token_id
         self.stats = StepStats()

@@ -69,6 +69,8 @@ def test_bad_options(tmp_path):
         Trainer(config(tmp_path, {"group_size": 1}))
     with pytest.raises(ConfigError, match="kl_estimator"):
         Trainer(config(tmp_path, {"kl_estimator": "k2"}))
+    with pytest.raises(ConfigError, match="no held-out prompt"):  # 55 one-digit sums, all drawn for training
+        Trainer(config(tmp_path, data={"generator": "single_digit_addition", "num_train": 2000}, eval={"at_end": True}))
 
 
 def test_the_shipped_recipe_loads():
