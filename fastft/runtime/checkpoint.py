@@ -16,14 +16,17 @@ world size.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
@@ -54,6 +57,16 @@ def _set_rng_state(state: dict) -> None:
     random.setstate((int(words[0]), tuple(int(w) for w in words[1:-1]), None if int(words[-1]) == -1 else float(gauss[0])))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+@contextlib.contextmanager
+def _single_process_is_intended():
+    """DCP warns on every save/load without a process group ("assuming the intent is to ... in a single
+    process"); a one-process run is exactly that, so the warning is silenced there, and only there."""
+    with warnings.catch_warnings():
+        if not (dist.is_available() and dist.is_initialized()):
+            warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
+        yield
 
 
 def latest_checkpoint(root: str | Path) -> Optional[Path]:
@@ -98,7 +111,8 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier(self.d)
-        dcp.save(self._state(step), checkpoint_id=str(tmp))
+        with _single_process_is_intended():
+            dcp.save(self._state(step), checkpoint_id=str(tmp))
         barrier(self.d)  # every rank has written its part
         if self.d.is_rank0:
             if final.exists():  # a fresh run reaching a step an earlier run saved: keep both, the new one is latest
@@ -134,7 +148,8 @@ class Checkpointer:
             if not any(k.startswith(key + ".") or k == key for k in metadata.state_dict_metadata):
                 raise ValueError(f"{path}: no ZeRO-1 optimizer shard for rank {self.d.rank}; ZeRO-1 resumes need "
                                  "the same world size")
-        dcp.load(state, checkpoint_id=str(path))
+        with _single_process_is_intended():
+            dcp.load(state, checkpoint_id=str(path))
         # frozen parameters come from the model source, not the checkpoint: the load is non-strict, and
         # the template (this model's trainable state) guarantees every trainable tensor was read
         set_model_state_dict(self.model, state["model"], options=StateDictOptions(ignore_frozen_params=True, strict=False))

@@ -27,11 +27,11 @@ def first_step_grads(trainer) -> dict:
     """Gradients of step 0 as the optimizer would see them."""
     grads = {}
 
-    def capture(*args, **kwargs):
+    def capture(optimizer, args, kwargs):  # a step pre-hook: the gradients the step is about to apply
         for name, p in trainer.model.named_parameters():
             if p.grad is not None:
                 grads[name] = p.grad.detach().clone()
-    trainer.optimizer.step = capture
+    trainer.optimizer.register_step_pre_hook(capture)
     trainer.train_step(0)
     return grads
 
