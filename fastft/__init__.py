@@ -15,10 +15,10 @@ from .ops import cross_entropy
 
 __version__ = "0.1.0"
 
-_LAZY_MODULES = ("bottleneck", "integrations", "lora", "prefix", "runtime", "adapters")
+_LAZY_MODULES = ("bottleneck", "integrations", "lora", "prefix", "recipes", "runtime", "adapters")
 
-__all__ = ["backend", "bottleneck", "cross_entropy", "integrations", "lora", "nn", "ops", "prefix", "reference",
-           "runtime", "__version__"]
+__all__ = ["backend", "bottleneck", "cross_entropy", "integrations", "lora", "nn", "ops", "prefix", "recipes",
+           "reference", "runtime", "__version__"]
 
 
 def __getattr__(name: str):

@@ -65,7 +65,7 @@ def test_every_public_module_reachable_from_import_fastft_lazily():
         "import sys, fastft\n"
         "assert 'transformers' not in sys.modules and 'peft' not in sys.modules, 'import fastft pulled in HF'\n"
         "for name in ('backend', 'ops', 'nn', 'reference', 'lora', 'bottleneck', 'prefix', 'integrations', "
-        "'runtime'):\n"
+        "'runtime', 'recipes'):\n"
         "    assert type(getattr(fastft, name)).__name__ == 'module', name\n"
         "    assert name in dir(fastft), name\n"
         "assert callable(fastft.integrations.transformers.patch_causal_lm_loss)\n"
