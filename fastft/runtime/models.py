@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -160,7 +161,10 @@ def prepare_model(model: nn.Module, cfg) -> nn.Module:
         else:
             import peft
 
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+                # peft 0.21 reads model.is_gradient_checkpointing, deprecated in transformers 5.x (works until v6)
+                warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                        category=FutureWarning)
                 torch.manual_seed(cfg.run.seed + 1)
                 model = peft.get_peft_model(model, peft.LoraConfig(
                     r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=target,
