@@ -19,3 +19,21 @@
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+
+#include <tuple>
+#include <type_traits>
+
+namespace fastft {
+
+// v rounded to scalar_t's precision and back (a no-op when scalar_t is the accumulation type): the
+// rounding a reduced-precision intermediate gets in the reference, kept in fp32 lanes.
+template <typename scalar_t, typename acc>
+inline at::vec::Vectorized<acc> round_to(const at::vec::Vectorized<acc>& v) {
+  if constexpr (std::is_same_v<scalar_t, acc>) {
+    return v;
+  } else {
+    return std::get<0>(at::vec::convert_to_float<scalar_t>(at::vec::convert_from_float<scalar_t>(v, v)));
+  }
+}
+
+}  // namespace fastft

@@ -33,16 +33,6 @@ using row_softmax::Scratch;
 using row_softmax::store_row;
 using row_softmax::store_streaming;
 
-// v rounded to scalar_t's precision and back (a no-op when scalar_t is the accumulation type).
-template <typename scalar_t, typename acc>
-inline Vectorized<acc> round_to(const Vectorized<acc>& v) {
-  if constexpr (std::is_same_v<scalar_t, acc>) {
-    return v;
-  } else {
-    return std::get<0>(at::vec::convert_to_float<scalar_t>(at::vec::convert_from_float<scalar_t>(v, v)));
-  }
-}
-
 template <typename acc>
 acc sum_squares(const acc* x, int64_t n) {
   using Vec = Vectorized<acc>;

@@ -71,16 +71,6 @@ inline void store_as(scalar_t* p, const Vectorized<acc>& v, int64_t n) {
   }
 }
 
-// v rounded to scalar_t's precision and back (a no-op when scalar_t is the accumulation type).
-template <typename scalar_t, typename acc>
-inline Vectorized<acc> round_to(const Vectorized<acc>& v) {
-  if constexpr (std::is_same_v<scalar_t, acc>) {
-    return v;
-  } else {
-    return std::get<0>(at::vec::convert_to_float<scalar_t>(at::vec::convert_from_float<scalar_t>(v, v)));
-  }
-}
-
 void check_pair(const at::Tensor& gate, const at::Tensor& up) {
   TORCH_CHECK(gate.is_contiguous() && up.is_contiguous(), "swiglu: gate and up must be contiguous");
   TORCH_CHECK(gate.sizes() == up.sizes(), "swiglu: gate and up must have one shape, got ", gate.sizes(), " and ",
