@@ -86,10 +86,67 @@ def _fused_adamw_ok(params: list, device: torch.device) -> bool:
     return device.type in _get_fused_kernels_supported_devices() and all(p.dtype.is_floating_point for p in params)
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def _proc_status_mb(key: str) -> Optional[float]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+class MemoryMeter:
+    """Peak memory of the training steps alone. CUDA: the caching allocator's peak. CPU (Linux): the
+    process's peak RSS (VmHWM), reset through /proc/self/clear_refs when training starts and after each
+    eval, so model loading, conversion and evaluation (generation) are not counted; elsewhere the
+    lifetime peak (ru_maxrss). ``resident_mb``: memory held when training starts, with the weights paged
+    in (a memory-mapped checkpoint is read lazily), so ``peak - resident_mb`` is what the steps cost."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.resident_mb = 0.0
+        self._carried = 0.0  # peak of the steps before the last reset
+
+    def _current(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device) / 2**20
+        return _proc_status_mb("VmRSS") or 0.0
+
+    def _reset(self) -> bool:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return True
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+            return True
+        except OSError:
+            return False
+
+    def start(self, model: nn.Module) -> None:
+        with torch.no_grad():
+            for p in model.parameters():  # one read per 4 KiB page maps every weight in
+                local = p.to_local() if hasattr(p, "to_local") else p
+                if local.numel() and local.is_contiguous():
+                    local.detach().view(-1)[::1024].sum()
+        self.resident_mb = self._current()
+        self._reset()
+
+    def pause(self) -> None:
+        """Before an eval: keep the steps' peak so far."""
+        self._carried = self.peak()
+
+    def resume(self) -> None:
+        self._reset()
+
+    def peak(self) -> float:
+        if self.device.type == "cuda":
+            now = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            now = _proc_status_mb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return max(now, self._carried)
 
 
 class Trainer:
@@ -264,6 +321,8 @@ class Trainer:
         timed: list[dict] = []
         stopped = False
         self.model.train()
+        meter = MemoryMeter(self.d.device)
+        meter.start(self.model)
         while self.step < c.run.max_steps:
             start = time.perf_counter()
             record = self.train_step(self.step)
@@ -271,7 +330,7 @@ class Trainer:
             self.step += 1
             record.update(step=self.step, seconds=seconds, tokens_per_s=record["tokens"] / seconds,
                           padded_tokens_per_s=record["padded_tokens"] / seconds,
-                          peak_memory_mb=peak_memory_mb(self.d.device))
+                          peak_memory_mb=meter.peak())
             self.history.append(record)
             timed.append(record)
             if self.step % c.run.log_every == 0 or self.step == c.run.max_steps:
@@ -282,13 +341,16 @@ class Trainer:
             if not math.isfinite(record["loss"]):
                 raise FloatingPointError(f"loss is {record['loss']} at step {self.step}; stopping (no checkpoint)")
             if c.eval.every and self.step % c.eval.every == 0 and self.step < c.run.max_steps:
+                meter.pause()
                 stopped = self._should_stop(self.evaluate())
+                meter.resume()
             if c.checkpoint.every and self.step % c.checkpoint.every == 0 and self.step < c.run.max_steps:
                 self.save()
             if stopped:
                 break
         if bar is not None:
             bar.close()
+        train_peak_mb = meter.peak()
         if c.eval.at_end:
             summary["eval_end"] = self.evaluate()
         if c.checkpoint.at_end:
@@ -302,7 +364,7 @@ class Trainer:
                            seconds_per_step=total_s / len(steady),
                            tokens_per_s=sum(r["tokens"] for r in steady) / total_s,
                            padded_tokens_per_s=sum(r["padded_tokens"] for r in steady) / total_s,
-                           peak_memory_mb=peak_memory_mb(self.d.device))
+                           peak_memory_mb=train_peak_mb, resident_memory_mb=meter.resident_mb)
         if self.d.is_rank0:
             (self.output / "summary.json").write_text(json.dumps(summary, indent=2))
             if c.run.plots:
