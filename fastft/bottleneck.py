@@ -209,6 +209,11 @@ def apply_bottleneck_adapters(
     return trainable_report(model)
 
 
+def bottleneck_adapters(model: nn.Module) -> list[Adapter]:
+    """The model's adapter modules, in site order."""
+    return [getattr(site.owner, _CHILD) for site in _require(model).sites]
+
+
 def trainable_report(model: nn.Module) -> BottleneckReport:
     state = getattr(model, _STATE, None)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -246,16 +251,23 @@ def _require(model: nn.Module) -> _State:
     return state
 
 
-def save_bottleneck_adapters(model: nn.Module, directory: str) -> None:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (the adapters' tensors only)."""
+def _model_class(model: nn.Module) -> type:
+    """The model's own class, not the subclass FSDP2's fully_shard swaps in (``FSDPLlamaForCausalLM``)."""
+    return next(c for c in type(model).__mro__ if not c.__module__.startswith("torch.distributed"))
+
+
+def save_bottleneck_adapters(model: nn.Module, directory: str, *, tensors: Optional[dict] = None) -> None:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (the adapters' tensors only).
+    ``tensors``: the adapters' full tensors when the model's own are sharded (gathered by the caller,
+    e.g. ``DTensor.full_tensor()`` on every rank); by default :func:`bottleneck_state_dict`."""
     from safetensors.torch import save_file
 
     state = _require(model)
     os.makedirs(directory, exist_ok=True)
-    tensors = {n: t.contiguous().cpu() for n, t in bottleneck_state_dict(model).items()}
+    tensors = {n: t.contiguous().cpu() for n, t in (tensors if tensors is not None else bottleneck_state_dict(model)).items()}
     meta = {
         "format": FORMAT,
-        "base_model_class": type(model).__name__,
+        "base_model_class": _model_class(model).__name__,
         "hidden_sizes": {s.name: s.hidden_size for s in state.sites},
         **dataclasses.asdict(state.config),
     }

@@ -221,14 +221,15 @@ def _peft_version() -> Optional[str]:
         return None
 
 
-def save_prefix_tuning(model: nn.Module, directory: str) -> None:
-    """Write the prefix in PEFT's adapter format (``PeftModel.from_pretrained(model, directory)`` loads it)."""
+def save_prefix_tuning(model: nn.Module, directory: str, *, encoder: Optional[PrefixEncoder] = None) -> None:
+    """Write the prefix in PEFT's adapter format (``PeftModel.from_pretrained(model, directory)`` loads it).
+    ``encoder``: a copy of the model's encoder with full parameters, when the model's own are sharded."""
     from safetensors.torch import save_file
 
     state = getattr(model, _STATE, None)
     if state is None:
         raise ValueError(f"{type(model).__name__} has no fastft prefix to save")
-    enc, g = state.encoder, state.geometry
+    enc, g = encoder if encoder is not None else state.encoder, state.geometry
     os.makedirs(directory, exist_ok=True)
     config = {
         "auto_mapping": None,

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from ..ops.adapter import ACTIVATIONS, adapter
+from ..reference.adapter import activation_fn
 
 
 class Adapter(nn.Module):
@@ -15,7 +17,13 @@ class Adapter(nn.Module):
     new adapter is close to the identity and does not disturb the model it is inserted into. The
     parameters may be kept in a wider dtype than the activations (fp32 masters in a bf16 model, as PEFT
     does): they are cast to ``x``'s dtype for the op and gradients flow back to them.
+
+    ``fused = False`` runs the same block as plain torch modules would (two ``F.linear``, the activation,
+    ``F.dropout`` with torch's RNG): the eager baseline of comparisons such as the runtime's
+    ``kernels.bottleneck = false``.
     """
+
+    fused: bool = True
 
     def __init__(
         self,
@@ -62,6 +70,10 @@ class Adapter(nn.Module):
         def cast(t):
             return None if t is None else t.to(x.dtype)
 
+        if not self.fused:
+            h = activation_fn(self.activation, F.linear(x, cast(self.down.weight), cast(self.down.bias)))
+            h = F.dropout(h, self.dropout, self.training)
+            return x + self.scale * F.linear(h, cast(self.up.weight), cast(self.up.bias))
         return adapter(
             x, cast(self.down.weight), cast(self.down.bias), cast(self.up.weight), cast(self.up.bias),
             activation=self.activation, dropout_p=self.dropout, training=self.training, scale=self.scale,

@@ -28,7 +28,7 @@ class RunConfig:
     log_every: int = 1
     progress: bool = True          # tqdm bar on rank 0
     plots: bool = True             # PNG curves at the end
-    export_adapter: bool = True    # PEFT-format adapter in <output_dir>/adapter at the end
+    export_adapter: bool = True    # at the end, each method's parameters: <output_dir>/adapter (LoRA), prefix, bottleneck
     resume: bool = True            # continue from <output_dir>/checkpoints/latest when it exists
 
 
@@ -57,6 +57,26 @@ class LoraSection:
     alpha: float = 32.0
     dropout: float = 0.0
     target_modules: Any = "all-linear"   # PEFT's rules: a list of names, a regex, or "all-linear"
+
+
+@dataclass(frozen=True)
+class BottleneckSection:
+    # bottleneck adapters (fastft.bottleneck) after the attention and/or MLP output of every block
+    enabled: bool = False
+    adapter_size: int = 64
+    placement: str = "houlsby"     # houlsby (attention and MLP) | pfeiffer (MLP only)
+    activation: str = "relu"       # relu | gelu | gelu_tanh | silu
+    dropout: float = 0.1
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class PrefixSection:
+    # prefix tuning (fastft.prefix, PEFT-compatible): trainable key/value prefixes in every layer
+    enabled: bool = False
+    num_virtual_tokens: int = 20
+    projection: bool = False       # a two-layer tanh MLP produces the prefix (PEFT's prefix_projection)
+    encoder_hidden_size: int = 0   # that MLP's width (0: the key/value width)
 
 
 @dataclass(frozen=True)
@@ -117,6 +137,8 @@ class KernelsConfig:
     fused_loss: bool = True        # fastft.integrations.transformers.patch_causal_lm_loss
     lora: bool = True              # fastft.lora (fused LoRA layers) instead of PEFT's
     fused_layers: bool = True      # fused RMSNorm / SwiGLU MLP (fastft.patch(layers=True)) where the architecture has them
+    bottleneck: bool = True        # bottleneck adapters through fastft's fused op (off: the same block in eager torch)
+    prefix: bool = True            # fastft.prefix (off: PEFT's prefix tuning)
 
 
 @dataclass(frozen=True)
@@ -147,16 +169,12 @@ class RecipeConfig:
 
 
 @dataclass(frozen=True)
-class RecipeSection:
-    module: str = ""               # a module imported before anything is built: it registers its task / model builder
-    options: Any = field(default_factory=dict)   # the recipe's own options (the recipe validates them)
-
-
-@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSection = field(default_factory=LoraSection)
+    bottleneck: BottleneckSection = field(default_factory=BottleneckSection)
+    prefix: PrefixSection = field(default_factory=PrefixSection)
     data: DataConfig = field(default_factory=DataConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -180,9 +198,12 @@ CHOICES = {
     "precision.impl": ("autocast", "fsdp"),
     "memory.activation_checkpointing": ("none", "full", "every_k", "offload"),
     "model.dtype": ("float32", "bfloat16", "float16"),
+    "bottleneck.placement": ("houlsby", "pfeiffer"),
+    "bottleneck.activation": ("relu", "gelu", "gelu_tanh", "silu"),   # fastft.ops.adapter.ACTIVATIONS
 }
 POSITIVE = ("run.max_steps", "run.log_every", "batch.micro_batch_size", "batch.grad_accum", "parallel.nproc",
-            "data.max_length", "memory.every_k", "lora.r", "eval.max_new_tokens", "eval.batch_size", "checkpoint.keep")
+            "data.max_length", "memory.every_k", "lora.r", "eval.max_new_tokens", "eval.batch_size", "checkpoint.keep",
+            "bottleneck.adapter_size", "prefix.num_virtual_tokens")
 
 
 def _section_types(cls) -> dict:
@@ -234,6 +255,19 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be positive, got {getattr(getattr(cfg, section), name)!r}")
     if cfg.precision.impl == "fsdp" and cfg.parallel.mode not in ("zero2", "fsdp2", "hsdp"):
         raise ConfigError(f"precision.impl = 'fsdp' needs parallel.mode zero2, fsdp2 or hsdp, got {cfg.parallel.mode!r}")
+    if not 0.0 <= cfg.bottleneck.dropout < 1.0:
+        raise ConfigError(f"bottleneck.dropout must be in [0, 1), got {cfg.bottleneck.dropout!r}")
+    if cfg.prefix.encoder_hidden_size < 0:
+        raise ConfigError(f"prefix.encoder_hidden_size must be >= 0, got {cfg.prefix.encoder_hidden_size!r}")
+    peft_methods = [name for name, on, fastft_kernel in (("lora", cfg.lora.enabled, cfg.kernels.lora),
+                                                          ("prefix", cfg.prefix.enabled, cfg.kernels.prefix))
+                    if on and not (cfg.kernels.enabled and fastft_kernel)]
+    if len(peft_methods) > 1:
+        raise ConfigError("lora and prefix are both enabled with fastft's versions off (kernels.enabled / kernels.lora / "
+                          "kernels.prefix), but PEFT applies one method per model: turn one of them on in fastft")
+    if cfg.prefix.enabled and cfg.data.packing:
+        raise ConfigError("prefix.enabled with data.packing: a packed row holds several sequences, and the prefix "
+                          "(a key/value cache in front of the row) would be shared by all of them; set data.packing = false")
     if not cfg.data.path and not cfg.data.generator:
         raise ConfigError("data.path (a JSONL file) or data.generator must be set")
 

@@ -142,42 +142,93 @@ def tiny_llama(cfg):
 def kernel_switches(cfg) -> dict:
     k = cfg.kernels
     return {"fused_loss": k.enabled and k.fused_loss, "lora": k.enabled and k.lora,
-            "fused_layers": k.enabled and k.fused_layers}
+            "fused_layers": k.enabled and k.fused_layers, "bottleneck": k.enabled and k.bottleneck,
+            "prefix": k.enabled and k.prefix}
 
 
 def prepare_model(model: nn.Module, cfg) -> nn.Module:
-    """LoRA (fastft's or PEFT's) and the fused loss head, per the config. Returns the model to train."""
+    """The parameter-efficient methods the config enables (LoRA, bottleneck adapters, prefix tuning;
+    each fastft's or, with its kernel switch off, PEFT's / eager torch), then the fused layers and the
+    fused loss head. With any method on, exactly the parameters the methods added train; with none, the
+    whole model does (full fine-tuning). Returns the model to train."""
     switches = kernel_switches(cfg)
-    if cfg.lora.enabled:
-        target = cfg.lora.target_modules
-        target = list(target) if isinstance(target, (list, tuple)) else target
-        if switches["lora"]:
-            from fastft.lora import LoraConfig, apply_lora
-
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.run.seed + 1)  # same adapter init on every rank and in every mode
-                apply_lora(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                             target_modules=target, task_type="CAUSAL_LM"))
-        else:
-            import peft
-
-            with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-                # peft 0.21 reads model.is_gradient_checkpointing, deprecated in transformers 5.x (works until v6)
-                warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
-                                        category=FutureWarning)
-                torch.manual_seed(cfg.run.seed + 1)
-                model = peft.get_peft_model(model, peft.LoraConfig(
-                    r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=target,
-                    task_type="CAUSAL_LM"))
+    base = {id(p) for p in model.parameters()}
+    methods = cfg.lora.enabled or cfg.bottleneck.enabled or cfg.prefix.enabled
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # peft 0.21 reads model.is_gradient_checkpointing, deprecated in transformers 5.x (works until v6)
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        # the same initial adapters on every rank and in every mode: each method draws from its own seed
+        if cfg.lora.enabled:
+            torch.manual_seed(cfg.run.seed + 1)
+            model = _apply_lora(model, cfg, fastft_layers=switches["lora"])
+        if cfg.prefix.enabled:
+            torch.manual_seed(cfg.run.seed + 2)
+            model = _apply_prefix(model, cfg, fastft_prefix=switches["prefix"])
+        if cfg.bottleneck.enabled:
+            torch.manual_seed(cfg.run.seed + 3)
+            _apply_bottleneck(model, cfg, fused=switches["bottleneck"])
+    if methods:  # each method freezes "the rest" when applied, which may include an earlier method's parameters
+        for p in model.parameters():
+            p.requires_grad_(id(p) not in base)
     if switches["fused_layers"]:
         from fastft.integrations.patch import patch
 
         patch(model, loss=False, lora=False, adapters=False, layers=True, check="never")
-    if switches["fused_loss"]:
+    if switches["fused_loss"] and _is_causal_lm(model):
         from fastft.integrations.transformers import patch_causal_lm_loss
 
         patch_causal_lm_loss(model)
     return model
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    """A model whose loss is next-token cross-entropy over an lm_head (what the fused head replaces)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return hasattr(base, "get_output_embeddings") and base.get_output_embeddings() is not None and \
+        type(base).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+def _apply_lora(model: nn.Module, cfg, fastft_layers: bool) -> nn.Module:
+    target = cfg.lora.target_modules
+    target = list(target) if isinstance(target, (list, tuple)) else target
+    if fastft_layers:
+        from fastft.lora import LoraConfig, apply_lora
+
+        apply_lora(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                     target_modules=target, task_type="CAUSAL_LM"))
+        return model
+    import peft
+
+    return peft.get_peft_model(model, peft.LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+                                                      lora_dropout=cfg.lora.dropout, target_modules=target,
+                                                      task_type="CAUSAL_LM"))
+
+
+def _apply_prefix(model: nn.Module, cfg, fastft_prefix: bool) -> nn.Module:
+    p = cfg.prefix
+    hidden = p.encoder_hidden_size or None
+    if fastft_prefix:
+        from fastft.prefix import apply_prefix_tuning
+
+        apply_prefix_tuning(model, p.num_virtual_tokens, prefix_projection=p.projection, encoder_hidden_size=hidden)
+        return model
+    import peft
+
+    kwargs = {"encoder_hidden_size": hidden} if hidden else {}
+    return peft.get_peft_model(model, peft.PrefixTuningConfig(num_virtual_tokens=p.num_virtual_tokens,
+                                                              prefix_projection=p.projection, task_type="CAUSAL_LM",
+                                                              **kwargs))
+
+
+def _apply_bottleneck(model: nn.Module, cfg, fused: bool) -> None:
+    from fastft.bottleneck import apply_bottleneck_adapters, bottleneck_adapters
+
+    b = cfg.bottleneck
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    apply_bottleneck_adapters(base, b.adapter_size, b.placement, activation=b.activation, dropout=b.dropout,
+                              scale=b.scale)
+    for adapter in bottleneck_adapters(base):
+        adapter.fused = fused
 
 
 def transformer_blocks(model: nn.Module) -> list:
@@ -194,13 +245,66 @@ def transformer_blocks(model: nn.Module) -> list:
     return list(max(lists, key=len))
 
 
-def export_adapter(model: nn.Module, directory: str, is_rank0: bool) -> None:
+def _full_tensors(tensors: dict) -> dict:
+    """Sharded (DTensor) tensors gathered, every tensor as a contiguous CPU copy; every rank must call it."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().contiguous().clone()
+            for k, v in sorted(tensors.items())}
+
+
+def export_adapters(model: nn.Module, output: Path, cfg, is_rank0: bool) -> list[str]:
+    """Each enabled method's trained parameters, in its own folder of ``output``: ``adapter`` (LoRA, PEFT
+    format), ``prefix`` (PEFT format) and ``bottleneck`` (fastft.bottleneck's format). Every rank must
+    call this (sharded parameters are gathered). Returns the folders written."""
+    written = []
+    if cfg.lora.enabled:
+        export_lora(model, str(output / "adapter"), is_rank0)
+        written.append(str(output / "adapter"))
+    if cfg.bottleneck.enabled:
+        from fastft.bottleneck import bottleneck_state_dict, save_bottleneck_adapters
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        tensors = _full_tensors(bottleneck_state_dict(base))
+        if is_rank0:
+            save_bottleneck_adapters(base, str(output / "bottleneck"), tensors=tensors)
+        written.append(str(output / "bottleneck"))
+    if cfg.prefix.enabled:
+        _export_prefix(model, str(output / "prefix"), is_rank0)
+        written.append(str(output / "prefix"))
+    return written
+
+
+def _export_prefix(model: nn.Module, directory: str, is_rank0: bool) -> None:
+    from torch.distributed.tensor import DTensor
+
+    if hasattr(model, "peft_config"):  # PEFT's prefix (kernels off): PEFT writes its own files
+        params = [p for p in model.parameters() if isinstance(p, DTensor)]
+        if params:
+            raise NotImplementedError("exporting PEFT's prefix from a sharded model: use kernels.prefix = true")
+        if is_rank0:
+            model.save_pretrained(directory)
+        return
+    from fastft.prefix import save_prefix_tuning
+
+    encoder = model.get_submodule("fastft_prefix_encoder")
+    if any(isinstance(p, DTensor) for p in encoder.parameters()):
+        import copy
+
+        full = copy.deepcopy(encoder)  # the encoder's own layout, with gathered (plain) parameters
+        for name, value in _full_tensors(dict(encoder.named_parameters())).items():
+            full.get_parameter(name).data = value
+        encoder = full
+    if is_rank0:
+        save_prefix_tuning(model, directory, encoder=encoder)
+
+
+def export_lora(model: nn.Module, directory: str, is_rank0: bool) -> None:
     """The LoRA adapter in PEFT's format (adapter_config.json + adapter_model.safetensors). Sharded
     (DTensor) parameters are gathered first, so every rank must call this."""
     import json
 
     from safetensors.torch import save_file
-    from torch.distributed.tensor import DTensor
 
     if hasattr(model, "peft_config"):  # PEFT model (kernels off): PEFT's own key names and config
         from peft.utils import get_peft_model_state_dict
@@ -217,8 +321,7 @@ def export_adapter(model: nn.Module, directory: str, is_rank0: bool) -> None:
 
         tensors = adapter_state_dict(model)
         config = get_lora_config(model).to_peft_dict()
-    full = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().contiguous().clone()
-            for k, v in sorted(tensors.items())}
+    full = _full_tensors(tensors)
     if not is_rank0:
         return
     os.makedirs(directory, exist_ok=True)

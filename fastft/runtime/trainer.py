@@ -27,7 +27,7 @@ from torch import nn
 from .checkpoint import Checkpointer, latest_checkpoint
 from .config import Config
 from .data import step_micro_batches
-from .models import build_model, export_adapter, kernel_switches, prepare_model
+from .models import build_model, export_adapters, kernel_switches, prepare_model
 from .parallel import (FSDP_MODES, Dist, all_reduce_max, all_reduce_sum, apply_activation_checkpointing,
                        init_distributed, unwrap, wrap)
 from .tasks import build_task, import_recipe
@@ -44,19 +44,6 @@ class Callback:
     def on_log(self, trainer: "Trainer", record: dict) -> None: ...
     def on_eval(self, trainer: "Trainer", step: int, metrics: dict) -> None: ...
     def on_train_end(self, trainer: "Trainer") -> None: ...
-
-
-def import_recipe(cfg: Config) -> None:
-    """Imports ``recipe.module`` (it registers its task and model builder) before anything is built."""
-    import importlib
-
-    from .config import ConfigError
-
-    if cfg.recipe.module:
-        try:
-            importlib.import_module(cfg.recipe.module)
-        except ModuleNotFoundError as exc:
-            raise ConfigError(f"recipe.module {cfg.recipe.module!r} cannot be imported: {exc}") from None
 
 
 def lr_lambda(cfg: Config):
@@ -355,8 +342,8 @@ class Trainer:
             summary["eval_end"] = self.evaluate()
         if c.checkpoint.at_end:
             summary["checkpoint"] = str(self.save())
-        if c.run.export_adapter and c.lora.enabled:
-            export_adapter(unwrap(self.model), str(self.output / "adapter"), self.d.is_rank0)
+        if c.run.export_adapter:
+            summary["exported"] = export_adapters(unwrap(self.model), self.output, c, self.d.is_rank0)
         steady = timed[1:] or timed  # the first step pays one-off costs (allocations, lazy init)
         if steady:
             total_s = sum(r["seconds"] for r in steady)

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).absolute().parent))
-from helpers import tiny_config, trainable_state  # noqa: E402
+from helpers import METHODS, tiny_config, trainable_state  # noqa: E402
 
 from fastft.runtime.trainer import Callback, Trainer  # noqa: E402
 
@@ -22,6 +22,12 @@ for mode in ("ddp", "zero1", "zero2", "fsdp2", "hsdp"):
     trainer.fit()
     results[mode] = {"params": trainable_state(trainer), "losses": [r["loss"] for r in trainer.history],
                      "grad_norms": [r["grad_norm"] for r in trainer.history]}
+
+# every parameter-efficient method at once (LoRA, prefix, bottleneck adapters), sharded and replicated
+for mode in ("ddp", "fsdp2"):
+    trainer = Trainer(tiny_config(work / f"methods_{mode}", data, parallel={"mode": mode}, **METHODS))
+    trainer.fit()
+    results[f"methods_{mode}"] = {"params": trainable_state(trainer), "losses": [r["loss"] for r in trainer.history]}
 
 
 class RankSkewedEval(Callback):

@@ -26,6 +26,12 @@ def write_uneven_data(path: Path, n: int = 48, seed: int = 0) -> Path:
     return path
 
 
+# LoRA, prefix tuning and bottleneck adapters together (dropout off, so any world size gives the same steps)
+METHODS = {"prefix": {"enabled": True, "num_virtual_tokens": 3},
+           "bottleneck": {"enabled": True, "adapter_size": 8, "dropout": 0.0},
+           "run": {"export_adapter": True}}
+
+
 def tiny_config(out: Path, data_path: Path, **sections) -> Config:
     base = {
         "run": {"output_dir": str(out), "max_steps": 3, "progress": False, "plots": False, "seed": 0},

@@ -39,10 +39,24 @@ def test_toml_and_dotted_overrides(tmp_path):
     ("--parallel.mode=fsdp3", r"parallel\.mode = 'fsdp3' is not one of ddp, zero1, zero2, fsdp2, hsdp"),
     ("--precision.impl=fsdp", r"precision\.impl = 'fsdp' needs parallel\.mode zero2, fsdp2 or hsdp"),
     ("optim.lr=1", r"must look like --section\.key=value"),
+    ("--bottleneck.placement=middle", r"bottleneck\.placement = 'middle' is not one of houlsby, pfeiffer"),
+    ("--bottleneck.dropout=1.0", r"bottleneck\.dropout must be in \[0, 1\)"),
+    ("--prefix.num_virtual_tokens=0", r"prefix\.num_virtual_tokens must be positive"),
 ])
 def test_bad_config_is_named(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["--data.generator=addition", override])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--prefix.enabled=true", "--kernels.enabled=false"], r"PEFT applies one method per model"),
+    (["--prefix.enabled=true", "--kernels.lora=false", "--kernels.prefix=false"], r"PEFT applies one method"),
+    (["--prefix.enabled=true", "--data.packing=true"], r"prefix\.enabled with data\.packing"),
+])
+def test_bad_method_combinations_are_named(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["--data.generator=addition", *overrides])
+    load_config(None, ["--data.generator=addition", "--prefix.enabled=true", "--kernels.lora=false"])  # one PEFT method
 
 
 def test_cli_reports_config_errors(tmp_path, capsys):

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from helpers import tiny_config, trainable_state, write_uneven_data
+from helpers import METHODS, tiny_config, trainable_state, write_uneven_data
 from fastft.runtime.trainer import Trainer
 
 WORKER = Path(__file__).with_name("dist_worker.py")
@@ -36,8 +36,10 @@ def runs(tmp_path_factory):
     # the same global batch (4 sequences) in one process: 2 micro-batches of 2
     single = Trainer(tiny_config(work / "single", data, batch={"grad_accum": 2}))
     single.fit()
+    methods = Trainer(tiny_config(work / "methods_single", data, batch={"grad_accum": 2}, **METHODS))
+    methods.fit()
     return {"work": work, "data": data, "rank0": torch.load(work / "results_rank0.pt"),
-            "rank1": torch.load(work / "results_rank1.pt"), "single": single}
+            "rank1": torch.load(work / "results_rank1.pt"), "single": single, "methods_single": methods}
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -60,6 +62,27 @@ def test_lora_export_fsdp2_matches_ddp(runs):
     assert a.keys() == b.keys() and any(k.endswith("lora_A.weight") for k in a)
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=2e-6, rtol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("mode", ("ddp", "fsdp2"))
+def test_methods_together_match_one_process(runs, mode):
+    """LoRA + prefix + bottleneck adapters at 2 processes (replicated, sharded) equal 1 process, and the
+    three exported folders are the same files."""
+    got, single = runs["rank0"][f"methods_{mode}"], runs["methods_single"]
+    want = trainable_state(single)
+    assert got["params"].keys() == want.keys() and any("fastft_prefix_encoder" in k for k in want)
+    for name in want:
+        torch.testing.assert_close(got["params"][name], want[name], atol=2e-6, rtol=1e-5, msg=f"{mode}: {name}")
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor([r["loss"] for r in single.history]),
+                               atol=1e-6, rtol=1e-6)
+    for folder in ("adapter", "prefix", "bottleneck"):
+        mine, ref = runs["work"] / f"methods_{mode}" / folder, runs["work"] / "methods_single" / folder
+        assert json.loads((mine / "adapter_config.json").read_text()) == \
+            json.loads((ref / "adapter_config.json").read_text())
+        a, b = load_file(mine / "adapter_model.safetensors"), load_file(ref / "adapter_model.safetensors")
+        assert a.keys() == b.keys() and a
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=2e-6, rtol=1e-5, msg=f"{mode} {folder}: {key}")
 
 
 def test_early_stopping_agreed_across_ranks(runs):
