@@ -175,11 +175,12 @@ class Trainer:
             kwargs["fused"] = True
         else:
             kwargs["foreach"] = True
+        groups = self.task.param_groups(self.model, self.params) or self.params
         if self.cfg.parallel.mode == "zero1" and self.d.active:
             from torch.distributed.optim import ZeroRedundancyOptimizer
 
-            return ZeroRedundancyOptimizer(self.params, optimizer_class=torch.optim.AdamW, **kwargs)
-        return torch.optim.AdamW(self.task.param_groups(self.model, self.params) or self.params, **kwargs)
+            return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, **kwargs)
+        return torch.optim.AdamW(groups, **kwargs)
 
     def _autocast(self):
         p = self.cfg.precision

@@ -29,6 +29,10 @@ for mode in ("ddp", "fsdp2"):
     trainer.fit()
     results[f"methods_{mode}"] = {"params": trainable_state(trainer), "losses": [r["loss"] for r in trainer.history]}
 
+trainer = Trainer(tiny_config(work / "groups_zero1", data, parallel={"mode": "zero1"}, data={"task": "two_rates"}))
+trainer.fit()
+results["groups_zero1"] = {"params": trainable_state(trainer), "losses": [r["loss"] for r in trainer.history]}
+
 
 class RankSkewedEval(Callback):
     """Rank 1 alone sees its eval metric worsen: without agreement the ranks would stop apart (and hang)."""

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from fastft.runtime.config import Config, replace
+from fastft.runtime.tasks import CausalLMTask, register_task
 
 
 def write_uneven_data(path: Path, n: int = 48, seed: int = 0) -> Path:
@@ -58,3 +59,14 @@ def trainable_state(trainer) -> dict:
     model = unwrap(trainer.model)
     return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().clone()
             for n, p in model.named_parameters() if p.requires_grad}
+
+
+@register_task("two_rates")
+class TwoRates(CausalLMTask):
+    """A task with parameter groups: lora_B at a tenth of optim.lr (every mode must keep the groups)."""
+
+    def param_groups(self, model, params: list) -> list:
+        names = {id(p): n for n, p in model.named_parameters()}
+        slow = [p for p in params if "lora_B" in names[id(p)]]
+        return [{"params": [p for p in params if "lora_B" not in names[id(p)]]},
+                {"params": slow, "lr": self.cfg.optim.lr * 0.1}]

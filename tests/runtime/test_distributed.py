@@ -85,6 +85,20 @@ def test_methods_together_match_one_process(runs, mode):
             torch.testing.assert_close(a[key], b[key], atol=2e-6, rtol=1e-5, msg=f"{mode} {folder}: {key}")
 
 
+def test_zero1_keeps_the_tasks_parameter_groups(runs, tmp_path):
+    """A task's per-group learning rates hold under ZeroRedundancyOptimizer as in one process (and
+    they matter: the one-rate run ends elsewhere)."""
+    single = Trainer(tiny_config(tmp_path / "groups", runs["data"], batch={"grad_accum": 2},
+                                 data={"task": "two_rates"}))
+    single.fit()
+    got, want = runs["rank0"]["groups_zero1"]["params"], trainable_state(single)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=2e-6, rtol=1e-5, msg=name)
+    one_rate = runs["rank0"]["zero1"]["params"]
+    assert max((one_rate[n] - want[n]).abs().max() for n in want if "lora_B" in n) > 1e-3
+
+
 def test_early_stopping_agreed_across_ranks(runs):
     # rank 1's metric worsens from the 2nd eval on (patience 2): both ranks stop at step 3 of 8
     assert runs["rank0"]["early_stop_step"] == runs["rank1"]["early_stop_step"] == 3
