@@ -130,6 +130,21 @@ class EWC(Callback):
             self.fisher, self.anchor = diagonal_fisher(trainer, task, self.options.fisher_samples)
         task.set_phase("b")
 
+    def state_dict(self, trainer) -> dict:
+        """The phase, A's accuracy, and F and theta* (zeros until task B starts): a run resumed in
+        task B keeps the anchor of A's end instead of re-estimating it at the resumed weights."""
+        shared = shared_parameters(trainer)
+        zeros = {n: torch.zeros_like(p.detach()) for n, p in shared.items()}
+        return {"phase": trainer.task.phase, "accuracy_after_a": trainer.task.accuracy_after_a,
+                "ewc_active": bool(self.fisher), "fisher": self.fisher or zeros,
+                "anchor": self.anchor or {n: z.clone() for n, z in zeros.items()}}
+
+    def load_state_dict(self, trainer, state: dict) -> None:
+        trainer.task.accuracy_after_a = state["accuracy_after_a"]
+        trainer.task.set_phase(state["phase"])
+        if state["ewc_active"]:
+            self.fisher, self.anchor = state["fisher"], state["anchor"]
+
     def extra_loss(self, trainer, model: nn.Module, batch: dict):
         if not self.fisher:
             return None
@@ -138,11 +153,16 @@ class EWC(Callback):
         return self.options.ewc_lambda / 2 * penalty
 
 
+def shared_parameters(trainer) -> dict:
+    """The trainable weights both tasks use (everything but the heads), by name."""
+    return {n: p for n, p in unwrap(trainer.model).named_parameters() if p.requires_grad and not n.startswith("heads.")}
+
+
 def diagonal_fisher(trainer, task: ContinualTask, samples: int) -> tuple[dict, dict]:
     """(F, theta*) over the shared weights: F_i = mean over examples of (d log p(y | x) / d theta_i)^2
     with y the true label (the empirical Fisher), one example per backward pass."""
     model = unwrap(trainer.model)
-    shared = {n: p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("heads.")}
+    shared = shared_parameters(trainer)
     fisher = {n: torch.zeros_like(p) for n, p in shared.items()}
     was_training = model.training
     model.eval()

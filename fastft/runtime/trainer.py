@@ -45,6 +45,14 @@ class Callback:
     def on_eval(self, trainer: "Trainer", step: int, metrics: dict) -> None: ...
     def on_train_end(self, trainer: "Trainer") -> None: ...
 
+    def state_dict(self, trainer: "Trainer") -> dict:
+        """What a resumed run needs back (saved in every checkpoint). The keys and tensor shapes must be
+        the same whenever it is called, as the load fills this dict in place: keep a placeholder
+        (zeros, None) for state that does not exist yet."""
+        return {}
+
+    def load_state_dict(self, trainer: "Trainer", state: dict) -> None: ...
+
 
 def lr_lambda(cfg: Config):
     o, total = cfg.optim, cfg.run.max_steps
@@ -278,13 +286,25 @@ class Trainer:
         path = latest_checkpoint(self.checkpointer.root) if self.cfg.run.resume else None
         if path is None:
             return False
+        self.checkpointer.extra = self._extra_state()  # the template the load fills in
         state = self.checkpointer.load(path, restore_rng=restore_rng)
         self.step = int(state["step"])
-        self.best, self.bad_evals = state.get("best"), int(state.get("bad_evals", 0))
+        self.best, self.bad_evals = state["best"], int(state["bad_evals"])
+        for key, cb in self._stateful_callbacks().items():
+            cb.load_state_dict(self, state["callbacks"][key])
         return True
 
+    def _stateful_callbacks(self) -> dict:
+        return {f"{i}_{type(cb).__name__}": cb for i, cb in enumerate(self.callbacks)
+                if type(cb).state_dict is not Callback.state_dict}
+
+    def _extra_state(self) -> dict:
+        """Trainer state saved with the step: early stopping, and each callback's state."""
+        return {"best": self.best, "bad_evals": self.bad_evals,
+                "callbacks": {key: cb.state_dict(self) for key, cb in self._stateful_callbacks().items()}}
+
     def save(self) -> Path:
-        self.checkpointer.extra = {"best": self.best, "bad_evals": self.bad_evals}
+        self.checkpointer.extra = self._extra_state()
         return self.checkpointer.save(self.step, self.cfg.checkpoint.keep)
 
     def fit(self) -> dict:

@@ -78,6 +78,25 @@ def test_continual_ewc_forgets_less_than_plain_fine_tuning(tmp_path):
     assert forgetting[1000.0] <= forgetting[0.0] - 0.1, forgetting
 
 
+def test_continual_resume_in_task_b_is_exact(tmp_path):
+    """A run checkpointed in task B (step 8 of 6 + 6) and resumed ends with the same weights as the run
+    that went on in memory: the phase, A's accuracy and EWC's Fisher and anchor come back."""
+    def run(out, **sections):
+        return fit(config(out, "continual", "continual", "continual_encoder",
+                          {"steps_per_task": 6, "ewc_lambda": 1000.0, "fisher_samples": 8},
+                          eval={"at_start": False, "at_end": False}, **sections))
+
+    straight, _ = run(tmp_path / "a", run={"max_steps": 12, "resume": True}, checkpoint={"every": 8})
+    ckpt = tmp_path / "a" / "checkpoints"
+    assert [p.name for p in ckpt.glob("step_*")] == ["step_00000008"]
+    resumed, summary = run(tmp_path / "a", run={"max_steps": 12, "resume": True})
+    assert summary["resumed_from"] == 8 and resumed.task.phase == "b"
+    assert resumed.task.accuracy_after_a == straight.task.accuracy_after_a
+    want = dict(straight.model.named_parameters())
+    for name, p in resumed.model.named_parameters():
+        assert torch.equal(p, want[name]), name
+
+
 def test_continual_needs_two_phases(tmp_path):
     with pytest.raises(ConfigError, match="2 \\* recipe.options.steps_per_task"):
         Trainer(config(tmp_path, "continual", "continual", "continual_encoder", {"steps_per_task": 5},

@@ -251,3 +251,16 @@ def test_methods_together_train_their_parameters_and_export(data, tmp_path):
     assert torch.equal(model.prompt_encoder["default"].embedding.weight, want)
     lora = load_file(out / "adapter" / "adapter_model.safetensors")
     assert lora and all("lora_A" in k or "lora_B" in k for k in lora)
+
+
+def test_resume_restores_early_stopping_state(data, tmp_path):
+    """The best eval metric and the count of evals without improvement come back with the step."""
+    cfg = tiny_config(tmp_path / "run", data, run={"max_steps": 4}, checkpoint={"every": 2},
+                      eval={"every": 1, "early_stopping_patience": 10, "metric": "loss"}, data={"eval_path": str(data)})
+    first = Trainer(cfg)
+    first.fit()
+    losses = [e["loss"] for e in first.eval_history if e["step"] <= 2]
+    bad = sum(1 for i, v in enumerate(losses) if i > 0 and v >= min(losses[:i]))
+    second = Trainer(cfg)
+    assert second.resume() and second.step == 2
+    assert second.best == min(losses) and second.bad_evals == bad
