@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).absolute().parent))
-from helpers import METHODS, tiny_config, trainable_state  # noqa: E402
+from helpers import METHODS, MIXED, tiny_config, trainable_state  # noqa: E402
 
 from fastft.runtime.trainer import Callback, Trainer  # noqa: E402
 
@@ -28,6 +28,12 @@ for mode in ("ddp", "fsdp2"):
     trainer = Trainer(tiny_config(work / f"methods_{mode}", data, parallel={"mode": mode}, **METHODS))
     trainer.fit()
     results[f"methods_{mode}"] = {"params": trainable_state(trainer), "losses": [r["loss"] for r in trainer.history]}
+
+# bf16 frozen base and fp32 LoRA in the same FSDP2 units, bf16 autocast
+trainer = Trainer(tiny_config(work / "mixed_fsdp2", data, parallel={"mode": "fsdp2"}, **MIXED))
+trainer.fit()
+results["mixed_fsdp2"] = {"params": trainable_state(trainer), "losses": [r["loss"] for r in trainer.history],
+                          "dtypes": sorted({str(p.dtype) for p in trainer.model.parameters()})}
 
 trainer = Trainer(tiny_config(work / "groups_zero1", data, parallel={"mode": "zero1"}, data={"task": "two_rates"}))
 trainer.fit()

@@ -32,6 +32,9 @@ METHODS = {"prefix": {"enabled": True, "num_virtual_tokens": 3},
            "bottleneck": {"enabled": True, "adapter_size": 8, "dropout": 0.0},
            "run": {"export_adapter": True}}
 
+# frozen base in bf16, adapters in fp32, bf16 autocast
+MIXED = {"model": {"dtype": "bfloat16"}, "precision": {"dtype": "bf16"}}
+
 
 def tiny_config(out: Path, data_path: Path, **sections) -> Config:
     base = {

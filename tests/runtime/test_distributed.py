@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from helpers import METHODS, tiny_config, trainable_state, write_uneven_data
+from helpers import METHODS, MIXED, tiny_config, trainable_state, write_uneven_data
 from fastft.runtime.trainer import Trainer
 
 WORKER = Path(__file__).with_name("dist_worker.py")
@@ -83,6 +83,21 @@ def test_methods_together_match_one_process(runs, mode):
         assert a.keys() == b.keys() and a
         for key in a:
             torch.testing.assert_close(a[key], b[key], atol=2e-6, rtol=1e-5, msg=f"{mode} {folder}: {key}")
+
+
+def test_fsdp2_bf16_base_with_fp32_adapters_matches_one_process(runs, tmp_path):
+    """FSDP2 units holding a bf16 frozen base and fp32 LoRA parameters (under bf16 autocast) train as
+    one process does."""
+    got = runs["rank0"]["mixed_fsdp2"]
+    assert got["dtypes"] == ["torch.bfloat16", "torch.float32"]
+    single = Trainer(tiny_config(tmp_path / "mixed", runs["data"], batch={"grad_accum": 2}, **MIXED))
+    single.fit()
+    want = trainable_state(single)
+    assert got["params"].keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got["params"][name], want[name], atol=1e-5, rtol=1e-4, msg=name)
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor([r["loss"] for r in single.history]),
+                               atol=1e-4, rtol=1e-5)
 
 
 def test_zero1_keeps_the_tasks_parameter_groups(runs, tmp_path):
