@@ -14,11 +14,11 @@ from pathlib import Path
 
 from .config import load_config
 
-# Printed at the start. Measured only on a shared 2-core machine (docs/runtime.md), one thread: 1.8-3.0 s
-# per fastft step and 3.8 s per HF + PEFT step at load average 7-8; the whole run took 7.2 minutes at load
-# average 8.4 (11.5 at 9-10), --quick 71 s. On 2 idle cores the full run is estimated (not measured) at 4-5 minutes.
-EXPECTED = {"full": "about 4-5 minutes on 2 idle cores (longer on a busy machine)",
-            "quick": "about 1 minute"}
+# Printed at the start. Measured on the 2-core machine (docs/runtime.md): the full run took 115 s at load
+# average 1-2 (552 and 723 ms per step for the two runs), 1114 s when the machine ran other jobs at load
+# average 8; --quick about 21 s idle.
+EXPECTED = {"full": "about 2 minutes on 2 idle cores (much longer on a busy machine)",
+            "quick": "about 30 seconds on 2 idle cores"}
 QUICK = ["--run.max_steps=4", "--data.num_eval=10", "--eval.batch_size=10", "--optim.warmup_steps=1"]
 BASELINE = ["--kernels.enabled=false", "--eval.at_start=false", "--eval.at_end=false", "--checkpoint.at_end=false",
             "--run.export_adapter=false", "--run.plots=false"]
