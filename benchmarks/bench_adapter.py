@@ -108,27 +108,16 @@ def _fastft_provider(cfg: dict, backend: str) -> harness.Provider:
     import fastft.backend
     from fastft.ops.adapter import adapter
 
-    name = f"fastft-{backend}"
-    if backend == "triton" and cfg["device"] == "cpu":
-        return harness.unavailable(name, "Triton on CPU runs only under the interpreter: correct, but no speed peer")
-    if backend == "cpp" and cfg["device"] != "cpu":
-        return harness.unavailable(name, "C++ backend takes CPU tensors only")
-
-    def on_backend(config):
+    def adapter_step(config):
         def fn(x, down, up):
             return adapter(x, down.weight, down.bias, up.weight, up.bias, activation=config["activation"],
                            dropout_p=config["dropout"], scale=config["scale"])
 
-        inner = _step_with(fn, config)
+        return _step_with(fn, config)
 
-        def step(st):
-            with fastft.backend.use(backend):
-                return inner(st)
-
-        return step
-
-    return harness.Provider(name, lambda: _inputs(cfg), on_backend(cfg), lambda: fastft.backend.status(backend),
-                            check_step=on_backend(_without_dropout(cfg)))
+    return harness.fastft_backend_provider(cfg["device"], backend, lambda: _inputs(cfg), adapter_step(cfg),
+                                           lambda: fastft.backend.status(backend),
+                                           check_step=adapter_step(_without_dropout(cfg)))
 
 
 def _compile_provider(cfg: dict) -> harness.Provider:

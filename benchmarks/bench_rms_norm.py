@@ -86,21 +86,11 @@ def _module_forward(st):
 
 
 def _fastft_provider(cfg: dict, backend: str) -> harness.Provider:
-    import fastft.backend
     from fastft.ops.rms_norm import rms_norm, rms_norm_op
 
-    name = f"fastft-{backend}"
-    if backend == "triton" and cfg["device"] == "cpu":
-        return harness.unavailable(name, "Triton on CPU runs only under the interpreter: correct, but no speed peer")
-    if backend == "cpp" and cfg["device"] != "cpu":
-        return harness.unavailable(name, "C++ backend takes CPU tensors only")
-    inner = _step(lambda st: rms_norm(st["x"], st["norm"].weight, st["norm"].variance_epsilon))
-
-    def step(st):
-        with fastft.backend.use(backend):
-            return inner(st)
-
-    return harness.Provider(name, lambda: _inputs(cfg), step, rms_norm_op.backends[backend].status)
+    step = _step(lambda st: rms_norm(st["x"], st["norm"].weight, st["norm"].variance_epsilon))
+    return harness.fastft_backend_provider(cfg["device"], backend, lambda: _inputs(cfg), step,
+                                           rms_norm_op.backends[backend].status)
 
 
 def _compile_provider(cfg: dict) -> harness.Provider:

@@ -78,21 +78,11 @@ def _step(fn):
 
 
 def _fastft_provider(cfg: dict, backend: str) -> harness.Provider:
-    import fastft.backend
     from fastft.ops.swiglu import swiglu, swiglu_op
 
-    name = f"fastft-{backend}"
-    if backend == "triton" and cfg["device"] == "cpu":
-        return harness.unavailable(name, "Triton on CPU runs only under the interpreter: correct, but no speed peer")
-    if backend == "cpp" and cfg["device"] != "cpu":
-        return harness.unavailable(name, "C++ backend takes CPU tensors only")
-    inner = _step(lambda st: swiglu(st["gate"], st["up"]))
-
-    def step(st):
-        with fastft.backend.use(backend):
-            return inner(st)
-
-    return harness.Provider(name, lambda: _inputs(cfg), step, swiglu_op.backends[backend].status)
+    step = _step(lambda st: swiglu(st["gate"], st["up"]))
+    return harness.fastft_backend_provider(cfg["device"], backend, lambda: _inputs(cfg), step,
+                                           swiglu_op.backends[backend].status)
 
 
 def _compile_provider(cfg: dict) -> harness.Provider:

@@ -122,6 +122,30 @@ def liger_provider(device: str, loss_class: str, setup: Callable, step: Callable
     return Provider("liger", lambda: setup(load()), step, available)
 
 
+def fastft_backend_provider(device: str, backend: str, setup: Callable, step: Callable, available: Callable,
+                            check_step: Optional[Callable] = None) -> Provider:
+    """fastft on one of its backends ("cpp" or "triton") as the provider ``fastft-<backend>``: ``step`` (and
+    ``check_step``) run under ``fastft.backend.use(backend)``. Listed as unavailable, with why, where that backend
+    is no speed peer: Triton on CPU (the interpreter) and the C++ backend on CUDA. Shared so that a bench_<op>.py
+    states only its inputs and its step, not this wrapping and these rules again."""
+    name = f"fastft-{backend}"
+    if backend == "triton" and device == "cpu":
+        return unavailable(name, "Triton on CPU runs only under the interpreter: correct, but no speed peer")
+    if backend == "cpp" and device != "cpu":
+        return unavailable(name, "C++ backend takes CPU tensors only")
+    import fastft.backend
+
+    def on_backend(fn):
+        def run_on_backend(state):
+            with fastft.backend.use(backend):
+                return fn(state)
+
+        return run_on_backend
+
+    return Provider(name, setup, on_backend(step), available,
+                    check_step=None if check_step is None else on_backend(check_step))
+
+
 @dataclass
 class Benchmark:
     op: str
