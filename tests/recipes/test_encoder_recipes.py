@@ -37,6 +37,15 @@ def test_multitask_loss_weights_select_the_task(tmp_path):
     assert heads["label.weight"].grad.abs().sum() > 0
 
 
+def test_encoder_builds_with_the_default_kernel_switches(tmp_path):
+    """kernels.fused_loss (on by default) patches causal LMs only: an encoder with heads builds and trains
+    with its own loss instead of failing on the patch."""
+    trainer = Trainer(config(tmp_path, "multitask", "multitask", "multitask_encoder", run={"max_steps": 2},
+                             kernels={"fused_loss": True}, eval={"at_start": False, "at_end": False}))
+    summary = trainer.fit()
+    assert summary["kernels"]["fused_loss"] and torch.isfinite(torch.tensor(summary["final_loss"]))
+
+
 def test_extractive_qa_learns_spans(tmp_path):
     """40 steps on two-fact contexts: exact match up by >= 0.4."""
     _, summary = fit(config(tmp_path, "extractive_qa", "extractive_qa", "span_encoder", {"facts_per_context": 2},
