@@ -31,7 +31,9 @@ def _forced() -> str | None:
 
 @contextlib.contextmanager
 def use(name: str | None) -> Iterator[None]:
-    """Force one backend inside a ``with`` block (``None`` restores automatic choice)."""
+    """Force one backend inside a ``with`` block (``None`` restores automatic choice). The setting is
+    process-wide (torch.compile guards on it), so it is not for threads that overlap: blocks entered
+    and left out of order by several threads restore each other's settings."""
     if name is not None and name not in BACKENDS:
         raise ValueError(f"unknown fastft backend {name!r}; expected one of {BACKENDS}")
     previous = _override[0]

@@ -237,6 +237,44 @@ def test_no_grad_forward_and_noncontiguous_int32(backend):
         torch.testing.assert_close(cross_entropy(xt, tt), F.cross_entropy(xt, tt), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_strided_and_broadcast_targets(backend):
+    """A target that is a view with strides (labels[:, ::2], an expanded scalar) reads as its values."""
+    x = torch.randn(4, 6, 11)
+    labels = torch.randint(0, 11, (4, 12))
+    labels[0, 2] = -100
+    for t in (labels[:, ::2], torch.tensor(3).expand(4, 6)):
+        with fb.use(backend):
+            got = cross_entropy(x, t, reduction="none")
+            want = cross_entropy(x, t.contiguous(), reduction="none")
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(got, F.cross_entropy(x.transpose(1, 2), t, reduction="none"), rtol=1e-5, atol=1e-5)
+
+
+def test_class_weights_that_require_grad_are_refused():
+    """Not differentiable with respect to the class weights (as torch): an error, not a silent None."""
+    x, t = make_inputs((8,), 5)
+    w = torch.rand(5, requires_grad=True)
+    with pytest.raises(TypeError, match="weight \\(class weights\\) requires grad"):
+        cross_entropy(x.requires_grad_(), t, w)
+    with torch.no_grad():
+        cross_entropy(x, t, w)  # no graph: fine
+    cross_entropy(x, t, w.detach())
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_double_backward_raises(backend):
+    """Gradients come from saved tensors: create_graph=True must raise, not silently drop the
+    second-order terms (a gradient penalty through the loss would otherwise be wrong)."""
+    x, t = make_inputs((8,), 5)
+    x.requires_grad_()
+    with fb.use(backend), pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(cross_entropy(x, t), x, create_graph=True)
+    with fb.use(backend):
+        (g,) = torch.autograd.grad(cross_entropy(x, t), x)  # first order is fine
+    assert g.abs().sum() > 0
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_grad_kept_by_user_is_not_overwritten_by_next_step(backend):
     """The CPU gradient buffer is reused across steps only once nothing references it."""

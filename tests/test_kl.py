@@ -338,6 +338,26 @@ def test_linear_full_kl_fp32(backend, reduction, chunk_size, masked, ref_grad):
             torch.testing.assert_close(mine.grad.double(), want.grad, rtol=1e-4, atol=1e-6 * want.grad.abs().max())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_full_kl_under_autocast(backend, reduction):
+    """Under bf16 autocast the four GEMM operands are bf16 (as F.linear's), the loss fp32, the leaf
+    gradients fp32; values as the reference on the bf16 operands."""
+    _skip_unusable(backend)
+    inputs = _linear_inputs((2, 9), 24, 16, 203)
+    hp, wp = (t.clone().requires_grad_() for t in inputs[:2])
+    with torch.autocast("cpu", dtype=torch.bfloat16), fastft.backend.use(backend):
+        out = linear_full_kl(hp, wp, inputs[2], inputs[3], reduction=reduction, chunk_size=5)
+        out.sum().backward()
+    assert out.dtype == torch.float32 and hp.grad.dtype == wp.grad.dtype == torch.float32
+    T = [t.detach().bfloat16().double().requires_grad_(i < 2) for i, t in enumerate(inputs)]
+    truth = ref.linear_full_kl(*T, reduction=reduction)
+    truth.sum().backward()
+    torch.testing.assert_close(out.double(), truth.detach(), rtol=2e-2, atol=2e-2 * truth.abs().max().item())
+    for mine, want in zip((hp, wp), T[:2]):
+        torch.testing.assert_close(mine.grad.double(), want.grad, rtol=5e-2, atol=2e-2 * want.grad.abs().max().item())
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_linear_full_kl_low_precision_rule(dtype):
     if not HAS_CPP:

@@ -276,6 +276,46 @@ def test_no_grad_and_int32_and_noncontiguous(backend):
     torch.testing.assert_close(loss, F.cross_entropy(F.linear(xt, w, b), t, reduction="none"), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_strided_and_broadcast_targets(backend):
+    """A target that is a view with strides (labels[:, ::2], an expanded scalar) reads as its values."""
+    x, w, b, _ = make_inputs((3, 5), 8, 30, bias=True)
+    labels = torch.randint(0, 30, (3, 10))
+    labels[1, 4] = -100
+    for t in (labels[:, ::2], torch.tensor(7).expand(3, 5)):
+        with fb.use(backend):
+            got = linear_cross_entropy(x, w, t, linear_bias=b, reduction="none")
+            want = linear_cross_entropy(x, w, t.contiguous(), linear_bias=b, reduction="none")
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_class_weights_that_require_grad_are_refused():
+    x, w, b, t = make_inputs((6,), 4, 9)
+    with pytest.raises(TypeError, match="weight \\(class weights\\) requires grad"):
+        linear_cross_entropy(x, w, t, weight=torch.rand(9, requires_grad=True))
+
+
+def test_float64_with_class_weights_is_exact():
+    """Class weights stay in the accumulator dtype (fp64 here), as cross_entropy's."""
+    x, w, b, t = make_inputs((9,), 6, 13, dtype=torch.float64, bias=True)
+    cw = torch.rand(13, dtype=torch.float64) + 0.5
+    for backend in CPU_BACKENDS:
+        if backend == "triton":
+            continue  # fp64 is not a Triton dtype here
+        with fb.use(backend):
+            got = linear_cross_entropy(x, w, t, linear_bias=b, weight=cw, reduction="sum")
+        want = F.cross_entropy(F.linear(x, w, b), t, weight=cw, reduction="sum")
+        assert abs(got - want).item() <= 1e-12 * abs(want).item(), backend
+
+
+def test_bad_chunk_budget_is_named(monkeypatch):
+    x, w, b, t = make_inputs((6,), 4, 9)
+    for value in ("64MB", "0"):
+        monkeypatch.setenv("FASTFT_LCE_CHUNK_BYTES", value)
+        with pytest.raises(ValueError, match="FASTFT_LCE_CHUNK_BYTES"), fb.use(KERNEL_BACKENDS[0]):
+            linear_cross_entropy(x, w, t)
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_autocast_matches_torch(backend):
     x, w, b, t = make_inputs((24,), 32, 90, bias=True)

@@ -108,7 +108,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
     const acc eps = static_cast<acc>(o.smoothing), cap = static_cast<acc>(o.softcap), z = static_cast<acc>(o.z_loss);
     const scalar_t* x0 = logits.data_ptr<scalar_t>();
     const int64_t row_stride = logits.stride(0);
-    const int64_t* tgt = target.data_ptr<int64_t>();
+    const at::Tensor target_c = target.contiguous();  // rows are read by index: a strided view would misread
+    const int64_t* tgt = target_c.data_ptr<int64_t>();
     acc* loss_p = loss.data_ptr<acc>();
     acc* lse_p = lse.data_ptr<acc>();
     scalar_t* g0 = has_grad ? grad.data_ptr<scalar_t>() : nullptr;
@@ -179,7 +180,8 @@ at::Tensor cross_entropy_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& 
     const acc eps = static_cast<acc>(o.smoothing), cap = static_cast<acc>(o.softcap), z = static_cast<acc>(o.z_loss);
     const scalar_t* x0 = logits.data_ptr<scalar_t>();
     const int64_t row_stride = logits.stride(0);
-    const int64_t* tgt = target.data_ptr<int64_t>();
+    const at::Tensor target_c = target.contiguous();  // rows are read by index: a strided view would misread
+    const int64_t* tgt = target_c.data_ptr<int64_t>();
     const acc* gl = grad_loss.data_ptr<acc>();
     const acc* lse_p = lse.data_ptr<acc>();
     scalar_t* g0 = grad.data_ptr<scalar_t>();

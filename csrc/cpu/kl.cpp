@@ -263,7 +263,8 @@ std::tuple<at::Tensor, at::Tensor> selective_log_softmax_fwd_cpu(const at::Tenso
     const acc inv_t = static_cast<acc>(1.0 / temperature);
     const scalar_t* x0 = logits.data_ptr<scalar_t>();
     const int64_t row_stride = logits.stride(0);
-    const int64_t* idx = index.data_ptr<int64_t>();
+    const at::Tensor index_c = index.contiguous();  // read by position: a strided view would misread
+    const int64_t* idx = index_c.data_ptr<int64_t>();
     acc* out = logp.data_ptr<acc>();
     acc* lse_p = lse.data_ptr<acc>();
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
@@ -298,7 +299,8 @@ at::Tensor selective_log_softmax_bwd_cpu(const at::Tensor& grad_logp, const at::
     const acc inv_t = static_cast<acc>(1.0 / temperature);
     const scalar_t* x0 = logits.data_ptr<scalar_t>();
     const int64_t row_stride = logits.stride(0);
-    const int64_t* idx = index.data_ptr<int64_t>();
+    const at::Tensor index_c = index.contiguous();  // read by position: a strided view would misread
+    const int64_t* idx = index_c.data_ptr<int64_t>();
     const acc* go = grad_logp.data_ptr<acc>();
     const acc* lse_p = lse.data_ptr<acc>();
     scalar_t* g0 = grad.data_ptr<scalar_t>();

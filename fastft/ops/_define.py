@@ -395,6 +395,9 @@ class Op:
             return outputs
 
         def backward(ctx, grad_output, *_non_differentiable):
+            if torch.is_grad_enabled():  # create_graph=True: the gradients below are not differentiable
+                raise RuntimeError(f"fastft::{op.name}: double backward (create_graph=True) is not supported; its "
+                                   "gradients come from saved tensors, so second-order terms would be silently lost")
             return (*op._input_grads(ctx, grad_output), None, None)
 
         return type(f"_Eager_{self.name}", (torch.autograd.Function,), {

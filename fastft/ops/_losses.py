@@ -82,6 +82,21 @@ def count_reduction_scale(mask: Optional[Tensor], n: int, reduction: str, dtype:
     return mean_scale(counted, counted.sum(dtype=dtype), reduction)
 
 
+def autocast_operands(*tensors: Optional[Tensor]) -> tuple:
+    """Under torch.autocast, the GEMM operands cast as F.linear would cast them (fp64 stays), and the
+    loss dtype autocast gives a loss (fp32); outside it the operands unchanged and None. Shared by the
+    linear heads, whose GEMMs run in the operands' dtype."""
+    device_type = next(t.device.type for t in tensors if t is not None)
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return (*tensors, None)
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        return t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+
+    return (*(cast(t) for t in tensors), torch.float32)
+
+
 def check_ce_options(weight, num_classes: int, device, ignore_index, reduction, label_smoothing, z_loss,
                      softcap) -> None:
     """The cross-entropy options (shared by cross_entropy and linear_cross_entropy)."""
@@ -94,6 +109,9 @@ def check_ce_options(weight, num_classes: int, device, ignore_index, reduction, 
             raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
         if weight.device != device:
             raise ValueError(f"weight is on {weight.device} but input is on {device}")
+        if weight.requires_grad and torch.is_grad_enabled():
+            raise TypeError("weight (class weights) requires grad, but the loss is not differentiable with respect "
+                            "to it (as torch's cross_entropy); pass weight.detach()")
     check_reduction(reduction)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
@@ -116,7 +134,12 @@ def chunk_rows(n: int, v: int, dtype: torch.dtype, device_type: str, buffers_per
     if chunk_size > 0:
         return max(1, min(chunk_size, n))
     env = os.environ.get("FASTFT_LCE_CHUNK_BYTES")
-    budget = int(env) if env else DEFAULT_CHUNK_BYTES.get(device_type, 512 << 20)
+    try:
+        budget = int(env) if env else DEFAULT_CHUNK_BYTES.get(device_type, 512 << 20)
+    except ValueError:
+        raise ValueError(f"FASTFT_LCE_CHUNK_BYTES must be a whole number of bytes, got {env!r}") from None
+    if budget <= 0:
+        raise ValueError(f"FASTFT_LCE_CHUNK_BYTES must be positive, got {env!r}")
     row_bytes = max(1, v * torch.empty((), dtype=dtype).element_size() * buffers_per_row)
     rows = max(1, budget // row_bytes)
     if rows >= 64:

@@ -166,7 +166,7 @@ def cross_entropy(
     logits = input.reshape(-1, num_classes)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    flat_target = target.reshape(-1).to(torch.int64)
+    flat_target = target.reshape(-1).to(torch.int64).contiguous()  # a strided view (labels[:, ::2]) stays one
     w = None if weight is None else weight.to(accumulator_dtype(input.dtype)).contiguous()
     compute_grad = torch.is_grad_enabled() and input.requires_grad
     options = CrossEntropyOptions(int(ignore_index), float(label_smoothing), float(z_loss),

@@ -41,7 +41,7 @@ from . import registry
 from ._checks import (check_chunk_size, check_float_tensor, check_index_tensor, check_indices_in_range,
                       check_same_device, check_tensor)
 from ._define import accumulator_dtype, define_op, save_fused_grads, scale_fused_grads, standard_backends
-from ._losses import (CE_KERNELS, HeadGrads, ce_reduction_scale, check_ce_options, chunk_rows, counted_rows,
+from ._losses import (CE_KERNELS, HeadGrads, autocast_operands, ce_reduction_scale, check_ce_options, chunk_rows, counted_rows,
                       logits_into, loss_kernels, scale_in_place, scale_rows_in_place, scatter_rows)
 from .cross_entropy import CrossEntropyOptions
 
@@ -277,20 +277,6 @@ def _check_inputs(input, linear_weight, target, linear_bias, weight, ignore_inde
     check_chunk_size(chunk_size)
 
 
-def _autocast(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor]):
-    """Under torch.autocast, cast the GEMM operands as F.linear would; the loss then comes out in fp32
-    as autocast's cross_entropy does. Returns (input, weight, bias, loss dtype or None)."""
-    device_type = input.device.type
-    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
-        return input, linear_weight, linear_bias, None
-    dtype = torch.get_autocast_dtype(device_type)
-
-    def cast(t):
-        return t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-
-    return cast(input), cast(linear_weight), cast(linear_bias), torch.float32
-
-
 def linear_cross_entropy(
     input: Tensor,
     linear_weight: Tensor,
@@ -320,7 +306,7 @@ def linear_cross_entropy(
     in backward (a second backward with ``retain_graph=True`` works, eager and compiled).
     """
     if isinstance(input, Tensor) and isinstance(linear_weight, Tensor):
-        input, linear_weight, linear_bias, autocast_dtype = _autocast(input, linear_weight, linear_bias)
+        input, linear_weight, linear_bias, autocast_dtype = autocast_operands(input, linear_weight, linear_bias)
     else:
         autocast_dtype = None
     _check_inputs(input, linear_weight, target, linear_bias, weight, ignore_index, reduction, label_smoothing,
@@ -337,8 +323,8 @@ def linear_cross_entropy(
     x = input.reshape(-1, input.shape[-1])
     if not x.is_contiguous():
         x = x.contiguous()
-    flat_target = target.reshape(-1).to(torch.int64)
-    class_weight = None if weight is None else weight.to(torch.float32).contiguous()
+    flat_target = target.reshape(-1).to(torch.int64).contiguous()  # a strided view (labels[:, ::2]) stays one
+    class_weight = None if weight is None else weight.to(accumulator_dtype(input.dtype)).contiguous()
     grad_on = torch.is_grad_enabled()
     options = LinearCrossEntropyOptions(int(ignore_index), float(label_smoothing), float(z_loss),
                                         float(softcap) if softcap is not None else 0.0, reduction,

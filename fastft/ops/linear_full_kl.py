@@ -19,8 +19,8 @@ from ..reference import kl as _reference
 from . import registry
 from ._checks import check_chunk_size, check_float_tensor, check_mask, check_number, check_reduction, check_same_device
 from ._define import accumulator_dtype, define_op, save_fused_grads, scale_fused_grads, standard_backends
-from ._losses import (KL_KERNELS, HeadGrads, chunk_rows, count_reduction_scale, counted_rows, loss_kernels,
-                      scale_in_place, scatter_rows)
+from ._losses import (KL_KERNELS, HeadGrads, autocast_operands, chunk_rows, count_reduction_scale, counted_rows,
+                      loss_kernels, scale_in_place, scatter_rows)
 from .full_kl import KLOptions, kl_truth
 
 __all__ = ["linear_full_kl", "LinearKLOptions"]
@@ -206,12 +206,16 @@ def linear_full_kl(
     check_reduction(reduction)
     token_shape = tuple(policy_hidden.shape[:-1])
     flat_mask = check_mask("mask", mask, token_shape, policy_hidden.device)
+    # under autocast the four GEMM operands take its dtype, as F.linear's would, and the loss is fp32
+    policy_hidden, policy_weight, ref_hidden, ref_weight, autocast_dtype = autocast_operands(
+        policy_hidden, policy_weight, ref_hidden, ref_weight)
     dtype = policy_hidden.dtype
     policy_weight, ref_hidden, ref_weight = (t.to(dtype) for t in (policy_weight, ref_hidden, ref_weight))
     backend = linear_full_kl_op.select(policy_hidden)
     if backend == "reference":
-        return _reference.linear_full_kl(policy_hidden, policy_weight, ref_hidden, ref_weight, mask=mask,
+        loss = _reference.linear_full_kl(policy_hidden, policy_weight, ref_hidden, ref_weight, mask=mask,
                                          temperature=temperature, reduction=reduction)
+        return loss.to(autocast_dtype) if autocast_dtype is not None else loss
     grad_on = torch.is_grad_enabled()
     ins = (policy_hidden.reshape(-1, policy_hidden.shape[-1]), policy_weight,
            ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight)
@@ -219,6 +223,8 @@ def linear_full_kl(
     ins = tuple(t.contiguous() for t in ins)
     options = LinearKLOptions(temperature, reduction, int(chunk_size or 0))
     loss = linear_full_kl_op(*ins, flat_mask, needs, options=options, backend=backend)[0]
+    if autocast_dtype is not None:
+        loss = loss.to(autocast_dtype)
     return loss.reshape(token_shape) if reduction == "none" else loss
 
 
