@@ -5,8 +5,9 @@
 #   1. build     FASTFT_BUILD_CUDA=1 setup.py build_ext --inplace, then `import fastft._C` (with_cuda)
 #   2. info      python -m fastft info
 #   3. tests     pytest -m cuda (pytest-xdist workers when present: the torch.compile tests are CPU-bound)
-#   4. benches   every op benchmark, highest priority first: the LoRA-Llama training step, the LoRA layer,
-#                adapter, full_kl, cross_entropy, linear_cross_entropy, linear_full_kl
+#   4. benches   every op benchmark, highest priority first: the LoRA-Llama training steps of issue 11
+#                (bench_model_step: PEFT + stock, PEFT + fastft head, fastft LoRA + stock, fastft, Liger),
+#                the LoRA layer, adapter, full_kl, cross_entropy, linear_cross_entropy, linear_full_kl
 #   5. summary   OUTDIR/summary.md: the status of every section and EVERY benchmark table, in one file
 #
 # Time: the whole run fits GPU_CHECK_BUDGET_S (default 450 s: under 8 minutes with margin for the device
@@ -132,8 +133,9 @@ bench() {  # bench NAME CAP MODULE ARGS...
     shift 3
     run "bench $name" "$limit" "$BENCH_LOG" "$PY" -m "benchmarks.bench_$module" "${HARNESS[@]}" "$@"
 }
-bench "LoRA Llama step (end to end)" 70 lora --case llama --tag llama
-bench "LoRA layer" 45 lora --case layer
+bench "LoRA Llama step, vocab 32000, 8 x 512" 70 model_step --model llama32k --tag llama32k
+bench "LoRA Llama step, vocab 128256, 8 x 1024" 80 model_step --model llama128k --tag llama128k
+bench "LoRA layer" 45 lora
 bench "adapter" 45 adapter
 bench "full_kl" 45 kl --op full
 bench "cross_entropy" 45 cross_entropy

@@ -157,6 +157,7 @@ class Benchmark:
     baselines: tuple[str, ...] = ()  # one "vs <name>" ratio column each
     bytes_per_step: Optional[int] = None  # explicit byte count -> GB/s
     flops_per_step: Optional[int] = None  # explicit flop count -> TFLOP/s
+    tokens_per_step: Optional[int] = None  # tokens a training step processes -> tokens/s
     # output name (or "*") -> (atol, rtol); pass when max|out - ref| <= atol + rtol * max|ref|
     tolerances: dict = field(default_factory=lambda: {"*": (1e-5, 1e-4)})
     notes: list = field(default_factory=list)
@@ -433,6 +434,8 @@ def run_provider(bench: Benchmark, provider: Provider, opts: Options, ref: Optio
         row["gb_s"] = bench.bytes_per_step / (row["median_ms"] * 1e-3) / 1e9
     if bench.flops_per_step:
         row["tflop_s"] = bench.flops_per_step / (row["median_ms"] * 1e-3) / 1e12
+    if bench.tokens_per_step:
+        row["tokens_s"] = bench.tokens_per_step / (row["median_ms"] * 1e-3)
     del state
     gc.collect()
     return row, outs
@@ -624,6 +627,7 @@ _COLUMN_MEANINGS = {
     "p80 ms": "80th percentile",
     "GB/s": "bytes / median",
     "TFLOP/s": "flops / median",
+    "tokens/s": "tokens / median",
     "peak extra MB": "step peak above between-steps",
     "held MB": "kept between steps, beyond inputs",
     "1st call s": "first step alone (compile/JIT)",
@@ -646,6 +650,7 @@ def table(bench: Benchmark, rows: list) -> str:
     head = ["provider", "median ms", "p20 ms", "p80 ms"]
     head += ["GB/s"] if bench.bytes_per_step else []
     head += ["TFLOP/s"] if bench.flops_per_step else []
+    head += ["tokens/s"] if bench.tokens_per_step else []
     head += ["peak extra MB", "held MB", "1st call s", "max diff vs " + bench.reference] + [f"vs {b}" for b in bench.baselines]
     body, notes = [[f"*{_meaning(c, bench)}*" for c in head]], []
     for r in rows:
@@ -659,6 +664,7 @@ def table(bench: Benchmark, rows: list) -> str:
         line = [r["provider"], _fmt(r["median_ms"], ".3f"), _fmt(r["p20_ms"], ".3f"), _fmt(r["p80_ms"], ".3f")]
         line += [_fmt(r.get("gb_s"), ".1f")] if bench.bytes_per_step else []
         line += [_fmt(r.get("tflop_s"), ".1f")] if bench.flops_per_step else []
+        line += [_fmt(r.get("tokens_s"), ".0f")] if bench.tokens_per_step else []
         line += [
             _fmt(r.get("peak_extra_mb"), ".0f"),
             _fmt(r.get("held_mb"), ".0f"),
@@ -728,7 +734,7 @@ def save(bench: Benchmark, rows: list, meta: dict, out_dir: Path, tag: str = "")
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"{bench.op}_{bench.device}{'_' + tag if tag else ''}"
     paths = []
-    keys = ["provider", "status", "median_ms", "p20_ms", "p80_ms", "repeats", "gb_s", "tflop_s", "peak_extra_mb",
+    keys = ["provider", "status", "median_ms", "p20_ms", "p80_ms", "repeats", "gb_s", "tflop_s", "tokens_s", "peak_extra_mb",
             "held_mb", "memory_method", "first_call_s", "wall_s", "max_diff"]
     keys += [f"vs {b}" for b in bench.baselines] + ["reason"]
     with open(stem.with_suffix(".csv"), "w", newline="") as f:

@@ -1,4 +1,5 @@
-"""`make demo`: every registered op benchmark, default shapes for the device (CUDA when present).
+"""`make bench`: every registered op benchmark, then the model-step benchmark, default shapes for the device
+(CUDA when present).
 
 The list comes from fastft.ops.registry: each registered op names the ``benchmarks/bench_<name>.py``
 that measures it (one module may cover several ops, e.g. bench_kl); each module exposes
@@ -28,7 +29,9 @@ def registered_benches() -> list:
     return names
 
 
-BENCHES = registered_benches()
+# Benchmarks of a whole training step rather than of one op (run after the op benchmarks)
+MODEL_BENCHES = ["model_step"]
+BENCHES = registered_benches() + MODEL_BENCHES
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,39 @@
+"""The model-step benchmark on a tiny config-built Llama: every provider (PEFT + stock loss, PEFT + fastft's
+head, fastft's LoRA + stock loss, all of fastft) gives PEFT's loss and LoRA gradients before it could be
+timed, with the prompt tokens unlabelled; tokens/s is reported."""
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+pytest.importorskip("peft")
+from benchmarks import bench_model_step  # noqa: E402
+from benchmarks import harness  # noqa: E402
+
+
+def test_every_provider_agrees_with_peft():
+    cfg = bench_model_step.make_config("cpu", model="tiny", layers=1, vocab=96, batch=2, seq=16, prompt=5)
+    bench = bench_model_step.build(cfg)
+    names = ["peft+fastft-head", "fastft-lora+stock", "fastft"]
+    diffs = harness.check_agreement(bench, names=names)
+    assert set(diffs) == set(names)
+    for name in names:
+        assert set(diffs[name]) == {"loss", "lora_grads"}
+    liger = next(p for p in bench.providers if p.name == "liger")
+    ok, why = liger.is_available()
+    assert not ok and "CUDA only" in why
+
+
+def test_tokens_per_second_column(tmp_path):
+    cfg = bench_model_step.make_config("cpu", model="tiny", layers=1, vocab=96, batch=2, seq=16, prompt=5)
+    bench = bench_model_step.build(cfg)
+    bench.providers = [p for p in bench.providers if p.name in ("peft+stock", "fastft")]
+    rows = harness.run(bench, harness.Options(warmup=0, repeats=2, memory=False, inprocess=True), "benchmarks.bench_model_step")
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    for r in rows:
+        assert r["tokens_s"] == pytest.approx(2 * 16 / (r["median_ms"] * 1e-3))
+    assert "tokens/s" in harness.table(bench, rows)
