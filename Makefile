@@ -10,7 +10,7 @@ EXT_STAMP   := .stamp-ext
 export TRITON_INTERPRET ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: all venv build test test-fast demo demo-quick bench bench-save info cuda-check gpu-check clean
+.PHONY: all venv build test test-fast demo demo-quick bench bench-save info cuda-check gpu-check gpu-wheels clean
 
 all: build
 
@@ -71,3 +71,9 @@ clean:
 # On a lent GPU machine (its own torch/triton, no network): build with CUDA, cuda tests, GPU benchmarks.
 gpu-check:
 	bash benchmarks/gpu_check.sh $(or $(OUT),gpu_out)
+
+# Peers the H200 image lacks (Liger-Kernel, pure Python), as wheels in .whl/ (git-ignored) for the device
+# call to carry (carry: [".whl"]); gpu_check.sh installs whatever .whl/ holds before it starts.
+gpu-wheels:
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl liger-kernel==0.8.5

@@ -22,7 +22,8 @@
 #
 # Imports come from the source tree (PYTHONPATH=<repo root>); `fastft.kernels` is kernels/ only through
 # setup.py's package_dir mapping, so without an install a temporary symlink fastft/kernels -> ../kernels is
-# made and removed on exit. Knobs: PYTHON (default python3), CUDA_HOME (else found from nvcc),
+# made and removed on exit. Wheels in .whl/ (`make gpu-wheels`; name ".whl" in the device call's carry)
+# are installed into /tmp/fastft-site first. Knobs: PYTHON (default python3), CUDA_HOME (else found from nvcc),
 # TORCH_CUDA_ARCH_LIST (default 9.0), GPU_CHECK_BUDGET_S, GPU_CHECK_XDIST (pytest workers, default 8; 0: off).
 set -u
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR}
@@ -91,6 +92,11 @@ export CUDA_HOME
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 unset FASTFT_BACKEND
+# Carried wheels (`make gpu-wheels`: peers the image lacks, e.g. Liger-Kernel) go to a private site dir
+if ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fastft-site \
+        "$ROOT"/.whl/*.whl >>"$BUILD_LOG" 2>&1 && export PYTHONPATH="/tmp/fastft-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 HEADER="fastft GPU check, $(date -u +%FT%TZ), git $(git rev-parse --short HEAD 2>/dev/null || echo '?')
 GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -n 1)
