@@ -347,7 +347,7 @@ class Op:
     def _flat(self, options) -> tuple:
         if self.options is None:
             return ()
-        if not isinstance(options, self.options):
+        if type(options) is not self.options:  # a subclass (e.g. LinearCrossEntropyOptions) has other fields
             raise TypeError(f"{self.name} takes options={self.options.__name__}(...), got {options!r}")
         return tuple(getattr(options, f.name) for f in dataclasses.fields(options))
 
@@ -411,7 +411,7 @@ class Op:
     def __call__(self, *inputs, options=None, backend: str):
         if torch.compiler.is_compiling():
             return self.registered(*inputs, *self._flat(options), backend)
-        if self.options is not None and not isinstance(options, self.options):
+        if self.options is not None and type(options) is not self.options:
             self._flat(options)  # raises the TypeError
         return self._eager.apply(*inputs, options, backend)
 
