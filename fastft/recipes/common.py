@@ -27,6 +27,11 @@ from . import generators
 # ------------------------------------------------------------------------------------------------
 
 
+# options the encoder recipes had before bottleneck adapters became a runtime section
+MOVED_OPTIONS = {"adapters": '[bottleneck] enabled = true ("none": enabled = false)',
+                 "adapter_size": "[bottleneck] adapter_size", "placement": "[bottleneck] placement"}
+
+
 def recipe_options(cls, cfg):
     """The recipe's options dataclass ``cls`` from ``[recipe.options]``: an unknown key or a wrong type is
     a ConfigError naming it (and the valid keys), like every other config key."""
@@ -35,6 +40,8 @@ def recipe_options(cls, cfg):
         raise ConfigError(f"recipe.options must be a table of keys, got {table!r}")
     types = _section_types(cls)
     for key in table:
+        if key in MOVED_OPTIONS:
+            raise ConfigError(f"recipe.options.{key} moved to the run's [bottleneck] section: {MOVED_OPTIONS[key]}")
         if key not in types:
             raise ConfigError(f"unknown config key recipe.options.{key} for recipe {cfg.recipe.module!r}; "
                               f"valid keys: {', '.join(types)}")
@@ -112,6 +119,9 @@ class EncoderWithHeads(nn.Module):
     reads the mask-weighted mean of the last hidden states, "token" every position. ``forward`` returns
     ``{name: logits}`` ([B, outputs] or [B, T, outputs])."""
 
+    # new task heads: they train along with the run's parameter-efficient methods (fastft.runtime.models)
+    train_with_methods = ("heads",)
+
     def __init__(self, encoder: nn.Module, heads: dict, dropout: float = 0.1):
         super().__init__()
         for name, (outputs, level) in heads.items():
@@ -140,19 +150,14 @@ class EncoderWithHeads(nn.Module):
         return out
 
 
-def encoder_with_heads(cfg, heads: dict, adapters: str, adapter_size: int, placement: str,
-                       head_dropout: float) -> tuple[nn.Module, object]:
-    """The encoder of :func:`build_encoder` with ``heads``; ``adapters="bottleneck"`` inserts fastft's
-    bottleneck adapters into every block and freezes the encoder (heads and adapters train), "none"
-    trains every weight."""
-    from fastft.bottleneck import apply_bottleneck_adapters
-
+def encoder_with_heads(cfg, heads: dict, head_dropout: float) -> tuple[nn.Module, object]:
+    """The encoder of :func:`build_encoder` with ``heads``. Bottleneck adapters (or LoRA) come from the
+    run's ``[bottleneck]`` (``[lora]``) section like for any model; the heads train with them
+    (``EncoderWithHeads.train_with_methods``), and with no method every weight trains."""
     encoder, tokenizer = build_encoder(cfg)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.run.seed + 2)  # the same heads and adapters on every rank
+        torch.manual_seed(cfg.run.seed + 2)  # the same heads on every rank
         model = EncoderWithHeads(encoder, heads, head_dropout)
-        if adapters == "bottleneck":
-            apply_bottleneck_adapters(encoder, adapter_size, placement, dropout=0.0)
     return model, tokenizer
 
 
@@ -181,7 +186,7 @@ class EncoderTask(Task):
         return model(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch})
 
     def callbacks(self) -> list:
-        return [Monitor(), SaveBottleneckAdapters()]
+        return [Monitor()]
 
 
 def word_targets(word_ids: list, per_word: list) -> list:
@@ -319,15 +324,3 @@ def plot_all(metrics_path: Path, out_path: Path) -> None:
     fig.tight_layout()
     fig.savefig(out_path, dpi=80)
     plt.close(fig)
-
-
-class SaveBottleneckAdapters(Callback):
-    """At the end, the encoder's bottleneck adapters (fastft.bottleneck's format) in
-    ``<output_dir>/bottleneck_adapters`` when it has any."""
-
-    def on_train_end(self, trainer) -> None:
-        from fastft.bottleneck import has_bottleneck_adapters, save_bottleneck_adapters
-
-        encoder = unwrap(trainer.model).encoder
-        if trainer.d.is_rank0 and has_bottleneck_adapters(encoder):
-            save_bottleneck_adapters(encoder, str(trainer.output / "bottleneck_adapters"))

@@ -28,7 +28,7 @@ from fastft.runtime.tasks import register_task
 from fastft.runtime.trainer import Callback
 
 from . import generators
-from .common import EncoderTask, check_choice, cross_entropy, encoder_with_heads, predict, recipe_options
+from .common import EncoderTask, cross_entropy, encoder_with_heads, predict, recipe_options
 from .text_classification import encode_words
 
 REGIONS = 3
@@ -39,21 +39,17 @@ class ContinualOptions:
     steps_per_task: int = 40
     ewc_lambda: float = 1000.0    # 0: plain sequential fine-tuning
     fisher_samples: int = 64
-    adapters: str = "none"        # none | bottleneck
-    adapter_size: int = 32
-    placement: str = "houlsby"
 
     def validate(self) -> None:
-        check_choice("adapters", self.adapters, ("bottleneck", "none"))
         if self.steps_per_task < 1 or self.fisher_samples < 1 or self.ewc_lambda < 0:
             raise ConfigError("recipe.options: steps_per_task and fisher_samples must be >= 1, ewc_lambda >= 0")
 
 
 @register_model("continual_encoder")
 def continual_encoder(cfg):
-    o = recipe_options(ContinualOptions, cfg)
+    recipe_options(ContinualOptions, cfg)  # bad options fail before the encoder loads
     heads = {"a": (len(generators.SENTIMENTS), "sequence"), "b": (REGIONS, "sequence")}
-    return encoder_with_heads(cfg, heads, o.adapters, o.adapter_size, o.placement, 0.0)
+    return encoder_with_heads(cfg, heads, 0.0)
 
 
 def region(record: dict) -> int:

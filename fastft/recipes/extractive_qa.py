@@ -24,7 +24,7 @@ from fastft.runtime.models import register_model
 from fastft.runtime.tasks import register_task
 
 from . import generators
-from .common import EncoderTask, check_choice, cross_entropy, encoder_with_heads, predict, recipe_options
+from .common import EncoderTask, cross_entropy, encoder_with_heads, predict, recipe_options
 
 MASKED = -1e4  # a logit no position outside the context can win with (finite: no inf - inf in the softmax)
 
@@ -33,19 +33,15 @@ MASKED = -1e4  # a logit no position outside the context can win with (finite: n
 class QAOptions:
     facts_per_context: int = 3
     max_answer_tokens: int = 8
-    adapters: str = "none"        # none | bottleneck
-    adapter_size: int = 32
-    placement: str = "houlsby"
 
     def validate(self) -> None:
-        check_choice("adapters", self.adapters, ("bottleneck", "none"))
         if self.facts_per_context < 1 or self.max_answer_tokens < 1:
             raise ConfigError("recipe.options.facts_per_context and max_answer_tokens must be >= 1")
 
 
 def span_model(cfg, options_class):
-    o = recipe_options(options_class, cfg)
-    return encoder_with_heads(cfg, {"span": (2, "token")}, o.adapters, o.adapter_size, o.placement, 0.1)
+    recipe_options(options_class, cfg)  # bad options fail before the encoder loads
+    return encoder_with_heads(cfg, {"span": (2, "token")}, 0.1)
 
 
 @register_model("span_encoder")

@@ -23,7 +23,7 @@ from fastft.runtime.models import register_model
 from fastft.runtime.tasks import register_task
 
 from . import generators
-from .common import (EncoderTask, check_choice, classification_scores, cross_entropy, encoder_with_heads, predict,
+from .common import (EncoderTask, classification_scores, cross_entropy, encoder_with_heads, predict,
                      recipe_options, word_targets)
 
 
@@ -32,13 +32,9 @@ class MultiTaskOptions:
     label_weight: float = 1.0
     tags_weight: float = 1.0
     proportions: list = (0.1, 0.3, 0.6)
-    adapters: str = "none"        # none | bottleneck
-    adapter_size: int = 32
-    placement: str = "houlsby"
     head_dropout: float = 0.1
 
     def validate(self) -> None:
-        check_choice("adapters", self.adapters, ("bottleneck", "none"))
         if self.label_weight < 0 or self.tags_weight < 0 or self.label_weight + self.tags_weight <= 0:
             raise ConfigError("recipe.options.label_weight and tags_weight must be >= 0, not both 0")
 
@@ -47,7 +43,7 @@ class MultiTaskOptions:
 def multitask_encoder(cfg):
     o = recipe_options(MultiTaskOptions, cfg)
     heads = {"label": (len(generators.SENTIMENTS), "sequence"), "tags": (len(generators.TAGS), "token")}
-    return encoder_with_heads(cfg, heads, o.adapters, o.adapter_size, o.placement, o.head_dropout)
+    return encoder_with_heads(cfg, heads, o.head_dropout)
 
 
 def per_example_token_loss(cfg, logits: Tensor, targets: Tensor) -> Tensor:

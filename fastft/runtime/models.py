@@ -149,8 +149,9 @@ def kernel_switches(cfg) -> dict:
 def prepare_model(model: nn.Module, cfg) -> nn.Module:
     """The parameter-efficient methods the config enables (LoRA, bottleneck adapters, prefix tuning;
     each fastft's or, with its kernel switch off, PEFT's / eager torch), then the fused layers and the
-    fused loss head. With any method on, exactly the parameters the methods added train; with none, the
-    whole model does (full fine-tuning). Returns the model to train."""
+    fused loss head. With any method on, exactly the parameters the methods added train (and those of
+    the submodules the model lists in ``train_with_methods``, e.g. new task heads); with none, the whole
+    model does (full fine-tuning). Returns the model to train."""
     switches = kernel_switches(cfg)
     base = {id(p) for p in model.parameters()}
     methods = cfg.lora.enabled or cfg.bottleneck.enabled or cfg.prefix.enabled
@@ -168,8 +169,9 @@ def prepare_model(model: nn.Module, cfg) -> nn.Module:
             torch.manual_seed(cfg.run.seed + 3)
             _apply_bottleneck(model, cfg, fused=switches["bottleneck"])
     if methods:  # each method freezes "the rest" when applied, which may include an earlier method's parameters
+        also = _trained_with_methods(model)
         for p in model.parameters():
-            p.requires_grad_(id(p) not in base)
+            p.requires_grad_(id(p) not in base or id(p) in also)
     if switches["fused_layers"]:
         from fastft.integrations.patch import patch
 
@@ -179,6 +181,14 @@ def prepare_model(model: nn.Module, cfg) -> nn.Module:
 
         patch_causal_lm_loss(model)
     return model
+
+
+def _trained_with_methods(model: nn.Module) -> set:
+    """Parameters of the submodules a model names in ``train_with_methods`` (e.g. a recipe's new task
+    heads), which train along with the methods, as PEFT's ``modules_to_save``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = getattr(base, "train_with_methods", ())
+    return {id(p) for name in names for p in base.get_submodule(name).parameters()}
 
 
 def _is_causal_lm(model: nn.Module) -> bool:

@@ -1,5 +1,6 @@
 """Text classification recipe: a tiny config-built encoder learns the generated sentiment labels;
-bottleneck adapters train alone; class weights and options are checked."""
+bottleneck adapters (the run's [bottleneck] section) train with the head alone; class weights and
+options are checked."""
 from __future__ import annotations
 
 import pytest
@@ -13,8 +14,7 @@ MODULE = "fastft.recipes.text_classification"
 
 
 def config(tmp_path, options=None, **sections):
-    return tiny_config(tmp_path, MODULE, "text_classification", "text_classifier",
-                       {"adapters": "none", **(options or {})},
+    return tiny_config(tmp_path, MODULE, "text_classification", "text_classifier", options or {},
                        **{"kernels": {"fused_loss": False}, "data": {"generator": "reviews", "max_length": 32},
                           "eval": {"metric": "f1_macro"}, **sections})
 
@@ -51,21 +51,28 @@ def test_weighted_loss_matches_torch(tmp_path):
 
 
 def test_bottleneck_adapters_train_alone_and_are_saved(tmp_path):
-    trainer = None
-    cfg = config(tmp_path, {"adapters": "bottleneck", "adapter_size": 8}, run={"max_steps": 3},
-                 eval={"at_start": False, "at_end": False})
+    """[bottleneck] on an encoder with a head: the adapters and the head train (the head through
+    EncoderWithHeads.train_with_methods), the encoder stays as it was, the adapters are exported."""
     from fastft.runtime.trainer import Trainer
 
+    cfg = config(tmp_path, run={"max_steps": 3, "export_adapter": True}, eval={"at_start": False, "at_end": False},
+                 bottleneck={"enabled": True, "adapter_size": 8, "dropout": 0.0})
     trainer = Trainer(cfg)
     model = unwrap(trainer.model)
     frozen = {n: p.detach().clone() for n, p in model.encoder.named_parameters() if "fastft_adapter" not in n}
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trained and all("fastft_adapter" in n or n.startswith("heads.") for n in trained)
+    assert any(n.startswith("heads.") for n in trained) and any("fastft_adapter" in n for n in trained)
+    assert all("fastft_adapter" in n or n.startswith("heads.") for n in trained)
     trainer.fit()
     for n, p in model.encoder.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
-    assert (tmp_path / "bottleneck_adapters" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "bottleneck" / "adapter_model.safetensors").is_file()
+
+
+def test_moved_adapter_options_say_where_they_went(tmp_path):
+    with pytest.raises(ConfigError, match=r"recipe.options.adapters moved to the run's \[bottleneck\] section"):
+        fit(config(tmp_path, {"adapters": "bottleneck"}))
 
 
 def test_bad_options_name_the_key(tmp_path):
@@ -77,5 +84,5 @@ def test_bad_options_name_the_key(tmp_path):
 
 def test_the_shipped_recipe_loads_with_overrides():
     cfg = load_config("recipes/text_classification.toml", ["--recipe.options.class_weights=none", "--run.max_steps=5"])
-    assert cfg.recipe.options["class_weights"] == "none" and cfg.recipe.options["adapters"] == "bottleneck"
+    assert cfg.recipe.options["class_weights"] == "none" and cfg.bottleneck.enabled and not cfg.lora.enabled
     assert cfg.run.max_steps == 5 and cfg.data.task == "text_classification"
