@@ -7,6 +7,7 @@
 #   3. tests     pytest -m cuda (pytest-xdist workers when present: the torch.compile tests are CPU-bound)
 #   4. benches   every op benchmark, highest priority first: the LoRA-Llama training steps of issue 11
 #                (bench_model_step: PEFT + stock, PEFT + fastft head, fastft LoRA + stock, fastft, Liger),
+#                a runtime smoke (fastft train on CUDA: bf16 autocast; nccl FSDP2 and DDP via torchrun),
 #                the LoRA layer, adapter, full_kl, cross_entropy, linear_cross_entropy, linear_full_kl
 #   5. summary   OUTDIR/summary.md: the status of every section and EVERY benchmark table, in one file
 #
@@ -141,6 +142,20 @@ bench() {  # bench NAME CAP MODULE ARGS...
 }
 bench "LoRA Llama step, vocab 32000, 8 x 512" 70 model_step --model llama32k --tag llama32k
 bench "LoRA Llama step, vocab 128256, 8 x 1024" 80 model_step --model llama128k --tag llama128k
+# the training runtime on CUDA (never run on a GPU before): bf16 autocast in one process, then nccl +
+# FSDP2 (bf16 MixedPrecisionPolicy) and DDP through torchrun on this one GPU; each trains the tiny recipe
+RUNTIME_OUT=$(mktemp -d)
+SMOKE=(recipes/tiny_smoke.toml --run.max_steps=6 --eval.at_end=false --run.progress=false --run.plots=false --run.resume=false)
+run "runtime: fastft train, bf16 autocast" 60 "$BENCH_LOG" "$PY" -m fastft train "${SMOKE[@]}" \
+    --precision.dtype=bf16 "--run.output_dir=$RUNTIME_OUT/single"
+run "runtime: torchrun nccl fsdp2 + ddp, bf16" 90 "$BENCH_LOG" bash -c "$PY -m torch.distributed.run --standalone \
+    --nproc_per_node 1 -m fastft train ${SMOKE[*]} --parallel.mode=fsdp2 --precision.dtype=bf16 --precision.impl=fsdp \
+    --run.output_dir=$RUNTIME_OUT/fsdp2 && $PY -m torch.distributed.run --standalone --nproc_per_node 1 -m fastft \
+    train ${SMOKE[*]} --parallel.mode=ddp --precision.dtype=bf16 --run.output_dir=$RUNTIME_OUT/ddp"
+for d in single fsdp2 ddp; do
+    [ -f "$RUNTIME_OUT/$d/summary.json" ] && cp "$RUNTIME_OUT/$d/summary.json" "$RESULTS/runtime_smoke_$d.json"
+done
+rm -rf "$RUNTIME_OUT"
 bench "LoRA layer" 45 lora
 bench "adapter" 45 adapter
 bench "full_kl" 45 kl --op full
@@ -184,6 +199,13 @@ fi
     echo '```'
     echo "$INFO"
     echo '```'
+    echo
+    echo "## Runtime smoke (fastft train on CUDA)"
+    echo
+    for js in "$RESULTS"/runtime_smoke_*.json; do
+        [ -e "$js" ] || { echo "no runtime run finished (see bench.log)"; break; }
+        "$PY" -c "import json, sys; s = json.load(open(sys.argv[1])); print('- ' + sys.argv[2] + ': ' + ', '.join(f'{k} {s.get(k)}' for k in ('mode', 'world_size', 'steps', 'final_loss', 'tokens_per_s', 'peak_memory_mb', 'resident_memory_mb')))" "$js" "$(basename "$js" .json)"
+    done
     echo
     echo "## Benchmarks"
     for md in "$RESULTS"/*.md; do
