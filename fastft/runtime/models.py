@@ -139,6 +139,11 @@ def tiny_llama(cfg):
     return model, tokenizer
 
 
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (PeftModel.get_base_model()), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def kernel_switches(cfg) -> dict:
     k = cfg.kernels
     return {"fused_loss": k.enabled and k.fused_loss, "lora": k.enabled and k.lora,
@@ -186,14 +191,14 @@ def prepare_model(model: nn.Module, cfg) -> nn.Module:
 def _trained_with_methods(model: nn.Module) -> set:
     """Parameters of the submodules a model names in ``train_with_methods`` (e.g. a recipe's new task
     heads), which train along with the methods, as PEFT's ``modules_to_save``."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     names = getattr(base, "train_with_methods", ())
     return {id(p) for name in names for p in base.get_submodule(name).parameters()}
 
 
 def _is_causal_lm(model: nn.Module) -> bool:
     """A model whose loss is next-token cross-entropy over an lm_head (what the fused head replaces)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     return hasattr(base, "get_output_embeddings") and base.get_output_embeddings() is not None and \
         type(base).__name__.endswith(("ForCausalLM", "LMHeadModel"))
 
@@ -234,7 +239,7 @@ def _apply_bottleneck(model: nn.Module, cfg, fused: bool) -> None:
     from fastft.bottleneck import apply_bottleneck_adapters, bottleneck_adapters
 
     b = cfg.bottleneck
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     apply_bottleneck_adapters(base, b.adapter_size, b.placement, activation=b.activation, dropout=b.dropout,
                               scale=b.scale)
     for adapter in bottleneck_adapters(base):
@@ -244,7 +249,7 @@ def _apply_bottleneck(model: nn.Module, cfg, fused: bool) -> None:
 def transformer_blocks(model: nn.Module) -> list:
     """The decoder blocks: modules whose class the model lists in ``_no_split_modules`` (transformers),
     else the children of the largest nn.ModuleList."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     names = set(getattr(base, "_no_split_modules", None) or [])
     blocks = [m for m in base.modules() if type(m).__name__ in names]
     if blocks:
@@ -274,7 +279,7 @@ def export_adapters(model: nn.Module, output: Path, cfg, is_rank0: bool) -> list
     if cfg.bottleneck.enabled:
         from fastft.bottleneck import bottleneck_state_dict, save_bottleneck_adapters
 
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = base_model(model)
         tensors = _full_tensors(bottleneck_state_dict(base))
         if is_rank0:
             save_bottleneck_adapters(base, str(output / "bottleneck"), tensors=tensors)
