@@ -264,3 +264,36 @@ def test_resume_restores_early_stopping_state(data, tmp_path):
     second = Trainer(cfg)
     assert second.resume() and second.step == 2
     assert second.best == min(losses) and second.bad_evals == bad
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_memory_meter_counts_the_steps_not_what_came_before_or_evals():
+    """A large buffer freed before training starts, and one held only during an eval, do not count in
+    the steps' peak; one held during a step does."""
+    import gc
+
+    from fastft.runtime.trainer import MemoryMeter
+
+    def touch(mb):  # resident pages, not just reserved address space
+        t = torch.empty(mb << 18)
+        t.fill_(1.0)
+        return t
+
+    model = torch.nn.Linear(8, 8)
+    before = touch(400)
+    del before
+    gc.collect()
+    meter = MemoryMeter(torch.device("cpu"))
+    meter.start(model)
+    assert meter.peak() < meter.resident_mb + 200  # the freed 400 MiB before the start is not counted
+    held = touch(150)
+    step_peak = meter.peak()
+    assert step_peak >= meter.resident_mb + 140
+    del held
+    gc.collect()
+    meter.pause()
+    during_eval = touch(600)
+    del during_eval
+    gc.collect()
+    meter.resume()
+    assert meter.peak() < step_peak + 100  # the eval's 600 MiB is not counted
