@@ -142,6 +142,13 @@ class KernelsConfig:
 
 
 @dataclass(frozen=True)
+class CompileConfig:
+    # torch.compile of each decoder block (regional compilation, as torchtitan does), after activation
+    # checkpointing and before DDP / FSDP2; fastft's ops are registered custom ops that compile whole
+    enabled: bool = False
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     every: int = 0                 # steps between saves (0: only at the end)
     at_end: bool = True
@@ -182,6 +189,7 @@ class Config:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     recipe: RecipeConfig = field(default_factory=RecipeConfig)

@@ -67,6 +67,17 @@ def init_distributed(mode: str) -> Dist:
     return Dist(rank, world, local_rank, device)
 
 
+def compile_blocks(model: nn.Module) -> int:
+    """torch.compile of each decoder block's forward, in place (regional compilation, as torchtitan
+    does: the blocks share code, so compile time stays that of a block or two, not of the whole model).
+    Applied after activation checkpointing (the checkpoint is traced inside) and before DDP / FSDP2
+    wrapping (FSDP2's per-block hooks run around it). Returns the blocks compiled."""
+    blocks = transformer_blocks(model)
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
 def apply_activation_checkpointing(model: nn.Module, mode: str, every_k: int) -> int:
     """Non-reentrant checkpointing of the decoder blocks' forwards (none | full | every_k | offload).
     The block's own forward is wrapped in place, so parameter names (checkpoints, adapters) do not

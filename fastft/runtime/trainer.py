@@ -29,7 +29,7 @@ from .config import Config
 from .data import step_micro_batches
 from .models import build_model, export_adapters, kernel_switches, prepare_model
 from .parallel import (FSDP_MODES, Dist, all_reduce_max, all_reduce_sum, apply_activation_checkpointing,
-                       init_distributed, unwrap, wrap)
+                       compile_blocks, init_distributed, unwrap, wrap)
 from .tasks import build_task, import_recipe
 
 
@@ -157,6 +157,7 @@ class Trainer:
         self.callbacks += self.task.callbacks()
         model = prepare_model(self.model, cfg)
         self.ac_blocks = apply_activation_checkpointing(model, cfg.memory.activation_checkpointing, cfg.memory.every_k)
+        self.compiled_blocks = compile_blocks(model) if cfg.compile.enabled else 0
         self.model = wrap(model, cfg, self.d)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
@@ -318,6 +319,7 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_train_begin(self)
         summary: dict = {"resumed_from": self.step if resumed else None, "kernels": kernel_switches(c),
+                         "compiled_blocks": self.compiled_blocks,
                          "world_size": self.d.world, "mode": c.parallel.mode if self.d.active else "single"}
         if c.eval.at_start and not resumed:
             summary["eval_start"] = self.evaluate()

@@ -23,6 +23,12 @@ for mode in ("ddp", "zero1", "zero2", "fsdp2", "hsdp"):
     results[mode] = {"params": trainable_state(trainer), "losses": [r["loss"] for r in trainer.history],
                      "grad_norms": [r["grad_norm"] for r in trainer.history]}
 
+# FSDP2 over torch.compile'd blocks (regional compilation before fully_shard, as torchtitan)
+trainer = Trainer(tiny_config(work / "fsdp2_compiled", data, parallel={"mode": "fsdp2"}, compile={"enabled": True}))
+trainer.fit()
+results["fsdp2_compiled"] = {"params": trainable_state(trainer), "losses": [r["loss"] for r in trainer.history],
+                             "grad_norms": [r["grad_norm"] for r in trainer.history]}
+
 # every parameter-efficient method at once (LoRA, prefix, bottleneck adapters), sharded and replicated
 for mode in ("ddp", "fsdp2"):
     trainer = Trainer(tiny_config(work / f"methods_{mode}", data, parallel={"mode": mode}, **METHODS))

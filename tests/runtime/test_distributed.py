@@ -42,7 +42,7 @@ def runs(tmp_path_factory):
             "rank1": torch.load(work / "results_rank1.pt"), "single": single, "methods_single": methods}
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODES + ("fsdp2_compiled",))
 def test_mode_matches_one_process(runs, mode):
     got, single = runs["rank0"][mode], runs["single"]
     want = trainable_state(single)
