@@ -63,12 +63,20 @@ def main(argv: list[str]) -> int:
     from .trainer import Trainer
 
     try:
-        summary = Trainer(cfg).fit()
+        trainer = Trainer(cfg)
+        summary = trainer.fit()
     except (ConfigError, DataError, ModelLoadError) as exc:
         print(f"fastft train: error: {exc}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         _print_summary(summary)
+    # torch.distributed's documented shutdown, on success only (after a failure on one rank the others
+    # may be inside a collective, and destroying the group would hang them)
+    trainer.close()
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 0
 
 

@@ -308,6 +308,18 @@ class Trainer:
         self.checkpointer.extra = self._extra_state()
         return self.checkpointer.save(self.step, self.cfg.checkpoint.keep)
 
+    def close(self) -> None:
+        """Drop the model, optimizer and checkpointer and collect them now, while the interpreter is
+        alive: FSDP2 / DDP state sits in reference cycles whose pending collectives, freed only at
+        interpreter exit, can abort it (gloo: "terminate called without an active exception"). Call it
+        before ``torch.distributed.destroy_process_group()``, as ``fastft train`` does."""
+        import gc
+
+        for name in ("checkpointer", "scheduler", "optimizer", "params", "model"):
+            if hasattr(self, name):
+                delattr(self, name)
+        gc.collect()
+
     def fit(self) -> dict:
         c = self.cfg
         if self.d.is_rank0:

@@ -3,6 +3,7 @@ FSDP2 (fully_shard per decoder layer and the root) and then fastft.patch'ed trai
 model on the same global batch: 5 AdamW steps, losses and final adapter parameters. Llama (untied, LoRA on
 lm_head too) and Gemma-2 (tied head, softcap)."""
 import copy
+import gc
 import os
 import sys
 
@@ -77,6 +78,7 @@ def main():
     dist.barrier()
     if rank == 0:
         print("FSDP2_PATCH_OK")
+    gc.collect()  # FSDP2 state in reference cycles: freed now, not at interpreter exit (gloo aborts there)
     dist.destroy_process_group()
 
 

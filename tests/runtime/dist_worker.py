@@ -1,5 +1,6 @@
 """Run by test_distributed.py under `torchrun --nproc_per_node 2` (gloo, CPU): every parallel mode on the
 same tiny run, early stopping, a checkpoint for the 2 -> 1 reshard; results saved for the test to compare."""
+import gc
 import os
 import sys
 from pathlib import Path
@@ -64,5 +65,8 @@ if rank == 0:
 else:
     torch.save({"early_stop_step": trainer.step}, work / "results_rank1.pt")
 dist.barrier()
+trainer.close()  # the last trainer's FSDP / DDP state freed before the group ends (see Trainer.close)
+del trainer
+gc.collect()
 dist.destroy_process_group()
 print("RUNTIME_DIST_OK")
