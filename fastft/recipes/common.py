@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from fastft.runtime.config import ConfigError, _check_type, _section_types
 from fastft.runtime.models import ModelLoadError, resolve_path
-from fastft.runtime.parallel import all_reduce_sum, unwrap
+from fastft.runtime.parallel import all_reduce_sum
 from fastft.runtime.tasks import Task
 from fastft.runtime.trainer import Callback
 

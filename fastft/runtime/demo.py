@@ -49,7 +49,6 @@ def _training_figures(out: Path) -> dict:
 
     summary = json.loads((out / "summary.json").read_text())
     train, _ = read_metrics(out / "metrics.jsonl")
-    summary["peak_train_mb"] = summary["peak_memory_mb"]
     summary["step_memory_mb"] = summary["peak_memory_mb"] - summary["resident_memory_mb"]
     summary["losses"] = [r["loss"] for r in train]
     return summary
@@ -107,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     if before is not None and after is not None:
         print(f"held-out exact-match accuracy: {before:.2f} before -> {after:.2f} after {fast['steps']} LoRA steps")
     rows = [("ms / optimizer step", "seconds_per_step", 1e3, "{:.0f}"), ("tokens / s", "tokens_per_s", 1, "{:.0f}"),
-            ("peak memory while training, MiB", "peak_train_mb", 1, "{:.0f}"),
+            ("peak memory while training, MiB", "peak_memory_mb", 1, "{:.0f}"),
             ("  of it above the loaded model", "step_memory_mb", 1, "{:.0f}"), ("final train loss", "final_loss", 1, "{:.4f}")]
     print(f"{'':<30}{'fastft':>12}{'HF + PEFT':>12}{'ratio':>8}")
     for label, key, scale, fmt in rows:

@@ -294,8 +294,7 @@ def _export_prefix(model: nn.Module, directory: str, is_rank0: bool) -> None:
     from torch.distributed.tensor import DTensor
 
     if hasattr(model, "peft_config"):  # PEFT's prefix (kernels off): PEFT writes its own files
-        params = [p for p in model.parameters() if isinstance(p, DTensor)]
-        if params:
+        if any(isinstance(p, DTensor) for p in model.parameters()):
             raise NotImplementedError("exporting PEFT's prefix from a sharded model: use kernels.prefix = true")
         if is_rank0:
             model.save_pretrained(directory)

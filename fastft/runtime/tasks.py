@@ -71,14 +71,6 @@ class Task:
         return {}
 
     def callbacks(self) -> list:
-        """Callbacks the task brings to the loop (schedules, extra loss terms, monitors)."""
-        return []
-
-    def param_groups(self, model: nn.Module, params: list) -> list:
-        """Optimizer parameter groups over the trainable ``params`` (e.g. layer-wise learning rates)."""
-        return [{"params": params}]
-
-    def callbacks(self) -> list:
         """Callbacks the task adds to the run (schedules, extra loss terms, observers)."""
         return []
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import resource
 import sys
 import time
@@ -109,16 +108,13 @@ class MemoryMeter:
             return torch.cuda.memory_allocated(self.device) / 2**20
         return _proc_status_mb("VmRSS") or 0.0
 
-    def _reset(self) -> bool:
+    def _reset(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-            return True
-        try:
+            return
+        with contextlib.suppress(OSError):  # no /proc: the lifetime peak is all there is
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM to the current RSS
-            return True
-        except OSError:
-            return False
 
     def start(self, model: nn.Module) -> None:
         with torch.no_grad():

@@ -3,7 +3,6 @@ accumulation (and the naive mean of means as a negative control), activation che
 bit-exact DCP resume with dropout (and without RNG restore as a negative control), a save killed
 midway, clear errors that leave a checkpoint untouched, packing, and the parameter-efficient methods
 (prefix tuning and bottleneck adapters, each against its kernels-off twin)."""
-import json
 from pathlib import Path
 
 import pytest
