@@ -25,7 +25,7 @@ DEFAULTS = {  # (N, H, r, dtype)
     ("cpu", True): (1024, 512, 64, "float32"),
     ("cuda", True): (4096, 2048, 64, "bfloat16"),
 }
-FASTFT_BACKENDS = ("cpp", "triton")
+FASTFT_BACKENDS = ("cpp", "triton", "cuda")
 
 
 def add_arguments(p) -> None:

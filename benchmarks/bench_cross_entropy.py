@@ -95,30 +95,9 @@ def _eager_ce(logits, target):
 def _fastft_provider(cfg: dict, backend: str) -> harness.Provider:
     import fastft
 
-    name = f"fastft-{backend}"
-    device = cfg["device"]
-    if backend == "triton" and device == "cpu":
-        return harness.unavailable(name, "Triton on CPU runs only under the interpreter (TRITON_INTERPRET=1): "
-                                   "correct, but no speed peer")
-    if backend == "cpp" and device != "cpu":
-        return harness.unavailable(name, "C++ backend takes CPU tensors only")
-    if backend == "cuda" and device != "cuda":
-        return harness.unavailable(name, "CUDA only")
-
-    def loss_fn(logits, target):
-        with fastft.backend.use(backend):
-            return fastft.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
-
-    def available():
-        return fastft.backend.status(backend)
-
-    inner = _step_with(loss_fn)
-
-    def step(st):  # backward under the same forced backend (ops record it in forward anyway)
-        with fastft.backend.use(backend):
-            return inner(st)
-
-    return harness.Provider(name, lambda: _inputs(cfg), step, available)
+    step = _step_with(lambda logits, target: fastft.cross_entropy(logits, target, ignore_index=IGNORE_INDEX))
+    return harness.fastft_backend_provider(cfg["device"], backend, lambda: _inputs(cfg), step,
+                                           lambda: fastft.backend.status(backend))
 
 
 def _compile_provider(cfg: dict) -> harness.Provider:

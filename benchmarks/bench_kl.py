@@ -25,7 +25,7 @@ DEFAULTS = {  # (N, V, dtype)
     ("cuda", True): (2048, 32000, "bfloat16"),
 }
 HIDDEN = {False: 1024, True: 256}
-FASTFT_BACKENDS = ("cpp", "triton")
+FASTFT_BACKENDS = ("cpp", "triton", "cuda")
 
 
 def add_arguments(p) -> None:
@@ -121,23 +121,13 @@ def _fastft_provider(cfg: dict, backend: str) -> harness.Provider:
     import fastft
     from fastft.ops.kl import full_kl, linear_full_kl
 
-    name = f"fastft-{backend}"
-    device, t = cfg["device"], cfg["temperature"]
-    if backend == "triton" and device == "cpu":
-        return harness.unavailable(name, "Triton on CPU runs only under the interpreter: correct, but no speed peer")
-    if backend == "cpp" and device != "cpu":
-        return harness.unavailable(name, "C++ backend takes CPU tensors only")
-
+    t = cfg["temperature"]
     if cfg["op"] == "linear":
-        inner = _step_linear(lambda hp, wp, hr, wr, m: linear_full_kl(hp, wp, hr, wr, mask=m, temperature=t))
+        step = _step_linear(lambda hp, wp, hr, wr, m: linear_full_kl(hp, wp, hr, wr, mask=m, temperature=t))
     else:
-        inner = _step_full(lambda p, r, m: full_kl(p, r, mask=m, temperature=t))
-
-    def step(st):
-        with fastft.backend.use(backend):
-            return inner(st)
-
-    return harness.Provider(name, lambda: _inputs(cfg), step, lambda: fastft.backend.status(backend))
+        step = _step_full(lambda p, r, m: full_kl(p, r, mask=m, temperature=t))
+    return harness.fastft_backend_provider(cfg["device"], backend, lambda: _inputs(cfg), step,
+                                           lambda: fastft.backend.status(backend))
 
 
 def _eager_fn(cfg: dict):

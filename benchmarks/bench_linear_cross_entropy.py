@@ -24,7 +24,7 @@ DEFAULTS = {  # (N, H, V, dtype)
     ("cpu", True): (1024, 512, 8192, "float32"),
     ("cuda", True): (2048, 2048, 32000, "bfloat16"),
 }
-FASTFT_BACKENDS = ("cpp", "triton")  # fastft-<backend>
+FASTFT_BACKENDS = ("cpp", "triton", "cuda")  # fastft-<backend>
 
 
 def add_arguments(p) -> None:
@@ -98,19 +98,10 @@ def _fastft_provider(cfg: dict, backend: str) -> harness.Provider:
     import fastft
     from fastft.ops.linear_cross_entropy import linear_cross_entropy
 
-    name = f"fastft-{backend}"
-    device = cfg["device"]
-    if backend == "triton" and device == "cpu":
-        return harness.unavailable(name, "Triton on CPU runs only under the interpreter (TRITON_INTERPRET=1): "
-                                   "correct, but no speed peer")
-    if backend == "cpp" and device != "cpu":
-        return harness.unavailable(name, "C++ backend takes CPU tensors only")
-
-    def loss_fn(x, w, target):
-        with fastft.backend.use(backend):
-            return linear_cross_entropy(x, w, target, ignore_index=IGNORE_INDEX, chunk_size=cfg.get("chunk_size"))
-
-    return harness.Provider(name, lambda: _inputs(cfg), _step_with(loss_fn), lambda: fastft.backend.status(backend))
+    step = _step_with(lambda x, w, target: linear_cross_entropy(x, w, target, ignore_index=IGNORE_INDEX,
+                                                                chunk_size=cfg.get("chunk_size")))
+    return harness.fastft_backend_provider(cfg["device"], backend, lambda: _inputs(cfg), step,
+                                           lambda: fastft.backend.status(backend))
 
 
 def _compile_provider(cfg: dict) -> harness.Provider:

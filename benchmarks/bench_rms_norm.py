@@ -21,7 +21,7 @@ DEFAULTS = {  # (N, H, dtype)
     ("cpu", True): (512, 1024, "float32"),
     ("cuda", True): (4096, 2048, "bfloat16"),
 }
-FASTFT_BACKENDS = ("cpp", "triton")
+FASTFT_BACKENDS = ("cpp", "triton", "cuda")
 EPS = 1e-6
 
 

@@ -22,7 +22,7 @@ DEFAULTS = {  # (N, I, dtype)
     ("cpu", True): (1024, 1408, "float32"),
     ("cuda", True): (4096, 5632, "bfloat16"),
 }
-FASTFT_BACKENDS = ("cpp", "triton")
+FASTFT_BACKENDS = ("cpp", "triton", "cuda")
 
 
 def add_arguments(p) -> None:

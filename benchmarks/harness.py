@@ -126,13 +126,15 @@ def fastft_backend_provider(device: str, backend: str, setup: Callable, step: Ca
                             check_step: Optional[Callable] = None) -> Provider:
     """fastft on one of its backends ("cpp" or "triton") as the provider ``fastft-<backend>``: ``step`` (and
     ``check_step``) run under ``fastft.backend.use(backend)``. Listed as unavailable, with why, where that backend
-    is no speed peer: Triton on CPU (the interpreter) and the C++ backend on CUDA. Shared so that a bench_<op>.py
+    is no speed peer: Triton on CPU (the interpreter), the C++ backend on CUDA, the CUDA extension on CPU. Shared so that a bench_<op>.py
     states only its inputs and its step, not this wrapping and these rules again."""
     name = f"fastft-{backend}"
     if backend == "triton" and device == "cpu":
         return unavailable(name, "Triton on CPU runs only under the interpreter: correct, but no speed peer")
     if backend == "cpp" and device != "cpu":
         return unavailable(name, "C++ backend takes CPU tensors only")
+    if backend == "cuda" and device != "cuda":
+        return unavailable(name, "CUDA only")
     import fastft.backend
 
     def on_backend(fn):
