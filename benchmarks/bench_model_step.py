@@ -63,7 +63,8 @@ def make_config(device: str = "cpu", model: str | None = None, quick: bool = Fal
     return cfg
 
 
-def _state(cfg: dict, patch: dict | None, liger: bool = False) -> dict:
+def _state(cfg: dict, patch: dict | None, liger=None) -> dict:
+    """The PEFT model patched by ``fastft.patch(**patch)`` (None: not), or by Liger's ``liger`` patcher."""
     import peft
     import transformers
 
@@ -75,27 +76,25 @@ def _state(cfg: dict, patch: dict | None, liger: bool = False) -> dict:
         max_position_embeddings=cfg["seq"],
     )
     model = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype)
-    if liger:
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
-
-        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=True, model=model)
+    if liger is not None:
+        liger(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True, model=model)
     model = peft.get_peft_model(model, peft.LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"], target_modules=TARGETS))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.02)
+    report = None
     if patch is not None:
         import fastft
 
-        fastft.patch(model, **patch)
+        report = fastft.patch(model, **patch).report
     model.train()
     gen = torch.Generator(device="cpu").manual_seed(cfg["seed"] + 1)
     ids = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"]), generator=gen)
     labels = ids.clone()
     labels[:, : cfg["prompt"]] = -100
     lora = [p for n, p in model.named_parameters() if "lora_" in n]  # the same order in every provider
-    return {"model": model, "ids": ids.to(device), "labels": labels.to(device), "lora": lora}
+    return {"model": model, "ids": ids.to(device), "labels": labels.to(device), "lora": lora, "patch": report}
 
 
 def _step(st: dict):
@@ -107,18 +106,10 @@ def _step(st: dict):
     return {"loss": loss.detach().float(), "lora_grads": grads}
 
 
-def _liger_available(device: str):
-    if device != "cuda":
-        return False, "Liger-Kernel: CUDA only - its Triton kernels under the CPU interpreter are no speed peer"
-    import liger_kernel.transformers  # noqa: F401  (raises where it is not installed)
-
-    return True, f"liger_kernel {getattr(__import__('liger_kernel'), '__version__', '')}".strip()
-
-
 def build(cfg: dict) -> harness.Benchmark:
     providers = [harness.Provider(name, (lambda parts=parts: _state(cfg, parts)), _step) for name, parts in PATCHES.items()]
-    providers.append(harness.Provider("liger", lambda: _state(cfg, None, liger=True), _step,
-                                      lambda: _liger_available(cfg["device"])))
+    providers.append(harness.liger_provider(cfg["device"], "apply_liger_kernel_to_llama",
+                                            lambda apply: _state(cfg, None, liger=apply), _step))
     low = cfg["dtype"] != "float32"
     tol = {"loss": (0.0, 2e-2), "lora_grads": (0.0, 5e-2)} if low else {"loss": (1e-5, 1e-5), "lora_grads": (1e-6, 1e-3)}
     tokens = cfg["batch"] * cfg["seq"]

@@ -99,10 +99,11 @@ def unavailable(name: str, reason: str) -> Provider:
     return Provider(name, _never, _never, lambda: (False, reason))
 
 
-def liger_provider(device: str, loss_class: str, setup: Callable, step: Callable, note: str = "") -> Provider:
-    """Liger-Kernel's ``liger_kernel.transformers.<loss_class>`` as a peer, on CUDA only (its Triton
-    kernels under the CPU interpreter are no speed peer). ``setup(cls)`` builds the state from the
-    class; ``step(state)`` runs it as Liger documents."""
+def liger_provider(device: str, attr: str, setup: Callable, step: Callable, note: str = "") -> Provider:
+    """Liger-Kernel's ``liger_kernel.transformers.<attr>`` (a loss class, the functional module, or a
+    model patcher such as ``apply_liger_kernel_to_llama``) as a peer, on CUDA only (its Triton kernels
+    under the CPU interpreter are no speed peer). ``setup(obj)`` builds the state from it; ``step(state)``
+    runs it as Liger documents."""
     if device != "cuda":
         return unavailable("liger", "Liger-Kernel: CUDA only - its Triton kernels under the CPU interpreter are "
                            "no speed peer")
@@ -110,14 +111,14 @@ def liger_provider(device: str, loss_class: str, setup: Callable, step: Callable
     def load():
         import liger_kernel.transformers as lt
 
-        return getattr(lt, loss_class)
+        return getattr(lt, attr)
 
     def available():
         import liger_kernel
 
         load()
         version = getattr(liger_kernel, "__version__", "")
-        return True, " ".join(part for part in ("liger_kernel", version, loss_class, note) if part)
+        return True, " ".join(part for part in ("liger_kernel", version, attr, note) if part)
 
     return Provider("liger", lambda: setup(load()), step, available)
 

@@ -15,9 +15,11 @@ from benchmarks import bench_model_step  # noqa: E402
 from benchmarks import harness  # noqa: E402
 
 
+CFG = bench_model_step.make_config("cpu", model="tiny", layers=1, vocab=96, batch=2, seq=16, prompt=5)
+
+
 def test_every_provider_agrees_with_peft():
-    cfg = bench_model_step.make_config("cpu", model="tiny", layers=1, vocab=96, batch=2, seq=16, prompt=5)
-    bench = bench_model_step.build(cfg)
+    bench = bench_model_step.build(CFG)
     names = ["peft+fastft-head", "fastft-lora+stock", "fastft"]
     diffs = harness.check_agreement(bench, names=names)
     assert set(diffs) == set(names)
@@ -28,9 +30,17 @@ def test_every_provider_agrees_with_peft():
     assert not ok and "CUDA only" in why
 
 
+@pytest.mark.parametrize("name, parts", [("peft+fastft-head", {"loss"}), ("fastft-lora+stock", {"lora"}),
+                                         ("fastft", {"loss", "lora", "layers"})])
+def test_each_provider_patches_what_it_names(name, parts):
+    """Agreement alone would also hold if a patch did nothing: each provider's fastft.patch report lists
+    its parts as fused, and only those."""
+    report = bench_model_step._state(CFG, bench_model_step.PATCHES[name])["patch"]
+    assert {part for part in ("loss", "lora", "layers") if report.fused(part)} == parts
+
+
 def test_tokens_per_second_column(tmp_path):
-    cfg = bench_model_step.make_config("cpu", model="tiny", layers=1, vocab=96, batch=2, seq=16, prompt=5)
-    bench = bench_model_step.build(cfg)
+    bench = bench_model_step.build(CFG)
     bench.providers = [p for p in bench.providers if p.name in ("peft+stock", "fastft")]
     rows = harness.run(bench, harness.Options(warmup=0, repeats=2, memory=False, inprocess=True), "benchmarks.bench_model_step")
     assert [r["status"] for r in rows] == ["ok", "ok"]
