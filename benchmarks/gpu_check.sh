@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU check in ONE device call (a lent CUDA machine with its own torch + triton; no network, no installs):
+# GPU check in ONE device call (a lent CUDA machine with its own torch + triton; no network; it installs only
+# the wheels carried in .whl/):
 #   bash benchmarks/gpu_check.sh OUTDIR        (from anywhere; it cd's to the repo root)
 #
 #   1. build     FASTFT_BUILD_CUDA=1 setup.py build_ext --inplace, then `import fastft._C` (with_cuda)
@@ -7,12 +8,13 @@
 #   3. tests     pytest -m cuda (pytest-xdist workers when present: the torch.compile tests are CPU-bound)
 #   4. benches   every op benchmark, highest priority first: the LoRA-Llama training steps of issue 11
 #                (bench_model_step: PEFT + stock, PEFT + fastft head, fastft LoRA + stock, fastft, Liger),
-#                a runtime smoke (fastft train on CUDA: bf16 autocast; nccl FSDP2 and DDP via torchrun),
-#                the LoRA layer, adapter, full_kl, cross_entropy, linear_cross_entropy, linear_full_kl
+#                the LoRA layer, adapter, full_kl, cross_entropy, linear_cross_entropy, linear_full_kl,
+#                rms_norm, swiglu; last a runtime smoke (fastft train on CUDA: bf16 autocast; nccl FSDP2 and
+#                DDP via torchrun)
 #   5. summary   OUTDIR/summary.md: the status of every section and EVERY benchmark table, in one file
 #
-# Time: the whole run fits GPU_CHECK_BUDGET_S (default 450 s: under 8 minutes with margin for the device
-# call's own start). Every section runs under `timeout`, capped by its own limit and by what is left of the
+# Time: the whole run fits GPU_CHECK_BUDGET_S (default 540 s: within the device call's 600 s limit, with margin for
+# writing the summary). Every section runs under `timeout`, capped by its own limit and by what is left of the
 # budget; a section that fails or times out is recorded in the summary and the script goes on. A benchmark
 # that no longer fits is listed as skipped. Repeats are cut (warmup 3, 15 timed steps, 4 s per provider) and
 # providers run in one process per benchmark (--inprocess: one torch import and CUDA start per benchmark
@@ -32,9 +34,10 @@ mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET_S:-450}
+BUDGET=${GPU_CHECK_BUDGET_S:-540}
 T0=$SECONDS
 RESULTS=$(mktemp -d)   # benchmark files, packed into OUTDIR/results.tar.gz at the end
+RUNTIME_OUT=$(mktemp -d)  # the runtime smoke's run folders (their summary.json go to RESULTS)
 STATUS=$(mktemp)       # one markdown table row per section
 SUMMARY="$OUT/summary.md"
 BUILD_LOG="$OUT/build.log" PYTEST_LOG="$OUT/pytest.log" BENCH_LOG="$OUT/bench.log"
@@ -43,7 +46,7 @@ BUILD_LOG="$OUT/build.log" PYTEST_LOG="$OUT/pytest.log" BENCH_LOG="$OUT/bench.lo
 LINK_MADE=0
 cleanup() {
     if [ "$LINK_MADE" = 1 ]; then rm -f "$ROOT/fastft/kernels"; fi
-    rm -rf "$RESULTS" "$STATUS"
+    rm -rf "$RESULTS" "$STATUS" "$RUNTIME_OUT"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -95,8 +98,9 @@ export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 unset FASTFT_BACKEND
 # Carried wheels (`make gpu-wheels`: peers the image lacks, e.g. Liger-Kernel) go to a private site dir
 if ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fastft-site \
-        "$ROOT"/.whl/*.whl >>"$BUILD_LOG" 2>&1 && export PYTHONPATH="/tmp/fastft-site${PYTHONPATH:+:$PYTHONPATH}"
+    run "install carried wheels (.whl/)" 60 "$BUILD_LOG" "$PY" -m pip install -q --no-index --no-deps --no-compile \
+        --no-cache-dir --upgrade --target /tmp/fastft-site "$ROOT"/.whl/*.whl &&
+        export PYTHONPATH="/tmp/fastft-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 HEADER="fastft GPU check, $(date -u +%FT%TZ), git $(git rev-parse --short HEAD 2>/dev/null || echo '?')
@@ -142,20 +146,6 @@ bench() {  # bench NAME CAP MODULE ARGS...
 }
 bench "LoRA Llama step, vocab 32000, 8 x 512" 70 model_step --model llama32k --tag llama32k
 bench "LoRA Llama step, vocab 128256, 8 x 1024" 80 model_step --model llama128k --tag llama128k
-# the training runtime on CUDA (never run on a GPU before): bf16 autocast in one process, then nccl +
-# FSDP2 (bf16 MixedPrecisionPolicy) and DDP through torchrun on this one GPU; each trains the tiny recipe
-RUNTIME_OUT=$(mktemp -d)
-SMOKE=(recipes/tiny_smoke.toml --run.max_steps=6 --eval.at_end=false --run.progress=false --run.plots=false --run.resume=false)
-run "runtime: fastft train, bf16 autocast" 60 "$BENCH_LOG" "$PY" -m fastft train "${SMOKE[@]}" \
-    --precision.dtype=bf16 "--run.output_dir=$RUNTIME_OUT/single"
-run "runtime: torchrun nccl fsdp2 + ddp, bf16" 90 "$BENCH_LOG" bash -c "$PY -m torch.distributed.run --standalone \
-    --nproc_per_node 1 -m fastft train ${SMOKE[*]} --parallel.mode=fsdp2 --precision.dtype=bf16 --precision.impl=fsdp \
-    --run.output_dir=$RUNTIME_OUT/fsdp2 && $PY -m torch.distributed.run --standalone --nproc_per_node 1 -m fastft \
-    train ${SMOKE[*]} --parallel.mode=ddp --precision.dtype=bf16 --run.output_dir=$RUNTIME_OUT/ddp"
-for d in single fsdp2 ddp; do
-    [ -f "$RUNTIME_OUT/$d/summary.json" ] && cp "$RUNTIME_OUT/$d/summary.json" "$RESULTS/runtime_smoke_$d.json"
-done
-rm -rf "$RUNTIME_OUT"
 bench "LoRA layer" 45 lora
 bench "adapter" 45 adapter
 bench "full_kl" 45 kl --op full
@@ -164,6 +154,20 @@ bench "linear_cross_entropy" 50 linear_cross_entropy
 bench "linear_full_kl" 45 kl --op linear --tag linear
 bench "rms_norm" 30 rms_norm --dtype bfloat16
 bench "swiglu" 30 swiglu --dtype bfloat16
+
+# the training runtime on CUDA (never run on a GPU before; last, as the lowest priority): bf16 autocast in
+# one process, then nccl + FSDP2 (bf16 MixedPrecisionPolicy) and DDP through torchrun on this one GPU
+SMOKE=(recipes/tiny_smoke.toml --run.max_steps=6 --eval.at_end=false --run.progress=false --run.plots=false --run.resume=false)
+TORCHRUN=("$PY" -m torch.distributed.run --standalone --nproc_per_node 1 -m fastft train)
+run "runtime: fastft train, bf16 autocast" 50 "$BENCH_LOG" "$PY" -m fastft train "${SMOKE[@]}" \
+    --precision.dtype=bf16 "--run.output_dir=$RUNTIME_OUT/single"
+run "runtime: torchrun nccl fsdp2, bf16" 50 "$BENCH_LOG" "${TORCHRUN[@]}" "${SMOKE[@]}" --parallel.mode=fsdp2 \
+    --precision.dtype=bf16 --precision.impl=fsdp "--run.output_dir=$RUNTIME_OUT/fsdp2"
+run "runtime: torchrun ddp, bf16" 50 "$BENCH_LOG" "${TORCHRUN[@]}" "${SMOKE[@]}" --parallel.mode=ddp \
+    --precision.dtype=bf16 "--run.output_dir=$RUNTIME_OUT/ddp"
+for d in single fsdp2 ddp; do
+    [ -f "$RUNTIME_OUT/$d/summary.json" ] && cp "$RUNTIME_OUT/$d/summary.json" "$RESULTS/runtime_smoke_$d.json"
+done
 
 # ---- 5. summary: every section's status and every table, in one file -------------------------------
 N_RESULTS=$(find "$RESULTS" -type f | wc -l)
