@@ -32,8 +32,11 @@ def first_step_grads(trainer) -> dict:
         for name, p in trainer.model.named_parameters():
             if p.grad is not None:
                 grads[name] = p.grad.detach().clone()
-    trainer.optimizer.register_step_pre_hook(capture)
-    trainer.train_step(0)
+    hook = trainer.optimizer.register_step_pre_hook(capture)
+    try:
+        trainer.train_step(0)
+    finally:
+        hook.remove()  # later steps of the same trainer need no copies
     return grads
 
 
