@@ -1,6 +1,5 @@
 """Run by test_distributed.py under `torchrun --nproc_per_node 2` (gloo, CPU): every parallel mode on the
 same tiny run, early stopping, a checkpoint for the 2 -> 1 reshard; results saved for the test to compare."""
-import gc
 import os
 import sys
 from pathlib import Path
@@ -16,35 +15,32 @@ from fastft.runtime.trainer import Callback, Trainer  # noqa: E402
 work, data = Path(sys.argv[1]), Path(sys.argv[2])
 rank = int(os.environ["RANK"])
 results = {}
-for mode in ("ddp", "zero1", "zero2", "fsdp2", "hsdp"):
-    cfg = tiny_config(work / mode, data, parallel={"mode": mode}, checkpoint={"at_end": mode == "fsdp2"},
-                      run={"export_adapter": mode in ("ddp", "fsdp2")})
+
+
+def record(name: str, cfg, **extra) -> None:
+    """Train ``cfg``, keep its trained parameters and per-step losses and grad norms under ``name`` (plus
+    ``extra(trainer)`` values), then free the trainer before the next one."""
     trainer = Trainer(cfg)
     trainer.fit()
-    results[mode] = {"params": trainable_state(trainer), "losses": [r["loss"] for r in trainer.history],
-                     "grad_norms": [r["grad_norm"] for r in trainer.history]}
+    results[name] = {"params": trainable_state(trainer), "losses": [r["loss"] for r in trainer.history],
+                     "grad_norms": [r["grad_norm"] for r in trainer.history],
+                     **{key: fn(trainer) for key, fn in extra.items()}}
+    trainer.close()
 
+
+for mode in ("ddp", "zero1", "zero2", "fsdp2", "hsdp"):
+    record(mode, tiny_config(work / mode, data, parallel={"mode": mode}, checkpoint={"at_end": mode == "fsdp2"},
+                             run={"export_adapter": mode in ("ddp", "fsdp2")}))
 # FSDP2 over torch.compile'd blocks (regional compilation before fully_shard, as torchtitan)
-trainer = Trainer(tiny_config(work / "fsdp2_compiled", data, parallel={"mode": "fsdp2"}, compile={"enabled": True}))
-trainer.fit()
-results["fsdp2_compiled"] = {"params": trainable_state(trainer), "losses": [r["loss"] for r in trainer.history],
-                             "grad_norms": [r["grad_norm"] for r in trainer.history]}
-
+record("fsdp2_compiled", tiny_config(work / "fsdp2_compiled", data, parallel={"mode": "fsdp2"},
+                                     compile={"enabled": True}))
 # every parameter-efficient method at once (LoRA, prefix, bottleneck adapters), sharded and replicated
 for mode in ("ddp", "fsdp2"):
-    trainer = Trainer(tiny_config(work / f"methods_{mode}", data, parallel={"mode": mode}, **METHODS))
-    trainer.fit()
-    results[f"methods_{mode}"] = {"params": trainable_state(trainer), "losses": [r["loss"] for r in trainer.history]}
-
+    record(f"methods_{mode}", tiny_config(work / f"methods_{mode}", data, parallel={"mode": mode}, **METHODS))
 # bf16 frozen base and fp32 LoRA in the same FSDP2 units, bf16 autocast
-trainer = Trainer(tiny_config(work / "mixed_fsdp2", data, parallel={"mode": "fsdp2"}, **MIXED))
-trainer.fit()
-results["mixed_fsdp2"] = {"params": trainable_state(trainer), "losses": [r["loss"] for r in trainer.history],
-                          "dtypes": sorted({str(p.dtype) for p in trainer.model.parameters()})}
-
-trainer = Trainer(tiny_config(work / "groups_zero1", data, parallel={"mode": "zero1"}, data={"task": "two_rates"}))
-trainer.fit()
-results["groups_zero1"] = {"params": trainable_state(trainer), "losses": [r["loss"] for r in trainer.history]}
+record("mixed_fsdp2", tiny_config(work / "mixed_fsdp2", data, parallel={"mode": "fsdp2"}, **MIXED),
+       dtypes=lambda t: sorted({str(p.dtype) for p in t.model.parameters()}))
+record("groups_zero1", tiny_config(work / "groups_zero1", data, parallel={"mode": "zero1"}, data={"task": "two_rates"}))
 
 
 class RankSkewedEval(Callback):
@@ -65,8 +61,6 @@ if rank == 0:
 else:
     torch.save({"early_stop_step": trainer.step}, work / "results_rank1.pt")
 dist.barrier()
-trainer.close()  # the last trainer's FSDP / DDP state freed before the group ends (see Trainer.close)
-del trainer
-gc.collect()
+trainer.close()  # its FSDP / DDP state freed before the group ends (see Trainer.close)
 dist.destroy_process_group()
 print("RUNTIME_DIST_OK")
