@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ._fsdp import unsharded_class
 from .nn.adapter import Adapter
 from .ops.adapter import ACTIVATIONS
 
@@ -251,11 +252,6 @@ def _require(model: nn.Module) -> _State:
     return state
 
 
-def _model_class(model: nn.Module) -> type:
-    """The model's own class, not the subclass FSDP2's fully_shard swaps in (``FSDPLlamaForCausalLM``)."""
-    return next(c for c in type(model).__mro__ if not c.__module__.startswith("torch.distributed"))
-
-
 def save_bottleneck_adapters(model: nn.Module, directory: str, *, tensors: Optional[dict] = None) -> None:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (the adapters' tensors only).
     ``tensors``: the adapters' full tensors when the model's own are sharded (gathered by the caller,
@@ -267,7 +263,7 @@ def save_bottleneck_adapters(model: nn.Module, directory: str, *, tensors: Optio
     tensors = {n: t.contiguous().cpu() for n, t in (tensors if tensors is not None else bottleneck_state_dict(model)).items()}
     meta = {
         "format": FORMAT,
-        "base_model_class": _model_class(model).__name__,
+        "base_model_class": unsharded_class(model).__name__,
         "hidden_sizes": {s.name: s.hidden_size for s in state.sites},
         **dataclasses.asdict(state.config),
     }

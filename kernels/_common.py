@@ -1,5 +1,6 @@
 """Helpers shared by the Triton kernels of fastft.kernels: fp32 -> output-dtype stores (with the
 interpreter's bf16 rounding workaround), tanh, per-row launch configuration and the device context."""
+import contextlib
 import functools
 from typing import Tuple
 
@@ -57,24 +58,19 @@ def row_config(V: int, device: torch.device) -> Tuple[int, int]:
     return block, num_warps
 
 
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (the current one when it has no index)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 @functools.lru_cache(maxsize=None)
-def sm_count(index: int) -> int:
+def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def device_ctx(t: Tensor):
     # Triton launches on the current CUDA device; make it the tensor's.
-    if t.device.type == "cuda":
-        return torch.cuda.device(t.device)
-    return _NullCtx()
-
-
-class _NullCtx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def bf16_by_hand(t: Tensor) -> bool:

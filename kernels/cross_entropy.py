@@ -379,7 +379,7 @@ def scale_if_not_one_(grad: Tensor, scale: Tensor) -> None:
         return
     num_blocks = triton.cdiv(numel, _SCALE_BLOCK)
     if grad.device.type == "cuda":
-        programs = min(num_blocks, 4 * sm_count(grad.device.index if grad.device.index is not None else torch.cuda.current_device()))
+        programs = min(num_blocks, 4 * sm_count(grad.device))
     else:
         programs = min(num_blocks, 2)
     with device_ctx(grad):

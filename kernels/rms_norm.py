@@ -134,7 +134,7 @@ def rms_norm_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, offset
         return dx, dw
     block_m, block_h, num_warps = _blocks(n_cols, x.device)
     # Enough programs to fill the GPU (a few per SM); each owns a contiguous range of rows and one dw partial.
-    max_programs = 4 * sm_count(x.device.index or 0) if x.device.type == "cuda" else 4
+    max_programs = 4 * sm_count(x.device) if x.device.type == "cuda" else 4
     rows_per_program = max(block_m, triton.cdiv(triton.cdiv(n_rows, max_programs), block_m) * block_m)
     programs = triton.cdiv(n_rows, rows_per_program)
     dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device) if need_weight else _empty(rstd)

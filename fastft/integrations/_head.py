@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._fsdp import unsharded_class
+
 
 @dataclass
 class _LoRABranch:
@@ -37,14 +39,7 @@ class _LoRABranch:
 def _is_plain_linear(head: nn.Module) -> bool:
     """An ``nn.Linear`` itself, also when FSDP2's ``fully_shard`` has put its subclass ``FSDPLinear`` on it
     (a subclass of anything else, e.g. a quantized linear, is not plain)."""
-    cls = type(head)
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch without FSDP2
-        FSDPModule = None
-    if FSDPModule is not None and isinstance(head, FSDPModule):
-        cls = next(c for c in cls.__mro__[1:] if not issubclass(c, FSDPModule))
-    return cls is nn.Linear
+    return unsharded_class(head) is nn.Linear
 
 
 def _base_linear(head: nn.Module) -> Optional[nn.Module]:

@@ -217,11 +217,9 @@ def _unwrap(model: nn.Module) -> tuple[nn.Module, list]:
     if callable(get_base) and hasattr(model, "peft_config"):
         notes.append(f"PeftModel: patched the {type(get_base()).__name__} inside it")
         model = get_base()
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without distributed
-        FSDPModule = ()
-    if FSDPModule and (isinstance(model, FSDPModule) or isinstance(outer, FSDPModule)):
+    from .._fsdp import FSDPModule
+
+    if FSDPModule is not None and (isinstance(model, FSDPModule) or isinstance(outer, FSDPModule)):
         notes.append("FSDP2-sharded model: layers read their (unsharded) parameters at each call")
     return model, notes
 

@@ -121,6 +121,12 @@ def check_indices_in_range(name: str, index: Tensor, num_classes: int, ignore_in
                          f"{num_classes} classes (valid: {valid})")
 
 
+def flat_index(t: Tensor) -> Tensor:
+    """Class indices as the kernels read them: flat, int64, contiguous (a strided view such as
+    ``labels[:, ::2]``, or an expanded scalar, would be misread by position)."""
+    return t.reshape(-1).to(torch.int64).contiguous()
+
+
 def rows(t: Tensor, width: int) -> Tensor:
     """``t`` as a [rows, width] matrix with unit stride in the last dimension (a copy only when needed)."""
     t = t.reshape(-1, width)

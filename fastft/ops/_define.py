@@ -344,11 +344,14 @@ class Op:
 
         return unflatten
 
+    def _check_options(self, options) -> None:
+        if self.options is not None and type(options) is not self.options:  # a subclass has other fields
+            raise TypeError(f"{self.name} takes options={self.options.__name__}(...), got {options!r}")
+
     def _flat(self, options) -> tuple:
         if self.options is None:
             return ()
-        if type(options) is not self.options:  # a subclass (e.g. LinearCrossEntropyOptions) has other fields
-            raise TypeError(f"{self.name} takes options={self.options.__name__}(...), got {options!r}")
+        self._check_options(options)
         return tuple(getattr(options, f.name) for f in dataclasses.fields(options))
 
     # -- autograd: one template for the eager twin and the registered op ---------------------------
@@ -411,8 +414,7 @@ class Op:
     def __call__(self, *inputs, options=None, backend: str):
         if torch.compiler.is_compiling():
             return self.registered(*inputs, *self._flat(options), backend)
-        if self.options is not None and type(options) is not self.options:
-            self._flat(options)  # raises the TypeError
+        self._check_options(options)
         return self._eager.apply(*inputs, options, backend)
 
     def registered_args(self, *inputs, options=None, backend: str) -> tuple:

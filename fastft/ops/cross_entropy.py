@@ -32,7 +32,8 @@ from torch import Tensor
 
 from ..reference.cross_entropy import cross_entropy as _reference
 from . import registry
-from ._checks import check_float_tensor, check_index_tensor, check_indices_in_range, check_same_device, check_tensor
+from ._checks import (check_float_tensor, check_index_tensor, check_indices_in_range, check_same_device, check_tensor,
+                      flat_index)
 from ._define import accumulator_dtype, define_op, save_fused_grads, scale_fused_grads, standard_backends
 from ._losses import CE_KERNELS, ce_reduction_scale, check_ce_options, loss_kernels, scale_in_place
 
@@ -166,7 +167,7 @@ def cross_entropy(
     logits = input.reshape(-1, num_classes)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    flat_target = target.reshape(-1).to(torch.int64).contiguous()  # a strided view (labels[:, ::2]) stays one
+    flat_target = flat_index(target)
     w = None if weight is None else weight.to(accumulator_dtype(input.dtype)).contiguous()
     compute_grad = torch.is_grad_enabled() and input.requires_grad
     options = CrossEntropyOptions(int(ignore_index), float(label_smoothing), float(z_loss),

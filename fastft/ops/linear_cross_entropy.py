@@ -38,7 +38,7 @@ from torch import Tensor
 
 from ..reference.linear_cross_entropy import linear_cross_entropy as _reference
 from . import registry
-from ._checks import (check_chunk_size, check_float_tensor, check_index_tensor, check_indices_in_range,
+from ._checks import (check_chunk_size, flat_index, check_float_tensor, check_index_tensor, check_indices_in_range,
                       check_same_device, check_tensor)
 from ._define import accumulator_dtype, define_op, save_fused_grads, scale_fused_grads, standard_backends
 from ._losses import (CE_KERNELS, HeadGrads, autocast_operands, ce_reduction_scale, check_ce_options, chunk_rows, counted_rows,
@@ -323,7 +323,7 @@ def linear_cross_entropy(
     x = input.reshape(-1, input.shape[-1])
     if not x.is_contiguous():
         x = x.contiguous()
-    flat_target = target.reshape(-1).to(torch.int64).contiguous()  # a strided view (labels[:, ::2]) stays one
+    flat_target = flat_index(target)
     class_weight = None if weight is None else weight.to(accumulator_dtype(input.dtype)).contiguous()
     grad_on = torch.is_grad_enabled()
     options = LinearCrossEntropyOptions(int(ignore_index), float(label_smoothing), float(z_loss),

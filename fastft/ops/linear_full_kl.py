@@ -215,17 +215,16 @@ def linear_full_kl(
     if backend == "reference":
         loss = _reference.linear_full_kl(policy_hidden, policy_weight, ref_hidden, ref_weight, mask=mask,
                                          temperature=temperature, reduction=reduction)
-        return loss.to(autocast_dtype) if autocast_dtype is not None else loss
-    grad_on = torch.is_grad_enabled()
-    ins = (policy_hidden.reshape(-1, policy_hidden.shape[-1]), policy_weight,
-           ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight)
-    needs = [bool(grad_on and t.requires_grad) for t in ins]
-    ins = tuple(t.contiguous() for t in ins)
-    options = LinearKLOptions(temperature, reduction, int(chunk_size or 0))
-    loss = linear_full_kl_op(*ins, flat_mask, needs, options=options, backend=backend)[0]
-    if autocast_dtype is not None:
-        loss = loss.to(autocast_dtype)
-    return loss.reshape(token_shape) if reduction == "none" else loss
+    else:
+        grad_on = torch.is_grad_enabled()
+        ins = (policy_hidden.reshape(-1, policy_hidden.shape[-1]), policy_weight,
+               ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight)
+        needs = [bool(grad_on and t.requires_grad) for t in ins]
+        ins = tuple(t.contiguous() for t in ins)
+        options = LinearKLOptions(temperature, reduction, int(chunk_size or 0))
+        loss = linear_full_kl_op(*ins, flat_mask, needs, options=options, backend=backend)[0]
+        loss = loss.reshape(token_shape) if reduction == "none" else loss
+    return loss.to(autocast_dtype) if autocast_dtype is not None else loss
 
 
 # ------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..reference import kl as _reference
 from . import registry
-from ._checks import (check_float_tensor, check_index_tensor, check_indices_in_range, check_number,
+from ._checks import (check_float_tensor, flat_index, check_index_tensor, check_indices_in_range, check_number,
                       check_same_device, rows)
 from ._define import accumulator_dtype, define_op, standard_backends
 from ._losses import loss_kernels
@@ -82,8 +82,8 @@ def selective_log_softmax(logits: Tensor, index: Tensor, *, temperature: float =
     backend = selective_log_softmax_op.select(logits)
     if backend == "reference":
         return _reference.selective_log_softmax(logits, index, temperature=temperature)
-    flat_index = index.reshape(-1).to(torch.int64).contiguous()
-    logp = selective_log_softmax_op(rows(logits, v), flat_index, options=SelectiveLogSoftmaxOptions(temperature),
+    index_rows = flat_index(index)
+    logp = selective_log_softmax_op(rows(logits, v), index_rows, options=SelectiveLogSoftmaxOptions(temperature),
                                     backend=backend)[0]
     return logp.reshape(index.shape)
 
