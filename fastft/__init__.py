@@ -9,9 +9,35 @@ imported on first use (module ``__getattr__``), so ``import fastft`` stays light
 transformers nor peft; ``fastft.adapters`` is the deprecated old name of ``fastft.bottleneck``.
 """
 import importlib
+import importlib.util
+import os
+import sys
 
-from . import backend, nn, ops, reference
-from .ops import cross_entropy
+
+def _bind_checkout_kernels() -> None:
+    """Make ``fastft.kernels`` the top-level ``kernels/`` folder when fastft runs from a source checkout.
+
+    An installed wheel holds ``fastft/kernels/`` (setup.py's package_dir mapping). A plain checkout (or a
+    second worktree with ``PYTHONPATH=.``) has ``kernels/`` beside ``fastft/``: bind that folder, and not one
+    an editable install elsewhere maps, so the tree that is imported is the tree whose kernels run."""
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    checkout_kernels = os.path.join(os.path.dirname(package_dir), "kernels")
+    if os.path.isdir(os.path.join(package_dir, "kernels")) or "fastft.kernels" in sys.modules:
+        return
+    init = os.path.join(checkout_kernels, "__init__.py")
+    if not os.path.isfile(init):
+        return
+    spec = importlib.util.spec_from_file_location("fastft.kernels", init,
+                                                  submodule_search_locations=[checkout_kernels])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fastft.kernels"] = module
+    spec.loader.exec_module(module)
+
+
+_bind_checkout_kernels()
+
+from . import backend, nn, ops, reference  # noqa: E402  (after the kernels binding)
+from .ops import cross_entropy  # noqa: E402
 
 __version__ = "0.1.0"
 
