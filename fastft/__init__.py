@@ -32,6 +32,7 @@ def _bind_checkout_kernels() -> None:
     module = importlib.util.module_from_spec(spec)
     sys.modules["fastft.kernels"] = module
     spec.loader.exec_module(module)
+    globals()["kernels"] = module  # what `import fastft.kernels` sets on the parent package
 
 
 _bind_checkout_kernels()
