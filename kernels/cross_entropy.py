@@ -159,7 +159,11 @@ def _cross_entropy_fwd_kernel(
                 sum_wx += tl.sum(x, axis=0)
         x = tl.where(mask, x, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        # While every logit so far is -inf (a masked vocabulary range, a padded tail) m_new is -inf and
+        # exp(x - m_new) would be exp(-inf + inf) = NaN: shift by 0 instead, which gives exp(-inf) = 0.
+        # +inf and NaN logits still make s NaN (inf - inf, NaN - m), so they are never hidden.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
         m = m_new
     lse = m + tl.log(s)
 

@@ -6,7 +6,10 @@ lse = logsumexp(x), class weights w (all ones when absent), W = sum(w), eps = la
     loss_i = (1-eps) * w_y * (lse - x_y) + (eps/V) * sum_c w_c * (lse - x_c) + z_loss * lse^2
 
 Ignored rows (y == ignore_index) contribute 0. "mean" divides the sum by sum_i w_{y_i} over counted
-rows (torch's convention); with no counted row it returns 0 (torch returns NaN). The class dimension
+rows (torch's convention); with no counted row it returns 0 (torch returns NaN). Ignored rows are never
+read: their gradient is 0 whatever they hold. -inf logits are classes of probability 0; a target whose
+logit is -inf gives loss +inf (and the finite gradient p - onehot); a counted row with no finite logit
+gives NaN, as do NaN and +inf logits (as in torch). The class dimension
 is the last one. Math in fp32 (fp64 for fp64 input); the result has the input's dtype.
 """
 from __future__ import annotations
@@ -30,9 +33,12 @@ def cross_entropy(
     num_classes = input.shape[-1]
     x = input.reshape(-1, num_classes).to(acc)
     t = target.reshape(-1)
+    counted = t != ignore_index
+    # Ignored rows are not part of the loss, whatever they hold: zeroing them first keeps an all -inf
+    # (or NaN) padding row from putting NaN into the gradient through logsumexp's backward.
+    x = torch.where(counted[:, None], x, torch.zeros((), dtype=acc, device=x.device))
     if softcap is not None:
         x = softcap * torch.tanh(x / softcap)
-    counted = t != ignore_index
     safe_t = torch.where(counted, t, torch.zeros_like(t))
     lse = torch.logsumexp(x, dim=-1)
     x_t = x.gather(1, safe_t[:, None]).squeeze(1)
