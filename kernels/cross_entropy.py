@@ -63,6 +63,50 @@ def _grad_block(
 
 
 @triton.jit
+def _row_split(row_start, V, VEC: tl.constexpr, BLOCK: tl.constexpr):
+    """A row of V elements starting at element row_start (of a 16-byte aligned tensor), split for 16-byte
+    loads at any V (e.g. 32001, whose rows start at every alignment): head = elements before the first
+    16-byte boundary (< VEC), then whole BLOCKs from there (aligned, unmasked: the compiler emits
+    ld.global.v4 for them), then the rest = the tail after them plus the head, swept masked."""
+    head = tl.minimum((VEC - row_start % VEC) % VEC, V)
+    body_end = head + ((V - head) // BLOCK) * BLOCK
+    return head, body_end, head + (V - body_end)
+
+
+@triton.jit
+def _rest_offsets(start, cols, head, body_end, rest):
+    """Column offsets and mask of one block of the masked rest: the first `head` lanes of the rest are
+    columns [0, head), the others columns [body_end, V)."""
+    idx = start + cols
+    offs = tl.where(idx < head, idx, body_end + idx - head)
+    return offs, idx < rest
+
+
+@triton.jit
+def _online_block(x, offs, mask, m, s, sum_wx, sum_w, weight_ptr, softcap,
+                  HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """One block of raw fp32 logits x (columns offs, lanes mask) into the online softmax (m, s) and,
+    with label smoothing, into sum_c w_c x_c and sum_c w_c."""
+    if HAS_SOFTCAP:
+        x = softcap * tanh(x / softcap)
+    if HAS_SMOOTHING:  # masked lanes hold x = 0 (softcap(0) = 0) and w = 0
+        if HAS_WEIGHT:
+            w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
+            sum_wx += tl.sum(w * x, axis=0)
+            sum_w += tl.sum(w, axis=0)
+        else:
+            sum_wx += tl.sum(x, axis=0)
+    x = tl.where(mask, x, float("-inf"))
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    # While every logit so far is -inf (a masked vocabulary range, a padded tail) m_new is -inf and
+    # exp(x - m_new) would be exp(-inf + inf) = NaN: shift by 0 instead, which gives exp(-inf) = 0.
+    # +inf and NaN logits still make s NaN (inf - inf, NaN - m), so they are never hidden.
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
+    return m_new, s, sum_wx, sum_w
+
+
+@triton.jit
 def _target_terms(weight_ptr, safe_y, V, label_smoothing, sum_w, HAS_WEIGHT: tl.constexpr,
                   HAS_SMOOTHING: tl.constexpr):
     """Per-row constants of the loss and its gradient: hit = (1-eps) w_y, eps_v = eps / V and
@@ -87,9 +131,11 @@ def _target_terms(weight_ptr, safe_y, V, label_smoothing, sum_w, HAS_WEIGHT: tl.
 
 @triton.jit
 def _write_grad_row(
-    x_row, g_row, V, counted, in_range, y, lse, upstream, hit, eps_v, W, z_loss, weight_ptr, softcap,
+    logits_ptr, x_start, grad_ptr, g_start, V, counted, in_range, y, lse, upstream, hit, eps_v, W, z_loss,
+    weight_ptr, softcap,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    BF16_RNE_BY_HAND: tl.constexpr, BLOCK: tl.constexpr,
+    BF16_RNE_BY_HAND: tl.constexpr, VEC: tl.constexpr, GRAD_ALIGNED_LIKE_LOGITS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """upstream * dloss/dlogits over one row, swept in blocks (forward's fused gradient, with the
     reduction scale as upstream, and backward, with the row's upstream gradient, share it). hit is
@@ -104,14 +150,30 @@ def _write_grad_row(
     a = tl.where(in_range, a, float("nan")) * upstream
     c_hit = upstream * hit
     cols = tl.arange(0, BLOCK)
-    for start in range(0, V, BLOCK):
+    out_ty = grad_ptr.dtype.element_ty
+    head, body_end, rest = _row_split(x_start, V, VEC, BLOCK)
+    full = cols < BLOCK
+    # Aligned whole blocks (16-byte loads; 16-byte stores too when the gradient's rows start at the
+    # logits' alignment, as they do for contiguous logits and for the gradient written over them).
+    for start in range(head, body_end, BLOCK):
         offs = start + cols
-        mask = offs < V
-        x = tl.load(x_row + offs, mask=mask & counted, other=0.0).to(tl.float32)
+        x = tl.load(logits_ptr + tl.multiple_of(x_start + start, VEC) + cols, mask=full & counted,
+                    other=0.0).to(tl.float32)
+        g = _grad_block(x, offs, full, y, lse, a, c_smooth, c_hit, weight_ptr, softcap,
+                        HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+        g = tl.where(counted, g, 0.0)
+        if GRAD_ALIGNED_LIKE_LOGITS:
+            g_base = tl.multiple_of(g_start + start, VEC)
+        else:
+            g_base = g_start + start
+        tl.store(grad_ptr + g_base + cols, cast_for_store(g, out_ty, BF16_RNE_BY_HAND))
+    for start in range(0, rest, BLOCK):
+        offs, mask = _rest_offsets(start, cols, head, body_end, rest)
+        x = tl.load(logits_ptr + x_start + offs, mask=mask & counted, other=0.0).to(tl.float32)
         g = _grad_block(x, offs, mask, y, lse, a, c_smooth, c_hit, weight_ptr, softcap,
                         HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
         g = tl.where(counted, g, 0.0)
-        tl.store(g_row + offs, cast_for_store(g, g_row.dtype.element_ty, BF16_RNE_BY_HAND), mask=mask)
+        tl.store(grad_ptr + g_start + offs, cast_for_store(g, out_ty, BF16_RNE_BY_HAND), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -125,10 +187,12 @@ def _cross_entropy_fwd_kernel(
     loss_ptr, lse_ptr, grad_ptr,
     V, ignore_index, label_smoothing, z_loss, softcap,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, RETURN_GRAD: tl.constexpr, BF16_RNE_BY_HAND: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, RETURN_GRAD: tl.constexpr, BF16_RNE_BY_HAND: tl.constexpr, VEC: tl.constexpr,
+    GRAD_ALIGNED_LIKE_LOGITS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    x_row = logits_ptr + row * stride_row
+    x_start = row * stride_row  # int64: N * V passes 2**31 at LLM sizes
+    x_row = logits_ptr + x_start
     y = tl.load(target_ptr + row)
     counted = y != ignore_index
     in_range = (y >= 0) & (y < V)
@@ -142,29 +206,21 @@ def _cross_entropy_fwd_kernel(
     s = 0.0
     sum_wx = 0.0
     sum_w = 0.0
-    for start in range(0, V, BLOCK):
-        offs = start + cols
-        mask = offs < V
+    # The row in _row_split's order: aligned whole blocks first (16-byte loads), then the masked rest;
+    # every update below is order-independent.
+    head, body_end, rest = _row_split(x_start, V, VEC, BLOCK)
+    full = cols < BLOCK
+    for start in range(head, body_end, BLOCK):
         # Ignored rows (padding, prompt tokens) are never read: their loss and gradient are 0 and
         # their lse is unused, so the masked load moves no bytes.
-        x = tl.load(x_row + offs, mask=mask & counted, other=0.0).to(tl.float32)
-        if HAS_SOFTCAP:
-            x = softcap * tanh(x / softcap)
-        if HAS_SMOOTHING:  # masked lanes hold x = 0 (softcap(0) = 0) and w = 0
-            if HAS_WEIGHT:
-                w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
-                sum_wx += tl.sum(w * x, axis=0)
-                sum_w += tl.sum(w, axis=0)
-            else:
-                sum_wx += tl.sum(x, axis=0)
-        x = tl.where(mask, x, float("-inf"))
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        # While every logit so far is -inf (a masked vocabulary range, a padded tail) m_new is -inf and
-        # exp(x - m_new) would be exp(-inf + inf) = NaN: shift by 0 instead, which gives exp(-inf) = 0.
-        # +inf and NaN logits still make s NaN (inf - inf, NaN - m), so they are never hidden.
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
-        m = m_new
+        x = tl.load(logits_ptr + tl.multiple_of(x_start + start, VEC) + cols, mask=full & counted, other=0.0)
+        m, s, sum_wx, sum_w = _online_block(x.to(tl.float32), start + cols, full, m, s, sum_wx, sum_w, weight_ptr,
+                                            softcap, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+    for start in range(0, rest, BLOCK):
+        offs, mask = _rest_offsets(start, cols, head, body_end, rest)
+        x = tl.load(x_row + offs, mask=mask & counted, other=0.0)
+        m, s, sum_wx, sum_w = _online_block(x.to(tl.float32), offs, mask, m, s, sum_wx, sum_w, weight_ptr,
+                                            softcap, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
     lse = m + tl.log(s)
 
     # The target's logit and weight: one scalar load each, at column 0 when y is out of range.
@@ -186,9 +242,10 @@ def _cross_entropy_fwd_kernel(
 
     if RETURN_GRAD:
         # Second sweep over the same row (on a GPU it is usually still in L2).
-        _write_grad_row(x_row, grad_ptr + row * V, V, counted, in_range, y, lse, tl.load(grad_scale_ptr), hit, eps_v,
-                        W, z_loss, weight_ptr, softcap, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP,
-                        BF16_RNE_BY_HAND, BLOCK)
+        _write_grad_row(logits_ptr, x_start, grad_ptr, row * V, V, counted, in_range, y, lse,
+                        tl.load(grad_scale_ptr), hit, eps_v, W, z_loss, weight_ptr, softcap, HAS_WEIGHT,
+                        HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP, BF16_RNE_BY_HAND, VEC, GRAD_ALIGNED_LIKE_LOGITS,
+                        BLOCK)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -201,10 +258,10 @@ def _cross_entropy_bwd_kernel(
     grad_loss_ptr, logits_ptr, stride_row, target_ptr, weight_ptr, weight_sum_ptr, lse_ptr, grad_ptr,
     V, ignore_index, label_smoothing, z_loss, softcap,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, BF16_RNE_BY_HAND: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, BF16_RNE_BY_HAND: tl.constexpr, VEC: tl.constexpr,
+    GRAD_ALIGNED_LIKE_LOGITS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    x_row = logits_ptr + row * stride_row
     y = tl.load(target_ptr + row)
     counted = y != ignore_index
     in_range = (y >= 0) & (y < V)
@@ -216,8 +273,9 @@ def _cross_entropy_bwd_kernel(
     else:
         sum_w = 0.0
     hit, eps_v, W = _target_terms(weight_ptr, safe_y, V, label_smoothing, sum_w, HAS_WEIGHT, HAS_SMOOTHING)
-    _write_grad_row(x_row, grad_ptr + row * V, V, counted, in_range, y, lse, go, hit, eps_v, W, z_loss, weight_ptr,
-                    softcap, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP, BF16_RNE_BY_HAND, BLOCK)
+    _write_grad_row(logits_ptr, row * stride_row, grad_ptr, row * V, V, counted, in_range, y, lse, go, hit, eps_v, W,
+                    z_loss, weight_ptr, softcap, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP, BF16_RNE_BY_HAND,
+                    VEC, GRAD_ALIGNED_LIKE_LOGITS, BLOCK)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -263,6 +321,32 @@ def _check_logits(logits: Tensor, target: Tensor, name: str) -> Tuple[int, int]:
     return n, v
 
 
+# 4096 columns x 16 warps on CUDA: 55 registers at sm_90 (8192 x 16 took 81 once the body loads became
+# 16-byte), so 2 CTAs (32 warps) per SM; measured with an ahead-of-time sm_90 compile, see the module doc.
+_CUDA_BLOCK = 4096
+
+
+def _alignment(logits: Tensor) -> dict:
+    """VEC: elements per 16 bytes. GRAD_ALIGNED_LIKE_LOGITS: whether every row of the contiguous gradient
+    starts at the same offset from a 16-byte boundary as its logits row (then its stores are 16-byte too)."""
+    vec = 16 // logits.element_size()
+    return dict(VEC=vec, GRAD_ALIGNED_LIKE_LOGITS=(logits.stride(0) - logits.shape[1]) % vec == 0)
+
+
+def _gradient_buffer(logits: Tensor, out: Optional[Tensor], name: str) -> Tensor:
+    """``out`` (checked) or a new tensor like logits. ``out`` may be the logits themselves, contiguous:
+    each program reads a row's block before it stores that block's gradient."""
+    n, v = logits.shape
+    if out is None:
+        return torch.empty((n, v), dtype=logits.dtype, device=logits.device)
+    if out.shape != (n, v) or out.dtype != logits.dtype or not out.is_contiguous() or out.device != logits.device:
+        raise ValueError(f"{name}: out must be a contiguous ({n}, {v}) {logits.dtype} tensor on {logits.device}")
+    if out.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr() and not (
+            out.data_ptr() == logits.data_ptr() and logits.is_contiguous()):
+        raise ValueError(f"{name}: out shares logits' storage, so it must be exactly the (contiguous) logits")
+    return out
+
+
 def cross_entropy_fwd(
     logits: Tensor,
     target: Tensor,
@@ -288,23 +372,19 @@ def cross_entropy_fwd(
     loss = torch.empty(n, dtype=torch.float32, device=device)
     lse = torch.empty(n, dtype=torch.float32, device=device)
     return_grad = grad_scale is not None
-    if out is not None:
-        if not return_grad:
-            raise ValueError("cross_entropy_fwd: out= is the gradient's buffer; it needs grad_scale")
-        if out.shape != (n, v) or out.dtype != logits.dtype or not out.is_contiguous():
-            raise ValueError(f"cross_entropy_fwd: out must be a contiguous ({n}, {v}) {logits.dtype} tensor")
-        if out.data_ptr() == logits.data_ptr() and not logits.is_contiguous():
-            raise ValueError("cross_entropy_fwd: writing the gradient over logits needs contiguous logits")
-        grad = out
+    if out is not None and not return_grad:
+        raise ValueError("cross_entropy_fwd: out= is the gradient's buffer; it needs grad_scale")
+    if return_grad:
+        grad = _gradient_buffer(logits, out, "cross_entropy_fwd")
     else:
-        grad = torch.empty((n, v) if return_grad else (0,), dtype=logits.dtype, device=device)
+        grad = torch.empty((0,), dtype=logits.dtype, device=device)
     if n == 0:
         return loss, lse, grad
     target = target.contiguous()
     has_weight = weight is not None
     w = weight.to(torch.float32).contiguous() if has_weight else loss  # placeholder, never read
     scale = grad_scale.reshape(()).to(torch.float32) if return_grad else loss  # placeholder, never read
-    block, num_warps = row_config(v, device)
+    block, num_warps = row_config(v, device, cuda_max_block=_CUDA_BLOCK)
     with device_ctx(logits):
         _cross_entropy_fwd_kernel[(n,)](
             logits, logits.stride(0), target, w, scale,
@@ -316,6 +396,7 @@ def cross_entropy_fwd(
             HAS_SOFTCAP=float(softcap) > 0.0,
             RETURN_GRAD=return_grad,
             BF16_RNE_BY_HAND=bf16_by_hand(logits),
+            **_alignment(logits),
             BLOCK=block,
             num_warps=num_warps,
         )
@@ -332,12 +413,15 @@ def cross_entropy_bwd(
     label_smoothing: float,
     z_loss: float,
     softcap: float,
+    *,
+    out: Optional[Tensor] = None,
 ) -> Tensor:
     """``grad_loss[i] * dloss_i/dlogits_i`` as a contiguous [N, V] tensor in logits' dtype, from the
-    ``lse`` saved by :func:`cross_entropy_fwd`; ignored rows are zero."""
+    ``lse`` saved by :func:`cross_entropy_fwd`; ignored rows are zero. ``out`` receives it instead of a
+    new tensor and may be ``logits`` itself (each block is read before its gradient is stored)."""
     n, v = _check_logits(logits, target, "cross_entropy_bwd")
     device = logits.device
-    grad = torch.empty((n, v), dtype=logits.dtype, device=device)
+    grad = _gradient_buffer(logits, out, "cross_entropy_bwd")
     if n == 0:
         return grad
     if grad_loss.numel() != n or lse.numel() != n:
@@ -352,7 +436,7 @@ def cross_entropy_bwd(
     w = weight.to(torch.float32).contiguous() if has_weight else lse  # placeholder, never read
     # W = sum(w) is needed only with weights and smoothing: one tiny reduction, no host sync.
     w_sum = w.sum().reshape(()) if has_weight and has_smoothing else lse
-    block, num_warps = row_config(v, device)
+    block, num_warps = row_config(v, device, cuda_max_block=_CUDA_BLOCK)
     with device_ctx(logits):
         _cross_entropy_bwd_kernel[(n,)](
             grad_loss, logits, logits.stride(0), target, w, w_sum, lse, grad,
@@ -362,6 +446,7 @@ def cross_entropy_bwd(
             HAS_Z_LOSS=float(z_loss) > 0.0,
             HAS_SOFTCAP=float(softcap) > 0.0,
             BF16_RNE_BY_HAND=bf16_by_hand(logits),
+            **_alignment(logits),
             BLOCK=block,
             num_warps=num_warps,
         )

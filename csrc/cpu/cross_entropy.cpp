@@ -1,4 +1,6 @@
 // Cross-entropy CPU kernels (the "cpp" backend of fastft.ops.cross_entropy).
+// grad_out (forward and backward): the gradient goes there instead of a new buffer; it may be the logits
+// themselves (the in-place gradient of fastft.ops.cross_entropy and the fused linear cross-entropy's chunk).
 //
 // Per counted row (x softcapped when softcap > 0, w = class weights or ones, W = sum w, eps = smoothing):
 //   loss = (1-eps) w_y (lse - x_y) + (eps/V) (W lse - sum_c w_c x_c) + z lse^2
@@ -73,6 +75,22 @@ void write_grad_row(scalar_t* out, const acc* xs, const acc* e, acc shift, acc a
   if constexpr (!std::is_same_v<scalar_t, acc>) store_row<scalar_t, acc>(out, tmp, V);
 }
 
+// The gradient's buffer: grad_out when given (it may be logits itself: every sweep reads a chunk of the row
+// before it stores that chunk's gradient, and the target's logit before the first store), else a new one.
+// grad_out's storage is then the gradient; the third output is an empty tensor (outputs must not alias inputs).
+at::Tensor gradient_buffer(const at::Tensor& logits, const c10::optional<at::Tensor>& grad_out, const char* op) {
+  if (!grad_out.has_value()) return cached_empty("cross_entropy.grad", {logits.size(0), logits.size(1)}, logits.options());
+  const at::Tensor& g = *grad_out;
+  TORCH_CHECK(g.sizes() == logits.sizes() && g.scalar_type() == logits.scalar_type() && g.is_contiguous() &&
+                  g.device() == logits.device(),
+              op, ": grad_out must be a contiguous ", logits.scalar_type(), " tensor of logits' shape ", logits.sizes());
+  if (g.is_alias_of(logits)) {
+    TORCH_CHECK(g.data_ptr() == logits.data_ptr() && logits.is_contiguous(), op,
+                ": grad_out shares logits' storage, so it must be exactly the (contiguous) logits");
+  }
+  return g;
+}
+
 void check_common(const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight) {
   TORCH_CHECK(logits.dim() == 2, "cross_entropy: logits must be [N, V], got ", logits.sizes());
   TORCH_CHECK(logits.stride(1) == 1, "cross_entropy: logits' last dimension must be contiguous");
@@ -89,14 +107,16 @@ void check_common(const at::Tensor& logits, const at::Tensor& target, const c10:
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
     const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& grad_scale, int64_t ignore_index, double label_smoothing, double z_loss,
-    double softcap) {
+    double softcap, const c10::optional<at::Tensor>& grad_out) {
   check_common(logits, target, weight);
+  TORCH_CHECK(!grad_out.has_value() || grad_scale.has_value(),
+              "cross_entropy_fwd: grad_out is the gradient's buffer; it needs grad_scale");
   const int64_t N = logits.size(0), V = logits.size(1);
   const bool has_grad = grad_scale.has_value();
   // Row losses and logsumexps in the accumulation type (fp32; fp64 for fp64 logits).
   auto acc_opts = logits.options().dtype(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   at::Tensor loss = at::empty({N}, acc_opts), lse = at::empty({N}, acc_opts);
-  at::Tensor grad = has_grad ? cached_empty("cross_entropy.grad", {N, V}, logits.options()) : at::empty({0}, logits.options());
+  at::Tensor grad = has_grad ? gradient_buffer(logits, grad_out, "cross_entropy_fwd") : at::empty({0}, logits.options());
   const CEOptions o{ignore_index, label_smoothing, z_loss, softcap};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_fwd_cpu", [&] {
@@ -156,12 +176,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
       FASTFT_STREAM_FENCE();  // order this thread's streaming stores before the gradient is handed out
     });
   });
+  if (grad_out.has_value()) return {loss, lse, at::empty({0}, logits.options())};
   return {loss, lse, grad};
 }
 
 at::Tensor cross_entropy_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
                                  const c10::optional<at::Tensor>& weight, const at::Tensor& lse,
-                                 int64_t ignore_index, double label_smoothing, double z_loss, double softcap) {
+                                 int64_t ignore_index, double label_smoothing, double z_loss, double softcap,
+                                 const c10::optional<at::Tensor>& grad_out) {
   check_common(logits, target, weight);
   const int64_t N = logits.size(0), V = logits.size(1);
   const auto acc_type = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -169,7 +191,7 @@ at::Tensor cross_entropy_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& 
               "cross_entropy_bwd: grad_loss must be a contiguous [N] tensor of the accumulation type");
   TORCH_CHECK(lse.numel() == N && lse.scalar_type() == acc_type && lse.is_contiguous(),
               "cross_entropy_bwd: lse must be a contiguous [N] tensor of the accumulation type");
-  at::Tensor grad = cached_empty("cross_entropy.grad", {N, V}, logits.options());
+  at::Tensor grad = gradient_buffer(logits, grad_out, "cross_entropy_bwd");
   const CEOptions o{ignore_index, label_smoothing, z_loss, softcap};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_bwd_cpu", [&] {
@@ -211,6 +233,7 @@ at::Tensor cross_entropy_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& 
       FASTFT_STREAM_FENCE();
     });
   });
+  if (grad_out.has_value()) return at::empty({0}, logits.options());
   return grad;
 }
 
@@ -227,10 +250,10 @@ void scale_if_not_one_cpu(at::Tensor& grad, const at::Tensor& scale) {
 TORCH_LIBRARY_FRAGMENT(fastft, m) {
   m.def(
       "cross_entropy_fwd_kernel(Tensor logits, Tensor target, Tensor? weight, Tensor? grad_scale, int ignore_index, "
-      "float label_smoothing, float z_loss, float softcap) -> (Tensor, Tensor, Tensor)");
+      "float label_smoothing, float z_loss, float softcap, Tensor(a!)? grad_out=None) -> (Tensor, Tensor, Tensor)");
   m.def(
       "cross_entropy_bwd_kernel(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
-      "int ignore_index, float label_smoothing, float z_loss, float softcap) -> Tensor");
+      "int ignore_index, float label_smoothing, float z_loss, float softcap, Tensor(a!)? grad_out=None) -> Tensor");
   m.def("scale_if_not_one_kernel_(Tensor(a!) grad, Tensor scale) -> ()");
 }
 

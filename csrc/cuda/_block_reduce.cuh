@@ -34,7 +34,9 @@ struct MaxSum {
 
 __device__ __forceinline__ void online_add(MaxSum& a, float v) {
   if (v > a.m) {
-    a.s = a.s * expf(a.m - v) + 1.f;  // exp(-inf) = 0 covers the first element
+    // exp(-inf) = 0 covers the first element. A +inf logit makes s NaN (as exp(inf - inf) does in the
+    // other backends): the loss and gradient of its row are NaN, never a silently finite value.
+    a.s = v == INFINITY ? __int_as_float(0x7fc00000) : a.s * expf(a.m - v) + 1.f;
     a.m = v;
   } else if (v != -INFINITY) {  // -inf (a banned token) adds nothing; NaN lands here and poisons s
     a.s += expf(v - a.m);

@@ -76,9 +76,11 @@ __device__ __forceinline__ void row_read(const T* __restrict__ x, int64_t n, F&&
 }
 
 // out[j] = f(j, x_j) for the whole row; 16-byte packs when x and out are equally misaligned (always
-// so for a contiguous logits tensor and its contiguous gradient), else element by element.
+// so for a contiguous logits tensor and its contiguous gradient), else element by element. out may be x
+// (the gradient written over the logits): each thread reads an element or pack before it stores the same
+// one, and no other thread touches it, so the pointers are not __restrict__.
 template <typename T, typename F>
-__device__ __forceinline__ void row_map(const T* __restrict__ x, T* __restrict__ out, int64_t n, F&& f) {
+__device__ __forceinline__ void row_map(const T* x, T* out, int64_t n, F&& f) {
   constexpr int kVec = Pack<T>::kSize;
   if ((reinterpret_cast<uintptr_t>(x) - reinterpret_cast<uintptr_t>(out)) % 16 != 0) {
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) out[j] = static_cast<T>(f(j, static_cast<float>(x[j])));
@@ -119,7 +121,7 @@ struct Options {
 
 // Writes the gradient row g = scale * dloss/dx (see the top of the file) for row x with target y.
 template <typename T>
-__device__ __forceinline__ void write_grad_row(const T* __restrict__ x, T* __restrict__ g, int64_t V, int64_t y,
+__device__ __forceinline__ void write_grad_row(const T* x, T* g, int64_t V, int64_t y,
                                                const float* __restrict__ weight, float W, float lse, float scale,
                                                const Options& o) {
   if (y == o.ignore_index) {
@@ -153,10 +155,10 @@ __device__ __forceinline__ void write_grad_row(const T* __restrict__ x, T* __res
 // One block per row: loss, lse and, when grad != nullptr, grad = (*grad_scale) * dloss/dx.
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
-    cross_entropy_fwd_kernel(const T* __restrict__ logits, int64_t row_stride, int64_t V,
+    cross_entropy_fwd_kernel(const T* logits, int64_t row_stride, int64_t V,
                              const int64_t* __restrict__ target, const float* __restrict__ weight,
                              const float* __restrict__ grad_scale, Options o, float* __restrict__ loss,
-                             float* __restrict__ lse_out, T* __restrict__ grad) {
+                             float* __restrict__ lse_out, T* grad) {
   const int64_t row = blockIdx.x;
   const T* x = logits + row * row_stride;
   const float softcap = o.softcap;
@@ -171,6 +173,11 @@ __global__ void __launch_bounds__(kMaxThreads)
     if (grad != nullptr) row_fill(grad + row * V, V, 0.f);
     return;
   }
+
+  // The target's logit, read before the block reductions below (each ends in __syncthreads): grad may
+  // be the logits themselves, and sweep 2 may overwrite x[y] as soon as a thread gets there.
+  const bool in_range = y >= 0 && y < V;
+  const float x_y_raw = threadIdx.x == 0 && in_range ? static_cast<float>(x[y]) : 0.f;
 
   // Sweep 1: online softmax; with label smoothing also sum_c w_c x_c and W = sum_c w_c.
   MaxSum ms{-INFINITY, 0.f};
@@ -196,10 +203,10 @@ __global__ void __launch_bounds__(kMaxThreads)
   if (threadIdx.x == 0) {
     float l = 0.f;
     {
-      if (y < 0 || y >= V) {
+      if (!in_range) {
         l = __int_as_float(0x7fc00000);  // quiet NaN: out-of-range target, nothing read
       } else {
-        float x_y = static_cast<float>(x[y]);
+        float x_y = x_y_raw;
         if (softcap > 0.f) x_y = softcap * tanhf(x_y * inv_cap);
         const float w_y = weight != nullptr ? weight[y] : 1.f;
         l = (1.f - o.eps) * w_y * (lse - x_y);
@@ -218,9 +225,9 @@ __global__ void __launch_bounds__(kMaxThreads)
 // One block per row: grad = grad_loss[row] * dloss/dx, from the lse saved by forward.
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
-    cross_entropy_bwd_kernel(const float* __restrict__ grad_loss, const T* __restrict__ logits, int64_t row_stride,
+    cross_entropy_bwd_kernel(const float* __restrict__ grad_loss, const T* logits, int64_t row_stride,
                              int64_t V, const int64_t* __restrict__ target, const float* __restrict__ weight,
-                             const float* __restrict__ lse, Options o, T* __restrict__ grad) {
+                             const float* __restrict__ lse, Options o, T* grad) {
   const int64_t row = blockIdx.x;
   const int64_t y = target[row];
   float W = static_cast<float>(V);
@@ -285,6 +292,21 @@ void check_scalar(const at::Tensor& t, const char* op, const char* name, const a
   TORCH_CHECK(t.numel() == 1, op, ": ", name, " must hold one value, got shape ", t.sizes());
 }
 
+// grad_out when given (it may be the logits themselves; the kernels read each element before storing its
+// gradient), else a new [N, V] tensor. Same contract as the CPU kernels (csrc/cpu/cross_entropy.cpp).
+at::Tensor gradient_buffer(const at::Tensor& logits, const std::optional<at::Tensor>& grad_out, const char* op) {
+  if (!grad_out.has_value()) return at::empty({logits.size(0), logits.size(1)}, logits.options());
+  const at::Tensor& g = *grad_out;
+  TORCH_CHECK(g.sizes() == logits.sizes() && g.scalar_type() == logits.scalar_type() && g.is_contiguous() &&
+                  g.device() == logits.device(),
+              op, ": grad_out must be a contiguous ", logits.scalar_type(), " tensor of logits' shape ", logits.sizes());
+  if (g.is_alias_of(logits)) {
+    TORCH_CHECK(g.data_ptr() == logits.data_ptr() && logits.is_contiguous(), op,
+                ": grad_out shares logits' storage, so it must be exactly the (contiguous) logits");
+  }
+  return g;
+}
+
 Options make_options(int64_t ignore_index, double label_smoothing, double z_loss, double softcap) {
   return Options{ignore_index, static_cast<float>(label_smoothing), static_cast<float>(z_loss),
                  static_cast<float>(softcap)};
@@ -293,7 +315,7 @@ Options make_options(int64_t ignore_index, double label_smoothing, double z_loss
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& grad_scale, int64_t ignore_index, double label_smoothing, double z_loss,
-    double softcap) {
+    double softcap, const std::optional<at::Tensor>& grad_out) {
   constexpr const char* op = "fastft::cross_entropy_fwd_kernel (CUDA)";
   check_logits(logits, op);
   const int64_t N = logits.size(0);
@@ -307,13 +329,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
   }
   const bool want_grad = grad_scale.has_value() && grad_scale->defined();
   if (want_grad) check_scalar(*grad_scale, op, "grad_scale", logits);
+  TORCH_CHECK(want_grad || !grad_out.has_value(), op, ": grad_out is the gradient's buffer; it needs grad_scale");
 
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto f32 = logits.options().dtype(at::kFloat);
   at::Tensor loss = at::empty({N}, f32);
   at::Tensor lse = at::empty({N}, f32);
-  at::Tensor grad = want_grad ? at::empty({N, V}, logits.options()) : at::empty({0}, logits.options());
-  if (N == 0) return {loss, lse, grad};
+  at::Tensor grad = want_grad ? gradient_buffer(logits, grad_out, op) : at::empty({0}, logits.options());
+  // With grad_out the gradient is there; the third output stays a distinct (empty) tensor.
+  at::Tensor grad_result = grad_out.has_value() ? at::empty({0}, logits.options()) : grad;
+  if (N == 0) return {loss, lse, grad_result};
 
   const Options o = make_options(ignore_index, label_smoothing, z_loss, softcap);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -325,12 +350,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
         lse.mutable_data_ptr<float>(), want_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {loss, lse, grad};
+  return {loss, lse, grad_result};
 }
 
 at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
                                   const std::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t ignore_index,
-                                  double label_smoothing, double z_loss, double softcap) {
+                                  double label_smoothing, double z_loss, double softcap,
+                                  const std::optional<at::Tensor>& grad_out) {
   constexpr const char* op = "fastft::cross_entropy_bwd_kernel (CUDA)";
   check_logits(logits, op);
   const int64_t N = logits.size(0);
@@ -348,8 +374,9 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor&
   }
 
   const c10::cuda::CUDAGuard guard(logits.device());
-  at::Tensor grad = at::empty({N, V}, logits.options());
-  if (N == 0) return grad;
+  at::Tensor grad = gradient_buffer(logits, grad_out, op);
+  at::Tensor grad_result = grad_out.has_value() ? at::empty({0}, logits.options()) : grad;
+  if (N == 0) return grad_result;
 
   const Options o = make_options(ignore_index, label_smoothing, z_loss, softcap);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -360,7 +387,7 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor&
         grad.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return grad;
+  return grad_result;
 }
 
 void scale_if_not_one_cuda_(at::Tensor& grad, const at::Tensor& scale) {  // at::Tensor&: the schema's Tensor(a!), as on the CPU

@@ -45,6 +45,7 @@ class CrossEntropyOptions:
     z_loss: float = 0.0
     softcap: float = 0.0  # 0 = no softcap
     reduction: str = "mean"
+    inplace_backward: bool = False  # the gradient is written over the logits (see cross_entropy's docstring)
 
     def kernel_args(self) -> tuple:
         return self.ignore_index, self.label_smoothing, self.z_loss, self.softcap
@@ -58,8 +59,15 @@ def _forward(logits: Tensor, target: Tensor, weight: Optional[Tensor], compute_g
              options: CrossEntropyOptions, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     acc = accumulator_dtype(logits.dtype)
     scale = ce_reduction_scale(target, weight, options.ignore_index, options.reduction, acc)
+    fused = _fused(options, compute_grad)
+    in_place = fused and options.inplace_backward
     loss_rows, lse, grad = loss_kernels(backend).ce_fwd(
-        logits, target, weight, scale if _fused(options, compute_grad) else None, *options.kernel_args())
+        logits, target, weight, scale if fused else None, *options.kernel_args(), out=logits if in_place else None)
+    if in_place:
+        # The gradient now lives in logits' storage; an op that saved the logits for its own backward
+        # raises torch's "modified by an inplace operation" error instead of reading gradients.
+        torch.autograd.graph.increment_version(logits)
+        grad = logits.new_empty((0,))  # outputs may not alias inputs; setup keeps the logits instead
     if options.reduction == "none":
         loss = loss_rows.to(logits.dtype)
     else:
@@ -71,14 +79,18 @@ def _fake(logits, target, weight, compute_grad, options, backend):
     n, v = logits.shape
     loss = logits.new_empty((n,) if options.reduction == "none" else ())
     lse = logits.new_empty((n,), dtype=accumulator_dtype(logits.dtype))
-    grad = logits.new_empty((n, v) if _fused(options, compute_grad) else (0,))
+    grad = logits.new_empty((n, v) if _fused(options, compute_grad) and not options.inplace_backward else (0,))
     return loss, lse, grad
 
 
 def _backward_impl(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor,
                    options: CrossEntropyOptions, backend: str) -> Tensor:
-    return loss_kernels(backend).ce_bwd(grad_loss.to(lse.dtype).contiguous(), logits, target, weight, lse,
-                                        *options.kernel_args())
+    out = logits if options.inplace_backward else None
+    grad = loss_kernels(backend).ce_bwd(grad_loss.to(lse.dtype).contiguous(), logits, target, weight, lse,
+                                        *options.kernel_args(), out=out)
+    if out is not None:
+        torch.autograd.graph.increment_version(logits)
+    return grad
 
 
 def _backward_fake(grad_loss, logits, target, weight, lse, options, backend):
@@ -89,7 +101,7 @@ def _setup(ctx, inputs, outputs):
     logits, target, weight, compute_grad = inputs
     ctx.fused = _fused(ctx.options, compute_grad)
     if ctx.fused:
-        save_fused_grads(ctx, outputs[2])
+        save_fused_grads(ctx, logits if ctx.options.inplace_backward else outputs[2])
     else:
         ctx.save_for_backward(logits, target, weight, outputs[1])
 
@@ -145,6 +157,7 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: Optional[float] = None,
+    inplace_backward: bool = False,
 ) -> Tensor:
     """Cross-entropy over the last dimension of ``input`` with class-index ``target``.
 
@@ -154,28 +167,84 @@ def cross_entropy(
     Deliberate difference: when every target is ignored, ``reduction="mean"`` returns 0 and a zero
     gradient where torch returns NaN. Out-of-range targets raise ValueError on CPU; on CUDA they are
     checked only with ``FASTFT_DEBUG=1`` (no host sync by default) and otherwise give a NaN loss.
+
+    Hostile values: -inf logits are classes of probability 0 anywhere in the row; a target whose own logit
+    is -inf gives loss +inf (gradient p - onehot, finite); a counted row without any finite logit, and any
+    NaN or +inf logit, give NaN (never a silently finite loss). Ignored rows are never read.
+
+    ``inplace_backward=True`` (Liger-Kernel's memory contract): the gradient with respect to ``input`` is
+    written into ``input``'s own storage instead of a new [N, V] tensor -- during forward for "mean"/"sum",
+    during backward for "none". **The logits are overwritten**: do not read them after the call. Safety
+    nets: an op that saved ``input`` for its own backward raises torch's "modified by an inplace operation"
+    error (the version counter is bumped) instead of reading gradients; a leaf ``input`` (a tensor you
+    created, a parameter) or a view of one is refused, since it would be destroyed and become its own
+    ``.grad``. Nothing is overwritten when no gradient is computed (no_grad, input not requiring grad),
+    when ``input`` is not contiguous in its class dimension (the copy takes the gradient), or under
+    torch.compile (a registered op may not mutate its inputs: the gradient is then out of place).
     """
     _check_inputs(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
     num_classes = input.shape[-1]
     check_indices_in_range("target", target, num_classes, ignore_index)
+    compute_grad = torch.is_grad_enabled() and input.requires_grad
+    in_place = _check_inplace_backward(inplace_backward, input, compute_grad)
     backend = cross_entropy_op.select(input)
     if backend == "reference":
-        return _reference(
-            input, target, weight, ignore_index=ignore_index, reduction=reduction,
-            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-        )
+        kw = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+                  softcap=softcap)
+        if in_place:
+            return _ReferenceInPlace.apply(input, target, weight, kw)
+        return _reference(input, target, weight, **kw)
     logits = input.reshape(-1, num_classes)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     flat_target = flat_index(target)
     w = None if weight is None else weight.to(accumulator_dtype(input.dtype)).contiguous()
-    compute_grad = torch.is_grad_enabled() and input.requires_grad
     options = CrossEntropyOptions(int(ignore_index), float(label_smoothing), float(z_loss),
-                                  float(softcap) if softcap is not None else 0.0, reduction)
+                                  float(softcap) if softcap is not None else 0.0, reduction, in_place)
     loss = cross_entropy_op(logits, flat_target, w, compute_grad, options=options, backend=backend)[0]
     if reduction == "none":
         loss = loss.reshape(target.shape)
     return loss
+
+
+def _check_inplace_backward(inplace_backward, input: Tensor, compute_grad: bool) -> bool:
+    """Whether the gradient goes into ``input``'s storage; raises where that would destroy user data."""
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
+    if not (inplace_backward and compute_grad) or torch.compiler.is_compiling():
+        return False
+    base = input if input._base is None else input._base
+    if base.is_leaf:
+        raise ValueError(
+            "inplace_backward=True writes the gradient over the logits, but input is "
+            + ("a leaf tensor" if base is input else "a view of a leaf tensor")
+            + " (one you created or a parameter): it would be destroyed and become its own .grad. Pass "
+            "logits computed by the graph (e.g. the LM head's output), or inplace_backward=False")
+    return True
+
+
+class _ReferenceInPlace(torch.autograd.Function):
+    """The reference backend's inplace_backward: the reference's gradient, copied into ``input``."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight, kw):
+        with torch.enable_grad():
+            x = input.detach().requires_grad_()
+            loss = _reference(x, target, weight, **kw)
+            (grad,) = torch.autograd.grad(loss, x, torch.ones_like(loss))
+        input.copy_(grad)  # the gradient of each row for an upstream of 1 ("none": of its own loss)
+        torch.autograd.graph.increment_version(input)
+        ctx.input, ctx.reduction = input, kw["reduction"]
+        return loss.detach()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad = ctx.input
+        if ctx.reduction == "none":
+            grad.mul_(grad_loss.reshape(*grad_loss.shape, 1).to(grad.dtype))
+        else:
+            grad.mul_(grad_loss.to(grad.dtype))
+        return grad, None, None, None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -6,9 +6,9 @@ logits or their gradient. Forward walks the tokens in chunks; per chunk:
     logits_c  = x_c @ W^T (+ b)                       one GEMM into a reused chunk buffer
     loss_c, dlogits_c = fused CE kernel(logits_c)     loss rows and grad_scale * dloss/dlogits in one
                                                       pass (the cross-entropy kernels of fastft.ops.
-                                                      cross_entropy; on Triton written over logits_c)
+                                                      cross_entropy), the gradient written over logits_c
     grad_x[c]  = dlogits_c @ W                        straight into its rows of grad_x
-    grad_W    += dlogits_c^T @ x_c                    fp32 accumulator for fp16/bf16 over >1 chunk
+    grad_W    += dlogits_c^T @ x_c                    in place, in W's dtype (addmm_, beta = 1)
     grad_b    += sum_rows dlogits_c
 
 grad_scale is the reduction's factor for the whole batch (1/number of counted tokens for "mean"),
@@ -22,9 +22,15 @@ the input needs a gradient the fused forward still applies (unscaled; backward s
 When the weight or bias needs one, forward saves the row logsumexps and backward recomputes the
 logits chunk by chunk (one extra GEMM) with the per-row gradient.
 
-Chunk size (fastft.ops._losses.chunk_rows, shared with linear_full_kl): rows = budget / (bytes of the
-chunk buffers per token row), where the budget is FASTFT_LCE_CHUNK_BYTES (default 64 MiB on CPU, 512 MiB
-on CUDA) or ``chunk_size`` rows when given. Ignored rows are dropped before the GEMMs on CPU; on CUDA
+Memory: grad_x, grad_W (in the weight's dtype, no fp32 copy: fastft.ops._losses.HeadGrads) and one
+[rows x vocab] chunk buffer in the input's dtype; nothing else of size N x V or V x H.
+Chunk size (fastft.ops._losses.chunk_rows, shared with linear_full_kl): ``chunk_size`` rows when given,
+else rows = budget / (vocab x element size), where the budget is FASTFT_LCE_CHUNK_BYTES when set, else
+the device default (64 MiB on CPU, 512 MiB on CUDA) -- lowered on CUDA, when grad_W is computed, to a
+sixth of grad_W's bytes (at least 64 MiB): the chunk then adds at most ~17% to the gradients' own memory
+(8192 x 4096 x 128256 bf16: grad_W 1002 MiB + grad_x 64 MiB + chunk 167 MiB = 1.29 GB planned). Each
+chunk after the first re-reads and re-writes grad_W (beta = 1), so fewer, larger chunks trade memory for
+traffic; FASTFT_LCE_CHUNK_BYTES moves that point. Ignored rows are dropped before the GEMMs on CPU; on CUDA
 (where finding them is a host sync) every row is computed and the kernels skip the ignored ones.
 """
 from __future__ import annotations
@@ -41,7 +47,8 @@ from . import registry
 from ._checks import (check_chunk_size, flat_index, check_float_tensor, check_index_tensor, check_indices_in_range,
                       check_same_device, check_tensor)
 from ._define import accumulator_dtype, define_op, save_fused_grads, scale_fused_grads, standard_backends
-from ._losses import (CE_KERNELS, HeadGrads, autocast_operands, ce_reduction_scale, check_ce_options, chunk_rows, counted_rows,
+from ._losses import (CE_KERNELS, HeadGrads, autocast_operands, ce_reduction_scale, check_ce_options, chunk_rows,
+                      counted_rows,
                       logits_into, loss_kernels, scale_in_place, scale_rows_in_place, scatter_rows)
 from .cross_entropy import CrossEntropyOptions
 
@@ -59,21 +66,21 @@ class LinearCrossEntropyOptions(CrossEntropyOptions):
 
 
 def _fused_ce_chunk(backend: str):
-    """(logits, target, weight, grad_scale|None, *options) -> (loss_rows, lse, grad|empty)."""
+    """(logits, target, weight, grad_scale|None, *options) -> (loss_rows, lse, grad|empty); the gradient
+    is written over the logits chunk it was computed from (every backend's kernel takes out=), so one
+    [chunk x vocab] buffer is alive at a time."""
     fwd = loss_kernels(backend).ce_fwd
-    if backend == "triton":
-        # The Triton kernel can write the gradient over the logits chunk it reads (one buffer).
-        def run(logits, target, weight, grad_scale, *options):
-            out = logits if grad_scale is not None else None
-            return fwd(logits, target, weight, grad_scale, *options, out=out)
 
-        return run
-    return fwd
+    def run(logits, target, weight, grad_scale, *options):
+        return fwd(logits, target, weight, grad_scale, *options, out=logits if grad_scale is not None else None)
+
+    return run
 
 
-def _chunk_buffers(backend: str, with_grad: bool) -> int:
-    """[chunk x vocab] buffers alive at once: the logits, plus the CE gradient unless written in place."""
-    return 1 if (not with_grad or backend == "triton") else 2
+def _plan_rows(n: int, x: Tensor, weight: Tensor, needs: tuple, chunk_size: int) -> int:
+    """Token rows per chunk (one [rows x vocab] buffer; see fastft.ops._losses.chunk_rows)."""
+    grad_bytes = weight.numel() * weight.element_size() if needs[1] else 0
+    return chunk_rows(n, weight.shape[0], x.dtype, x.device.type, 1, chunk_size, grad_w_bytes=grad_bytes)
 
 
 def _forward_chunks(x, weight, bias, target, class_weight, options, grad_scale, needs, backend):
@@ -88,7 +95,7 @@ def _forward_chunks(x, weight, bias, target, class_weight, options, grad_scale, 
         return scatter_rows(loss_rows, idx, n), scatter_rows(lse, idx, n), (gx, gw, gb)
     v = weight.shape[0]
     with_grad = grad_scale is not None
-    rows = chunk_rows(n, v, x.dtype, x.device.type, _chunk_buffers(backend, with_grad), options.chunk_size)
+    rows = _plan_rows(n, x, weight, needs if with_grad else (False, False, False), options.chunk_size)
     acc = accumulator_dtype(x.dtype)
     loss_rows = torch.empty((n,), dtype=acc, device=x.device)
     lse = torch.empty((n,), dtype=acc, device=x.device)
@@ -104,8 +111,6 @@ def _forward_chunks(x, weight, bias, target, class_weight, options, grad_scale, 
         lse[start:end].copy_(lse_c)
         if with_grad:
             sink.add(start, end, x_chunk, dlogits)
-        # Drop the chunk's CE gradient before the next kernel call: the C++ kernel then hands the
-        # same cached buffer out again instead of allocating (and page-faulting) a fresh one.
         del loss_c, lse_c, dlogits, logits
     grads = sink.finish(x) if with_grad else tuple(x.new_empty((0,)) for _ in range(3))
     return loss_rows, lse, grads
@@ -122,7 +127,7 @@ def _backward_chunks(row_grad, x, weight, bias, target, class_weight, lse, optio
         return (scatter_rows(gx, idx, n) if gx.numel() else gx), gw, gb
     v = weight.shape[0]
     bwd = loss_kernels(backend).ce_bwd
-    rows = chunk_rows(n, v, x.dtype, x.device.type, 2, options.chunk_size)
+    rows = _plan_rows(n, x, weight, needs, options.chunk_size)
     sink = HeadGrads(x, weight, bias, *needs, single_chunk=rows >= n)
     buf = torch.empty((min(rows, n), v), dtype=x.dtype, device=x.device)
     row_grad = row_grad.to(lse.dtype).contiguous()
@@ -131,7 +136,7 @@ def _backward_chunks(row_grad, x, weight, bias, target, class_weight, lse, optio
         x_chunk = x[start:end]
         logits = logits_into(buf[: end - start], x_chunk, weight, bias)
         dlogits = bwd(row_grad[start:end], logits, target[start:end], class_weight, lse[start:end],
-                      *options.kernel_args())
+                      *options.kernel_args(), out=logits)
         sink.add(start, end, x_chunk, dlogits)
         del dlogits, logits
     return sink.finish(x)
