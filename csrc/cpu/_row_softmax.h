@@ -141,16 +141,19 @@ inline void store_streaming(acc* p, const Vectorized<acc>& v, int64_t n) {
   v.store(p, n);
 }
 
-// Calls chunk(j, n) over [0, V) in vector-sized pieces, with a short first piece that brings
-// dst + j to a 64-byte boundary so the streaming stores apply to every later piece.
+// Calls chunk(j, n) over [0, V) in pieces of at most one vector, the first ones short enough to bring
+// dst + j to a 64-byte boundary so the streaming stores apply to every later piece. The head can be
+// longer than one vector (up to 15 floats before a 64-byte boundary, an AVX2 vector holds 8), so it is
+// cut into vectors too: a longer piece would overrun Vectorized's partial loads and stores.
 template <typename acc, typename F>
 inline void for_each_chunk_aligned(const acc* dst, int64_t V, F&& chunk) {
   using Vec = Vectorized<acc>;
   int64_t j = 0;
   const int64_t misalign = static_cast<int64_t>((reinterpret_cast<uintptr_t>(dst) & 63) / sizeof(acc));
   if (misalign != 0) {
-    j = std::min<int64_t>(V, static_cast<int64_t>(64 / sizeof(acc)) - misalign);
-    chunk(0, j);
+    const int64_t head = std::min<int64_t>(V, static_cast<int64_t>(64 / sizeof(acc)) - misalign);
+    for (; j < head; j += Vec::size()) chunk(j, std::min<int64_t>(Vec::size(), head - j));
+    j = head;
   }
   for (; j + Vec::size() <= V; j += Vec::size()) chunk(j, Vec::size());
   if (j < V) chunk(j, V - j);
