@@ -281,17 +281,17 @@ __global__ void __launch_bounds__(cuda_rows::kMaxThreads)
     return;
   }
   const float k = grad_logp[row] * inv_t, l = lse[row];
-  auto grad = [&](int64_t j, float v) {
+  auto grad_at = [&](int64_t j, float v) {
     const float p = expf(v * inv_t - l);
     return static_cast<T>(j == y ? k * (1.f - p) : -k * p);
   };
   sweep16(
-      x, aligned_alike(x, g), V, [&](int64_t j) { g[j] = grad(j, static_cast<float>(x[j])); },
+      x, aligned_alike(x, g), V, [&](int64_t j) { g[j] = grad_at(j, static_cast<float>(x[j])); },
       [&](int64_t j) {
         const Pack<T> p = load_pack(x + j);
         Pack<T> out;
 #pragma unroll
-        for (int e = 0; e < Pack<T>::kSize; ++e) out.v[e] = grad(j + e, static_cast<float>(p.v[e]));
+        for (int e = 0; e < Pack<T>::kSize; ++e) out.v[e] = grad_at(j + e, static_cast<float>(p.v[e]));
         *reinterpret_cast<Pack<T>*>(g + j) = out;
       });
 }
