@@ -43,6 +43,11 @@ using cuda_rows::MaxSum;
 using cuda_rows::online_add;
 using cuda_rows::threads_for_row;
 
+// Two 1024-thread row blocks per SM (sm_90: 65,536 registers -> at most 32 per thread): with the 16-byte packs the
+// bf16 forward and backward wanted 44-45 registers, i.e. one block (32 warps) per SM, stalled at every block
+// reduction; ptxas fits them in 32 without spilling (checked with -Xptxas -v).
+constexpr int kMinRowBlocksPerSM = 2;
+
 // d * r, 0 where the factor r underflowed to 0 also for d = +inf (a token the reference bans, its policy mass
 // negligible against a later maximum): +inf * 0 would make the KL NaN instead of the fp32 value.
 __device__ __forceinline__ float scaled(float d, float r) { return r > 0.f ? d * r : 0.f; }
@@ -181,7 +186,7 @@ __device__ __forceinline__ void kl_grad_row(const T* __restrict__ xp, const T* _
 }
 
 template <typename T>
-__global__ void __launch_bounds__(cuda_rows::kMaxThreads)
+__global__ void __launch_bounds__(cuda_rows::kMaxThreads, kMinRowBlocksPerSM)
     full_kl_fwd_kernel(const T* __restrict__ policy, int64_t p_stride, const T* __restrict__ ref, int64_t r_stride,
                        int64_t V, const bool* __restrict__ mask, const float* __restrict__ grad_scale, float inv_t,
                        float* __restrict__ kl, float* __restrict__ lse_p_out, float* __restrict__ lse_r_out,
@@ -226,7 +231,7 @@ __global__ void __launch_bounds__(cuda_rows::kMaxThreads)
 }
 
 template <typename T>
-__global__ void __launch_bounds__(cuda_rows::kMaxThreads)
+__global__ void __launch_bounds__(cuda_rows::kMaxThreads, kMinRowBlocksPerSM)
     full_kl_bwd_kernel(const float* __restrict__ grad_kl, const T* __restrict__ policy, int64_t p_stride,
                        const T* __restrict__ ref, int64_t r_stride, int64_t V, const bool* __restrict__ mask,
                        const float* __restrict__ lse_p, const float* __restrict__ lse_r, const float* __restrict__ kl,
@@ -244,7 +249,7 @@ __global__ void __launch_bounds__(cuda_rows::kMaxThreads)
 }
 
 template <typename T>
-__global__ void __launch_bounds__(cuda_rows::kMaxThreads)
+__global__ void __launch_bounds__(cuda_rows::kMaxThreads, kMinRowBlocksPerSM)
     selective_log_softmax_fwd_kernel(const T* __restrict__ logits, int64_t stride, int64_t V,
                                      const int64_t* __restrict__ index, float inv_t, float* __restrict__ logp,
                                      float* __restrict__ lse_out) {
@@ -268,7 +273,7 @@ __global__ void __launch_bounds__(cuda_rows::kMaxThreads)
 }
 
 template <typename T>
-__global__ void __launch_bounds__(cuda_rows::kMaxThreads)
+__global__ void __launch_bounds__(cuda_rows::kMaxThreads, kMinRowBlocksPerSM)
     selective_log_softmax_bwd_kernel(const float* __restrict__ grad_logp, const T* __restrict__ logits,
                                      int64_t stride, int64_t V, const int64_t* __restrict__ index,
                                      const float* __restrict__ lse, float inv_t, T* __restrict__ grad) {
