@@ -4,11 +4,22 @@ full_kl, per counted row, a = x_p / T, b = x_r / T, pi = softmax(a), rho = softm
     KL = sum_j pi_j (a_j - b_j) - lse(a) + lse(b) = c - lse_p + lse_r
     dKL/dx_p,j = pi_j ((a_j - b_j) - c) / T          (log pi - log rho - KL = (a - b) - c)
     dKL/dx_r,j = (rho_j - pi_j) / T
-One read pass per row over both models' logits with the online softmax (Milakov & Gimelshein 2018):
-running maxima m_a, m_b and S_p = sum exp(a - m_a), S_r = sum exp(b - m_b), D = sum exp(a - m_a) (a - b);
-a new block maximum m' rescales S_p and D by exp(m_a - m'). Then c = D / S_p. The gradient, when
-wanted, is a second sweep over the same rows (usually still in L2 on a GPU). Tokens with pi_j = 0
-(x_p,j = -inf) count 0, not 0 * inf = NaN. Masked rows load nothing and store zeros.
+One read pass per row over both models' logits with the online softmax (Milakov & Gimelshein 2018),
+kept per lane: every lane of the BLOCK-wide tile carries its own running maxima m_a, m_b and sums
+S_p = sum exp(a - m_a), S_r = sum exp(b - m_b), D = sum exp(a - m_a) (a - b) over the columns it sees
+(one exp per element and side: the smaller of the old maximum and the new value against the larger),
+and the lanes are combined ONCE per row at the end (no block reductions inside the loop). Then
+c = D / S_p. The gradient, when wanted, is a second sweep over the same rows (usually still in L2 on a
+GPU). Tokens with pi_j = 0 (x_p,j = -inf) count 0, not 0 * inf = NaN. Masked rows load nothing and
+store zeros.
+
+Hostile values (the contract every backend keeps; tests/test_hostile_kl.py):
+  - -inf logits anywhere (leading, trailing, interleaved blocks, all but one token) are ordinary: a
+    lane or a row that has seen only -inf so far has sum 0, never exp(-inf - -inf) = NaN.
+  - NaN anywhere in a row, +inf, or a row that is all -inf (no distribution) -> that row's KL / logp is
+    NaN and its policy gradient row (and, for NaN KL, the reference gradient row) is all NaN.
+  - The policy has mass where the reference logit is -inf -> KL = +inf (the math's value); the policy
+    gradient row is NaN (an infinite loss has none), the reference gradient (rho - pi) / T stays finite.
 
 selective_log_softmax: logp = x_y / T - lse(x / T); d/dx_j = ([j == y] - softmax(x / T)_j) / T.
 
@@ -31,7 +42,34 @@ from torch import Tensor
 from ._common import bf16_by_hand, cast_for_store, device_ctx, row_config
 
 
-__all__ = ["full_kl_fwd", "full_kl_bwd", "selective_log_softmax_fwd", "selective_log_softmax_bwd"]
+__all__ = ["full_kl_fwd", "full_kl_bwd", "selective_log_softmax_fwd", "selective_log_softmax_bwd", "lane_stats_config"]
+
+
+@triton.jit
+def _lane_online_step(m, x):
+    """One online-softmax step per lane: (new max, factor for the lane's old sums, weight of x), one exp.
+    A lane that holds only -inf so far, or an x of -inf, gives weight 0 (never exp(-inf - -inf) = NaN);
+    a NaN x gives a NaN weight (it must poison the row); two +inf in a lane give NaN (inf - inf)."""
+    grow = x > m
+    hi = tl.where(grow, x, m)
+    lo = tl.where(grow, m, x)
+    t = tl.exp(tl.where(lo == float("-inf"), float("-inf"), lo - hi))
+    return hi, tl.where(grow, t, 1.0), tl.where(grow, 1.0, t)
+
+
+@triton.jit
+def _lane_weights(m):
+    """exp(m_lane - M) for the row maximum M over lanes, and M. A row with no finite logit (M = -inf)
+    gives weights 0 (sum 0: lse = -inf, KL / logp NaN); a +inf lane gives NaN (exp(inf - inf))."""
+    row_max = tl.max(m, axis=0)
+    return tl.exp(m - tl.where(row_max == float("-inf"), 0.0, row_max)), row_max
+
+
+@triton.jit
+def _lane_rescale(d, w):
+    # D * w where w underflowed to 0 is 0, also when D is +inf (the reference banned a token the policy
+    # uses, in a lane whose mass another lane's maximum makes negligible).
+    return tl.where(w > 0.0, d * w, 0.0)
 
 
 @triton.jit
@@ -42,8 +80,11 @@ def _kl_grad_block(xp, xr, lse_p, lse_r, inv_t, k_p, c, k_r, GRAD_POLICY: tl.con
     gr = pi
     if GRAD_POLICY:
         gp = tl.where(pi > 0.0, k_p * pi * ((xp - xr) * inv_t - c), 0.0)
+        gp = tl.where(c - c == 0.0, gp, float("nan"))  # c inf or NaN: KL has no gradient (see the top)
     if GRAD_REF:
         gr = k_r * (tl.exp(xr * inv_t - lse_r) - pi)
+        kl = c - lse_p + lse_r
+        gr = tl.where(kl == kl, gr, float("nan"))  # a NaN KL poisons the whole row, not only some entries
     return gp, gr
 
 
@@ -86,11 +127,11 @@ def _full_kl_fwd_kernel(
     else:
         counted = True
     cols = tl.arange(0, BLOCK)
-    m_a = float("-inf")
-    m_b = float("-inf")
-    s_p = 0.0
-    s_r = 0.0
-    d = 0.0
+    m_a = tl.full((BLOCK,), float("-inf"), tl.float32)
+    m_b = tl.full((BLOCK,), float("-inf"), tl.float32)
+    s_p = tl.zeros((BLOCK,), tl.float32)
+    s_r = tl.zeros((BLOCK,), tl.float32)
+    d = tl.zeros((BLOCK,), tl.float32)
     for start in range(0, V, BLOCK):
         offs = start + cols
         ld = (offs < V) & counted
@@ -98,21 +139,17 @@ def _full_kl_fwd_kernel(
         xr = tl.load(r_row + offs, mask=ld, other=float("-inf")).to(tl.float32)
         a = xp * inv_t
         b = xr * inv_t
-        ma_new = tl.maximum(m_a, tl.max(a, axis=0))
-        mb_new = tl.maximum(m_b, tl.max(b, axis=0))
-        # While the maximum is still -inf (a masked row, or a block of banned tokens) shift by 0, so
-        # exp(-inf - -inf) = NaN never happens: the exps and the old sums' factor are then 0.
-        ma_safe = tl.where(ma_new == float("-inf"), 0.0, ma_new)
-        mb_safe = tl.where(mb_new == float("-inf"), 0.0, mb_new)
-        alpha = tl.exp(m_a - ma_safe)
-        beta = tl.exp(m_b - mb_safe)
-        e = tl.exp(a - ma_safe)
-        f = tl.exp(b - mb_safe)
-        s_p = s_p * alpha + tl.sum(e, axis=0)
-        s_r = s_r * beta + tl.sum(f, axis=0)
-        d = d * alpha + tl.sum(tl.where(e > 0.0, e * (a - b), 0.0), axis=0)
-        m_a = ma_new
-        m_b = mb_new
+        m_a, alpha, e = _lane_online_step(m_a, a)
+        m_b, beta, f = _lane_online_step(m_b, b)
+        s_p = s_p * alpha + e
+        s_r = s_r * beta + f
+        d = _lane_rescale(d, alpha) + tl.where(e > 0.0, e * (a - b), 0.0)
+    # The lanes' statistics, combined once per row.
+    lane_wa, m_a = _lane_weights(m_a)
+    lane_wb, m_b = _lane_weights(m_b)
+    s_p = tl.sum(s_p * lane_wa, axis=0)
+    s_r = tl.sum(s_r * lane_wb, axis=0)
+    d = tl.sum(_lane_rescale(d, lane_wa), axis=0)
     s_p = tl.where(counted, s_p, 1.0)  # a masked row read nothing: keep its (discarded) stats finite
     s_r = tl.where(counted, s_r, 1.0)
     lse_p = m_a + tl.log(s_p)
@@ -158,16 +195,15 @@ def _selective_log_softmax_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     x_row = logits_ptr + row * stride_row
     cols = tl.arange(0, BLOCK)
-    m = float("-inf")
-    s = 0.0
-    for start in range(0, V, BLOCK):
+    m = tl.full((BLOCK,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK,), tl.float32)
+    for start in range(0, V, BLOCK):  # per-lane statistics, as in _full_kl_fwd_kernel
         offs = start + cols
         a = tl.load(x_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_t
-        m_new = tl.maximum(m, tl.max(a, axis=0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # see _full_kl_fwd_kernel
-        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(a - m_safe), axis=0)
-        m = m_new
-    lse = m + tl.log(s)
+        m, alpha, e = _lane_online_step(m, a)
+        s = s * alpha + e
+    lane_w, m = _lane_weights(m)
+    lse = m + tl.log(tl.sum(s * lane_w, axis=0))
     y = tl.load(index_ptr + row)
     in_range = (y >= 0) & (y < V)
     x_y = tl.load(x_row + tl.where(in_range, y, 0)).to(tl.float32)
@@ -200,6 +236,21 @@ def _selective_log_softmax_bwd_kernel(
 # ------------------------------------------------------------------------------------------------
 
 
+def lane_stats_config(V: int, device: torch.device) -> Tuple[int, int]:
+    """(BLOCK, num_warps) of the kernels that keep per-lane statistics (full_kl forward, selective
+    log-softmax forward); the gradient-only kernels use kernels._common.row_config.
+
+    On CUDA, 2048 columns over 8 warps: 8 columns per thread, one 16-byte load per row and sweep, and
+    the five per-lane fp32 accumulators of the KL forward in registers. Compiled for sm_90 (bf16,
+    V = 128256): 76 registers x 256 threads -> 3 CTAs per SM, no spills (8192 x 16 warps, the row
+    kernels' tile, needed 86 x 512 -> 1 CTA per SM with the block-reduction loop, and 128 registers plus a
+    72-byte stack frame with per-lane statistics). Under the interpreter, as row_config: one tile per row."""
+    if device.type != "cuda":
+        return row_config(V, device)
+    block = min(triton.next_power_of_2(V), 2048)
+    return block, max(1, min(8, block // 256))
+
+
 def _check_pair(policy: Tensor, ref: Tensor, mask: Optional[Tensor], name: str) -> Tuple[int, int]:
     if policy.dim() != 2 or policy.shape != ref.shape:
         raise ValueError(f"{name}: logits must both be [N, V], got {tuple(policy.shape)} and {tuple(ref.shape)}")
@@ -229,7 +280,7 @@ def full_kl_fwd(
     if n == 0:
         return kl, lse_p, lse_r, gp, gr
     scale = grad_scale.reshape(()).to(torch.float32) if grad_scale is not None else kl  # placeholder
-    block, num_warps = row_config(v, device)
+    block, num_warps = lane_stats_config(v, device)
     mask_arg = mask.contiguous() if mask is not None else kl  # placeholder, never read
     with device_ctx(policy):
         _full_kl_fwd_kernel[(n,)](
@@ -287,7 +338,7 @@ def selective_log_softmax_fwd(logits: Tensor, index: Tensor, temperature: float)
     lse = torch.empty(n, dtype=torch.float32, device=logits.device)
     if n == 0:
         return logp, lse
-    block, num_warps = row_config(v, logits.device)
+    block, num_warps = lane_stats_config(v, logits.device)
     with device_ctx(logits):
         _selective_log_softmax_fwd_kernel[(n,)](
             logits, logits.stride(0), index.contiguous(), logp, lse, v, 1.0 / float(temperature),

@@ -151,6 +151,7 @@ inline void for_each_chunk_aligned(const acc* dst, int64_t V, F&& chunk) {
   int64_t j = 0;
   const int64_t misalign = static_cast<int64_t>((reinterpret_cast<uintptr_t>(dst) & 63) / sizeof(acc));
   if (misalign != 0) {
+    // The head can be longer than one vector (AVX2: up to 15 floats, 8 lanes): chunk(j, n) takes n <= Vec::size().
     const int64_t head = std::min<int64_t>(V, static_cast<int64_t>(64 / sizeof(acc)) - misalign);
     for (; j < head; j += Vec::size()) chunk(j, std::min<int64_t>(Vec::size(), head - j));
     j = head;

@@ -11,7 +11,9 @@
 // Sweeps per row: 1) both maxima (the only reads from memory), 2) e, f and the three sums, parking e
 // (and f) in per-thread scratch, 3) the gradient, from the parked exps, streamed to memory. A 32k row is 128 KB of fp32: the
 // two rows and the gradient stay in L2 (here 2 MB+ per core) between sweeps. Masked rows are never read.
-// Terms with pi_j = 0 (x_p,j = -inf: a banned token) count 0, not 0 * inf = NaN.
+// Terms with pi_j = 0 (x_p,j = -inf: a banned token) count 0, not 0 * inf = NaN. The maxima are exact
+// (no online rescaling), so a row that starts with -inf needs no guard; NaN, +inf and an all -inf row
+// reach the sums as NaN (exp(inf - inf)), and poison_undefined_grads keeps the gradient contract.
 //
 // selective_log_softmax: logp = x_y / T - lse(x / T); d/dx_j = ([j == y] - softmax(x / T)_j) / T.
 #include "cpu/_vec.h"  // must precede other ATen includes (sets the Vectorized ISA)
@@ -100,6 +102,23 @@ void kl_grad_row(scalar_t* gp, scalar_t* gr, const acc* xp, const acc* xr, const
   }
 }
 
+// The hostile-value contract (kernels/kl.py's header): a row whose KL is NaN gets NaN gradient rows, and
+// one whose KL is +inf (policy mass where the reference logit is -inf) a NaN policy gradient row; the
+// sweep above would leave zeros where pi_j = 0 and -inf elsewhere. Rare rows: refilled after the sweep.
+template <typename scalar_t, typename acc>
+void poison_undefined_grads(scalar_t* gp, scalar_t* gr, int64_t V, acc c, acc kl) {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  if (gp != nullptr && !std::isfinite(c)) fill_row(gp, V, nan);
+  if (gr != nullptr && std::isnan(kl)) fill_row(gr, V, nan);
+}
+
+// log-sum-exp from the row maximum m and S = sum exp(x - m): a +inf logit has no softmax (inf / inf), so NaN.
+// (The fast exp does not turn exp(inf - inf) into NaN: the sum alone would give lse = +inf, logp = -inf.)
+template <typename acc>
+acc lse_of(acc m, acc S) {
+  return m == std::numeric_limits<acc>::infinity() ? std::numeric_limits<acc>::quiet_NaN() : m + std::log(S);
+}
+
 void check_pair(const char* op, const at::Tensor& policy, const at::Tensor& ref, const c10::optional<at::Tensor>& mask) {
   TORCH_CHECK(policy.dim() == 2 && ref.dim() == 2, op, ": logits must be [N, V], got ", policy.sizes(), " and ",
               ref.sizes());
@@ -169,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> full_kl_f
         if (want_r) f_park = buf + 3 * V;
         acc S_p, S_r, D;
         kl_row_sums(xp, xr, V, inv_t, m_a, m_b, e_park, f_park, S_p, S_r, D);
-        const acc l_p = m_a + std::log(S_p), l_r = m_b + std::log(S_r);
+        const acc l_p = lse_of(m_a, S_p), l_r = lse_of(m_b, S_r);
         const acc c = inv_t * D / S_p;
         lp[i] = l_p;
         lr[i] = l_r;
@@ -179,6 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> full_kl_f
           kl_grad_row<scalar_t, acc>(g_p, g_r, xp, xr, e_park, f_park, m_a, m_b, inv_t, k_p, c, k_p,
                                      scale * inv_t / S_r, V, buf ? buf + 2 * V : nullptr,
                                      buf ? buf + 3 * V : nullptr);
+          poison_undefined_grads<scalar_t, acc>(g_p, g_r, V, c, kl_p[i]);
         }
       }
       FASTFT_STREAM_FENCE();  // order this thread's streaming stores before the gradients are handed out
@@ -234,6 +254,7 @@ std::tuple<at::Tensor, at::Tensor> full_kl_bwd_cpu(const at::Tensor& grad_kl, co
         kl_grad_row<scalar_t, acc>(g_p, g_r, xp, xr, nullptr, nullptr, lp[i], lr[i], inv_t, k,
                                    lp[i] - lr[i] + klv[i], k, k, V, buf ? buf + 2 * V : nullptr,
                                    buf ? buf + 3 * V : nullptr);
+        poison_undefined_grads<scalar_t, acc>(g_p, g_r, V, lp[i] - lr[i] + klv[i], klv[i]);
       }
       FASTFT_STREAM_FENCE();
     });
@@ -272,7 +293,7 @@ std::tuple<at::Tensor, at::Tensor> selective_log_softmax_fwd_cpu(const at::Tenso
       for (int64_t i = begin; i < end; ++i) {
         const acc* xs = row_values<scalar_t, acc>(x0 + i * row_stride, V, acc(0), same ? nullptr : scratch.get(V));
         const acc m = row_max(xs, V) * inv_t;
-        const acc l = m + std::log(row_sum_exp<acc>(xs, V, m, nullptr, inv_t));
+        const acc l = lse_of(m, row_sum_exp<acc>(xs, V, m, nullptr, inv_t));
         lse_p[i] = l;
         const int64_t y = idx[i];
         out[i] = (y >= 0 && y < V) ? xs[y] * inv_t - l : std::numeric_limits<acc>::quiet_NaN();

@@ -14,6 +14,12 @@
 // Layout: one thread block per row, fp32 math. Sweep 1 reads both rows once with an online softmax
 // (Milakov & Gimelshein 2018) that also carries D = sum_j e_j (x_p,j - x_r,j) under the running max, so
 // c = D / (T S_p) needs no second read; the gradient sweep reads the rows again (in L2). Masked rows are not read.
+// Every sweep moves 16 bytes per load / store (8 bf16, 4 fp32): a scalar head up to the rows' first 16-byte
+// boundary, 16-byte packs, a scalar tail; element by element only when the rows of one sweep sit at different
+// offsets from a 16-byte boundary (a strided view).
+// Hostile values, as on every backend (kernels/kl.py's header): -inf anywhere is ordinary; NaN, +inf or an all
+// -inf row give NaN (KL, logp) and NaN gradient rows; a +inf KL (policy mass on a reference -inf) a NaN policy
+// gradient row and the finite (rho - pi) / T for the reference.
 #include "cuda/_block_reduce.cuh"
 
 #include <ATen/ATen.h>
@@ -37,6 +43,15 @@ using cuda_rows::MaxSum;
 using cuda_rows::online_add;
 using cuda_rows::threads_for_row;
 
+// Two 1024-thread row blocks per SM (sm_90: 65,536 registers -> at most 32 per thread): with the 16-byte packs the
+// bf16 forward and backward wanted 44-45 registers, i.e. one block (32 warps) per SM, stalled at every block
+// reduction; ptxas fits them in 32 without spilling (checked with -Xptxas -v).
+constexpr int kMinRowBlocksPerSM = 2;
+
+// d * r, 0 where the factor r underflowed to 0 also for d = +inf (a token the reference bans, its policy mass
+// negligible against a later maximum): +inf * 0 would make the KL NaN instead of the fp32 value.
+__device__ __forceinline__ float scaled(float d, float r) { return r > 0.f ? d * r : 0.f; }
+
 // The policy side of sweep 1: running max m of a, S = sum exp(a - m), D = sum exp(a - m) (x_p - x_r).
 struct PolicySums {
   float m;
@@ -48,7 +63,7 @@ __device__ __forceinline__ void policy_add(PolicySums& st, float a, float delta)
   if (a > st.m) {
     const float r = expf(st.m - a);  // 0 for the first element (m = -inf)
     st.s = st.s * r + 1.f;
-    st.d = st.d * r + delta;
+    st.d = scaled(st.d, r) + delta;
     st.m = a;
   } else if (a != -INFINITY) {  // pi_j = 0 adds nothing to S or D
     const float e = expf(a - st.m);
@@ -67,7 +82,7 @@ struct CombinePolicySums {
     }
     if (b.m == -INFINITY) return a;
     const float r = expf(b.m - a.m);
-    return {a.m, a.s + b.s * r, a.d + b.d * r};
+    return {a.m, a.s + b.s * r, a.d + scaled(b.d, r)};
   }
 };
 
@@ -77,26 +92,101 @@ __device__ __forceinline__ PolicySums shfl_xor(PolicySums v, int lane_mask) {
           __shfl_xor_sync(0xffffffffu, v.d, lane_mask)};
 }
 
+// ------------------------------------------------------------------------------------------------
+// 16-byte row sweeps
+// ------------------------------------------------------------------------------------------------
+
 template <typename T>
-__device__ __forceinline__ void zero_row(T* g, int64_t V) {
-  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) g[j] = T(0.f);
+struct alignas(16) Pack {
+  static constexpr int kSize = 16 / sizeof(T);
+  T v[kSize];
+};
+
+__device__ __forceinline__ uintptr_t offset16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16; }
+
+// True when every given row (nullptr: absent) sits at the same offset from a 16-byte boundary as `a`, so one
+// scalar head brings all of them to alignment.
+__device__ __forceinline__ bool aligned_alike(const void* a, const void* b, const void* c = nullptr,
+                                              const void* d = nullptr) {
+  const uintptr_t o = offset16(a);
+  return offset16(b) == o && (c == nullptr || offset16(c) == o) && (d == nullptr || offset16(d) == o);
 }
 
-// gp / gr (nullptr: not wanted) = k * dKL/dx of the row (see the top), from lse_p, lse_r and c.
+// Calls scalar(j) for this thread's elements (block-strided) of the head before `anchor`'s first 16-byte
+// boundary and of the tail, and packed(j) for the first element j of each of its 16-byte packs in between
+// (anchor + j, and every row aligned alike, are then 16-byte aligned). alike == false: all scalar.
+template <typename T, typename Scalar, typename Packed>
+__device__ __forceinline__ void sweep16(const T* anchor, bool alike, int64_t n, Scalar&& scalar, Packed&& packed) {
+  constexpr int kVec = Pack<T>::kSize;
+  int64_t head = n;
+  if (alike && reinterpret_cast<uintptr_t>(anchor) % sizeof(T) == 0) {
+    head = static_cast<int64_t>((16 - offset16(anchor)) % 16 / sizeof(T));
+    head = head < n ? head : n;
+  }
+  const int64_t npack = (n - head) / kVec;
+  const int64_t tail = head + npack * kVec;
+  for (int64_t j = threadIdx.x; j < head; j += blockDim.x) scalar(j);
+  for (int64_t k = threadIdx.x; k < npack; k += blockDim.x) packed(head + k * kVec);
+  for (int64_t j = tail + threadIdx.x; j < n; j += blockDim.x) scalar(j);
+}
+
+template <typename T>
+__device__ __forceinline__ Pack<T> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T>*>(p);
+}
+
+template <typename T>
+__device__ __forceinline__ void zero_row(T* g, int64_t V) {
+  Pack<T> zeros;
+#pragma unroll
+  for (int e = 0; e < Pack<T>::kSize; ++e) zeros.v[e] = T(0.f);
+  sweep16(g, true, V, [&](int64_t j) { g[j] = T(0.f); },
+          [&](int64_t j) { *reinterpret_cast<Pack<T>*>(g + j) = zeros; });
+}
+
+// log-sum-exp from the online (max, sum): a +inf logit has no softmax (inf / inf), so NaN, not +inf; a row with
+// no finite logit gives -inf + log(0) = -inf (its KL is then 0 / 0 = NaN, its logp NaN).
+__device__ __forceinline__ float lse_of(float m, float s) {
+  return m == INFINITY ? __int_as_float(0x7fc00000) : m + logf(s);
+}
+
+// gp / gr (nullptr: not wanted) = k * dKL/dx of the row (see the top), from lse_p, lse_r, c and KL. A KL that is
+// NaN gives NaN rows; c = +inf (KL = +inf) a NaN policy row.
 template <typename T>
 __device__ __forceinline__ void kl_grad_row(const T* __restrict__ xp, const T* __restrict__ xr, T* __restrict__ gp,
                                             T* __restrict__ gr, int64_t V, float inv_t, float lse_p, float lse_r,
-                                            float c, float k) {
-  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-    const float vp = static_cast<float>(xp[j]), vr = static_cast<float>(xr[j]);
+                                            float c, float kl, float k) {
+  const float nan = __int_as_float(0x7fc00000);
+  const bool policy_defined = isfinite(c), ref_defined = !isnan(kl);
+  auto grads = [&](float vp, float vr, float& g_p, float& g_r) {
     const float pi = expf(vp * inv_t - lse_p);
-    if (gp != nullptr) gp[j] = static_cast<T>(pi == 0.f ? 0.f : k * pi * ((vp - vr) * inv_t - c));
-    if (gr != nullptr) gr[j] = static_cast<T>(k * (expf(vr * inv_t - lse_r) - pi));
-  }
+    g_p = !policy_defined ? nan : pi == 0.f ? 0.f : k * pi * ((vp - vr) * inv_t - c);
+    g_r = ref_defined ? k * (expf(vr * inv_t - lse_r) - pi) : nan;
+  };
+  auto scalar = [&](int64_t j) {
+    float g_p, g_r;
+    grads(static_cast<float>(xp[j]), static_cast<float>(xr[j]), g_p, g_r);
+    if (gp != nullptr) gp[j] = static_cast<T>(g_p);
+    if (gr != nullptr) gr[j] = static_cast<T>(g_r);
+  };
+  auto packed = [&](int64_t j) {
+    const Pack<T> p = load_pack(xp + j), r = load_pack(xr + j);
+    Pack<T> out_p, out_r;
+#pragma unroll
+    for (int e = 0; e < Pack<T>::kSize; ++e) {
+      float g_p, g_r;
+      grads(static_cast<float>(p.v[e]), static_cast<float>(r.v[e]), g_p, g_r);
+      out_p.v[e] = static_cast<T>(g_p);
+      out_r.v[e] = static_cast<T>(g_r);
+    }
+    if (gp != nullptr) *reinterpret_cast<Pack<T>*>(gp + j) = out_p;
+    if (gr != nullptr) *reinterpret_cast<Pack<T>*>(gr + j) = out_r;
+  };
+  sweep16(xp, aligned_alike(xp, xr, gp, gr), V, scalar, packed);
 }
 
 template <typename T>
-__global__ void __launch_bounds__(cuda_rows::kMaxThreads)
+__global__ void __launch_bounds__(cuda_rows::kMaxThreads, kMinRowBlocksPerSM)
     full_kl_fwd_kernel(const T* __restrict__ policy, int64_t p_stride, const T* __restrict__ ref, int64_t r_stride,
                        int64_t V, const bool* __restrict__ mask, const float* __restrict__ grad_scale, float inv_t,
                        float* __restrict__ kl, float* __restrict__ lse_p_out, float* __restrict__ lse_r_out,
@@ -114,25 +204,34 @@ __global__ void __launch_bounds__(cuda_rows::kMaxThreads)
   const T* xr = ref + row * r_stride;
   PolicySums ps = CombinePolicySums::identity();
   MaxSum rs{-INFINITY, 0.f};
-  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-    const float vp = static_cast<float>(xp[j]), vr = static_cast<float>(xr[j]);
+  auto add = [&](float vp, float vr) {
     policy_add(ps, vp * inv_t, vp - vr);
     online_add(rs, vr * inv_t);
-  }
+  };
+  sweep16(
+      xp, aligned_alike(xp, xr), V, [&](int64_t j) { add(static_cast<float>(xp[j]), static_cast<float>(xr[j])); },
+      [&](int64_t j) {
+        const Pack<T> p = load_pack(xp + j), r = load_pack(xr + j);
+#pragma unroll
+        for (int e = 0; e < Pack<T>::kSize; ++e) add(static_cast<float>(p.v[e]), static_cast<float>(r.v[e]));
+      });
   ps = block_allreduce(ps, CombinePolicySums{});
   rs = block_allreduce(rs, CombineMaxSum{});
-  const float lse_p = ps.m + logf(ps.s), lse_r = rs.m + logf(rs.s);
+  const float lse_p = lse_of(ps.m, ps.s), lse_r = lse_of(rs.m, rs.s);
   const float c = inv_t * ps.d / ps.s;
+  const float kl_row = c - lse_p + lse_r;
   if (threadIdx.x == 0) {
-    kl[row] = c - lse_p + lse_r;
+    kl[row] = kl_row;
     lse_p_out[row] = lse_p;
     lse_r_out[row] = lse_r;
   }
-  if (gp != nullptr || gr != nullptr) kl_grad_row(xp, xr, gp, gr, V, inv_t, lse_p, lse_r, c, *grad_scale * inv_t);
+  if (gp != nullptr || gr != nullptr) {
+    kl_grad_row(xp, xr, gp, gr, V, inv_t, lse_p, lse_r, c, kl_row, *grad_scale * inv_t);
+  }
 }
 
 template <typename T>
-__global__ void __launch_bounds__(cuda_rows::kMaxThreads)
+__global__ void __launch_bounds__(cuda_rows::kMaxThreads, kMinRowBlocksPerSM)
     full_kl_bwd_kernel(const float* __restrict__ grad_kl, const T* __restrict__ policy, int64_t p_stride,
                        const T* __restrict__ ref, int64_t r_stride, int64_t V, const bool* __restrict__ mask,
                        const float* __restrict__ lse_p, const float* __restrict__ lse_r, const float* __restrict__ kl,
@@ -146,21 +245,27 @@ __global__ void __launch_bounds__(cuda_rows::kMaxThreads)
     return;
   }
   kl_grad_row(policy + row * p_stride, ref + row * r_stride, gp, gr, V, inv_t, lse_p[row], lse_r[row],
-              lse_p[row] - lse_r[row] + kl[row], grad_kl[row] * inv_t);
+              lse_p[row] - lse_r[row] + kl[row], kl[row], grad_kl[row] * inv_t);
 }
 
 template <typename T>
-__global__ void __launch_bounds__(cuda_rows::kMaxThreads)
+__global__ void __launch_bounds__(cuda_rows::kMaxThreads, kMinRowBlocksPerSM)
     selective_log_softmax_fwd_kernel(const T* __restrict__ logits, int64_t stride, int64_t V,
                                      const int64_t* __restrict__ index, float inv_t, float* __restrict__ logp,
                                      float* __restrict__ lse_out) {
   const int64_t row = blockIdx.x;
   const T* x = logits + row * stride;
   MaxSum ms{-INFINITY, 0.f};
-  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) online_add(ms, static_cast<float>(x[j]) * inv_t);
+  sweep16(
+      x, true, V, [&](int64_t j) { online_add(ms, static_cast<float>(x[j]) * inv_t); },
+      [&](int64_t j) {
+        const Pack<T> p = load_pack(x + j);
+#pragma unroll
+        for (int e = 0; e < Pack<T>::kSize; ++e) online_add(ms, static_cast<float>(p.v[e]) * inv_t);
+      });
   ms = block_allreduce(ms, CombineMaxSum{});
   if (threadIdx.x == 0) {
-    const float lse = ms.m + logf(ms.s);
+    const float lse = lse_of(ms.m, ms.s);
     const int64_t y = index[row];
     lse_out[row] = lse;
     logp[row] = (y >= 0 && y < V) ? static_cast<float>(x[y]) * inv_t - lse : std::numeric_limits<float>::quiet_NaN();
@@ -168,7 +273,7 @@ __global__ void __launch_bounds__(cuda_rows::kMaxThreads)
 }
 
 template <typename T>
-__global__ void __launch_bounds__(cuda_rows::kMaxThreads)
+__global__ void __launch_bounds__(cuda_rows::kMaxThreads, kMinRowBlocksPerSM)
     selective_log_softmax_bwd_kernel(const float* __restrict__ grad_logp, const T* __restrict__ logits,
                                      int64_t stride, int64_t V, const int64_t* __restrict__ index,
                                      const float* __restrict__ lse, float inv_t, T* __restrict__ grad) {
@@ -181,10 +286,19 @@ __global__ void __launch_bounds__(cuda_rows::kMaxThreads)
     return;
   }
   const float k = grad_logp[row] * inv_t, l = lse[row];
-  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-    const float p = expf(static_cast<float>(x[j]) * inv_t - l);
-    g[j] = static_cast<T>(j == y ? k * (1.f - p) : -k * p);
-  }
+  auto grad_at = [&](int64_t j, float v) {
+    const float p = expf(v * inv_t - l);
+    return static_cast<T>(j == y ? k * (1.f - p) : -k * p);
+  };
+  sweep16(
+      x, aligned_alike(x, g), V, [&](int64_t j) { g[j] = grad_at(j, static_cast<float>(x[j])); },
+      [&](int64_t j) {
+        const Pack<T> p = load_pack(x + j);
+        Pack<T> out;
+#pragma unroll
+        for (int e = 0; e < Pack<T>::kSize; ++e) out.v[e] = grad_at(j + e, static_cast<float>(p.v[e]));
+        *reinterpret_cast<Pack<T>*>(g + j) = out;
+      });
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -126,6 +126,11 @@ def full_kl(
     when none is counted). Gradients flow to ``policy_logits`` and, when it requires grad, to
     ``ref_logits``. ``ref_logits`` of another floating dtype are cast to the policy's. Tokens the
     policy gives probability 0 (logit -inf) contribute 0. The result has the policy's dtype.
+
+    Hostile values, on every backend: a token whose logits hold NaN or +inf, or are all -inf, gets KL
+    NaN and a NaN policy-gradient row (never a silent finite value); where the policy has mass on a
+    token whose reference logit is -inf the KL is +inf (its policy-gradient row is not finite). Masked
+    tokens are not read.
     """
     check_float_tensor("policy_logits", policy_logits, min_dim=1)
     check_float_tensor("ref_logits", ref_logits)

@@ -7,10 +7,17 @@ Notation per token (row) with policy logits x_p, reference logits x_r, temperatu
     kl_penalty   per-token estimators of KL(pi || rho) from the sampled tokens' log-probs
                  (Schulman, "Approximating KL divergence", 2020; TRL's names), d = logp - ref_logp:
                  k1 = d,  k2 = d^2 / 2,  k3 = exp(-d) + d - 1 (= expm1(-d) + d),  abs = |d|
+                 (k3 at d = -inf is +inf, its limit; d = NaN, e.g. both log-probs -inf, stays NaN)
     linear_full_kl = full_kl(h_p @ W_p^T, h_r @ W_r^T)
 
 ``mask`` (True / nonzero = counted) zeroes a token; "mean" divides by the number of counted tokens
-and gives 0 when there is none. Math in fp32 (fp64 for fp64 input); results in the input's dtype.
+and gives 0 when there is none.
+
+Hostile values (every backend keeps the same contract; tests/test_hostile_kl.py): -inf logits are
+ordinary (banned tokens); NaN, +inf, or an all -inf row make that row's full_kl / log-prob NaN, with
+NaN gradient rows; full_kl is +inf where the policy has mass on a token whose reference logit is -inf
+(there the kernels' policy gradient row is NaN, the reference gradient (rho - pi) / T finite). Masked
+tokens are never read: whatever they hold, they give 0 and a zero gradient. Math in fp32 (fp64 for fp64 input); results in the input's dtype.
 The vocabulary dimension is the last one.
 """
 from __future__ import annotations
@@ -49,8 +56,15 @@ def full_kl(
     reduction: str = "mean",
 ) -> Tensor:
     acc = _acc(policy_logits.dtype)
-    logp = torch.log_softmax(policy_logits.to(acc) / temperature, dim=-1)
-    logr = torch.log_softmax(ref_logits.to(acc) / temperature, dim=-1)
+    policy, ref = policy_logits.to(acc), ref_logits.to(acc)
+    if mask is not None:
+        # A masked row is never read (as in the kernels): NaN or inf there must not reach the gradient
+        # through 0 * NaN.
+        counted = (mask != 0).reshape(policy.shape[:-1] + (1,))
+        policy = torch.where(counted, policy, torch.zeros_like(policy))
+        ref = torch.where(counted, ref, torch.zeros_like(ref))
+    logp = torch.log_softmax(policy / temperature, dim=-1)
+    logr = torch.log_softmax(ref / temperature, dim=-1)
     p = logp.exp()
     # A token the policy bans (logit -inf, p = 0) contributes 0, not 0 * inf = NaN; the where sits
     # inside the product so no NaN reaches the gradient either.
@@ -76,12 +90,22 @@ def kl_penalty(
     out_dtype = torch.promote_types(logprobs.dtype, ref_logprobs.dtype)
     acc = _acc(out_dtype)
     d = logprobs.to(acc) - ref_logprobs.to(acc)
+    if mask is not None:
+        # Masked tokens (padding: logprobs of -inf or NaN included) must give exactly 0 gradient, not
+        # 0 * inf = NaN through the estimator's derivative.
+        d = torch.where(mask.reshape(d.shape) != 0, d, torch.zeros_like(d))
     if estimator == "k1":
         per_token = d
     elif estimator == "k2":
         per_token = 0.5 * d * d
     elif estimator == "k3":
-        per_token = torch.expm1(-d) + d
+        # d = -inf (the policy gives the sampled token probability 0): k3 = exp(-d) + d - 1 -> +inf, with
+        # derivative 1 - exp(-d) -> -inf; expm1(inf) + (-inf) would be NaN. Each branch sees only its own
+        # entries, so neither leaks inf * 0 = NaN into the other's gradient.
+        banned = d == float("-inf")
+        zero = torch.zeros_like(d)
+        d_finite = torch.where(banned, zero, d)
+        per_token = torch.where(banned, torch.exp(-torch.where(banned, d, zero)), torch.expm1(-d_finite) + d_finite)
     elif estimator == "abs":
         per_token = d.abs()
     else:
