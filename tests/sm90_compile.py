@@ -12,7 +12,7 @@ A kernel spec is ``(module, name, args, options)``: ``args`` maps every paramete
 int as divisible by 16 as the JIT specialises such values) or, for a constexpr, its value; ``options`` holds
 num_warps / num_stages. Run as a script it prints the table for the kernels of LOWRANK_SPECS:
 
-    env -u TRITON_INTERPRET PYTHONPATH=. python tests/sm90_compile.py [arch]
+    python tests/sm90_compile.py [arch]
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ SM90_SHARED_PER_SM = 228 * 1024
 SM90_THREADS_PER_SM = 2048
 SM90_BLOCKS_PER_SM = 32
 
+_TYPE = re.compile(r"^\*?(i|u|fp|bf)\d+(:16)?$")
 _LOAD = re.compile(r"^\s*(?:@%p\d+\s+)?ld\.global(\.[a-z0-9.:]+)?\s", re.M)
 
 
@@ -70,7 +71,7 @@ def _compile_here(specs: list, arch: int) -> list:
         signature, constexprs, attrs = {}, {}, {}
         for index, arg in enumerate(fn.arg_names):
             value = args[arg]
-            if isinstance(value, str) and (value.startswith("*") or value[:1] in "iuf"):
+            if isinstance(value, str) and _TYPE.match(value):
                 kind, _, divisible = value.partition(":")
                 signature[arg] = kind
                 if kind.startswith("*") or divisible:
@@ -114,6 +115,7 @@ def compile_kernels(specs: list, arch: int = 90, timeout: float = 600) -> list:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's fastft
     import lowrank_specs
 
     arch = int(sys.argv[1]) if len(sys.argv) > 1 else 90
