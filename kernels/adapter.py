@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._dropout import keep as _dropout_keep, keep_scale as _keep_scale
+from ._dropout import keep as _dropout_keep, keep_scale as _keep_scale, seed_on
 from ._common import bf16_by_hand, cast_for_store, device_ctx, tanh
 
 __all__ = ["adapter_act_dropout_fwd", "adapter_act_dropout_bwd"]
@@ -119,6 +119,8 @@ def _launch(pre, grad_h, seed, h, grad_pre, activation, drop_threshold, grad_sca
     has_dropout = drop_threshold > 0
     keep_scale = _keep_scale(drop_threshold) if has_dropout else 1.0
     block_m, block_r, num_warps = _config(n, r, pre.device)
+    if has_dropout:
+        seed = seed_on(seed, pre)
     with device_ctx(pre):
         _adapter_act_dropout_kernel[(triton.cdiv(n, block_m),)](
             pre, grad_h if backward else pre, seed if has_dropout else pre, h if return_h else pre,

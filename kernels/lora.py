@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._dropout import drop_threshold as _drop_threshold, keep as _dropout_keep, keep_scale as _keep_scale
+from ._dropout import drop_threshold as _drop_threshold, keep as _dropout_keep, keep_scale as _keep_scale, seed_on
 from ._common import bf16_by_hand, cast_for_store, device_ctx
 
 __all__ = ["dot_precision", "lora_linear_fwd", "lora_linear_bwd", "lora_dropout_mask"]
@@ -50,7 +50,7 @@ def _lora_down_kernel(
     # inner[M, R] = D(X) @ L1, once per row tile (the GEMM kernel below reads it in its epilogue).
     rows64 = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     ks = tl.arange(0, BLOCK_K)
-    rs = tl.arange(0, BLOCK_R)
+    rs = tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows64 < M
     r_ok = rs < R
     if DROP_IN:
@@ -102,7 +102,7 @@ def _lora_matmul_kernel(
     rows64 = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols64 = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
-    rs = tl.arange(0, BLOCK_R)
+    rs = tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows64 < M
     col_ok = cols64 < N
     r_ok = rs < R
@@ -153,7 +153,7 @@ def _lora_down_grad_kernel(
     pid_k = tl.program_id(0)
     split = tl.program_id(1)
     ks = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    rs = tl.arange(0, BLOCK_R)
+    rs = tl.arange(0, BLOCK_R).to(tl.int64)
     k_ok = ks < K
     r_ok = rs < R
     seed = tl.load(seed_ptr)
@@ -206,9 +206,13 @@ def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot's input_precision for ``dtype`` inputs: fp32 dots use TF32 exactly when torch's own fp32 matmuls
     may (``torch.backends.cuda.matmul.allow_tf32``), so the fused path rounds as the cuBLAS one it replaces;
     half-precision dots ignore it. The CPU interpreter computes every dot exactly whatever it is told."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    if dtype != torch.float32:
+        return "ieee"
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", "none")  # torch >= 2.9; the legacy flag sets it too
+    if precision in ("tf32", "ieee"):
+        return precision
+    return "tf32" if matmul.allow_tf32 else "ieee"
 
 
 def _config(device: torch.device, dtype: torch.dtype) -> dict:
@@ -239,7 +243,7 @@ def _launch(x: Tensor, mat: Tensor, mat_strides: tuple, l1: Tensor, l1_strides: 
     meta = {key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
     grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)
     dummy = out  # never read when the matching flag is off
-    seed_arg = seed if seed is not None else dummy
+    seed_arg = seed_on(seed, x) if seed is not None else dummy
     threshold, keep_scale = _dropout_args(dropout_p)
     common = dict(UPCAST=x.device.type != "cuda", DOT_PRECISION=dot_precision(x.dtype),
                   BF16_RNE_BY_HAND=bf16_by_hand(x), BLOCK_R=_block_r(rank))
@@ -294,6 +298,7 @@ def _down_grad(g_scaled: Tensor, x: Tensor, dropout_p: float, seed: Tensor) -> T
     rows_per_split = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
     splits = triton.cdiv(m, rows_per_split)
     partial = torch.empty((splits, rank, k), device=x.device, dtype=torch.float32)
+    seed = seed_on(seed, x)
     with device_ctx(x):
         _lora_down_grad_kernel[(triton.cdiv(k, block_k), splits)](
             g_scaled, x, partial, seed, m, k, rank, rows_per_split,
@@ -341,6 +346,7 @@ def lora_dropout_mask(like: Tensor, dropout_p: float, seed: Tensor) -> Tensor:
     out = torch.empty(like.shape, device=like.device, dtype=like.dtype)
     numel = out.numel()
     block = 1024
+    seed = seed_on(seed, like)
     with device_ctx(like):
         _dropout_mask_kernel[(triton.cdiv(numel, block),)](out, seed, numel, _drop_threshold(dropout_p), BLOCK=block)
     return out

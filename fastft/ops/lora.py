@@ -171,7 +171,9 @@ def lora_linear(
     lora_B = lora_B.to(x.dtype)
     if p > 0 and seed is None:
         seed = _dropout.draw_seed(x.device)
-    elif p == 0:
+    elif p > 0:
+        seed = _dropout.seed_on(seed, x)  # a host seed would reach a CUDA kernel as a host pointer
+    else:
         seed = None
     if backend == "reference":
         return _reference.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), dropout_p=p, seed=seed)
