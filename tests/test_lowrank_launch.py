@@ -96,3 +96,28 @@ def test_lora_dots_follow_torch_tf32_setting(lora_recorders, tf32_setting, allow
     dot_kernels = ("_lora_down_kernel", "_lora_matmul_kernel", "_lora_down_grad_kernel")
     seen = [kwargs["DOT_PRECISION"] for name in dot_kernels for _, kwargs in lora_recorders[name].calls]
     assert len(seen) == 5 and set(seen) == {expected}, seen
+
+
+def test_lora_gpu_default_follows_the_byte_flop_plan(monkeypatch):
+    from fastft import backend
+    from fastft.ops import lora as lora_ops
+
+    plans = lora_ops.lora_forward_plan(*lora_ops.BENCHMARK_SHAPE)
+    tokens, _, d_out, _ = lora_ops.BENCHMARK_SHAPE
+    extra = sum(k.bytes for k in plans["cuda"]) - sum(k.bytes for k in plans["triton"])
+    assert extra == 2 * tokens * d_out * 2  # the beta = 1 GEMM reads y, and y is written twice
+    assert sum(k.flops for k in plans["cuda"]) == sum(k.flops for k in plans["triton"])
+    best, why = lora_ops.planned_cuda_default()
+    assert backend.preferred("lora_linear", "cuda")[0] == best
+    assert "predicted" in why and "not measured" in why
+    # The choice is computed: a Triton GEMM as fast as cuBLAS would make the leaner-traffic Triton path win.
+    monkeypatch.setattr(lora_ops, "TRITON_GEMM_RATE", lora_ops.CUBLAS_GEMM_RATE)
+    assert lora_ops.planned_cuda_default()[0] == "triton"
+
+
+def test_fastft_info_says_why_lora_defaults_to_its_gpu_path(capsys):
+    from fastft.__main__ import info
+
+    info()
+    lines = [line for line in capsys.readouterr().out.splitlines() if "default on cuda" in line]
+    assert any("byte/flop plan" in line for line in lines), lines
