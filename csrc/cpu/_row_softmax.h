@@ -149,8 +149,10 @@ inline void for_each_chunk_aligned(const acc* dst, int64_t V, F&& chunk) {
   int64_t j = 0;
   const int64_t misalign = static_cast<int64_t>((reinterpret_cast<uintptr_t>(dst) & 63) / sizeof(acc));
   if (misalign != 0) {
-    j = std::min<int64_t>(V, static_cast<int64_t>(64 / sizeof(acc)) - misalign);
-    chunk(0, j);
+    // The head up to the next cache line can be longer than one vector (15 floats with AVX2's 8): in vector pieces.
+    const int64_t head = std::min<int64_t>(V, static_cast<int64_t>(64 / sizeof(acc)) - misalign);
+    for (; j < head; j += Vec::size()) chunk(j, std::min<int64_t>(Vec::size(), head - j));
+    j = head;
   }
   for (; j + Vec::size() <= V; j += Vec::size()) chunk(j, Vec::size());
   if (j < V) chunk(j, V - j);
