@@ -40,6 +40,8 @@ def info() -> int:
         print(f"  {entry.name}")
         for name, (ok, why) in entry.status().items():
             print(f"    {name:<10} {'usable' if ok else 'unusable':<9} {why}")
+        for device, order, why in backend.preference_notes(entry.name):
+            print(f"    default on {device}: {' > '.join(order)}: {why}")
     return 0
 
 

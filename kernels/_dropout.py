@@ -21,7 +21,7 @@ MIX_MUL2 = 0xC2B2AE35
 INDEX_HI_MUL = 0x9E3779B1
 _MASK32 = 0xFFFFFFFF
 
-__all__ = ["DROP_BITS", "drop_threshold", "keep_scale", "draw_seed", "dropout_bits", "keep_mask"]
+__all__ = ["DROP_BITS", "drop_threshold", "keep_scale", "draw_seed", "seed_on", "dropout_bits", "keep_mask"]
 
 
 def drop_threshold(p: float) -> int:
@@ -38,6 +38,15 @@ def draw_seed(device) -> Tensor:
     """A one-element int64 seed from the default generator of ``device`` (``torch.manual_seed`` reproduces
     it; no host sync on CUDA)."""
     return torch.randint(0, 1 << 62, (1,), dtype=torch.int64, device=device)
+
+
+def seed_on(seed: Tensor, like: Tensor) -> Tensor:
+    """``seed`` as the one-element int64 tensor on ``like``'s device that a kernel reads: a seed left on the
+    host would reach a CUDA kernel as a host pointer. No copy when it is there already; a host seed is copied
+    without a host sync."""
+    if seed.device != like.device or seed.dtype != torch.int64:
+        seed = seed.to(device=like.device, dtype=torch.int64, non_blocking=True)
+    return seed.reshape(1)
 
 
 def _mul32(h: Tensor, c: int) -> Tensor:

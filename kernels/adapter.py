@@ -4,11 +4,14 @@ The adapter is y = x + scale * (h W_up^T + b_up) with h = dropout(act(pre)), pre
 The GEMMs run in cuBLAS (fastft/ops/adapter.py, shared by every backend); these kernels are the
 element-wise steps on the [N, r] bottleneck between them, one pass each:
 
-  adapter_act_dropout_fwd(pre, seed, activation, drop_threshold, append_ones) -> h [N, r (+1)]
-      h = act(pre) * keep * keep_scale; with append_ones a last column of ones, so one GEMM against
-      [W_up | b_up] adds the bias (and, through addmm, the residual).
+  adapter_act_dropout_fwd(pre, seed, activation, drop_threshold, append_ones) -> h [N, padded_width(r, append_ones)]
+      h = act(pre) * keep * keep_scale; with append_ones column r is ones, so one GEMM against
+      [W_up | b_up] adds the bias (and, through addmm, the residual). The row is padded with zero columns to a
+      multiple of 8 elements (16 bytes in bf16): an r + 1 = 65-wide row (130 bytes) rules out aligned vector
+      loads and TMA in the GEMM; the zero columns meet zero columns of the padded [W_up | b_up] (the same values,
+      and their gradient columns are dropped, so they are never trained).
   adapter_act_dropout_bwd(grad_h, pre, seed, activation, drop_threshold, grad_scale, append_ones, return_h)
-      -> (grad_pre [N, r], h [N, r (+1)] or an empty tensor)
+      -> (grad_pre [N, r], h [N, padded_width(r, append_ones)] or an empty tensor)
       grad_pre = grad_scale * grad_h * act'(pre) * keep * keep_scale; h recomputed for dW_up.
 
 Dropout: element (i, j) has the flat index i * r + j; its keep bit is kernels/_dropout.py's counter-based
@@ -23,10 +26,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._dropout import keep as _dropout_keep, keep_scale as _keep_scale
+from ._dropout import keep as _dropout_keep, keep_scale as _keep_scale, seed_on
 from ._common import bf16_by_hand, cast_for_store, device_ctx, tanh
 
-__all__ = ["adapter_act_dropout_fwd", "adapter_act_dropout_bwd"]
+__all__ = ["adapter_act_dropout_fwd", "adapter_act_dropout_bwd", "padded_width"]
 
 _RELU, _GELU, _GELU_TANH, _SILU = 0, 1, 2, 3
 
@@ -64,7 +67,7 @@ def _adapter_act_dropout_kernel(
     N, R, h_stride, threshold, keep_scale, grad_scale,
     ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, APPEND_ONES: tl.constexpr,
     BACKWARD: tl.constexpr, RETURN_H: tl.constexpr, BF16_RNE_BY_HAND: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, PAD_BLOCK: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     cols = tl.arange(0, BLOCK_R).to(tl.int64)
@@ -90,16 +93,26 @@ def _adapter_act_dropout_kernel(
             h_off = rows[:, None] * h_stride + c[None, :]
             tl.store(h_ptr + h_off, cast_for_store(a, h_ptr.dtype.element_ty, BF16_RNE_BY_HAND), mask=mask)
     if RETURN_H:
-        if APPEND_ONES:
-            ones = tl.full((BLOCK_M,), 1.0, tl.float32)
-            tl.store(h_ptr + rows * h_stride + R, ones.to(h_ptr.dtype.element_ty), mask=row_ok)
+        # Columns R .. h_stride - 1: the ones column (APPEND_ONES) and the zero padding (fewer than 8 + 1).
+        pad = R + tl.arange(0, PAD_BLOCK).to(tl.int64)
+        fill = tl.where((pad == R) & APPEND_ONES, 1.0, 0.0)
+        tl.store(h_ptr + rows[:, None] * h_stride + pad[None, :],
+                 tl.broadcast_to(fill[None, :], (BLOCK_M, PAD_BLOCK)).to(h_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & (pad < h_stride)[None, :])
+
+
+def padded_width(r: int, append_ones: bool) -> int:
+    """The row width of h: r (+1 for the ones column) rounded up to a multiple of 8 elements."""
+    return (r + int(append_ones) + 7) // 8 * 8
 
 
 def _config(n: int, r: int, device: torch.device) -> Tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_R, num_warps): the whole bottleneck row in one tile up to r = 256 (r = 64 is
-    usual); ~4k elements per program on CUDA, ~16k under the interpreter (cost per program there)."""
+    """(BLOCK_M, BLOCK_R, num_warps): the whole bottleneck row in one tile up to r = 256 (r = 64 is usual);
+    ~1k elements per program on CUDA (8 per thread: sm_90, r = 64, gelu + dropout compiles to 78 / 93
+    registers forward / backward, 5+ CTAs per SM; 4k elements took 252 / 255), ~16k under the interpreter
+    (cost per program there)."""
     block_r = min(triton.next_power_of_2(max(r, 1)), 256)
-    per_program = 4096 if device.type == "cuda" else 16384
+    per_program = 1024 if device.type == "cuda" else 16384
     block_m = max(1, min(per_program // block_r, triton.next_power_of_2(max(n, 1))))
     return block_m, block_r, 4
 
@@ -119,6 +132,8 @@ def _launch(pre, grad_h, seed, h, grad_pre, activation, drop_threshold, grad_sca
     has_dropout = drop_threshold > 0
     keep_scale = _keep_scale(drop_threshold) if has_dropout else 1.0
     block_m, block_r, num_warps = _config(n, r, pre.device)
+    if has_dropout:
+        seed = seed_on(seed, pre)
     with device_ctx(pre):
         _adapter_act_dropout_kernel[(triton.cdiv(n, block_m),)](
             pre, grad_h if backward else pre, seed if has_dropout else pre, h if return_h else pre,
@@ -126,13 +141,13 @@ def _launch(pre, grad_h, seed, h, grad_pre, activation, drop_threshold, grad_sca
             n, r, h.stride(0) if return_h else 0, int(drop_threshold), keep_scale, float(grad_scale),
             ACTIVATION=int(activation), HAS_DROPOUT=has_dropout, APPEND_ONES=bool(append_ones),
             BACKWARD=backward, RETURN_H=return_h, BF16_RNE_BY_HAND=bf16_by_hand(pre),
-            BLOCK_M=block_m, BLOCK_R=block_r, num_warps=num_warps,
+            BLOCK_M=block_m, BLOCK_R=block_r, PAD_BLOCK=8, num_warps=num_warps,
         )
 
 
 def adapter_act_dropout_fwd(pre: Tensor, seed: Tensor, activation: int, drop_threshold: int, append_ones: bool) -> Tensor:
     n, r = _check(pre, "adapter_act_dropout_fwd")
-    h = torch.empty((n, r + (1 if append_ones else 0)), dtype=pre.dtype, device=pre.device)
+    h = torch.empty((n, padded_width(r, append_ones)), dtype=pre.dtype, device=pre.device)
     _launch(pre, None, seed, h, None, activation, drop_threshold, 1.0, append_ones, False, True)
     return h
 
@@ -146,6 +161,6 @@ def adapter_act_dropout_bwd(
         raise ValueError(f"adapter_act_dropout_bwd: grad_h {tuple(grad_h.shape)} {grad_h.dtype} must match pre")
     grad_h = grad_h.contiguous()
     grad_pre = torch.empty_like(pre)
-    h = torch.empty((n, r + (1 if append_ones else 0)) if return_h else (0,), dtype=pre.dtype, device=pre.device)
+    h = torch.empty((n, padded_width(r, append_ones)) if return_h else (0,), dtype=pre.dtype, device=pre.device)
     _launch(pre, grad_h, seed, h, grad_pre, activation, drop_threshold, grad_scale, append_ones, True, return_h)
     return grad_pre, h

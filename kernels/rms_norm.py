@@ -36,8 +36,14 @@ __all__ = ["rms_norm_fwd", "rms_norm_bwd"]
 @triton.jit
 def _rms_norm_fwd_kernel(
     x_ptr, w_ptr, y_ptr, rstd_ptr, n_rows, n_cols, x_row_stride, y_row_stride, eps, offset,
-    GEMMA: tl.constexpr, RNE_X: tl.constexpr, RNE_Y: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+    GEMMA: tl.constexpr, RNE_X: tl.constexpr, RNE_Y: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
+    # ALIGN (elements; the launcher's _align): width and row strides are multiples of it. Rebuilding them as
+    # (v // ALIGN) * ALIGN lets the compiler prove it whatever the JIT specialised, so rows load as 16-byte vectors.
+    n_cols = n_cols // ALIGN * ALIGN
+    x_row_stride = x_row_stride // ALIGN * ALIGN
+    y_row_stride = y_row_stride // ALIGN * ALIGN
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_H)
     row_ok = rows < n_rows
@@ -60,8 +66,12 @@ def _rms_norm_bwd_kernel(
     dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, n_rows, n_cols, rows_per_program,
     dy_row_stride, x_row_stride, dx_row_stride, offset,
     GEMMA: tl.constexpr, RNE_X: tl.constexpr, HAS_DX: tl.constexpr, HAS_DW: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+    ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
+    n_cols = n_cols // ALIGN * ALIGN  # see the forward kernel
+    dy_row_stride = dy_row_stride // ALIGN * ALIGN
+    x_row_stride = x_row_stride // ALIGN * ALIGN
+    dx_row_stride = dx_row_stride // ALIGN * ALIGN
     pid = tl.program_id(0)
     row_start = pid.to(tl.int64) * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
@@ -102,6 +112,14 @@ def _blocks(n_cols: int, device: torch.device) -> Tuple[int, int, int]:
     return block_m, block_h, num_warps
 
 
+def _align(n_cols: int, *tensors: Tensor) -> int:
+    """The largest ALIGN in {16 bytes, 1 element} (in elements) dividing the width, every row stride and every
+    base address: 8 for a bf16 row of a multiple of 8, else 1 (scalar loads, e.g. an odd width)."""
+    vector = 16 // tensors[0].element_size()
+    ok = n_cols % vector == 0 and all(t.stride(0) % vector == 0 and t.data_ptr() % 16 == 0 for t in tensors)
+    return vector if ok else 1
+
+
 def _empty(like: Tensor) -> Tensor:
     return like.new_empty((0,))
 
@@ -118,7 +136,8 @@ def rms_norm_fwd(x: Tensor, weight: Tensor, eps: float, offset: float, gemma: bo
     with device_ctx(x):
         _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
             x, weight, y, rstd, n_rows, n_cols, x.stride(0), y.stride(0), float(eps), float(offset),
-            GEMMA=gemma, RNE_X=bf16_by_hand(x), RNE_Y=bf16_by_hand(y), BLOCK_M=block_m, BLOCK_H=block_h,
+            GEMMA=gemma, RNE_X=bf16_by_hand(x), RNE_Y=bf16_by_hand(y), ALIGN=_align(n_cols, x, y),
+            BLOCK_M=block_m, BLOCK_H=block_h,
             num_warps=num_warps,
         )
     return y, rstd
@@ -143,7 +162,7 @@ def rms_norm_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, offset
             grad_y, x, weight, rstd, dx if need_input else x, dw_partial if need_weight else rstd,
             n_rows, n_cols, rows_per_program, grad_y.stride(0), x.stride(0), n_cols, float(offset),
             GEMMA=gemma, RNE_X=bf16_by_hand(x), HAS_DX=need_input, HAS_DW=need_weight,
-            BLOCK_M=block_m, BLOCK_H=block_h, num_warps=num_warps,
+            ALIGN=_align(n_cols, grad_y, x, *((dx,) if need_input else ())), BLOCK_M=block_m, BLOCK_H=block_h, num_warps=num_warps,
         )
     dw = dw_partial.sum(0).to(weight.dtype) if need_weight else _empty(weight)
     return dx, dw

@@ -28,29 +28,49 @@ __all__ = ["swiglu_fwd", "swiglu_bwd"]
 
 
 @triton.jit
-def _swiglu_fwd_kernel(gate_ptr, up_ptr, out_ptr, n, RNE: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    a = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+def _swiglu_fwd_tile(gate_ptr, up_ptr, out_ptr, offs, mask, other, RNE: tl.constexpr):
+    # mask and other: both None (a whole block) or both set (the tail).
+    a = tl.load(gate_ptr + offs, mask=mask, other=other).to(tl.float32)
+    b = tl.load(up_ptr + offs, mask=mask, other=other).to(tl.float32)
     act = cast_for_store(a * tl.sigmoid(a), out_ptr.dtype.element_ty, RNE).to(tl.float32)
     tl.store(out_ptr + offs, cast_for_store(act * b, out_ptr.dtype.element_ty, RNE), mask=mask)
 
 
 @triton.jit
-def _swiglu_bwd_kernel(grad_ptr, gate_ptr, up_ptr, d_gate_ptr, d_up_ptr, n, RNE: tl.constexpr,
-                       HAS_D_GATE: tl.constexpr, HAS_D_UP: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    a = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+def _swiglu_fwd_kernel(gate_ptr, up_ptr, out_ptr, n, RNE: tl.constexpr, BLOCK: tl.constexpr):
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    # Every block but the last is whole: unmasked, so it loads 16-byte vectors whatever n is; the tail is masked.
+    if start + BLOCK <= n:
+        _swiglu_fwd_tile(gate_ptr, up_ptr, out_ptr, offs, None, None, RNE)
+    else:
+        _swiglu_fwd_tile(gate_ptr, up_ptr, out_ptr, offs, offs < n, 0.0, RNE)
+
+
+@triton.jit
+def _swiglu_bwd_tile(grad_ptr, gate_ptr, up_ptr, d_gate_ptr, d_up_ptr, offs, mask, other, RNE: tl.constexpr,
+                     HAS_D_GATE: tl.constexpr, HAS_D_UP: tl.constexpr):
+    g = tl.load(grad_ptr + offs, mask=mask, other=other).to(tl.float32)
+    a = tl.load(gate_ptr + offs, mask=mask, other=other).to(tl.float32)
     sig = tl.sigmoid(a)
     if HAS_D_UP:
         tl.store(d_up_ptr + offs, cast_for_store(g * a * sig, d_up_ptr.dtype.element_ty, RNE), mask=mask)
     if HAS_D_GATE:
-        b = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(up_ptr + offs, mask=mask, other=other).to(tl.float32)
         d_gate = g * b * sig * (1.0 + a * (1.0 - sig))
         tl.store(d_gate_ptr + offs, cast_for_store(d_gate, d_gate_ptr.dtype.element_ty, RNE), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(grad_ptr, gate_ptr, up_ptr, d_gate_ptr, d_up_ptr, n, RNE: tl.constexpr,
+                       HAS_D_GATE: tl.constexpr, HAS_D_UP: tl.constexpr, BLOCK: tl.constexpr):
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    if start + BLOCK <= n:  # whole block: unmasked 16-byte vectors (see the forward kernel)
+        _swiglu_bwd_tile(grad_ptr, gate_ptr, up_ptr, d_gate_ptr, d_up_ptr, offs, None, None, RNE, HAS_D_GATE, HAS_D_UP)
+    else:
+        _swiglu_bwd_tile(grad_ptr, gate_ptr, up_ptr, d_gate_ptr, d_up_ptr, offs, offs < n, 0.0, RNE, HAS_D_GATE,
+                         HAS_D_UP)
 
 
 def _block(device: torch.device) -> Tuple[int, int]:

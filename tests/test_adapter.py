@@ -241,3 +241,36 @@ def test_module_bad_arguments():
         Adapter(16, 4, activation="swish2")
     with pytest.raises(ValueError, match="hidden size mismatch"):
         Adapter(16, 4)(torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("r,bias", [(13, True), (16, True), (16, False), (5, False)])
+def test_triton_bottleneck_rows_padded_to_8(monkeypatch, r, bias):
+    # The up-projection GEMM's operands h and [W_up | b_up] had r + 1 columns (65: 130-byte bf16 rows, no aligned
+    # vector loads or TMA). Now both rows are padded with zeros to a multiple of 8 elements; values unchanged.
+    if not adapter_op.backends["triton"].status()[0]:
+        pytest.skip("triton unusable")
+    hidden = 40
+    x = torch.randn(2, 7, hidden, requires_grad=True)
+    params = _params(hidden, r, bias=bias)
+    upstream = torch.randn(2, 7, hidden)
+    real_addmm = torch.addmm
+    operands = []
+
+    def recording_addmm(input, mat1, mat2, **kw):
+        operands.append((mat1.detach().clone(), mat2.detach().clone()))
+        return real_addmm(input, mat1, mat2, **kw)
+
+    monkeypatch.setattr(torch, "addmm", recording_addmm)
+    with backend.use("triton"):
+        ours = _run(adapter, x, params, upstream, activation="gelu", scale=0.7)
+    monkeypatch.undo()
+    expected = _run(lambda *a, **k: _eager(*a, activation="gelu", scale=0.7), x, params, upstream)
+    for got, want in zip(ours, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    h, up_t = next((m1, m2) for m1, m2 in operands if m1.shape[0] == x.numel() // hidden and m2.shape[1] == hidden)
+    width = h.shape[1]
+    assert width % 8 == 0 and width - r - int(bias) < 8, (r, bias, width)
+    assert h.stride(0) % 8 == 0 and up_t.t().stride(0) % 8 == 0
+    assert torch.count_nonzero(h[:, r + int(bias):]) == 0 and torch.count_nonzero(up_t[r + int(bias):]) == 0
+    if bias:
+        assert torch.equal(h[:, r], torch.ones(h.shape[0]))

@@ -188,7 +188,7 @@ def _select(op: "Op", device_type: str, forced: Optional[str]) -> str:
             return forced
         _warn_once((op_name, forced), f"fastft: {op_name} has no {forced!r} backend (it has {tuple(op.backends)}); "
                                       "using its default backend for this op")
-    preferred = _backend.PREFERRED.get(device_type, ())
+    preferred = _backend.preferred(op_name, device_type)
     for name in preferred:
         if name in op.backends and op.backends[name].status()[0]:
             return name

@@ -6,8 +6,9 @@ Data flow (x: [N, H], r = bottleneck, usually 64). Triton backend: cuBLAS GEMMs 
 the [N, r] bottleneck (kernels/adapter.py); C++ backend: the same steps run by row blocks that stay in
 L2 between the GEMMs (csrc/cpu/adapter.cpp), so x and g are read from memory once:
   forward   pre = addmm(b_down, x, W_down^T)                     bias fused into the GEMM
-            h1  = [act(pre) * mask * keep_scale | 1]             epilogue kernel, one pass over [N, r]
-            y   = addmm(x, h1, [W_up | b_up]^T, alpha=scale)     bias + scale + residual in one GEMM
+            h1  = [act(pre) * mask * keep_scale | 1 | 0..]       epilogue kernel, one pass over [N, r]; rows
+                                                                  padded with zeros to a multiple of 8
+            y   = addmm(x, h1, [W_up | b_up | 0..]^T, alpha=scale)  bias + scale + residual in one GEMM
   backward  gh  = g @ W_up                                        [N, r]
             gp, h1 = epilogue_bwd(gh, pre)                        scale * gh * act'(pre) * mask * keep_scale,
                                                                   h1 recomputed (mask regenerated from the seed)
@@ -72,10 +73,22 @@ def _forward(x: Tensor, down_weight: Tensor, down_bias: Optional[Tensor], up_wei
     else:
         pre = torch.mm(x, down_weight.t())
     has_up_bias = up_bias is not None
-    h = fwd(pre.contiguous(), seed, options.activation, options.drop_threshold, has_up_bias)
-    w = torch.cat([up_weight, up_bias[:, None]], dim=1) if has_up_bias else up_weight
-    y = torch.addmm(x, h, w.t(), alpha=options.scale)
+    h = fwd(pre.contiguous(), seed, options.activation, options.drop_threshold, has_up_bias)  # [N, width]
+    y = torch.addmm(x, h, _padded_up(up_weight, up_bias, h.shape[1]).t(), alpha=options.scale)
     return y, pre
+
+
+def _padded_up(up_weight: Tensor, up_bias: Optional[Tensor], width: int) -> Tensor:
+    """[W_up | b_up | 0] as [H, width]: the row width of h (a multiple of 8, kernels/adapter.py padded_width),
+    so both GEMM operands have 16-byte-aligned rows; the zero columns add exactly nothing."""
+    r = up_weight.shape[1]
+    if up_bias is None and width == r:
+        return up_weight
+    w = up_weight.new_zeros((up_weight.shape[0], width))
+    w[:, :r] = up_weight
+    if up_bias is not None:
+        w[:, r] = up_bias
+    return w
 
 
 def _fake(x, down_weight, down_bias, up_weight, up_bias, seed, options, backend):
@@ -107,8 +120,9 @@ def _backward_impl(grad: Tensor, x: Tensor, down_weight: Tensor, up_weight: Tens
         if has_down_bias:
             dbd = grad_pre.sum(0)
     if need_up:
-        dwu_aug = torch.mm(grad.t(), h).mul_(options.scale)  # [H, r (+1)]: the last column is db_up
-        dwu = dwu_aug[:, :r].contiguous() if has_up_bias else dwu_aug
+        # [H, width]: column r is db_up, the padding columns beyond are dropped (never trained)
+        dwu_aug = torch.mm(grad.t(), h).mul_(options.scale)
+        dwu = dwu_aug if dwu_aug.shape[1] == r else dwu_aug[:, :r].contiguous()
         if has_up_bias:
             dbu = dwu_aug[:, r].contiguous()
     return dx, dwd, dbd, dwu, dbu

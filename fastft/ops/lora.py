@@ -36,7 +36,8 @@ from ..kernels import _dropout
 from ..reference import lora as _reference
 from . import registry
 from ._checks import check_float_tensor, check_number, check_same_device, check_same_dtype
-from ._define import define_op, standard_backends
+from .. import backend as _backend
+from ._define import Backend, define_op
 
 _KERNELS = ("lora_linear_fwd_kernel", "lora_linear_bwd_kernel", "lora_dropout_mask_kernel")
 
@@ -95,11 +96,76 @@ def _backward(ctx, grad_y):
     return (*(g if need else None for g, need in zip(grads, needs)), None)
 
 
+# ------------------------------------------------------------------------------------------------
+# Which GPU path: a byte / flop plan (a PREDICTION from counted bytes and flops, not a measurement)
+# ------------------------------------------------------------------------------------------------
+
+# Inputs of the prediction, each with its source (docs: /work/shared/CONVENTIONS.md "GPU work without a GPU").
+GPU_BANDWIDTH = 3.35e12     # bytes/s, H100 SXM peak HBM3 (datasheet)
+CUBLAS_GEMM_RATE = 790e12   # flop/s, bf16 dense GEMM, measured on the H200 (2026-12-04)
+# The one GPU figure of our Triton GEMM: the fused Triton LoRA forward took 2.0x cuBLAS's frozen base GEMM
+# (H200, bf16, 8192 x 4096 -> 4096, r = 16; issue 20). The rank-r work is < 1% of its flops, so the factor is
+# charged to the GEMM's rate. The current kernel (rank-r product out of the K loop) has not run on a GPU yet.
+TRITON_GEMM_RATE = CUBLAS_GEMM_RATE / 2.0
+LAUNCH_SECONDS = 4e-6       # per kernel launch, a typical CUDA figure
+BENCHMARK_SHAPE = (8192, 4096, 4096, 16)  # tokens, in, out, r: benchmarks/bench_lora.py's CUDA shape
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    name: str
+    flops: float
+    bytes: float
+    rate: float  # flop/s this kernel's arithmetic is predicted to run at
+
+    def seconds(self) -> float:
+        return LAUNCH_SECONDS + max(self.flops / self.rate, self.bytes / GPU_BANDWIDTH)
+
+
+def lora_forward_plan(tokens: int, d_in: int, d_out: int, rank: int, itemsize: int = 2) -> dict:
+    """Per GPU path of the LoRA forward ("triton", "cuda"): the kernels it launches, with the flops they do and
+    the bytes they must move at the least (each operand read once, each output written once). A prediction."""
+    n, e = tokens, itemsize
+    x, w, y = n * d_in * e, d_out * d_in * e, n * d_out * e
+    u, a, b = n * rank * e, rank * d_in * e, d_out * rank * e
+    base, down, up = 2.0 * n * d_in * d_out, 2.0 * n * d_in * rank, 2.0 * n * rank * d_out
+    # The thin down product is memory-bound in both paths (reads x once); both are our kernels.
+    down_kernel = KernelPlan("down: u = drop(x) A^T", down, x + a + u, CUBLAS_GEMM_RATE)
+    return {
+        "triton": [down_kernel,
+                   KernelPlan("GEMM x W^T + s u B^T (epilogue)", base + up, x + w + u + b + y, TRITON_GEMM_RATE)],
+        "cuda": [down_kernel,
+                 KernelPlan("cuBLAS y = b + s u B^T", up, u + b + y, CUBLAS_GEMM_RATE),
+                 KernelPlan("cuBLAS y += x W^T (beta = 1)", base, x + w + 2 * y, CUBLAS_GEMM_RATE)],
+    }
+
+
+def predicted_seconds(plan: list) -> float:
+    return sum(k.seconds() for k in plan)
+
+
+def planned_cuda_default(shape: tuple = BENCHMARK_SHAPE) -> tuple:
+    """(the GPU path the plan predicts faster at ``shape``, a one-line reason for ``fastft info``)."""
+    plans = lora_forward_plan(*shape)
+    times = {name: predicted_seconds(plan) for name, plan in plans.items()}
+    best = min(times, key=times.get)
+    other = max(times, key=times.get)
+    extra_bytes = sum(k.bytes for k in plans["cuda"]) - sum(k.bytes for k in plans["triton"])
+    reason = (f"predicted (byte/flop plan, not measured) {times[best] * 1e3:.3f} ms vs {other} "
+              f"{times[other] * 1e3:.3f} ms for the bf16 forward at {shape[0]}x{shape[1]}->{shape[2]}, r={shape[3]}: "
+              f"cuBLAS GEMMs at {CUBLAS_GEMM_RATE / 1e12:.0f} TFLOP/s vs the Triton GEMM's last measured "
+              f"{TRITON_GEMM_RATE / 1e12:.0f}, against the cuda path's {extra_bytes / 1e6:.0f} MB more traffic "
+              f"(y written twice, read once by the beta = 1 GEMM)")
+    return best, reason
+
+
 lora_linear_op = define_op(
     "lora_linear", forward=_forward, fake=_fake, setup=_setup, backward=_backward, backward_impl=_backward_impl,
     backward_fake=_backward_fake, options=LoRAOptions,
-    backends=standard_backends(_KERNELS),
+    backends=(Backend("reference"), Backend("cpp", kernels=_KERNELS), Backend("triton"),
+              Backend("cuda", kernels=_KERNELS)),
 )
+_backend.prefer("lora_linear", "cuda", (planned_cuda_default()[0], "triton", "cuda"), planned_cuda_default()[1])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -171,7 +237,9 @@ def lora_linear(
     lora_B = lora_B.to(x.dtype)
     if p > 0 and seed is None:
         seed = _dropout.draw_seed(x.device)
-    elif p == 0:
+    elif p > 0:
+        seed = _dropout.seed_on(seed, x)  # a host seed would reach a CUDA kernel as a host pointer
+    else:
         seed = None
     if backend == "reference":
         return _reference.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), dropout_p=p, seed=seed)
