@@ -49,6 +49,11 @@ class Launch:
     constexprs: Dict[str, object]
     attrs: Dict[Tuple[int, ...], list]
     options: Dict[str, int]
+    calls: List[str] = field(default_factory=list)   # the scenario labels that compile to this same binary
+
+    def __post_init__(self):
+        if not self.calls:
+            self.calls.append(self.scenario.label)
 
     @property
     def config(self) -> str:
@@ -334,9 +339,10 @@ def read_sass(cubin_path: str) -> Dict[str, str]:
 _JOBS: List[Tuple[Launch, str]] = []
 
 
-def _compile_one(index: int) -> KernelBuild:
+def _compile_one(index: int) -> dict:
+    """The resource fields of a KernelBuild for job ``index`` (a dict: it crosses a process boundary)."""
     launch, arch = _JOBS[index]
-    build = KernelBuild(launch, arch)
+    build = {}
     try:
         import triton
         from triton.backends.compiler import GPUTarget
@@ -351,11 +357,10 @@ def _compile_one(index: int) -> KernelBuild:
             with open(path, "wb") as f:
                 f.write(compiled.asm["cubin"])
             regs, _stack, shared, local = read_resources(path)[launch.kernel]
-            build.sass = read_sass(path).get(launch.kernel, "")
-        build.regs, build.local = regs, local
-        build.smem = shared + int(compiled.metadata.shared)
+            build["sass"] = read_sass(path).get(launch.kernel, "")
+        build.update(regs=regs, local=local, smem=shared + int(compiled.metadata.shared))
     except Exception as exc:  # reported as a FAIL row (cannot compile = cannot launch)
-        build.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+        build["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
     return build
 
 
@@ -363,16 +368,21 @@ def compile_launches(launches: List[Launch], archs, workers: int = 2) -> List[Ke
     """Each distinct launch compiled for each arch (Triton's cache makes a rerun of unchanged kernels fast)."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("compile_launches: unset TRITON_INTERPRET (the interpreter replaces the compiler)")
-    seen, unique = set(), []
+    by_key: Dict[str, Launch] = {}
     for launch in launches:
-        key = (launch.module, launch.kernel, repr(sorted(launch.signature.items())),
-               repr(sorted(launch.constexprs.items(), key=str)), repr(sorted(launch.options.items())))
-        if key not in seen:
-            seen.add(key)
-            unique.append(launch)
+        key = repr((launch.module, launch.kernel, sorted(launch.signature.items()),
+                    sorted(launch.constexprs.items(), key=str), sorted(launch.attrs.items()),
+                    sorted(launch.options.items())))
+        if key in by_key:  # the same binary: one row naming every production call that launches it
+            by_key[key].calls.append(launch.scenario.label)
+        else:
+            by_key[key] = launch
+    unique = list(by_key.values())
     _JOBS[:] = [(launch, arch) for arch in archs for launch in unique]
     if workers <= 1:
-        return [_compile_one(i) for i in range(len(_JOBS))]
-    import multiprocessing
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        return list(pool.map(_compile_one, range(len(_JOBS))))
+        results = [_compile_one(i) for i in range(len(_JOBS))]
+    else:
+        import multiprocessing
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            results = list(pool.map(_compile_one, range(len(_JOBS))))
+    return [KernelBuild(launch, arch, **fields) for (launch, arch), fields in zip(_JOBS, results)]
