@@ -61,10 +61,11 @@ def _row(side, op, kernel, call, arch, regs, local, smem, threads, sass, error: 
                loads.vector16, loads.total, floor.describe(), failures)
 
 
-def triton_rows(archs, workers) -> List[Row]:
+def triton_rows(archs, workers, only=None) -> List[Row]:
     from . import triton_side
 
-    launches, failures = triton_side.capture_launches()
+    scenarios = [s for s in triton_side.SCENARIOS if not only or s.op in only]
+    launches, failures = triton_side.capture_launches(scenarios)
     builds = triton_side.compile_launches(launches, archs, workers=workers)
     rows = []
     for b in builds:
@@ -76,7 +77,7 @@ def triton_rows(archs, workers) -> List[Row]:
             rows.append(_row("triton", scenario.op, "(launcher)", scenario.label, arch, 0, 0, 0, 0, "",
                              f"production call failed: {error}"))
     launched = {l.kernel for l in launches}
-    for name, module in sorted(triton_side.all_kernel_names().items()):
+    for name, module in sorted(triton_side.all_kernel_names().items() if not only else ()):
         if name not in launched:
             for arch in archs:
                 rows.append(_row("triton", module.rsplit(".", 1)[-1], name, "-", arch, 0, 0, 0, 0, "",
@@ -167,20 +168,22 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-cuda", action="store_true", help="Triton kernels only")
     parser.add_argument("--skip-plan", action="store_true", help="no memory/traffic plan section")
     parser.add_argument("--arch", action="append", choices=sorted(ARCHS), help="default: sm_90 and sm_80")
+    parser.add_argument("--only", action="append", metavar="OP",
+                        help="Triton scenarios of this op only (e.g. swiglu); skips the CUDA side and the plan")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     args = parser.parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     archs = args.arch or ["sm_90", "sm_80"]
     start = time.time()
     log("[gpu-static] Triton: capturing the production launches and compiling them")
-    rows = triton_rows(archs, args.workers)
-    cuda_skipped = "--skip-cuda"
-    if not args.skip_cuda:
+    rows = triton_rows(archs, args.workers, args.only)
+    cuda_skipped = "--skip-cuda" if args.skip_cuda else "--only" if args.only else None
+    if not cuda_skipped:
         log("[gpu-static] CUDA extension: nvcc cubins")
         cuda, cuda_skipped = cuda_rows(archs, args.workers, log)
         rows += cuda
     plan_md = None
-    if not args.skip_plan:
+    if not (args.skip_plan or args.only):
         log("[gpu-static] memory and traffic plan")
         plan_md = run_plan(log)
     text = render(rows, cuda_skipped, plan_md, time.time() - start)
@@ -192,7 +195,7 @@ def main(argv=None) -> int:
         f"({time.time() - start:.0f} s)")
     for r in failing:
         log(f"  FAIL {r.side} {r.kernel} [{r.call}] {r.arch}: {'; '.join(r.failures)}")
-    if cuda_skipped and not args.skip_cuda:
+    if cuda_skipped and not (args.skip_cuda or args.only):
         log(f"[gpu-static] CUDA side skipped: {cuda_skipped}")
     return 0 if args.no_fail or not failing else 1
 
