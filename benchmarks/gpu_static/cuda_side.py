@@ -38,7 +38,7 @@ _ELEMENT_SIZE = {"c10::BFloat16": 2, "c10::Half": 2, "float": 4, "double": 8}
 @dataclass
 class CudaKernel:
     file: str            # e.g. "kl.cu"
-    name: str            # demangled, e.g. "fastft::(anonymous namespace)::full_kl_fwd_kernel<c10::BFloat16>"
+    name: str            # demangled, without its parameters, e.g. "fastft::full_kl_fwd_kernel<c10::BFloat16>"
     arch: str
     threads: int
     config: str          # e.g. "V=128256 threads=1024"
@@ -50,8 +50,9 @@ class CudaKernel:
 
     @property
     def short_name(self) -> str:
-        return re.sub(r"^.*::", "", self.name.split("<")[0]) + (
-            "<" + self.name.split("<", 1)[1].replace("c10::", "") if "<" in self.name else "")
+        """e.g. "full_kl_fwd_kernel<BFloat16>"."""
+        base, _, template = self.name.partition("<")
+        return re.sub(r"^.*::", "", base) + ("<" + template.replace("c10::", "") if template else "")
 
 
 def find_nvcc() -> Optional[str]:
@@ -219,8 +220,9 @@ def build_cuda_kernels(archs, workers: int = 2, log=print) -> Tuple[List[CudaKer
         resources, sass = read_resources(cubin), read_sass(cubin)
         names = _demangle(sorted(resources), nvcc)
         for mangled, (regs, _stack, shared, local) in sorted(resources.items(), key=lambda kv: names[kv[0]]):
-            name = names[mangled]
-            base = re.sub(r"^.*::", "", name.split("<")[0].split("(")[0])
+            # "fastft::(anonymous namespace)::kl_kernel<c10::BFloat16>(args...)" -> "fastft::kl_kernel<c10::BFloat16>"
+            name = names[mangled].replace("(anonymous namespace)::", "").split("(")[0]
+            base = re.sub(r"^.*::", "", name.split("<")[0])
             types = re.search(r"<([^<>]*)>", name)
             element_size = _ELEMENT_SIZE.get(types.group(1).split(",")[0].strip(), 2) if types else 2
             try:
