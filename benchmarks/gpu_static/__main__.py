@@ -118,8 +118,9 @@ def render(rows: List[Row], cuda_skipped: Optional[str], plan_md: Optional[str],
         "(`cuobjdump -res-usage`), loads from its SASS (`LDG.E.128` = 16 bytes per thread; counts are static: "
         "instructions, not executions). CTA/SM and warps/SM follow the CUDA occupancy calculator "
         "(benchmarks/gpu_static/occupancy.py; sm_90: 132 SMs, 65,536 registers, 228 KB shared memory, 2,048 "
-        "threads, 32 CTAs per SM; sm_80: 108 SMs, 164 KB). These are predictions from the compiler's output, not "
-        "GPU measurements.",
+        "threads, 32 CTAs per SM; sm_80: 108 SMs, 164 KB). On sm_90 the cubin's static shared memory already holds "
+        "1 KB that ptxas sets aside, and the driver's 1 KB reserve per CTA is added on top: the count errs towards "
+        "fewer CTAs. These are predictions from the compiler's output, not GPU measurements.",
         "",
         f"Run time: {seconds:.0f} s. Kernel builds: {len(rows)}, failing their floor: "
         f"{sum(not r.passed for r in rows)}.",
