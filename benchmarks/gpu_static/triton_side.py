@@ -11,7 +11,6 @@ Must run with TRITON_INTERPRET unset (``python -m benchmarks.gpu_static`` remove
 """
 import contextlib
 import importlib
-import inspect
 import os
 import pkgutil
 import re
