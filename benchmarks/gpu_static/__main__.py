@@ -95,7 +95,7 @@ def cuda_rows(archs, workers, log) -> (List[Row], Optional[str]):
 
 
 def _table(rows: List[Row]) -> List[str]:
-    out = ["| kernel | call : config | arch | regs | spill B | smem B | threads | CTA/SM | warps/SM | limiter "
+    out = ["| kernel | call : config | arch | regs | stack+local B | smem B | threads | CTA/SM | warps/SM | limiter "
            "| 16B loads / all | floor | result |",
            "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|---|"]
     for r in rows:
@@ -106,7 +106,8 @@ def _table(rows: List[Row]) -> List[str]:
 
 
 def render(rows: List[Row], cuda_skipped: Optional[str], plan_md: Optional[str], seconds: float) -> str:
-    failing = sorted({(r.side, r.op, r.kernel) for r in rows if not r.passed})
+    base = lambda r: (r.side, r.op, r.kernel.split("<")[0])  # noqa: E731  (a CUDA kernel's instantiations as one)
+    failing = sorted({base(r) for r in rows if not r.passed})
     lines = [
         "# Static GPU tier: kernels compiled for sm_90 and sm_80 without a GPU",
         "",
@@ -114,7 +115,8 @@ def render(rows: List[Row], cuda_skipped: Optional[str], plan_md: Optional[str],
         "kernel of kernels/ is compiled with Triton's own compiler for a `GPUTarget` at the launch configurations "
         "its launcher picks for CUDA tensors at the GPU benchmark shapes (the launchers run on fake CUDA tensors); "
         "every CUDA-extension kernel of csrc/cuda/ with nvcc, its threads per CTA read from its launch site. "
-        "Registers, shared memory (static + dynamic, bytes) and local memory (spills) are read from the cubin "
+        "Registers, shared memory (static + dynamic, bytes) and stack frame + local memory (where spills go: "
+        "per-thread DRAM traffic) are read from the cubin "
         "(`cuobjdump -res-usage`), loads from its SASS (`LDG.E.128` = 16 bytes per thread; counts are static: "
         "instructions, not executions). CTA/SM and warps/SM follow the CUDA occupancy calculator "
         "(benchmarks/gpu_static/occupancy.py; sm_90: 132 SMs, 65,536 registers, 228 KB shared memory, 2,048 "
@@ -133,10 +135,15 @@ def render(rows: List[Row], cuda_skipped: Optional[str], plan_md: Optional[str],
     lines += [f"| `{f.pattern}` | {f.describe()}, 0 spills | {f.why} |" for f in FLOORS]
     lines += ["", "## Below their floor today", ""]
     if failing:
-        for side, op, kernel in failing:
-            reasons = sorted({w for r in rows if (r.side, r.op, r.kernel) == (side, op, kernel) for w in r.failures})
-            archs = sorted({r.arch for r in rows if (r.side, r.op, r.kernel) == (side, op, kernel) and not r.passed})
-            lines.append(f"- {side} `{kernel}` ({op}; {', '.join(archs)}): {'; '.join(reasons)}")
+        for key in failing:
+            bad = [r for r in rows if base(r) == key and not r.passed]
+            reasons = sorted({w for r in bad for w in r.failures})
+            archs = sorted({r.arch for r in bad})
+            variants = sorted({r.kernel.partition("<")[2].rstrip(">") for r in bad} - {""})
+            which = f" <{' / '.join(variants)}>" if variants else ""
+            calls = len({r.call for r in bad})
+            lines.append(f"- {key[0]} `{key[2]}`{which} ({key[1]}; {', '.join(archs)}; {calls} configuration(s)): "
+                         f"{'; '.join(reasons)}")
     else:
         lines.append("None.")
     for side, title in (("triton", "Triton kernels (kernels/)"), ("cuda", "CUDA-extension kernels (csrc/cuda/)")):

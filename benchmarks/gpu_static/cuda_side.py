@@ -219,7 +219,7 @@ def build_cuda_kernels(archs, workers: int = 2, log=print) -> Tuple[List[CudaKer
         sites = launch_threads(text)
         resources, sass = read_resources(cubin), read_sass(cubin)
         names = _demangle(sorted(resources), nvcc)
-        for mangled, (regs, _stack, shared, local) in sorted(resources.items(), key=lambda kv: names[kv[0]]):
+        for mangled, (regs, stack, shared, local) in sorted(resources.items(), key=lambda kv: names[kv[0]]):
             # "fastft::(anonymous namespace)::kl_kernel<c10::BFloat16>(args...)" -> "fastft::kl_kernel<c10::BFloat16>"
             name = names[mangled].replace("(anonymous namespace)::", "").split("(")[0]
             base = re.sub(r"^.*::", "", name.split("<")[0])
@@ -233,5 +233,7 @@ def build_cuda_kernels(archs, workers: int = 2, log=print) -> Tuple[List[CudaKer
                 kernels.append(CudaKernel(file, name, arch, 0, "", error=str(exc)))
                 continue
             for threads, config in configs:
-                kernels.append(CudaKernel(file, name, arch, threads, config, regs, shared, local, sass.get(mangled, "")))
+                # Spills go to the stack frame (STACK) or local memory (LOCAL): both are per-thread DRAM traffic.
+                kernels.append(CudaKernel(file, name, arch, threads, config, regs, shared, local + stack,
+                                          sass.get(mangled, "")))
     return kernels, None

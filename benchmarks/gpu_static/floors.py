@@ -1,6 +1,6 @@
 """The per-kernel floors of the static GPU tier, in one table: the first pattern that matches a kernel's base
 name (Triton's ``_cross_entropy_fwd_kernel``, CUDA's ``cross_entropy_fwd_kernel``) gives its floor. Every kernel
-must also have 0 bytes of local memory (spills) and be launchable at every production configuration."""
+must also have 0 bytes of stack frame and local memory (where spills go) and be launchable at every production configuration."""
 import re
 from dataclasses import dataclass
 from typing import List, Optional
@@ -55,7 +55,7 @@ def check(floor: Floor, ctas: int, warps: int, local: int, vector16: int, error:
     if ctas == 0:
         why.append("cannot launch")
     if local:
-        why.append(f"{local} B local memory (spill)")
+        why.append(f"{local} B stack/local memory (spill)")
     if 0 < ctas < floor.min_ctas:
         why.append(f"{ctas} CTA/SM < {floor.min_ctas}")
     if ctas and warps < floor.min_warps:

@@ -73,7 +73,7 @@ class KernelBuild:
     arch: str
     regs: int = 0
     smem: int = 0          # static (cubin) + dynamic (Triton's metadata) shared memory per CTA, bytes
-    local: int = 0         # local memory per thread (spills or stack arrays), bytes
+    local: int = 0         # stack frame + local memory per thread (spills, local arrays), bytes
     sass: str = ""
     error: Optional[str] = None
 
@@ -355,9 +355,10 @@ def _compile_one(index: int) -> dict:
             path = os.path.join(tmp, "k.cubin")
             with open(path, "wb") as f:
                 f.write(compiled.asm["cubin"])
-            regs, _stack, shared, local = read_resources(path)[launch.kernel]
+            regs, stack, shared, local = read_resources(path)[launch.kernel]
             build["sass"] = read_sass(path).get(launch.kernel, "")
-        build.update(regs=regs, local=local, smem=shared + int(compiled.metadata.shared))
+        # Spilled registers live in the stack frame (STACK) or in local memory (LOCAL): either is DRAM traffic.
+        build.update(regs=regs, local=local + stack, smem=shared + int(compiled.metadata.shared))
     except Exception as exc:  # reported as a FAIL row (cannot compile = cannot launch)
         build["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
     return build
