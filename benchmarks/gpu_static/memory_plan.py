@@ -374,7 +374,9 @@ def render(results) -> str:
                      f"| {mem_what}; {traffic_what} |")
         if plan.chunked or plan.op == "cross_entropy":
             top = ", ".join(f"{what} {_gb(size)}" for size, what in m.at_peak[:6])
-            details.append(f"- {plan.op} / {path}: alive at the peak (GB at the GPU shape, shapes as run here): {top}")
+            here = "x".join(str(v) for v in plan.scaled.values())
+            details.append(f"- {plan.op} / {path}: alive at the peak (GB at the GPU shape, shapes as run here): {top}. "
+                           f"Measured here at {here}: {m.raw_peak / 1e6:.2f} MB peak extra.")
     lines += ["", "What is alive at the peak (largest first):", ""] + details
     lce = [(path, m) for plan, path, m in results if plan.op == "linear_cross_entropy" and not isinstance(m, str)]
     if lce:

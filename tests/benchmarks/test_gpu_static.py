@@ -17,7 +17,7 @@ if str(ROOT) not in sys.path:
 from benchmarks.gpu_static.cuda_side import launch_threads, threads_for_row  # noqa: E402
 from benchmarks.gpu_static.floors import check, floor_for  # noqa: E402
 from benchmarks.gpu_static.loads import count_global_loads  # noqa: E402
-from benchmarks.gpu_static.memory_plan import LiveBytes  # noqa: E402
+from benchmarks.gpu_static.memory_plan import PLANS, LiveBytes, measure  # noqa: E402
 from benchmarks.gpu_static.occupancy import ARCHS, occupancy  # noqa: E402
 
 SM90, SM80 = ARCHS["sm_90"], ARCHS["sm_80"]
@@ -139,6 +139,17 @@ def test_live_bytes_scales_by_shape():
         b = torch.empty(10)                    # 40 B
     assert tracker.peak == 2040 and tracker.peak_scaled == 8040
     del a, b
+
+
+def test_plan_scales_a_known_op_to_its_gpu_shape():
+    # SwiGLU forward + backward holds out, grad_gate and grad_up: 3 x N x I bf16 at the GPU shape, whatever
+    # the scaled shape it ran at; its traffic is at least the 8 N x I tensors the math reads and writes.
+    plan = next(p for p in PLANS if p.op == "swiglu")
+    m = measure(plan, "cpp")
+    n, i = plan.gpu["N"], plan.gpu["I"]
+    assert m.peak == pytest.approx(3 * n * i * 2, rel=0.01)
+    assert m.raw_peak == pytest.approx(3 * plan.scaled["N"] * plan.scaled["I"] * 2, rel=0.01)
+    assert m.traffic >= 8 * n * i * 2 * 0.99
 
 
 def test_smoke_compile_one_triton_kernel_for_sm_90(tmp_path):
