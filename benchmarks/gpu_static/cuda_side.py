@@ -55,17 +55,25 @@ class CudaKernel:
         return re.sub(r"^.*::", "", base) + ("<" + template.replace("c10::", "") if template else "")
 
 
+def _cuda_venv() -> str:
+    return os.environ.get("FASTFT_CUDA_VENV", os.path.expanduser("~/.cache/fastft/cuda-venv"))
+
+
 def find_nvcc() -> Optional[str]:
+    """As scripts/cuda_compile_check.sh looks for it: CUDA_HOME, PATH, /usr/local/cuda, else the nvcc it
+    installed from PyPI into its venv on a machine without a toolkit."""
     home = os.environ.get("CUDA_HOME")
+    pip_nvcc = sorted(glob.glob(os.path.join(_cuda_venv(), "lib", "python3*", "site-packages", "nvidia", "cu*",
+                                             "bin", "nvcc")))
     for candidate in ([os.path.join(home, "bin", "nvcc")] if home else []) + [shutil.which("nvcc") or "",
-                                                                             "/usr/local/cuda/bin/nvcc"]:
+                                                                             "/usr/local/cuda/bin/nvcc"] + pip_nvcc:
         if candidate and os.access(candidate, os.X_OK):
             return candidate
     return None
 
 
 def _torch_includes() -> Optional[List[str]]:
-    venv = os.environ.get("FASTFT_CUDA_VENV", os.path.expanduser("~/.cache/fastft/cuda-venv"))
+    venv = _cuda_venv()
     hits = sorted(glob.glob(os.path.join(venv, "lib", "python3*", "site-packages", "torch", "include")))
     if not hits or not os.path.isdir(os.path.join(hits[-1], "c10", "cuda")):
         return None
