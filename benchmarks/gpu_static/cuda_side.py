@@ -68,8 +68,18 @@ def find_nvcc() -> Optional[str]:
     for candidate in ([os.path.join(home, "bin", "nvcc")] if home else []) + [shutil.which("nvcc") or "",
                                                                              "/usr/local/cuda/bin/nvcc"] + pip_nvcc:
         if candidate and os.access(candidate, os.X_OK):
-            return candidate
+            return _real_nvcc(candidate)
     return None
+
+
+def _real_nvcc(nvcc: str) -> str:
+    """The toolkit's own nvcc (one on PATH may be a wrapper script): nvcc --dryrun names its TOP folder."""
+    run = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                         capture_output=True, text=True)
+    top = next((line.split("=", 1)[1].strip() for line in (run.stdout + run.stderr).splitlines()
+                if line.startswith("#$ TOP=")), "")
+    real = os.path.join(os.path.realpath(top), "bin", "nvcc") if top else ""
+    return real if real and os.access(real, os.X_OK) else nvcc
 
 
 def _torch_includes() -> Optional[List[str]]:
