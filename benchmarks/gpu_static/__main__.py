@@ -115,8 +115,8 @@ def render(rows: List[Row], cuda_skipped: Optional[str], plan_md: Optional[str],
         "kernel of kernels/ is compiled with Triton's own compiler for a `GPUTarget` at the launch configurations "
         "its launcher picks for CUDA tensors at the GPU benchmark shapes (the launchers run on fake CUDA tensors); "
         "every CUDA-extension kernel of csrc/cuda/ with nvcc, its threads per CTA read from its launch site. "
-        "Registers, shared memory (static + dynamic, bytes) and stack frame + local memory (where spills go: "
-        "per-thread DRAM traffic) are read from the cubin "
+        "Registers, shared memory (static + dynamic, bytes) and stack frame + local memory (register spills, "
+        "local arrays or the frames of non-inlined calls: per-thread DRAM traffic either way) are read from the cubin "
         "(`cuobjdump -res-usage`), loads from its SASS (`LDG.E.128` = 16 bytes per thread; counts are static: "
         "instructions, not executions). CTA/SM and warps/SM follow the CUDA occupancy calculator "
         "(benchmarks/gpu_static/occupancy.py; sm_90: 132 SMs, 65,536 registers, 228 KB shared memory, 2,048 "
@@ -132,7 +132,7 @@ def render(rows: List[Row], cuda_skipped: Optional[str], plan_md: Optional[str],
         "| kernels (pattern) | floor | why |",
         "|---|---|---|",
     ]
-    lines += [f"| `{f.pattern}` | {f.describe()}, 0 spills | {f.why} |" for f in FLOORS]
+    lines += [f"| `{f.pattern}` | {f.describe()}, 0 B stack/local | {f.why} |" for f in FLOORS]
     lines += ["", "## Below their floor today", ""]
     if failing:
         for key in failing:

@@ -1,6 +1,7 @@
 """The per-kernel floors of the static GPU tier, in one table: the first pattern that matches a kernel's base
 name (Triton's ``_cross_entropy_fwd_kernel``, CUDA's ``cross_entropy_fwd_kernel``) gives its floor. Every kernel
-must also have 0 bytes of stack frame and local memory (where spills go) and be launchable at every production configuration."""
+must also have 0 bytes of stack frame and local memory (register spills, local arrays, the frames of
+non-inlined calls: per-thread DRAM traffic; ptxas -v tells which) and be launchable at every production configuration."""
 import re
 from dataclasses import dataclass
 from typing import List, Optional
@@ -38,7 +39,7 @@ FLOORS: List[Floor] = [
           "elementwise epilogue over [N, r]: >=16 warps per SM to cover memory latency"),
     Floor(r"scale_if_not_one_kernel|dropout_mask_kernel|dropout_kernel", 4, 16, False,
           "elementwise, grid-stride: >=16 warps per SM to cover memory latency"),
-    Floor(r".*", 1, 0, False, "any kernel: launchable, no spills"),
+    Floor(r".*", 1, 0, False, "any kernel: launchable, no stack or local memory"),
 ]
 
 
@@ -55,7 +56,7 @@ def check(floor: Floor, ctas: int, warps: int, local: int, vector16: int, error:
     if ctas == 0:
         why.append("cannot launch")
     if local:
-        why.append(f"{local} B stack/local memory (spill)")
+        why.append(f"{local} B stack frame/local memory")
     if 0 < ctas < floor.min_ctas:
         why.append(f"{ctas} CTA/SM < {floor.min_ctas}")
     if ctas and warps < floor.min_warps:

@@ -112,7 +112,7 @@ def test_floors():
     assert floor_for("_lora_matmul_kernel").min_ctas == 1
     assert check(row, ctas=2, warps=32, local=0, vector16=4, error=None) == []
     assert check(row, ctas=1, warps=16, local=8, vector16=0, error=None) == [
-        "8 B stack/local memory (spill)", "1 CTA/SM < 2", "no 16-byte loads"]
+        "8 B stack frame/local memory", "1 CTA/SM < 2", "no 16-byte loads"]
     assert check(row, ctas=0, warps=0, local=0, vector16=1, error=None) == ["cannot launch"]
 
 
