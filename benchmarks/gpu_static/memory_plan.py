@@ -12,9 +12,10 @@ each dimension identified by its scaled size: N (tokens, and the token rows of a
 H (hidden), I (intermediate); fixed sizes (LoRA / adapter rank, 1) do not scale. So a [chunk, V] logits buffer
 scales with N x V, grad_W [V, H] with V x H, grad_x [N, H] with N x H. The chunk budget
 (FASTFT_LCE_CHUNK_BYTES) is scaled by the same N x V factor, so the scaled run takes as many chunks as the GPU
-(512 MiB on CUDA by default). Traffic counts, per op, the bytes of its tensor inputs and outputs (an in-place
-op reads and writes its self; views and allocations move nothing): a kernel that sweeps a row twice is counted
-once, so the traffic of the fused kernels is a lower bound. Printed as markdown on stdout.
+(512 MiB on CUDA by default). Traffic counts, per aten op, the bytes of its tensor inputs and outputs (an in-place
+op reads and writes its self; views and allocations move nothing), and per fastft kernel (a Triton launch or a
+torch.ops.fastft.*_kernel call) each distinct tensor argument once: a kernel that sweeps a row twice, or reads
+and then overwrites a buffer, is counted once, one that returns early is counted in full. Printed as markdown on stdout.
 """
 import contextlib
 import inspect
@@ -59,8 +60,8 @@ class LiveBytes(TorchDispatchMode):
         self.now_scaled -= scaled
 
     def triton_launch(self, args, kwargs) -> None:
-        """Traffic of one Triton kernel launch: each distinct tensor argument's bytes once (read or written;
-        a placeholder that aliases another argument is not counted twice)."""
+        """Traffic of one kernel launch: each distinct tensor argument's bytes once (read or written; a
+        placeholder that aliases another argument is not counted twice)."""
         seen = set()
         for t in list(args) + list(kwargs.values()):
             if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in seen:
@@ -121,6 +122,10 @@ class LiveBytes(TorchDispatchMode):
             return  # a view
         name = schema.name.split("::")[-1]
         if name.startswith(("empty", "new_empty")) or name in ("_local_scalar_dense", "detach", "alias", "lift_fresh"):
+            return
+        if schema.name.startswith("fastft::"):
+            # A fastft kernel (C++ here, CUDA on a GPU): counted as a Triton launch is, each distinct tensor once.
+            self.triton_launch(list(args) + list(kwargs.values()) + outputs, {})
             return
         moved = 0.0
         written_keys = set()

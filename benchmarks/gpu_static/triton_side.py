@@ -16,6 +16,7 @@ import pkgutil
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import types
 from concurrent.futures import ProcessPoolExecutor
@@ -247,6 +248,17 @@ def _specialise(fn, args, kwargs) -> Tuple[dict, dict, dict, dict]:
     return signature, constexprs, attrs, options
 
 
+def _public_launcher() -> str:
+    """The public fastft.kernels function on the stack (e.g. lora_linear_bwd): which call made a launch."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module.startswith("fastft.kernels") and not frame.f_code.co_name.startswith("_"):
+            return frame.f_code.co_name
+        frame = frame.f_back
+    return "?"
+
+
 @contextlib.contextmanager
 def _fake_cuda(sms: int):
     """torch.cuda calls the launchers make (device guard, SM count) answered without a device."""
@@ -271,7 +283,9 @@ def capture_launches(scenarios=None, sms: int = 132) -> Tuple[List[Launch], List
 
     def record(self, *args, grid, warmup, **kwargs):
         sig, const, attrs, opts = _specialise(self, args, kwargs)
-        launches.append(Launch(current[0], self.fn.__module__, self.fn.__name__, sig, const, attrs, opts))
+        launch = Launch(current[0], self.fn.__module__, self.fn.__name__, sig, const, attrs, opts)
+        launch.calls[:] = [f"{_public_launcher()}: {current[0].label}"]
+        launches.append(launch)
 
     original_run = JITFunction.run
     JITFunction.run = record
@@ -374,7 +388,7 @@ def compile_launches(launches: List[Launch], archs, workers: int = 2) -> List[Ke
                     sorted(launch.constexprs.items(), key=str), sorted(launch.attrs.items()),
                     sorted(launch.options.items())))
         if key in by_key:  # the same binary: one row naming every production call that launches it
-            by_key[key].calls.append(launch.scenario.label)
+            by_key[key].calls.extend(launch.calls)
         else:
             by_key[key] = launch
     unique = list(by_key.values())
