@@ -10,7 +10,7 @@ EXT_STAMP   := .stamp-ext
 export TRITON_INTERPRET ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: all venv build test test-fast demo demo-quick bench bench-save info cuda-check gpu-check gpu-wheels clean
+.PHONY: all venv build test test-fast demo demo-quick bench bench-save info cuda-check gpu-static gpu-check gpu-wheels clean
 
 all: build
 
@@ -64,6 +64,13 @@ info: build
 
 cuda-check:
 	bash scripts/cuda_compile_check.sh
+
+# The static GPU tier (no GPU): Triton and CUDA-extension kernels compiled for sm_90 and sm_80, their registers,
+# spills, shared memory, 16-byte loads and occupancy checked against per-kernel floors, and the per-op memory
+# plan; writes benchmarks/results/gpu_static.md. The CUDA side uses the venv `make cuda-check` creates (skipped
+# without it). GPU_STATIC_ARGS passes options on, e.g. "--no-fail" (report only) or "--skip-plan".
+gpu-static: build
+	$(PY) -m benchmarks.gpu_static $(GPU_STATIC_ARGS)
 
 clean:
 	rm -rf build $(EXT_STAMP) fastft/_C*.so *.egg-info

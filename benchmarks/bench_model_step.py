@@ -21,6 +21,8 @@ the CPU a small model by default (``small``; ``--quick`` smaller still).
 """
 from __future__ import annotations
 
+import argparse
+import re
 import sys
 
 import torch
@@ -126,5 +128,116 @@ def build(cfg: dict) -> harness.Benchmark:
     )
 
 
+# ------------------------------------------------------------------------------------------------
+# `profile`: where the step's time goes (benchmarks/gpu_check.sh writes it into summary.md)
+# ------------------------------------------------------------------------------------------------
+
+# The fused heads' ops and autograd nodes as the profiler names them: fastft's registered op
+# (fastft::linear_cross_entropy and its backward) and Liger's autograd Function.
+HEAD_EVENTS = re.compile(r"linear_cross_entropy|LinearCrossEntropy", re.IGNORECASE)
+
+
+def _self_time_us(avg, on_device: bool) -> float:
+    if on_device:  # torch >= 2.4 names it device time; older releases cuda time
+        return float(getattr(avg, "self_device_time_total", getattr(avg, "self_cuda_time_total", 0.0)))
+    return float(avg.self_cpu_time_total)
+
+
+def top_kernels(prof, limit: int = 15, on_device: bool = True) -> list[tuple[str, int, float]]:
+    """[(name, calls, total ms)] of the ``limit`` events with the most self time: on the device (the CUDA
+    kernels and copies), or on the CPU (the ops, for a CPU profile)."""
+    rows = []
+    for avg in prof.key_averages():
+        ms = _self_time_us(avg, on_device) / 1000.0
+        if ms > 0:
+            rows.append((avg.key, int(avg.count), ms))
+    rows.sort(key=lambda r: r[2], reverse=True)
+    return rows[:limit]
+
+
+def head_span_ms(prof) -> tuple[float, int] | None:
+    """(ms from the start of the first fused-head event to the end of the last one, events found), from the
+    profiler's timeline (CPU side: the ops and autograd nodes that launch the head's kernels); None when the
+    step has no fused head."""
+    spans = [(e.time_range.start, e.time_range.end) for e in prof.events() if HEAD_EVENTS.search(e.name)]
+    if not spans:
+        return None
+    return (max(end for _, end in spans) - min(start for start, _ in spans)) / 1000.0, len(spans)
+
+
+def profile_table(name: str, prof, steps: int, limit: int = 15, on_device: bool = True) -> str:
+    """Markdown: the top kernels of ``steps`` profiled steps of one provider, and its fused-head span."""
+    where = "CUDA" if on_device else "CPU"
+    lines = [f"#### {name}", "", f"Top {limit} by self {where} time over {steps} step(s):", "",
+             "| kernel / op | calls | total ms | ms per step |", "|---|---:|---:|---:|"]
+    for kernel, calls, ms in top_kernels(prof, limit, on_device):
+        lines.append(f"| `{kernel[:110]}` | {calls} | {ms:.3f} | {ms / steps:.3f} |")
+    span = head_span_ms(prof)
+    lines.append("")
+    if span is None:
+        lines.append("Fused head: none in this step (no linear_cross_entropy op or autograd node).")
+    else:
+        lines.append(f"Fused head: first to last of its {span[1]} events: {span[0]:.3f} ms over {steps} step(s) "
+                     f"({span[0] / steps:.3f} ms per step, wall time on the host timeline).")
+    return "\n".join(lines) + "\n"
+
+
+def profile_providers(cfg: dict, names=None, steps: int = 3, warmup: int = 2, limit: int = 15) -> str:
+    """Profiles ``steps`` steps of each provider after ``warmup`` unprofiled ones; markdown."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_device = cfg["device"] == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
+    out = [f"### Model step profile ({cfg['model']}, {cfg['dtype']}, batch {cfg['batch']} x {cfg['seq']}, "
+           f"vocab {cfg['vocab']})", ""]
+    for provider in build(cfg).providers:
+        if names and provider.name not in names:
+            continue
+        if provider.available is not None:
+            ok, why = provider.available()
+            if not ok:
+                out.append(f"#### {provider.name}\n\nnot available: {why}\n")
+                continue
+        state = provider.setup()
+        for _ in range(warmup):
+            provider.step(state)
+        if on_device:
+            torch.cuda.synchronize()
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                provider.step(state)
+            if on_device:
+                torch.cuda.synchronize()
+        out.append(profile_table(provider.name, prof, steps, limit, on_device))
+        del state
+        if on_device:
+            torch.cuda.empty_cache()
+    return "\n".join(out)
+
+
+def profile_main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_model_step profile",
+                                description="torch.profiler tables of the model step, per provider (markdown)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--model", choices=tuple(MODELS))
+    p.add_argument("--dtype", choices=("float32", "bfloat16"))
+    p.add_argument("--provider", action="append", help="only these providers (default: all)")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--top", type=int, default=15)
+    p.add_argument("--out", help="write the markdown here (default: stdout)")
+    args = p.parse_args(argv)
+    cfg = make_config(args.device, model=args.model, **({"dtype": args.dtype} if args.dtype else {}))
+    text = profile_providers(cfg, args.provider, args.steps, args.warmup, args.top)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["profile"]:
+        sys.exit(profile_main(sys.argv[2:]))
     sys.exit(harness.main(sys.modules[__name__]))

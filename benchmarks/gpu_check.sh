@@ -11,7 +11,10 @@
 #                the LoRA layer, adapter, full_kl, cross_entropy, linear_cross_entropy, linear_full_kl,
 #                rms_norm, swiglu; last a runtime smoke (fastft train on CUDA: bf16 autocast; nccl FSDP2 and
 #                DDP via torchrun)
-#   5. summary   OUTDIR/summary.md: the status of every section and EVERY benchmark table, in one file
+#                Right after the vocab-32000 step benchmark, the step is profiled (torch.profiler, 3 steps per
+#                provider: `python -m benchmarks.bench_model_step profile`): the top kernels by CUDA time (name,
+#                calls, total ms) and the time from the first fused-head call to the last, per provider.
+#   5. summary   OUTDIR/summary.md: the status of every section, the step profile and EVERY benchmark table
 #
 # Time: the whole run fits GPU_CHECK_BUDGET_S (default 540 s: within the device call's 600 s limit, with margin for
 # writing the summary). Every section runs under `timeout`, capped by its own limit and by what is left of the
@@ -39,6 +42,7 @@ T0=$SECONDS
 RESULTS=$(mktemp -d)   # benchmark files, packed into OUTDIR/results.tar.gz at the end
 RUNTIME_OUT=$(mktemp -d)  # the runtime smoke's run folders (their summary.json go to RESULTS)
 STATUS=$(mktemp)       # one markdown table row per section
+PROFILE_MD=$(mktemp)   # the model-step profile tables (bench_model_step profile), copied into summary.md
 SUMMARY="$OUT/summary.md"
 BUILD_LOG="$OUT/build.log" PYTEST_LOG="$OUT/pytest.log" BENCH_LOG="$OUT/bench.log"
 : >"$BUILD_LOG"; : >"$PYTEST_LOG"; : >"$BENCH_LOG"
@@ -46,7 +50,7 @@ BUILD_LOG="$OUT/build.log" PYTEST_LOG="$OUT/pytest.log" BENCH_LOG="$OUT/bench.lo
 LINK_MADE=0
 cleanup() {
     if [ "$LINK_MADE" = 1 ]; then rm -f "$ROOT/fastft/kernels"; fi
-    rm -rf "$RESULTS" "$STATUS" "$RUNTIME_OUT"
+    rm -rf "$RESULTS" "$STATUS" "$RUNTIME_OUT" "$PROFILE_MD"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -145,6 +149,9 @@ bench() {  # bench NAME CAP MODULE ARGS...
     run "bench $name" "$limit" "$BENCH_LOG" "$PY" -m "benchmarks.bench_$module" "${HARNESS[@]}" "$@"
 }
 bench "LoRA Llama step, vocab 32000, 8 x 512" 70 model_step --model llama32k --tag llama32k
+# where the step's milliseconds go (issue 20: the fused head's +29 ms inside this step was never explained)
+run "profile: LoRA Llama step, vocab 32000" 60 "$BENCH_LOG" "$PY" -m benchmarks.bench_model_step profile \
+    --device cuda --model llama32k --steps 3 --warmup 2 --top 15 --out "$PROFILE_MD"
 bench "LoRA Llama step, vocab 128256, 8 x 1024" 80 model_step --model llama128k --tag llama128k
 bench "LoRA layer" 45 lora
 bench "adapter" 45 adapter
@@ -203,6 +210,10 @@ fi
     echo '```'
     echo "$INFO"
     echo '```'
+    echo
+    echo "## Model step profile (torch.profiler)"
+    echo
+    if [ -s "$PROFILE_MD" ]; then cat "$PROFILE_MD"; else echo "no profile (see bench.log)"; fi
     echo
     echo "## Runtime smoke (fastft train on CUDA)"
     echo
