@@ -126,7 +126,7 @@ def find_resume_step(root: str | Path) -> tuple[Optional[Path], list[str]]:
     steps = step_folders(root)
     notes: list[str] = []
     pointer = root / LATEST
-    named = pointer.read_text().strip() if pointer.is_file() else None
+    named = pointer.read_bytes().decode("utf-8", "replace").strip() if pointer.is_file() else None
     if named is not None and not (root / named).is_dir():
         notes.append(f"{pointer} names {named!r}, which does not exist")
     if not steps:
@@ -294,12 +294,14 @@ class Checkpointer:
 
     def _prune(self, keep: int, newest: Path) -> None:
         """Keeps the ``keep`` newest steps up to ``newest`` (the one just written, which ``latest``
-        names). Steps ordered after it are from an earlier run's history this run did not resume (they
-        failed the manifest check): they go too."""
-        steps = step_folders(self.root)
-        older = [p for p in steps if step_order(p) < step_order(newest)]
-        later = [p for p in steps if step_order(p) > step_order(newest)]
-        for old in older[: max(0, len(older) - (keep - 1))] + later:
+        names). An earlier save of the same step number and steps ordered after ``newest`` belong to a
+        history this run did not resume (the resume passed over them: they failed the manifest check),
+        so they go first."""
+        step, _ = step_order(newest)
+        steps = [p for p in step_folders(self.root) if p != newest]
+        superseded = [p for p in steps if step_order(p)[0] >= step]
+        older = [p for p in steps if step_order(p)[0] < step]
+        for old in superseded + older[: max(0, len(older) - (keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
 
     def resume_step(self) -> tuple[Optional[Path], list[str]]:
@@ -339,8 +341,9 @@ class Checkpointer:
         try:
             with _single_process_is_intended():
                 dcp.load(state, checkpoint_id=str(path))
-        except Exception as exc:  # DCP wraps every rank's failure; its first line names the tensor
-            first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        except (Exception, dcp.CheckpointException) as exc:  # a BaseException: DCP's wrapper of every rank's failure
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            first = lines[-1] if lines else type(exc).__name__  # the last line is the failure itself
             raise CheckpointMismatch(f"{path} does not fit this model ({first[:300]}); {START_OVER}") from exc
         # frozen parameters come from the model source, not the checkpoint: the load is non-strict, and
         # the template (this model's trainable state) guarantees every trainable tensor was read
