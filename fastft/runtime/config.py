@@ -4,7 +4,9 @@
 
 Every section and key is declared below; an unknown one is a ``ConfigError`` naming it and the valid
 ones. Values are type-checked (an int where a float is declared is accepted). Override values are
-parsed as TOML values (``3e-4``, ``true``, ``[1, 2]``, ``"x"``); anything else is taken as a string.
+parsed as TOML values (``3e-4``, ``true``, ``[1, 2]``, ``"x"``); anything else is taken as a string,
+and an empty value (``--data.generator=``) is the empty string, which unsets a key. Keys that exclude
+each other (``EXCLUSIVE``) both set is a ``ConfigError`` naming both and where each was set.
 """
 from __future__ import annotations
 
