@@ -101,7 +101,9 @@ def read_manifest(step: Path) -> dict:
     try:
         manifest = json.loads((step / MANIFEST).read_text())
         files = manifest["files"]
-        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict) or not files:
+        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict) or not files or not all(
+                isinstance(want, dict) and isinstance(want.get("size"), int) and isinstance(want.get("sha256"), str)
+                for want in files.values()):
             raise ValueError("unknown manifest format")
     except FileNotFoundError:
         raise CheckpointError(f"{step.name} has no {MANIFEST} (a save that did not finish)") from None

@@ -259,8 +259,9 @@ CHANGES = {
     "optim.grad_clip": ({"optim": {"grad_clip": 0.01}}, "other steps"),
     "kernels.fused_loss": ({"kernels": {"fused_loss": False}}, "other steps"),
     "eval.at_end": ({"eval": {"at_end": True}}, "same steps"),
-    # last: after a bf16 run, fp32 runs in the same process differ in the last bits (seen, not ours to fix here)
-    "precision.dtype": ({"precision": {"dtype": "bf16"}}, "other steps"),
+    # rejected before anything runs. (A bf16 resume passes here too, but after a bf16 run fp32 runs of
+    # the same process differ in the last bits, on main too: docs/runtime.md "Not done yet".)
+    "precision.impl": ({"precision": {"impl": "fsdp"}}, "config error"),
 }
 
 
@@ -270,6 +271,11 @@ def test_config_changed_between_runs(world, faults_tried):
         faults_tried.append(f"config changed: {key}")
         before = snapshot(folder / "checkpoints")
         snaps = Snapshots()
+        if outcome == "config error":
+            with pytest.raises(ConfigError) as caught:
+                fault_config(folder, world["data"], 3, **change)
+            assert_one_line(caught.value, key)
+            continue
         if outcome == "mismatch":
             with pytest.raises(CheckpointMismatch) as caught:
                 Trainer(fault_config(folder, world["data"], 3, **change), callbacks=[snaps]).fit()
@@ -286,3 +292,8 @@ def test_config_changed_between_runs(world, faults_tried):
         assert same == (outcome == "same steps"), key  # the new value is used, not ignored
         if key == "checkpoint.keep":
             assert [p.name for p in step_folders(folder / "checkpoints")] == ["step_00000003"]
+    # and nothing of the changed runs stays in this process: a fresh run still gives the first step's parameters
+    fresh = Trainer(fault_config(world["work"] / "fresh_after_changes", world["data"], 1))
+    fresh.fit()
+    for name, value in world["after"][1].items():
+        assert torch.equal(trainable_state(fresh)[name], value), name
