@@ -128,12 +128,20 @@ class FileOperations:
         monkeypatch.setattr(shutil, "rmtree", counted("rmtree", shutil.rmtree))
 
 
-def save_step3(world, folder: Path, monkeypatch, fail_at=None) -> FileOperations:
-    """Resume the folder at step 2, train step 3, and save it under the injected fault."""
-    trainer = Trainer(fault_config(folder, world["data"], 3))
-    trainer.resume()
+@pytest.fixture(scope="module")
+def at_step3(world):
+    """A trainer resumed from the template's step 2 that has trained step 3 (not saved yet)."""
+    trainer = Trainer(fault_config(fresh_copy(world), world["data"], 3))
+    assert trainer.resume()
     trainer.train_step(trainer.step)
     trainer.step += 1
+    return trainer
+
+
+def save_step3(trainer, folder: Path, monkeypatch, fail_at=None) -> FileOperations:
+    """Save step 3 into ``folder`` (a copy of the template) under the injected fault."""
+    trainer.checkpointer.root = folder / "checkpoints"
+    trainer.checkpointer.current_step = None
     ops = FileOperations(monkeypatch, fail_at)
     try:
         trainer.save()
@@ -142,8 +150,8 @@ def save_step3(world, folder: Path, monkeypatch, fail_at=None) -> FileOperations
     return ops
 
 
-def test_save_killed_at_random_file_operations(world, monkeypatch, faults_tried):
-    clean = save_step3(world, fresh_copy(world), monkeypatch)
+def test_save_killed_at_random_file_operations(world, at_step3, monkeypatch, faults_tried):
+    clean = save_step3(at_step3, fresh_copy(world), monkeypatch)
     total = len(clean.done)
     assert total >= 8 and "rename" in clean.done, clean.done
     seeds = range(6)
@@ -151,7 +159,7 @@ def test_save_killed_at_random_file_operations(world, monkeypatch, faults_tried)
         fail_at = random.Random(seed).randrange(total)
         folder = fresh_copy(world)
         with pytest.raises(BaseException, match="killed at"):  # DCP may wrap it
-            save_step3(world, folder, monkeypatch, fail_at)
+            save_step3(at_step3, folder, monkeypatch, fail_at)
         faults_tried.append(f"save killed: seed {seed}, file operation {fail_at} of {total} ({clean.done[fail_at]})")
         # step 3 counts once its folder was renamed into place (manifest inside); before that, step 2
         finished = any(p.name.startswith("step_00000003") and (p / MANIFEST).is_file()
@@ -160,7 +168,7 @@ def test_save_killed_at_random_file_operations(world, monkeypatch, faults_tried)
     # the last operations (pointer, pruning) come after the step is complete: resumed from step 3
     folder = fresh_copy(world)
     with pytest.raises(BaseException, match="killed at"):
-        save_step3(world, folder, monkeypatch, total - 1)
+        save_step3(at_step3, folder, monkeypatch, total - 1)
     faults_tried.append(f"save killed: last file operation ({clean.done[-1]})")
     assert_resumes_exactly(world, folder, 3)
 
