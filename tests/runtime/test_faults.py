@@ -135,11 +135,15 @@ def at_step3(world):
     assert trainer.resume()
     trainer.train_step(trainer.step)
     trainer.step += 1
+    # the RNG states a save right after the step would record (other trainers run in between)
+    trainer.rng_after_step = torch.get_rng_state(), random.getstate()
     return trainer
 
 
 def save_step3(trainer, folder: Path, monkeypatch, fail_at=None) -> FileOperations:
     """Save step 3 into ``folder`` (a copy of the template) under the injected fault."""
+    torch.set_rng_state(trainer.rng_after_step[0])
+    random.setstate(trainer.rng_after_step[1])
     trainer.checkpointer.root = folder / "checkpoints"
     trainer.checkpointer.current_step = None
     ops = FileOperations(monkeypatch, fail_at)
