@@ -1,6 +1,7 @@
 """`fastft train CONFIG.toml [--section.key=value ...] [--nproc N]`.
 
-One process by default. ``--nproc N`` (or ``parallel.nproc``) relaunches the same command through
+One process by default. A bad config, data file, model or checkpoint ends with exit code 2 and one
+line naming the problem; ``--debug`` (or ``FASTFT_DEBUG=1``) raises it with its traceback instead. ``--nproc N`` (or ``parallel.nproc``) relaunches the same command through
 ``torch.distributed.run`` on this node; under torchrun (``torchrun -m fastft train ...``, multi-node
 included) the environment's rank and world size are used as they are.
 """
@@ -10,7 +11,8 @@ import os
 import subprocess
 import sys
 
-USAGE = "usage: fastft train [CONFIG.toml] [--section.key=value ...] [--nproc N]"
+USAGE = "usage: fastft train [CONFIG.toml] [--section.key=value ...] [--nproc N] [--debug]"
+DEBUG_ENV = "FASTFT_DEBUG"  # =1: the same as --debug
 
 
 def split_args(argv: list[str]) -> tuple[str | None, list[str], int | None]:
@@ -21,6 +23,8 @@ def split_args(argv: list[str]) -> tuple[str | None, list[str], int | None]:
         arg = args.pop(0)
         if arg in ("-h", "--help"):
             raise SystemExit(USAGE)
+        if arg == "--debug":
+            continue
         if arg == "--nproc":
             if not args:
                 raise ValueError("--nproc needs a number")
@@ -39,17 +43,24 @@ def split_args(argv: list[str]) -> tuple[str | None, list[str], int | None]:
     return path, overrides, nproc
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
 def main(argv: list[str]) -> int:
-    from .checkpoint import latest_checkpoint  # noqa: F401  (fail early on a broken install)
+    from .checkpoint import CheckpointError
     from .config import ConfigError, load_config
     from .data import DataError
     from .models import ModelLoadError
 
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         path, overrides, nproc = split_args(argv)
         cfg = load_config(path, overrides)
     except (ValueError, ConfigError) as exc:
-        print(f"fastft train: error: {exc}", file=sys.stderr)
+        if debug:
+            raise
+        print(f"fastft train: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     nproc = nproc or cfg.parallel.nproc
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
@@ -65,8 +76,10 @@ def main(argv: list[str]) -> int:
     try:
         trainer = Trainer(cfg)
         summary = trainer.fit()
-    except (ConfigError, DataError, ModelLoadError) as exc:
-        print(f"fastft train: error: {exc}", file=sys.stderr)
+    except (ConfigError, DataError, ModelLoadError, CheckpointError) as exc:
+        if debug:
+            raise
+        print(f"fastft train: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         _print_summary(summary)

@@ -4,7 +4,9 @@
 
 Every section and key is declared below; an unknown one is a ``ConfigError`` naming it and the valid
 ones. Values are type-checked (an int where a float is declared is accepted). Override values are
-parsed as TOML values (``3e-4``, ``true``, ``[1, 2]``, ``"x"``); anything else is taken as a string.
+parsed as TOML values (``3e-4``, ``true``, ``[1, 2]``, ``"x"``); anything else is taken as a string,
+and an empty value (``--data.generator=``) is the empty string, which unsets a key. Keys that exclude
+each other (``EXCLUSIVE``) both set is a ``ConfigError`` naming both and where each was set.
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ class RunConfig:
     progress: bool = True          # tqdm bar on rank 0
     plots: bool = True             # PNG curves at the end
     export_adapter: bool = True    # at the end, each method's parameters: <output_dir>/adapter (LoRA), prefix, bottleneck
-    resume: bool = True            # continue from <output_dir>/checkpoints/latest when it exists
+    resume: bool = True            # continue from the newest complete checkpoint in <output_dir>/checkpoints
+    overwrite: bool = False        # start over in a folder that holds checkpoints (they are deleted when the run starts)
 
 
 @dataclass(frozen=True)
@@ -233,7 +236,36 @@ def _check_type(key: str, value, expected):
     return value
 
 
-def _build(raw: dict) -> Config:
+# keys of which at most one may be set (non-empty): the first would be silently ignored otherwise
+EXCLUSIVE = (("data.path", "data.generator"),       # a generator makes the training data
+             ("data.eval_path", "data.generator"))  # ... and its held-out eval data
+
+
+def _value(cfg: Config, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _check_exclusive(cfg: Config, sources: dict) -> None:
+    """Two keys that exclude each other both set (a command-line value of one does not unset the TOML
+    value of the other: an empty value does, ``--data.generator=``) is an error naming both."""
+    def where(key):
+        return f" ({sources[key]})" if key in sources else ""
+
+    for first, second in EXCLUSIVE:
+        if _value(cfg, first) and _value(cfg, second):
+            # unset the one the command line did not give
+            clear = first if sources.get(second) == "command line" and sources.get(first) != "command line" else second
+            raise ConfigError(f"{first} = {_value(cfg, first)!r}{where(first)} and {second} = {_value(cfg, second)!r}"
+                              f"{where(second)} exclude each other: unset one, e.g. --{clear}= (an empty value unsets a key)")
+    if cfg.model.builder == "tiny_llama":
+        for key in ("model.path", "model.gguf_file"):
+            if _value(cfg, key):
+                raise ConfigError(f"{key} = {_value(cfg, key)!r}{where(key)} is not used by model.builder = 'tiny_llama' "
+                                  f"(a config-built model): unset it (--{key}=) or set --model.builder=hf")
+
+
+def _build(raw: dict, sources: Optional[dict] = None) -> Config:
     sections = _section_types(Config)
     built = {}
     for name, value in raw.items():
@@ -248,6 +280,7 @@ def _build(raw: dict) -> Config:
         built[name] = sections[name](**{k: _check_type(f"{name}.{k}", v, keys[k]) for k, v in value.items()})
     cfg = Config(**built)
     _validate(cfg)
+    _check_exclusive(cfg, sources or {})
     return cfg
 
 
@@ -303,6 +336,7 @@ def _parse_value(text: str):
 def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) -> Config:
     """The Config of a TOML file (or the defaults) with ``--section.key=value`` overrides applied."""
     raw: dict = {}
+    sources: dict = {}  # "section.key" -> where its value came from (for conflict messages)
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -311,6 +345,8 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) ->
             raw = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+        sources = {f"{section}.{key}": str(path) for section, table in raw.items() if isinstance(table, dict)
+                   for key in table}
     for arg in overrides:
         (section, key, *option), value = parse_override(arg)
         raw.setdefault(section, {})
@@ -320,7 +356,8 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) ->
             raw[section].setdefault(key, {})[option[0]] = value
         else:
             raw[section][key] = value
-    return _build(raw)
+            sources[f"{section}.{key}"] = "command line"
+    return _build(raw, sources)
 
 
 def replace(cfg: Config, **sections: dict) -> Config:

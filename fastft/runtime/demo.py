@@ -27,7 +27,7 @@ BASELINE = ["--kernels.enabled=false", "--eval.at_end=false", "--checkpoint.at_e
 
 
 def _run(args: list[str]) -> None:
-    cmd = [sys.executable, "-m", "fastft", "train", *args, "--run.resume=false"]
+    cmd = [sys.executable, "-m", "fastft", "train", *args, "--run.resume=false", "--run.overwrite=true"]
     proc = subprocess.run(cmd)
     if proc.returncode != 0:
         raise SystemExit(f"demo: `{' '.join(cmd)}` failed with exit code {proc.returncode}")

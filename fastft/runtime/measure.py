@@ -102,7 +102,8 @@ def modes(recipe: str, overrides: list[str], nproc: int) -> dict:
         target = OUT / f"mode_{mode}"
         before = _load()
         cmd = [sys.executable, "-m", "fastft", "train", recipe, *overrides, f"--nproc={nproc}",
-               f"--parallel.mode={mode}", f"--run.output_dir={target}", "--run.resume=false", "--run.progress=false",
+               f"--parallel.mode={mode}", f"--run.output_dir={target}", "--run.resume=false", "--run.overwrite=true",
+               "--run.progress=false",
                "--eval.at_start=false", "--eval.at_end=false", "--checkpoint.at_end=false", "--run.plots=false"]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         summary = json.loads((target / "summary.json").read_text())

@@ -77,15 +77,21 @@ def hf_model(cfg):
         else:
             kwargs = {"gguf_file": m.gguf_file}
     else:
-        if os.path.sep in folder or folder.startswith("."):
+        if os.path.sep in folder or folder.startswith(".") or Path(folder).is_dir():
             if not Path(folder).is_dir():
                 raise ModelLoadError(f"model folder {folder!r} does not exist")
+            if not (Path(folder) / "config.json").is_file():
+                ggufs = sorted(p.name for p in Path(folder).glob("*.gguf"))
+                hint = f"; it holds {', '.join(ggufs)}: set model.gguf_file" if ggufs else ""
+                raise ModelLoadError(f"model folder {folder!r} has no config.json (not a Hugging Face model folder){hint}")
         kwargs = {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
-    except OSError as exc:
-        raise ModelLoadError(f"cannot load a model from {folder!r}: {exc}") from None
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
+        # transformers reports a broken or partial model folder through any of these
+        detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise ModelLoadError(f"cannot load a model from {folder!r}: {type(exc).__name__}: {detail}") from exc
     if kwargs and cache is not None and _is_rank0():
         tmp = cache.with_name(cache.name + ".tmp")
         # the weights are dequantized on load; drop the GGUF quantizer so transformers saves them plainly
@@ -166,7 +172,10 @@ def prepare_model(model: nn.Module, cfg) -> nn.Module:
         # the same initial adapters on every rank and in every mode: each method draws from its own seed
         if cfg.lora.enabled:
             torch.manual_seed(cfg.run.seed + 1)
-            model = _apply_lora(model, cfg, fastft_layers=switches["lora"])
+            try:
+                model = _apply_lora(model, cfg, fastft_layers=switches["lora"])
+            except ValueError as exc:  # fastft's and PEFT's "matches no module" (ConfigError too)
+                raise ConfigError(f"lora.target_modules = {cfg.lora.target_modules!r}: {exc}") from exc
         if cfg.prefix.enabled:
             torch.manual_seed(cfg.run.seed + 2)
             model = _apply_prefix(model, cfg, fastft_prefix=switches["prefix"])

@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,8 +24,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .checkpoint import Checkpointer, latest_checkpoint
-from .config import Config
+from .checkpoint import Checkpointer, has_checkpoints, resume_settings, warn
+from .config import Config, ConfigError
 from .data import step_micro_batches
 from .models import build_model, export_adapters, kernel_switches, prepare_model
 from .parallel import (FSDP_MODES, Dist, all_reduce_max, all_reduce_sum, apply_activation_checkpointing,
@@ -164,7 +165,12 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.d.device.type) if cfg.precision.dtype == "fp16" else None
         self.output = Path(cfg.run.output_dir)
         self.checkpointer = Checkpointer(self.output / "checkpoints", self.model, self.optimizer, self.scheduler,
-                                         self.scaler, self.d, zero1=cfg.parallel.mode == "zero1" and self.d.active)
+                                         self.scaler, self.d, zero1=cfg.parallel.mode == "zero1" and self.d.active,
+                                         settings=resume_settings(cfg, self.d.world))
+        if not cfg.run.resume and not cfg.run.overwrite and has_checkpoints(self.checkpointer.root):
+            raise ConfigError(f"{self.checkpointer.root} holds the checkpoints of an earlier run and run.resume = false "
+                              "would start over on top of them: resume it (--run.resume=true), pick another "
+                              "--run.output_dir, or replace them with --run.overwrite=true")
         self.step = 0
         self.best: Optional[float] = None
         self.bad_evals = 0
@@ -280,7 +286,14 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     def resume(self, restore_rng: bool = True) -> bool:
-        path = latest_checkpoint(self.checkpointer.root) if self.cfg.run.resume else None
+        """Continues from the newest complete checkpoint (run.resume, and not run.overwrite); says so on
+        the console, and warns about each damaged step passed over."""
+        if not self.cfg.run.resume or self.cfg.run.overwrite:
+            return False
+        path, notes = self.checkpointer.resume_step()
+        if self.d.is_rank0:
+            for note in notes:
+                warn(note)
         if path is None:
             return False
         self.checkpointer.extra = self._extra_state()  # the template the load fills in
@@ -289,6 +302,8 @@ class Trainer:
         self.best, self.bad_evals = state["best"], int(state["bad_evals"])
         for key, cb in self._stateful_callbacks().items():
             cb.load_state_dict(self, state["callbacks"][key])
+        if self.d.is_rank0:
+            print(f"resumed from step {self.step} of {path}", flush=True)
         return True
 
     def _stateful_callbacks(self) -> dict:
@@ -319,6 +334,8 @@ class Trainer:
     def fit(self) -> dict:
         c = self.cfg
         if self.d.is_rank0:
+            if c.run.overwrite and self.checkpointer.root.exists():  # asked for: start over here
+                shutil.rmtree(self.checkpointer.root)
             self.output.mkdir(parents=True, exist_ok=True)
             (self.output / "config.json").write_text(json.dumps(c.to_dict(), indent=2))
         resumed = self.resume()

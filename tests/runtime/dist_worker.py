@@ -29,8 +29,11 @@ def record(name: str, cfg, **extra) -> None:
 
 
 for mode in ("ddp", "zero1", "zero2", "fsdp2", "hsdp"):
-    record(mode, tiny_config(work / mode, data, parallel={"mode": mode}, checkpoint={"at_end": mode == "fsdp2"},
+    record(mode, tiny_config(work / mode, data, parallel={"mode": mode}, checkpoint={"at_end": True},
                              run={"export_adapter": mode in ("ddp", "fsdp2")}))
+# embeddings tied to the head (both frozen): the checkpoint holds neither
+record("tied_fsdp2", tiny_config(work / "tied_fsdp2", data, parallel={"mode": "fsdp2"}, model={"tie_embeddings": True},
+                                 checkpoint={"at_end": True}))
 # FSDP2 over torch.compile'd blocks (regional compilation before fully_shard, as torchtitan)
 record("fsdp2_compiled", tiny_config(work / "fsdp2_compiled", data, parallel={"mode": "fsdp2"},
                                      compile={"enabled": True}))

@@ -66,6 +66,49 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     assert "unknown config key run.nonsense" in capsys.readouterr().err
 
 
+def test_setting_of_an_excluded_key_is_an_error_not_ignored(tmp_path, capsys):
+    """Issue 21, reproduction 1: the recipe sets data.generator, the command line data.path: the path
+    was silently ignored (the run trained on generated data and exited 0)."""
+    recipe = str(ROOT / "recipes" / "instruction_tuning.toml")
+    with pytest.raises(ConfigError) as caught:
+        load_config(recipe, ["--data.path=missing.jsonl", "--run.max_steps=2"])
+    message = str(caught.value)
+    assert "data.path = 'missing.jsonl' (command line)" in message and "instruction_tuning.toml)" in message
+    assert "--data.generator=" in message and "\n" not in message
+    assert cli.main([recipe, "--data.path=missing.jsonl", "--run.max_steps=2",
+                     f"--run.output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "exclude each other" in err and not (tmp_path / "run").exists()
+    # an empty value unsets the recipe's key (both shell spellings)
+    for clear in ("--data.generator=", '--data.generator=""'):
+        cfg = load_config(recipe, ["--data.path=train.jsonl", clear])
+        assert cfg.data.path == "train.jsonl" and cfg.data.generator == ""
+    with pytest.raises(ConfigError, match=r"data\.eval_path = 'e\.jsonl' \(command line\) and data\.generator"):
+        load_config(recipe, ["--data.eval_path=e.jsonl"])
+    with pytest.raises(ConfigError, match=r"model\.path = 'x' \(command line\) is not used by model\.builder = 'tiny_llama'"):
+        load_config(ROOT / "recipes" / "tiny_smoke.toml", ["--model.path=x"])
+
+
+def test_model_and_targeting_failures_are_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    """Issue 21, item 5: a folder without a model exited 1 with a tokenizer traceback; a LoRA target
+    matching nothing printed 27 lines of traceback. Both: exit 2, one line; --debug shows the traceback."""
+    smoke = str(ROOT / "recipes" / "tiny_smoke.toml")
+    (tmp_path / "empty").mkdir()
+    cases = {"model folder": (["--model.builder=hf", f"--model.path={tmp_path / 'empty'}"], "has no config.json"),
+             "target": (["--lora.target_modules=qproj"], "lora.target_modules = 'qproj': target_modules='qproj'")}
+    for name, (args, expected) in cases.items():
+        argv = [smoke, *args, f"--run.output_dir={tmp_path / name}", "--run.progress=false"]
+        assert cli.main(argv) == 2, name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expected in err and "Traceback" not in err, err
+        with pytest.raises(ValueError, match="config.json|qproj"):
+            cli.main([*argv, "--debug"])
+        monkeypatch.setenv(cli.DEBUG_ENV, "1")
+        with pytest.raises(ValueError, match="config.json|qproj"):
+            cli.main(argv)
+        monkeypatch.delenv(cli.DEBUG_ENV)
+
+
 def test_cli_nproc_relaunches_through_torchrun(tmp_path):
     """`python -m fastft train ... --nproc 2`: two gloo ranks, one summary from rank 0."""
     data = write_uneven_data(tmp_path / "d.jsonl", n=16)

@@ -13,7 +13,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
+import torch.distributed.checkpoint as dcp
+
 from helpers import METHODS, MIXED, tiny_config, trainable_state, write_uneven_data
+from fastft.runtime.checkpoint import latest_checkpoint
 from fastft.runtime.trainer import Trainer
 
 WORKER = Path(__file__).with_name("dist_worker.py")
@@ -30,7 +33,7 @@ def runs(tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
            str(work), str(data)]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     assert "RUNTIME_DIST_OK" in proc.stdout
     # the same global batch (4 sequences) in one process: 2 micro-batches of 2
@@ -129,3 +132,14 @@ def test_reshard_fsdp2_checkpoint_into_one_process(runs, tmp_path):
         assert torch.equal(value, saved[name]), name
     trainer.fit()  # and it trains on from there
     assert trainer.step == 4 and len(trainer.history) == 1
+
+
+@pytest.mark.parametrize("mode", MODES + ("tied_fsdp2",))
+def test_checkpoint_holds_trainable_state_only(runs, mode):
+    """Every mode saves the trainable parameters and their optimizer state, nothing frozen (a head tied
+    to the frozen embeddings included)."""
+    step = latest_checkpoint(runs["work"] / mode / "checkpoints")
+    keys = dcp.FileSystemReader(str(step)).read_metadata().state_dict_metadata
+    trainable = set(runs["rank0"][mode]["params"])
+    assert {k[len("model."):] for k in keys if k.startswith("model.")} == trainable
+    assert not any("embed_tokens" in k or "lm_head" in k or "base_layer" in k for k in keys), sorted(keys)[:8]

@@ -315,3 +315,70 @@ def test_compiled_blocks_match_eager(data, tmp_path):
     torch.testing.assert_close(torch.tensor(compiled_losses), torch.tensor(eager_losses), atol=1e-5, rtol=1e-5)
     for name in eager:
         torch.testing.assert_close(compiled[name], eager[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_rerun_without_resume_keeps_every_checkpoint(data, tmp_path):
+    """Issue 21, reproduction 2: a run without resume in a folder of checkpoints pruned the step it had
+    just written (steps sorted by name), leaving `latest` naming a missing folder for the next run."""
+    out = tmp_path / "p"
+    Trainer(tiny_config(out, data, run={"max_steps": 4}, checkpoint={"every": 2, "at_end": True})).fit()
+    root = out / "checkpoints"
+    before = _snapshot(root)
+    with pytest.raises(ConfigError, match=r"--run\.output_dir.*--run\.overwrite=true"):
+        Trainer(tiny_config(out, data, run={"max_steps": 1, "resume": False}, checkpoint={"at_end": True}))
+    assert _snapshot(root) == before
+    again = Trainer(tiny_config(out, data, run={"max_steps": 2}, checkpoint={"at_end": True}))
+    again.fit()
+    assert again.step == 4 and _snapshot(root) == before  # nothing left to train, nothing rewritten
+    # started over on request: the new step 1 is kept, `latest` names it, and the next run resumes it
+    Trainer(tiny_config(out, data, run={"max_steps": 1, "resume": False, "overwrite": True},
+                        checkpoint={"at_end": True})).fit()
+    assert [p.name for p in ckpt_module.step_folders(root)] == ["step_00000001"]
+    assert (root / "latest").read_text() == "step_00000001"
+    third = Trainer(tiny_config(out, data, run={"max_steps": 2}, checkpoint={"at_end": True}))
+    assert third.resume() and third.step == 1
+
+
+def test_pruning_orders_steps_numerically_and_keeps_the_newest(data, tmp_path):
+    """Pruning follows the step numbers, then the run (a second save of step 10 is newer than the first
+    and supersedes it), and keeps the newest steps; `latest` names the last one."""
+    out = tmp_path / "run"
+    trainer = Trainer(tiny_config(out, data, run={"max_steps": 1}, checkpoint={"keep": 2}))
+    for step in (9, 10, 10, 11):
+        trainer.step = step
+        trainer.checkpointer.current_step = None  # a save of each, as separate runs would
+        trainer.save()
+    names = [p.name for p in ckpt_module.step_folders(out / "checkpoints")]
+    assert names == ["step_00000010-1", "step_00000011"], names
+    assert latest_checkpoint(out / "checkpoints").name == "step_00000011"
+
+
+def test_resume_after_a_config_change_is_one_line(data, tmp_path, capsys):
+    """Issue 21, reproduction 3: `--lora.r=8` after an r=4 run was a raw DCP size-mismatch traceback,
+    and nothing said that a run resumed."""
+    out = tmp_path / "run"
+    Trainer(tiny_config(out, data, run={"max_steps": 2}, checkpoint={"at_end": True})).fit()
+    before = _snapshot(out / "checkpoints")
+    with pytest.raises(ckpt_module.CheckpointMismatch) as caught:
+        Trainer(tiny_config(out, data, run={"max_steps": 3}, lora={"r": 8})).fit()
+    message = str(caught.value)
+    assert "lora.r = 4 in the checkpoint, 8 now" in message and "\n" not in message
+    assert "--run.output_dir" in message and "--run.overwrite=true" in message
+    assert _snapshot(out / "checkpoints") == before
+    capsys.readouterr()
+    Trainer(tiny_config(out, data, run={"max_steps": 3})).fit()
+    assert f"resumed from step 2 of {out / 'checkpoints' / 'step_00000002'}" in capsys.readouterr().out
+
+
+def test_checkpoint_holds_no_frozen_weights_tied_head_included(data, tmp_path):
+    """Issue 21, item 4: a head tied to the frozen embeddings was saved (DCP's ignore_frozen_params sees
+    the embedding's name only): the checkpoint holds exactly the trainable parameters."""
+    import torch.distributed.checkpoint as dcp
+
+    trainer = Trainer(tiny_config(tmp_path / "run", data, run={"max_steps": 1}, model={"tie_embeddings": True},
+                                  checkpoint={"at_end": True}))
+    trainer.fit()
+    step = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    keys = dcp.FileSystemReader(str(step)).read_metadata().state_dict_metadata
+    assert {k[len("model."):] for k in keys if k.startswith("model.")} == set(trainable_state(trainer))
+    assert not any("lm_head" in k or "embed_tokens" in k for k in keys)
