@@ -58,7 +58,10 @@ def test_gradient_lands_in_the_logits_and_equals_the_out_of_place_one(backend, r
     assert torch.equal(kept, h.detach())  # out of place: the logits are untouched
     ptr, got, _ = logits_and_grad(backend, h, t, True, upstream, reduction=reduction, **options)
     assert got.data_ptr() == ptr, "the gradient is not in the logits' storage"
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    if backend == "reference":  # upstream applied after the gradient (not inside autograd): rounding differs
+        torch.testing.assert_close(got, want, rtol=torch.finfo(dtype).eps, atol=1e-7)
+    else:  # the same kernel, the same arithmetic: bit-identical
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -84,7 +87,8 @@ def test_no_gradient_buffer_is_allocated(backend, reduction):
 
     step(True)  # warm caches (the C++ kernels' reusable buffer, Triton's compiled launcher)
     out_of_place, in_place = step(False), step(True)
-    assert out_of_place >= grad_bytes  # the counter sees the [N, V] gradient when there is one
+    if backend == "triton":  # the C++ kernels reuse a cached gradient buffer once warm: nothing to see there
+        assert out_of_place >= grad_bytes  # the counter sees the [N, V] gradient when there is one
     assert in_place < grad_bytes // 8, f"{in_place} bytes allocated for a {grad_bytes}-byte gradient"
 
 
