@@ -331,9 +331,10 @@ def linear_cross_entropy(
     flat_target = flat_index(target)
     class_weight = None if weight is None else weight.to(accumulator_dtype(input.dtype)).contiguous()
     grad_on = torch.is_grad_enabled()
-    options = LinearCrossEntropyOptions(int(ignore_index), float(label_smoothing), float(z_loss),
-                                        float(softcap) if softcap is not None else 0.0, reduction,
-                                        int(chunk_size or 0))
+    # By keyword: the fields are inherited from CrossEntropyOptions, whose field list may grow.
+    options = LinearCrossEntropyOptions(ignore_index=int(ignore_index), label_smoothing=float(label_smoothing),
+                                        z_loss=float(z_loss), softcap=float(softcap) if softcap is not None else 0.0,
+                                        reduction=reduction, chunk_size=int(chunk_size or 0))
     loss = linear_cross_entropy_op(
         x, linear_weight, linear_bias, flat_target, class_weight, grad_on and input.requires_grad,
         grad_on and linear_weight.requires_grad, grad_on and linear_bias is not None and linear_bias.requires_grad,
