@@ -330,7 +330,7 @@ at::Tensor selective_log_softmax_bwd_cpu(const at::Tensor& grad_logp, const at::
       for (int64_t i = begin; i < end; ++i) {
         scalar_t* g = g0 + i * V;
         const int64_t y = idx[i];
-        if (y < 0 || y >= V) {
+        if (y < 0 || y >= V || std::isnan(lse_p[i])) {  // the fast exp would not carry a NaN lse into the row
           fill_row(g, V, std::numeric_limits<double>::quiet_NaN());
           continue;
         }
