@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
+from memory_probe import peak_allocated_bytes
 
 from fastft import backend as fb
 from fastft.nn import CrossEntropyLoss
@@ -16,19 +16,6 @@ from fastft.ops import cross_entropy
 
 BACKENDS = [b for b in ("reference", "cpp", "triton") if fb.status(b)[0]]
 KERNEL_BACKENDS = [b for b in ("cpp", "triton") if fb.status(b)[0]]
-
-
-def peak_allocated_bytes(fn) -> int:
-    """Peak of (bytes allocated - bytes freed) on the CPU while fn runs."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
 
 
 def logits_and_grad(backend, h, t, inplace, upstream, **kw):

@@ -15,6 +15,7 @@ from fastft.nn.linear_cross_entropy import LinearCrossEntropyLoss
 from fastft.ops.linear_cross_entropy import linear_cross_entropy
 from fastft.reference import kl as reference_kl
 from fastft.reference.linear_cross_entropy import linear_cross_entropy as reference
+from memory_probe import peak_allocated_bytes
 
 CPU_BACKENDS = [b for b in ("reference", "cpp", "triton") if fb.status(b)[0]]
 KERNEL_BACKENDS = [b for b in ("cpp", "triton") if fb.status(b)[0]]
@@ -476,22 +477,6 @@ def test_uncounted_rows_are_not_searched_off_the_cpu():
 # ------------------------------------------------------------------------------------------------
 # Memory: grad_W accumulated in place in the weight's dtype, one chunk buffer, no cast copy
 # ------------------------------------------------------------------------------------------------
-
-
-def peak_allocated_bytes(fn) -> int:
-    """Peak of (bytes allocated - bytes freed) over every CPU allocation while fn runs (torch.profiler's
-    memory events also see the C++ kernels' own buffers)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
