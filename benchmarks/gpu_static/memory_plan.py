@@ -178,7 +178,8 @@ def _make(run_inputs):
 
 def _ce(d, dtype, **options):
     from fastft.ops import cross_entropy
-    logits = torch.randn(d["N"], d["V"], dtype=dtype, requires_grad=True)
+    # The logits are a non-leaf, as a model's head output is (in-place gradients refuse a leaf the user holds).
+    logits = torch.randn(d["N"], d["V"], dtype=dtype, requires_grad=True).clone()
     target = torch.randint(0, d["V"], (d["N"],))
     return (logits, target), lambda: cross_entropy(logits, target, **options).backward()
 
@@ -314,12 +315,24 @@ class Measured:
     raw_peak: float             # bytes measured here, unscaled
 
 
+def _cuda_chunk_bytes(plan: OpPlan, dtype) -> int:
+    """The [rows, V] chunk buffer the CUDA path picks at the GPU shape, from the library's own planner (on CUDA
+    the budget also depends on the weight gradient's size), so the scaled run takes the GPU's chunk count."""
+    from fastft.ops._losses import chunk_rows  # the planner itself, not a copy of its rule
+
+    if "V" not in plan.gpu or "H" not in plan.gpu:
+        return CUDA_CHUNK_BYTES
+    item = torch.empty((), dtype=dtype).element_size()
+    rows = chunk_rows(plan.gpu["N"], plan.gpu["V"], dtype, "cuda", 1, 0, grad_w_bytes=plan.gpu["V"] * plan.gpu["H"] * item)
+    return rows * plan.gpu["V"] * item
+
+
 def measure(plan: OpPlan, backend: str, dtype=torch.bfloat16, **options) -> Measured:
     """Runs the op's forward + backward on ``backend`` at the scaled shape under LiveBytes."""
     saved = {k: os.environ.get(k) for k in ("FASTFT_BACKEND", "FASTFT_LCE_CHUNK_BYTES")}
     nv_factor = (plan.gpu["N"] * plan.gpu.get("V", 1)) / (plan.scaled["N"] * plan.scaled.get("V", 1))
     os.environ["FASTFT_BACKEND"] = backend
-    os.environ["FASTFT_LCE_CHUNK_BYTES"] = str(max(1, int(CUDA_CHUNK_BYTES / nv_factor)))
+    os.environ["FASTFT_LCE_CHUNK_BYTES"] = str(max(1, int(_cuda_chunk_bytes(plan, dtype) / nv_factor)))
     try:
         torch.manual_seed(0)
         inputs, step = plan.run(plan.scaled, dtype, **options)
