@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 20
 LOSS_RTOL = 1e-4  # fp32, 20 steps: measured <= 3e-5 (olmo2), typically 3e-7
-PARAM_ATOL, PARAM_RTOL = 1e-4, 1e-3  # measured <= 2e-5
+PARAM_ATOL, PARAM_RTOL = 2e-4, 1e-3  # measured <= 2e-5 on AVX-512; 1.2e-4 (olmo2, one element) on an AVX2-only CPU
 
 
 def test_every_named_architecture_has_a_tiny_config():
@@ -62,7 +62,7 @@ def test_patched_training_matches_stock(model_type, use_lora):
     torch.testing.assert_close(torch.tensor(fused_losses), torch.tensor(stock_losses), rtol=LOSS_RTOL, atol=0.0)
     assert fused_params.keys() == stock_params.keys()
     for name in stock_params:
-        torch.testing.assert_close(fused_params[name], stock_params[name], rtol=PARAM_RTOL, atol=PARAM_ATOL, msg=name)
+        torch.testing.assert_close(fused_params[name], stock_params[name], rtol=PARAM_RTOL, atol=PARAM_ATOL, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma2"])

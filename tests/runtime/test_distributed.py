@@ -50,8 +50,11 @@ def test_mode_matches_one_process(runs, mode):
     got, single = runs["rank0"][mode], runs["single"]
     want = trainable_state(single)
     assert got["params"].keys() == want.keys()
+    # atol: 2 processes sum gradients in another order than 1; after the steps under Adam, one element in a few
+    # hundred moved by up to 5.5e-6 on an AVX2-only CPU (8-lane vectors), within 2e-6 on AVX-512 machines.
     for name in want:
-        torch.testing.assert_close(got["params"][name], want[name], atol=2e-6, rtol=1e-5, msg=f"{mode}: {name}")
+        torch.testing.assert_close(got["params"][name], want[name], atol=1e-5, rtol=1e-5,
+                                   msg=lambda m, mode=mode, name=name: f"{mode}: {name}: {m}")
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor([r["loss"] for r in single.history]),
                                atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(torch.tensor(got["grad_norms"]), torch.tensor([r["grad_norm"] for r in single.history]),
@@ -74,8 +77,11 @@ def test_methods_together_match_one_process(runs, mode):
     got, single = runs["rank0"][f"methods_{mode}"], runs["methods_single"]
     want = trainable_state(single)
     assert got["params"].keys() == want.keys() and any("fastft_prefix_encoder" in k for k in want)
+    # atol: 2 processes sum gradients in another order than 1; after the steps under Adam, one element in a few
+    # hundred moved by up to 5.5e-6 on an AVX2-only CPU (8-lane vectors), within 2e-6 on AVX-512 machines.
     for name in want:
-        torch.testing.assert_close(got["params"][name], want[name], atol=2e-6, rtol=1e-5, msg=f"{mode}: {name}")
+        torch.testing.assert_close(got["params"][name], want[name], atol=1e-5, rtol=1e-5,
+                                   msg=lambda m, mode=mode, name=name: f"{mode}: {name}: {m}")
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor([r["loss"] for r in single.history]),
                                atol=1e-6, rtol=1e-6)
     for folder in ("adapter", "prefix", "bottleneck"):
@@ -85,7 +91,8 @@ def test_methods_together_match_one_process(runs, mode):
         a, b = load_file(mine / "adapter_model.safetensors"), load_file(ref / "adapter_model.safetensors")
         assert a.keys() == b.keys() and a
         for key in a:
-            torch.testing.assert_close(a[key], b[key], atol=2e-6, rtol=1e-5, msg=f"{mode} {folder}: {key}")
+            torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5,  # the atol reason above
+                                       msg=lambda m, key=key, folder=folder: f"{mode} {folder}: {key}: {m}")
 
 
 def test_fsdp2_bf16_base_with_fp32_adapters_matches_one_process(runs, tmp_path):
