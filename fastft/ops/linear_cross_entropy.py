@@ -99,7 +99,7 @@ def _forward_chunks(x, weight, bias, target, class_weight, options, grad_scale, 
     acc = accumulator_dtype(x.dtype)
     loss_rows = torch.empty((n,), dtype=acc, device=x.device)
     lse = torch.empty((n,), dtype=acc, device=x.device)
-    sink = HeadGrads(x, weight, bias, *needs, single_chunk=rows >= n) if with_grad else None
+    sink = HeadGrads(x, weight, bias, *needs) if with_grad else None
     ce = _fused_ce_chunk(backend)
     buf = torch.empty((min(rows, n), v), dtype=x.dtype, device=x.device)
     for start in range(0, n, rows):
@@ -128,7 +128,7 @@ def _backward_chunks(row_grad, x, weight, bias, target, class_weight, lse, optio
     v = weight.shape[0]
     bwd = loss_kernels(backend).ce_bwd
     rows = _plan_rows(n, x, weight, needs, options.chunk_size)
-    sink = HeadGrads(x, weight, bias, *needs, single_chunk=rows >= n)
+    sink = HeadGrads(x, weight, bias, *needs)
     buf = torch.empty((min(rows, n), v), dtype=x.dtype, device=x.device)
     row_grad = row_grad.to(lse.dtype).contiguous()
     for start in range(0, n, rows):

@@ -52,9 +52,8 @@ def _run_chunks(hp, wp, hr, wr, mask, options, backend, needs, grad_scale=None, 
     grad_p, grad_r = needs[0] or needs[1], needs[2] or needs[3]
     buffers = 2 + (int(grad_p) + int(grad_r) if want_grads else 0)
     step = chunk_rows(max(n, 1), v, hp.dtype, hp.device.type, buffers, options.chunk_size)
-    single = step >= n
-    sinks = (HeadGrads(hp, wp, None, needs[0], needs[1], False, single),
-             HeadGrads(hr, wr, None, needs[2], needs[3], False, single)) if want_grads else None
+    sinks = (HeadGrads(hp, wp, None, needs[0], needs[1], False),
+             HeadGrads(hr, wr, None, needs[2], needs[3], False)) if want_grads else None
     acc = accumulator_dtype(hp.dtype)
     out_stats = tuple(torch.zeros((n,), dtype=acc, device=hp.device) for _ in range(3)) if stats is None else stats
     for start in range(0, n, step):
