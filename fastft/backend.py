@@ -118,25 +118,26 @@ def status(name: str) -> tuple[bool, str]:
 PREFERRED = {"cuda": ("triton", "cuda"), "cpu": ("cpp",)}
 # Per-op orders that replace PREFERRED for one op and device type (``prefer``), each set by the op's module with
 # its reason in the op's backend status (what `fastft info` prints), e.g. lora_linear's byte/flop plan.
-_OP_PREFERRED: dict = {}
-_OP_PREFERRED_WHY: dict = {}
+_OP_PREFERRED: dict = {}  # (op name, device type) -> (backend order, why)
 
 
 def prefer(op_name: str, device_type: str, order: tuple, why: str) -> None:
     """Make ``order`` (first usable wins; repeats ignored) the default of ``op_name`` on ``device_type`` tensors,
     for the reason ``why`` (printed by `fastft info`)."""
-    _OP_PREFERRED[(op_name, device_type)] = tuple(dict.fromkeys(order))
-    _OP_PREFERRED_WHY[(op_name, device_type)] = why
+    _OP_PREFERRED[(op_name, device_type)] = (tuple(dict.fromkeys(order)), why)
 
 
 def preference_notes(op_name: str) -> list:
     """[(device type, order, why)] of the per-op defaults set with ``prefer``."""
-    return [(dev, _OP_PREFERRED[(op, dev)], why) for (op, dev), why in _OP_PREFERRED_WHY.items() if op == op_name]
+    return [(dev, order, why) for (op, dev), (order, why) in _OP_PREFERRED.items() if op == op_name]
 
 
 def preferred(op_name: str, device_type: str) -> tuple:
     """The default backend order of ``op_name`` on ``device_type`` tensors."""
-    return _OP_PREFERRED.get((op_name, device_type), PREFERRED.get(device_type, ()))
+    entry = _OP_PREFERRED.get((op_name, device_type))
+    return entry[0] if entry else PREFERRED.get(device_type, ())
+
+
 _DEVICES = {"cpp": ("cpu",), "cuda": ("cuda",), "triton": ("cuda", "cpu"), "reference": None}
 
 

@@ -100,7 +100,7 @@ def _backward(ctx, grad_y):
 # Which GPU path: a byte / flop plan (a PREDICTION from counted bytes and flops, not a measurement)
 # ------------------------------------------------------------------------------------------------
 
-# Inputs of the prediction, each with its source (docs: /work/shared/CONVENTIONS.md "GPU work without a GPU").
+# Inputs of the prediction, each with its source (the team's CONVENTIONS.md, "GPU work without a GPU").
 GPU_BANDWIDTH = 3.35e12     # bytes/s, H100 SXM peak HBM3 (datasheet)
 CUBLAS_GEMM_RATE = 790e12   # flop/s, bf16 dense GEMM, measured on the H200 (2026-12-04)
 # The one GPU figure of our Triton GEMM: the fused Triton LoRA forward took 2.0x cuBLAS's frozen base GEMM
@@ -165,7 +165,8 @@ lora_linear_op = define_op(
     backends=(Backend("reference"), Backend("cpp", kernels=_KERNELS), Backend("triton"),
               Backend("cuda", kernels=_KERNELS)),
 )
-_backend.prefer("lora_linear", "cuda", (planned_cuda_default()[0], "triton", "cuda"), planned_cuda_default()[1])
+_CUDA_DEFAULT, _CUDA_DEFAULT_REASON = planned_cuda_default()  # the plan is evaluated once, at import
+_backend.prefer("lora_linear", "cuda", (_CUDA_DEFAULT, "triton", "cuda"), _CUDA_DEFAULT_REASON)
 
 
 # ------------------------------------------------------------------------------------------------
