@@ -43,10 +43,10 @@ test-fast: build
 # The main job: a LoRA fine-tune of SmolLM2-135M-Instruct (recipes/instruction_tuning.toml), then the same
 # steps with fastft's kernels off; outputs in runs/demo/ (git-ignored). demo-quick: CI's short variant.
 demo: build
-	$(PY) -m fastft.runtime.demo recipes/instruction_tuning.toml
+	$(PY) -m benchmarks.demo recipes/instruction_tuning.toml
 
 demo-quick: build
-	$(PY) -m fastft.runtime.demo recipes/instruction_tuning.toml --quick
+	$(PY) -m benchmarks.demo recipes/instruction_tuning.toml --quick
 
 # The op benchmarks (every provider side by side). Results go to benchmarks/out/ (git-ignored);
 # BENCH_ARGS passes options on, e.g. BENCH_ARGS="--only cross_entropy --quick".

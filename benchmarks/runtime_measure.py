@@ -1,14 +1,14 @@
 """Measurements of the runtime itself (results in runs/measure/, with the machine's load average).
 
-    python -m fastft.runtime.measure overhead RECIPE.toml [--rounds N] [--section.key=value ...]
+    python -m benchmarks.runtime_measure overhead RECIPE.toml [--rounds N] [--section.key=value ...]
         The Trainer's optimizer step against a hand-written loop over the same model, kernels, batches
         and optimizer settings, interleaved step by step in one process (so both see the same machine
         load); reports median ms per step and the tokens/s ratio.
-    python -m fastft.runtime.measure kernels RECIPE.toml [--rounds N] [--section.key=value ...]
+    python -m benchmarks.runtime_measure kernels RECIPE.toml [--rounds N] [--section.key=value ...]
         The same run with fastft's kernels on and off (stock transformers + PEFT), two Trainers in one
         process, steps interleaved; median ms per step of each (peak memory needs separate processes:
         `make demo` measures it).
-    python -m fastft.runtime.measure modes RECIPE.toml [--nproc 2] [--section.key=value ...]
+    python -m benchmarks.runtime_measure modes RECIPE.toml [--nproc 2] [--section.key=value ...]
         tokens/s of every parallel mode at N processes (one `fastft train --nproc N` run each).
 """
 from __future__ import annotations
@@ -31,8 +31,8 @@ def _load() -> str:
 
 
 def overhead(recipe: str, overrides: list[str], rounds: int) -> dict:
-    from .config import load_config
-    from .trainer import Trainer
+    from fastft.runtime.config import load_config
+    from fastft.runtime.trainer import Trainer
 
     cfg = load_config(recipe, [*overrides, f"--run.output_dir={OUT / 'overhead'}", "--run.progress=false"])
     trainer = Trainer(cfg)
@@ -71,8 +71,8 @@ def overhead(recipe: str, overrides: list[str], rounds: int) -> dict:
 
 
 def kernels(recipe: str, overrides: list[str], rounds: int) -> dict:
-    from .config import load_config
-    from .trainer import Trainer
+    from fastft.runtime.config import load_config
+    from fastft.runtime.trainer import Trainer
 
     trainers = {}
     for name, enabled in (("fastft", "true"), ("hf_peft", "false")):

@@ -2,23 +2,22 @@
 (stock transformers + PEFT, eager), each in a fresh process; prints held-out accuracy before and after,
 and tokens/s and peak memory side by side; writes PNG curves.
 
-    python -m fastft.runtime.demo recipes/instruction_tuning.toml [--quick] [--section.key=value ...]
+    python -m benchmarks.demo recipes/instruction_tuning.toml [--quick] [--section.key=value ...]
+
+It measures, so it lives with the benchmarks: the runtime (fastft.runtime) only trains and records each run's
+figures (summary.json, metrics.jsonl), which this reads.
 """
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from .config import load_config
+from fastft.runtime.config import load_config
 
-# Printed at the start. Measured on the 2-core machine (docs/runtime.md): the full run took 115 s at load
-# average 1-2 (552 and 723 ms per step for the two runs), 1114 s when the machine ran other jobs at load
-# average 8; --quick about 21 s idle.
-EXPECTED = {"full": "about 2 minutes on 2 idle cores (much longer on a busy machine)",
-            "quick": "about 30 seconds on 2 idle cores"}
 QUICK = ["--run.max_steps=4", "--data.num_eval=10", "--eval.batch_size=10", "--optim.warmup_steps=1"]
 # The baseline evaluates at the start too: that eval leaves memory in the allocator that the steps then
 # reuse, so both runs must have it for their training memory to compare.
@@ -38,14 +37,14 @@ def _convert_once(cfg) -> None:
     memory includes the conversion."""
     m = cfg.model
     if m.gguf_file and m.convert_cache and not (Path(m.convert_cache) / "config.json").is_file():
-        from .models import build_model
+        from fastft.runtime.models import build_model
 
         print(f"converting {m.gguf_file} to safetensors in {m.convert_cache} (once)", flush=True)
         build_model(cfg)
 
 
 def _training_figures(out: Path) -> dict:
-    from .plots import read_metrics
+    from fastft.runtime.plots import read_metrics
 
     summary = json.loads((out / "summary.json").read_text())
     train, _ = read_metrics(out / "metrics.jsonl")
@@ -80,20 +79,39 @@ def _plot(fast: dict, eager: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _load_average() -> list:
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else []
+
+
+def expected_duration(root: Path, quick: bool) -> str:
+    """The duration of the last run of this variant in ``root`` (each run records its own in
+    comparison.json), with that run's load average: a figure measured on this machine, never a typed-in
+    one. A first run has none to go by."""
+    try:
+        last = json.loads((root / "comparison.json").read_text())
+    except (OSError, ValueError):
+        last = {}
+    if last.get("quick") != quick or "demo_seconds" not in last:
+        return "unknown until a first run here (each run records its duration in comparison.json)"
+    load = last.get("load_average_at_start") or []
+    at = f" at load average {load[0]:.1f}" if load else ""
+    return f"about {last['demo_seconds']:.0f} s (the last {'quick ' if quick else ''}run in {root}/ took that{at})"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     quick = "--quick" in argv
     argv = [a for a in argv if a != "--quick"]
     if not argv or argv[0].startswith("--"):
-        raise SystemExit("usage: python -m fastft.runtime.demo RECIPE.toml [--quick] [--section.key=value ...]")
+        raise SystemExit("usage: python -m benchmarks.demo RECIPE.toml [--quick] [--section.key=value ...]")
     recipe, overrides = argv[0], argv[1:] + (QUICK if quick else [])
     cfg = load_config(recipe, overrides)
     root = Path(cfg.run.output_dir).parent
     fast_dir, eager_dir = root / "fastft", root / "eager"
     print(f"fastft demo ({'quick' if quick else 'full'}): LoRA fine-tune of {cfg.model.gguf_file or cfg.model.path}, "
           f"{cfg.run.max_steps} steps, then the same steps with fastft's kernels off.\n"
-          f"Expected duration: {EXPECTED['quick' if quick else 'full']}. Outputs: {root}/", flush=True)
-    start = time.time()
+          f"Expected duration: {expected_duration(root, quick)}. Outputs: {root}/", flush=True)
+    start, load_at_start = time.time(), _load_average()
     _convert_once(cfg)
     print("\n== 1/2: fastft kernels on (fused LoRA layers, fused linear cross-entropy head)", flush=True)
     _run([recipe, *overrides, f"--run.output_dir={fast_dir}"])
@@ -113,9 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         a, b = fast[key] * scale, eager[key] * scale
         print(f"{label:<30}{fmt.format(a):>12}{fmt.format(b):>12}{a / b:>8.2f}")
     _plot(fast, eager, root / "comparison.png")
-    (root / "comparison.json").write_text(json.dumps({"fastft": fast, "eager": eager, "quick": quick}, indent=2))
+    seconds = time.time() - start
+    (root / "comparison.json").write_text(json.dumps({"fastft": fast, "eager": eager, "quick": quick,
+                                                      "demo_seconds": seconds, "load_average_at_start": load_at_start},
+                                                     indent=2))
     print(f"curves: {fast_dir / 'curves.png'}, {root / 'comparison.png'}; adapter (PEFT format): {fast_dir / 'adapter'}")
-    print(f"demo took {time.time() - start:.0f} s")
+    print(f"demo took {seconds:.0f} s (load average {', '.join(map(str, load_at_start))} at the start)")
     return 0
 
 
