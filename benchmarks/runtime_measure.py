@@ -18,10 +18,11 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
+
+from benchmarks.harness.timing import interleave
 
 OUT = Path("runs/measure")
 
@@ -53,19 +54,12 @@ def overhead(recipe: str, overrides: list[str], rounds: int) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    times = {"runtime": [], "hand": []}
     tokens = []
-    for step in range(rounds + 1):
-        for name in (("runtime", "hand") if step % 2 == 0 else ("hand", "runtime")):
-            start = time.perf_counter()
-            if name == "runtime":
-                tokens.append(trainer.train_step(step)["tokens"])
-            else:
-                hand_step(step)
-            if step > 0:  # the first round warms both up
-                times[name].append(time.perf_counter() - start)
+    # round 0 warms both up; the round index is the step (the same batches for both)
+    times = interleave({"runtime": lambda step: tokens.append(trainer.train_step(step)["tokens"]),
+                        "hand": hand_step}, rounds, warmup_rounds=1, alternate=True)
     median = {k: statistics.median(v) for k, v in times.items()}
-    return {"ms_per_step": {k: v * 1e3 for k, v in median.items()},
+    return {"ms_per_step": median,
             "runtime_tokens_per_s_vs_hand": median["hand"] / median["runtime"],
             "tokens_per_step": statistics.mean(tokens), "rounds": rounds, "load": _load()}
 
@@ -80,17 +74,14 @@ def kernels(recipe: str, overrides: list[str], rounds: int) -> dict:
                                    f"--kernels.enabled={enabled}"])
         trainers[name] = Trainer(cfg)
         trainers[name].model.train()
-    times = {name: [] for name in trainers}
     losses = {name: [] for name in trainers}
-    for step in range(rounds + 1):
-        order = list(trainers) if step % 2 == 0 else list(trainers)[::-1]
-        for name in order:
-            start = time.perf_counter()
-            losses[name].append(trainers[name].train_step(step)["loss"])
-            if step > 0:
-                times[name].append(time.perf_counter() - start)
+
+    def step_of(name):
+        return lambda step: losses[name].append(trainers[name].train_step(step)["loss"])
+
+    times = interleave({name: step_of(name) for name in trainers}, rounds, warmup_rounds=1, alternate=True)
     median = {k: statistics.median(v) for k, v in times.items()}
-    return {"ms_per_step": {k: v * 1e3 for k, v in median.items()},
+    return {"ms_per_step": median,
             "fastft_time_vs_hf_peft": median["fastft"] / median["hf_peft"],
             "max_loss_difference": max(abs(a - b) for a, b in zip(losses["fastft"], losses["hf_peft"])),
             "rounds": rounds, "load": _load()}

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import resource
 import shutil
 import sys
 import time
@@ -27,6 +26,7 @@ from torch import nn
 from .checkpoint import Checkpointer, has_checkpoints, resume_settings, warn
 from .config import Config, ConfigError
 from .data import step_micro_batches
+from .memory import MemoryMeter
 from .models import build_model, export_adapters, kernel_switches, prepare_model
 from .parallel import (FSDP_MODES, Dist, all_reduce_max, all_reduce_sum, apply_activation_checkpointing,
                        compile_blocks, init_distributed, unwrap, wrap)
@@ -79,66 +79,6 @@ def _fused_adamw_ok(params: list, device: torch.device) -> bool:
     except ImportError:
         return False
     return device.type in _get_fused_kernels_supported_devices() and all(p.dtype.is_floating_point for p in params)
-
-
-def _proc_status_mb(key: str) -> Optional[float]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return None
-
-
-class MemoryMeter:
-    """Peak memory of the training steps alone. CUDA: the caching allocator's peak. CPU (Linux): the
-    process's peak RSS (VmHWM), reset through /proc/self/clear_refs when training starts and after each
-    eval, so model loading, conversion and evaluation (generation) are not counted; elsewhere the
-    lifetime peak (ru_maxrss). ``resident_mb``: memory held when training starts, with the weights paged
-    in (a memory-mapped checkpoint is read lazily), so ``peak - resident_mb`` is what the steps cost."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.resident_mb = 0.0
-        self._carried = 0.0  # peak of the steps before the last reset
-
-    def _current(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.memory_allocated(self.device) / 2**20
-        return _proc_status_mb("VmRSS") or 0.0
-
-    def _reset(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return
-        with contextlib.suppress(OSError):  # no /proc: the lifetime peak is all there is
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current RSS
-
-    def start(self, model: nn.Module) -> None:
-        with torch.no_grad():
-            for p in model.parameters():  # one read per 4 KiB page maps every weight in
-                local = p.to_local() if hasattr(p, "to_local") else p
-                if local.numel() and local.is_contiguous():
-                    local.detach().view(-1)[::1024].sum()
-        self.resident_mb = self._current()
-        self._reset()
-
-    def pause(self) -> None:
-        """Before an eval: keep the steps' peak so far."""
-        self._carried = self.peak()
-
-    def resume(self) -> None:
-        self._reset()
-
-    def peak(self) -> float:
-        if self.device.type == "cuda":
-            now = torch.cuda.max_memory_allocated(self.device) / 2**20
-        else:
-            now = _proc_status_mb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return max(now, self._carried)
 
 
 class Trainer:

@@ -83,7 +83,7 @@ def test_save_writes_where_asked_and_the_expected_duration_reads_it(tmp_path):
         r.pop("wall_s")
     (tmp_path / "toy_cpu.json").write_text(json.dumps(data))
     steps = meta["options"]["warmup"] + meta["options"]["repeats"] + meta["options"]["mem_steps"]
-    expected = sum(harness._PROCESS_OVERHEAD_S + 0.1 + steps * ms / 1e3 for ms in (2.0, 4.0))
+    expected = sum(harness.PROCESS_OVERHEAD_S + 0.1 + steps * ms / 1e3 for ms in (2.0, 4.0))
     assert harness.reference_seconds("toy", "cpu", tmp_path) == pytest.approx(expected)
 
 

@@ -274,7 +274,7 @@ def test_memory_meter_counts_the_steps_not_what_came_before_or_evals():
     the steps' peak; one held during a step does."""
     import gc
 
-    from fastft.runtime.trainer import MemoryMeter
+    from fastft.runtime.memory import MemoryMeter
 
     def touch(mb):  # resident pages, not just reserved address space
         t = torch.empty(mb << 18)
