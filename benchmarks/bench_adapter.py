@@ -143,18 +143,13 @@ def build(cfg: dict) -> harness.Benchmark:
     providers += [harness.Provider("torch-eager", lambda: _inputs(cfg), _step_with(_eager_block(cfg), cfg),
                                    check_step=_step_with(_eager_block(_without_dropout(cfg)), _without_dropout(cfg))),
                   _compile_provider(cfg)]
-    low = dtype in (torch.bfloat16, torch.float16)
+    low = harness.low_precision(dtype)
     tol = {"*": (0.0, 3e-2)} if low else {"*": (1e-5, 1e-4)}
-    elem = torch.empty((), dtype=dtype).element_size()
-    return harness.Benchmark(
-        op="adapter",
-        device=cfg["device"],
-        config=cfg,
-        providers=providers,
+    elem = dtype.itemsize
+    return harness.op_benchmark(
+        "adapter", cfg, providers,
         description=(f"{cfg['dtype']} N={n} H={h} r={r} {cfg['activation']} dropout={cfg['dropout']}, "
                      "step = forward + backward"),
-        reference="torch-eager",
-        baselines=("torch-eager", "torch-compile"),
         # x and g read, y and dx written: the floor for any implementation (weights are small)
         bytes_per_step=4 * n * h * elem,
         flops_per_step=6 * 2 * n * h * r,
@@ -168,9 +163,5 @@ def build(cfg: dict) -> harness.Benchmark:
     )
 
 
-def main(argv=None) -> int:
-    return harness.main(sys.modules[__name__], argv)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.main(sys.modules[__name__]))

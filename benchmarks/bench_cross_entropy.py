@@ -138,21 +138,16 @@ def build(cfg: dict) -> harness.Benchmark:
         _compile_provider(cfg),
         _liger_provider(cfg),
     ]
-    low = dtype in (torch.bfloat16, torch.float16)
+    low = harness.low_precision(dtype)
     # (atol, rtol of max|eager|). fp32: a correct kernel differs from eager by rounding only. bf16/fp16:
     # the loss comes back in the logits' dtype (1 ulp of bf16 near ln(128256) = 11.8 is 0.06: 2e-2 is
     # ~4 ulps) and each gradient element is rounded (3e-2 of the largest is ~8 ulps of it). No atol on
     # the gradient: its elements are ~1/N, an atol would let a zero gradient pass.
     tol = {"loss": (0.0, 2e-2), "grad": (0.0, 3e-2)} if low else {"loss": (1e-6, 1e-5), "grad": (0.0, 1e-4)}
-    elem = torch.empty((), dtype=dtype).element_size()
-    return harness.Benchmark(
-        op="cross_entropy",
-        device=cfg["device"],
-        config=cfg,
-        providers=providers,
+    elem = dtype.itemsize
+    return harness.op_benchmark(
+        "cross_entropy", cfg, providers,
         description=f"{cfg['dtype']} N={n} V={v}, {cfg['ignore_frac']:.0%} ignored, step = forward + backward",
-        reference="torch-eager",
-        baselines=("torch-eager", "torch-compile"),
         bytes_per_step=2 * n * v * elem,
         tolerances=tol,
         notes=[
@@ -162,9 +157,5 @@ def build(cfg: dict) -> harness.Benchmark:
     )
 
 
-def main(argv=None) -> int:
-    return harness.main(sys.modules[__name__], argv)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.main(sys.modules[__name__]))

@@ -181,24 +181,19 @@ def build(cfg: dict) -> harness.Benchmark:
         _compile_provider(cfg),
         _liger_provider(cfg),
     ]
-    low = dtype in (torch.bfloat16, torch.float16)
+    low = harness.low_precision(dtype)
     # (atol, rtol of max|eager|): fp32 differs from eager by rounding only; bf16/fp16 outputs are rounded
     # to the dtype (the loss ~4 ulps, each gradient element ~8 ulps of the largest).
     if linear:
         tol = {"*": (0.0, 3e-2)} if low else {"loss": (1e-6, 1e-4), "*": (0.0, 1e-3)}
     else:
         tol = {"loss": (0.0, 2e-2), "grad": (0.0, 3e-2)} if low else {"loss": (1e-6, 1e-4), "grad": (0.0, 1e-4)}
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     what = f"linear_full_kl H={cfg['h']}" if linear else "full_kl"
-    return harness.Benchmark(
-        op="linear_full_kl" if linear else "full_kl",
-        device=cfg["device"],
-        config=cfg,
-        providers=providers,
+    return harness.op_benchmark(
+        "linear_full_kl" if linear else "full_kl", cfg, providers,
         description=(f"{what} {cfg['dtype']} N={n} V={v}, {cfg['mask_frac']:.0%} masked, T={cfg['temperature']}, "
                      "step = forward + backward"),
-        reference="torch-eager",
-        baselines=("torch-eager", "torch-compile"),
         bytes_per_step=None if linear else 3 * n * v * elem,
         flops_per_step=(2 * 2 * n * v * cfg["h"] + 2 * 2 * n * v * cfg["h"]) if linear else None,
         tolerances=tol,
@@ -211,9 +206,5 @@ def build(cfg: dict) -> harness.Benchmark:
     )
 
 
-def main(argv=None) -> int:
-    return harness.main(sys.modules[__name__], argv)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.main(sys.modules[__name__]))

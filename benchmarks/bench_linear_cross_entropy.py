@@ -157,20 +157,15 @@ def build(cfg: dict) -> harness.Benchmark:
         _torch_lce_provider(cfg, chunked=True),
         _liger_provider(cfg),
     ]
-    low = dtype in (torch.bfloat16, torch.float16)
+    low = harness.low_precision(dtype)
     # (atol, rtol of max|eager|). fp32: GEMM summation order differs between chunked and whole
     # GEMMs, so a few ulps of the largest element. bf16: the loss comes back in bf16 (2e-2 of ln V is
     # ~4 ulps); the gradients are products of bf16-rounded logit gradients (3e-2: ~8 ulps).
     tol = ({"loss": (0.0, 2e-2), "*": (0.0, 3e-2)} if low else {"loss": (1e-6, 1e-5), "*": (0.0, 1e-4)})
-    return harness.Benchmark(
-        op="linear_cross_entropy",
-        device=cfg["device"],
-        config=cfg,
-        providers=providers,
+    return harness.op_benchmark(
+        "linear_cross_entropy", cfg, providers,
         description=f"{cfg['dtype']} N={n} H={h} V={v}, {cfg['ignore_frac']:.0%} ignored, step = forward + backward "
                     "w.r.t. x and W",
-        reference="torch-eager",
-        baselines=("torch-eager", "torch-compile"),
         flops_per_step=3 * 2 * n * h * v,
         tolerances=tol,
         notes=[
@@ -181,9 +176,5 @@ def build(cfg: dict) -> harness.Benchmark:
     )
 
 
-def main(argv=None) -> int:
-    return harness.main(sys.modules[__name__], argv)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.main(sys.modules[__name__]))

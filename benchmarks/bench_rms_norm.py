@@ -119,16 +119,11 @@ def build(cfg: dict) -> harness.Benchmark:
                          _step(lambda st: torch.nn.functional.rms_norm(st["x"], (h,), st["norm"].weight, EPS))),
         _liger_provider(cfg),
     ]
-    low = dtype in (torch.bfloat16, torch.float16)
-    elem = torch.empty((), dtype=dtype).element_size()
-    return harness.Benchmark(
-        op="rms_norm",
-        device=cfg["device"],
-        config=cfg,
-        providers=providers,
+    low = harness.low_precision(dtype)
+    elem = dtype.itemsize
+    return harness.op_benchmark(
+        "rms_norm", cfg, providers,
         description=f"{cfg['dtype']} N={n} H={h}, step = forward + backward (dx and dw)",
-        reference="torch-eager",
-        baselines=("torch-eager", "torch-compile"),
         # forward reads x and writes y; backward reads dy and x and writes dx: the floor for any implementation
         bytes_per_step=5 * n * h * elem,
         # dw sums N rows in the provider's own order and dtype: a bf16 eager sum is itself coarse
@@ -142,9 +137,5 @@ def build(cfg: dict) -> harness.Benchmark:
     )
 
 
-def main(argv=None) -> int:
-    return harness.main(sys.modules[__name__], argv)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.main(sys.modules[__name__]))

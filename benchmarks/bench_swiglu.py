@@ -113,16 +113,11 @@ def build(cfg: dict) -> harness.Benchmark:
         _compile_provider(cfg),
         _liger_provider(cfg),
     ]
-    low = dtype in (torch.bfloat16, torch.float16)
-    elem = torch.empty((), dtype=dtype).element_size()
-    return harness.Benchmark(
-        op="swiglu",
-        device=cfg["device"],
-        config=cfg,
-        providers=providers,
+    low = harness.low_precision(dtype)
+    elem = dtype.itemsize
+    return harness.op_benchmark(
+        "swiglu", cfg, providers,
         description=f"{cfg['dtype']} N={n} I={i} (gate and up), step = forward + backward",
-        reference="torch-eager",
-        baselines=("torch-eager", "torch-compile"),
         # forward reads gate and up and writes the product; backward reads dout, gate and up and writes both
         # gradients: the floor for any implementation
         bytes_per_step=8 * n * i * elem,
@@ -136,9 +131,5 @@ def build(cfg: dict) -> harness.Benchmark:
     )
 
 
-def main(argv=None) -> int:
-    return harness.main(sys.modules[__name__], argv)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.main(sys.modules[__name__]))

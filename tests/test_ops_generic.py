@@ -230,7 +230,7 @@ def test_use_after_compile_recompiles_with_the_new_backend():
 
 
 def test_info_and_benchmarks_read_the_registry(capsys):
-    from benchmarks import run_demo
+    from benchmarks import run_ops
     from fastft.__main__ import info
 
     assert info() == 0
@@ -238,7 +238,7 @@ def test_info_and_benchmarks_read_the_registry(capsys):
     for entry in ENTRIES:
         assert f"\n  {entry.name}\n" in printed
         if entry.benchmark is not None:
-            assert entry.benchmark in run_demo.BENCHES
+            assert entry.benchmark in run_ops.BENCHES
 
 
 def test_forced_cuda_selects_the_cuda_extension_for_every_op_that_has_it(monkeypatch):

@@ -128,3 +128,18 @@ class Options:
     timeout_s: float = 900.0  # per provider subprocess
     memory: bool = True
     inprocess: bool = False
+
+
+def op_benchmark(op: str, cfg: dict, providers: list, description: str, **fields) -> Benchmark:
+    """The Benchmark of one op as every bench_<op>.py states it: checked against and compared with torch eager,
+    and with torch.compile of the same code. ``fields``: the rest of Benchmark's (byte/flop counts,
+    tolerances, notes)."""
+    return Benchmark(op=op, device=cfg["device"], config=cfg, providers=providers, description=description,
+                     reference="torch-eager", baselines=("torch-eager", "torch-compile"), **fields)
+
+
+def low_precision(dtype) -> bool:
+    """bf16 / fp16: the outputs are rounded to the dtype, so the tolerances are a few ulps of it."""
+    import torch
+
+    return dtype in (torch.bfloat16, torch.float16)

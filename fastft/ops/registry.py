@@ -1,7 +1,7 @@
 """Every public op, registered once, next to its definition (the bottom of fastft/ops/<op>.py).
 
 Read by ``python -m fastft info`` (backends and whether each is usable here), by
-``benchmarks/run_demo.py`` (which benchmark module covers the op) and by tests/test_ops_generic.py
+``benchmarks/run_ops.py`` (which benchmark module covers the op) and by tests/test_ops_generic.py
 (parity on every usable backend and dtype against an fp64 truth, opcheck, torch.compile, bad inputs, a
 second backward). An entry says how to call the op on small inputs and what the right answer is.
 """

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from fastft.runtime.config import ConfigError, _check_type, _section_types
+from fastft.runtime.config import ConfigError, section_from_table
 from fastft.runtime.models import ModelLoadError, resolve_path
 from fastft.runtime.parallel import all_reduce_sum
 from fastft.runtime.tasks import Task
@@ -38,14 +38,10 @@ def recipe_options(cls, cfg):
     table = cfg.recipe.options
     if not isinstance(table, dict):
         raise ConfigError(f"recipe.options must be a table of keys, got {table!r}")
-    types = _section_types(cls)
     for key in table:
         if key in MOVED_OPTIONS:
             raise ConfigError(f"recipe.options.{key} moved to the run's [bottleneck] section: {MOVED_OPTIONS[key]}")
-        if key not in types:
-            raise ConfigError(f"unknown config key recipe.options.{key} for recipe {cfg.recipe.module!r}; "
-                              f"valid keys: {', '.join(types)}")
-    options = cls(**{k: _check_type(f"recipe.options.{k}", v, types[k]) for k, v in table.items()})
+    options = section_from_table(cls, table, "recipe.options", context=f" for recipe {cfg.recipe.module!r}")
     check = getattr(options, "validate", None)
     if check is not None:
         check()

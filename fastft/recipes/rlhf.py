@@ -63,6 +63,7 @@ class RLOptions:
             raise ConfigError("recipe.options: temperature must be > 0, max_new_tokens >= 1 and beta >= 0")
 
 
+@D.register_generator("single_digit_addition")
 def single_digit_addition(n: int, seed: int) -> list[dict]:
     """"Compute a + b" with a one-digit answer: a task an untrained tiny model can stumble on (tests)."""
     rng = random.Random(seed)
@@ -72,9 +73,6 @@ def single_digit_addition(n: int, seed: int) -> list[dict]:
         b = rng.randint(0, 9 - a)
         out.append({"instruction": f"Compute {a} + {b}. Answer with the number only.", "output": str(a + b)})
     return out
-
-
-D.GENERATORS.setdefault("single_digit_addition", single_digit_addition)
 
 
 def completion_mask(completions: Tensor, eos_id: int) -> Tensor:
@@ -100,12 +98,15 @@ def sampled_logprobs(cfg, model: nn.Module, seqs: Tensor, mask: Tensor, prompt_l
 
 
 def kl_estimate(cfg, logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
+    """Per-token KL estimate: fastft's kl_penalty op, or with the kernels off its pure-torch reference (the
+    same estimator in eager torch ops, not a second hand-written copy)."""
     if cfg.kernels.enabled:
         from fastft.ops import kl_penalty
 
         return kl_penalty(logp, ref_logp, estimator=estimator)
-    d = logp - ref_logp
-    return d if estimator == "k1" else torch.expm1(-d) + d
+    from fastft.reference.kl import kl_penalty as eager_kl_penalty
+
+    return eager_kl_penalty(logp, ref_logp, estimator=estimator)
 
 
 @register_task("rlhf")
@@ -131,7 +132,7 @@ class RLTask(Task):
 
     def _sample(self, record: dict) -> dict:
         messages = D.record_messages(record, "rlhf")
-        prompt = D._template(self.tokenizer, messages[:-1], True)
+        prompt = D.chat_token_ids(self.tokenizer, messages[:-1], True)
         self.answers.append(messages[-1]["content"].strip())
         return {"input_ids": prompt, "index": len(self.answers) - 1}
 

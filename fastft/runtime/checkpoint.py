@@ -37,6 +37,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -225,14 +226,18 @@ def trainable_names(model) -> set:
 
 class Checkpointer:
     """Saves and restores a run's state. ``zero1``: the optimizer is a ZeroRedundancyOptimizer.
-    ``settings``: what a resume must share with the checkpoint (``resume_settings``)."""
+    ``settings``: what a resume must share with the checkpoint (``resume_settings``). ``train_state``: the
+    loop's own state beyond model, optimizer, scheduler, scaler and RNG (a ``Stateful``, as torchtitan passes
+    its TrainState): its ``state_dict()`` is saved in the checkpoint's "trainer" entry with the step, and on a
+    load its ``load_state_dict`` gets that entry back (the step included)."""
 
-    def __init__(self, root: str | Path, model, optimizer, scheduler, scaler, d, zero1: bool, settings: dict):
+    def __init__(self, root: str | Path, model, optimizer, scheduler, scaler, d, zero1: bool, settings: dict,
+                 train_state: Optional[Stateful] = None):
         self.root = Path(root)
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.d, self.zero1, self.settings = d, zero1, settings
+        self.train_state = train_state
         self.options = StateDictOptions(ignore_frozen_params=True)
-        self.extra: dict = {}  # more trainer state (early stopping), saved with the step
         self.current: Optional[Path] = None  # the step folder this run last saved or loaded
         self.current_step: Optional[int] = None
 
@@ -247,7 +252,8 @@ class Checkpointer:
     def _state(self, step: int) -> dict:
         state = {"model": self._model_state(),
                  "trainer": {"step": step, "scheduler": self.scheduler.state_dict(),
-                             "data_position": step, **self.extra},
+                             "data_position": step,
+                             **(self.train_state.state_dict() if self.train_state is not None else {})},
                  f"rng.rank{self.d.rank}": _rng_state()}
         if self.zero1:  # ZeroRedundancyOptimizer: this rank's shard of the state
             state[f"optim.rank{self.d.rank}"] = self.optimizer.optim.state_dict()
@@ -323,8 +329,8 @@ class Checkpointer:
         return (Path(value) if value else None), notes
 
     def load(self, path: Path, restore_rng: bool = True) -> dict:
-        """Restores model, optimizer, scheduler, scaler and (when the rank saved one) RNG; returns the
-        trainer state (step, data position). A checkpoint of other settings is a ``CheckpointMismatch``."""
+        """Restores model, optimizer, scheduler, scaler, the train state and (when the rank saved one) RNG;
+        returns the checkpoint's "trainer" entry (step, data position, the train state's keys). A checkpoint of other settings is a ``CheckpointMismatch``."""
         saved = read_manifest(path).get("settings", {})
         differ = settings_differ(saved, self.settings)
         if differ:
@@ -359,6 +365,8 @@ class Checkpointer:
             self.scaler.load_state_dict(state["trainer"]["scaler"])
         if f"rng.rank{self.d.rank}" in state:
             _set_rng_state(state[f"rng.rank{self.d.rank}"])
+        if self.train_state is not None:
+            self.train_state.load_state_dict(state["trainer"])
         self.current, self.current_step = path, int(state["trainer"]["step"])
         return state["trainer"]
 

@@ -87,7 +87,7 @@ class DataConfig:
     task: str = "causal_lm"        # fastft.runtime.tasks registry: data + loss + eval metric
     path: str = ""                 # JSONL: {"instruction", "input"?, "output"} or {"messages": [...]}
     eval_path: str = ""
-    generator: str = ""            # or generated data (fastft.runtime.data.GENERATORS), e.g. "addition"
+    generator: str = ""            # or generated data (fastft.runtime.data.register_generator), e.g. "addition"
     num_train: int = 2000
     num_eval: int = 100
     max_length: int = 256
@@ -236,6 +236,19 @@ def _check_type(key: str, value, expected):
     return value
 
 
+def section_from_table(cls, table: dict, name: str, context: str = ""):
+    """The section dataclass ``cls`` built from its TOML table ``table`` (``name``: where it sits, e.g. "optim"
+    or "recipe.options"; ``context`` is added to the unknown-key message): an unknown key or a value of the
+    wrong type is a ConfigError naming it (and the valid keys). Recipes build their options with it too."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"config section {name!r} must be a table of keys, got {table!r}")
+    keys = _section_types(cls)
+    for key in table:
+        if key not in keys:
+            raise ConfigError(f"unknown config key {name}.{key}{context}; valid keys of [{name}]: {', '.join(keys)}")
+    return cls(**{k: _check_type(f"{name}.{k}", v, keys[k]) for k, v in table.items()})
+
+
 # keys of which at most one may be set (non-empty): the first would be silently ignored otherwise
 EXCLUSIVE = (("data.path", "data.generator"),       # a generator makes the training data
              ("data.eval_path", "data.generator"))  # ... and its held-out eval data
@@ -271,13 +284,7 @@ def _build(raw: dict, sources: Optional[dict] = None) -> Config:
     for name, value in raw.items():
         if name not in sections:
             raise ConfigError(f"unknown config section {name!r}; valid sections: {', '.join(sections)}")
-        if not isinstance(value, dict):
-            raise ConfigError(f"config section {name!r} must be a table of keys, got {value!r}")
-        keys = _section_types(sections[name])
-        for key in value:
-            if key not in keys:
-                raise ConfigError(f"unknown config key {name}.{key}; valid keys of [{name}]: {', '.join(keys)}")
-        built[name] = sections[name](**{k: _check_type(f"{name}.{k}", v, keys[k]) for k, v in value.items()})
+        built[name] = section_from_table(sections[name], value, name)
     cfg = Config(**built)
     _validate(cfg)
     _check_exclusive(cfg, sources or {})

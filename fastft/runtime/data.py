@@ -78,6 +78,28 @@ def read_jsonl(path: str) -> list[dict]:
 # ------------------------------------------------------------------------------------------------
 
 
+# data.generator name -> fn(n, seed) -> n records; recipes add theirs with register_generator
+GENERATORS: dict[str, Callable[[int, int], list[dict]]] = {}
+
+
+def register_generator(name: str):
+    """Decorator: ``fn(n, seed) -> list of n records`` becomes ``data.generator = name``. A second function
+    under a name already taken is a ValueError (the same function again, e.g. its module imported twice, is not)."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"register_generator: the name must be a non-empty string, got {name!r}")
+
+    def where(fn) -> tuple:
+        return getattr(fn, "__module__", None), getattr(fn, "__qualname__", repr(fn))
+
+    def add(fn):
+        if name in GENERATORS and where(GENERATORS[name]) != where(fn):
+            raise ValueError(f"data generator {name!r} is already registered ({GENERATORS[name].__qualname__})")
+        GENERATORS[name] = fn
+        return fn
+    return add
+
+
+@register_generator("addition")
 def addition_records(n: int, seed: int) -> list[dict]:
     """"Compute a + b" on two-digit numbers; the answer is the number alone."""
     rng = random.Random(seed)
@@ -86,9 +108,6 @@ def addition_records(n: int, seed: int) -> list[dict]:
         a, b = rng.randint(10, 99), rng.randint(10, 99)
         out.append({"instruction": f"Compute {a} + {b}. Answer with the number only.", "output": str(a + b)})
     return out
-
-
-GENERATORS: dict[str, Callable[[int, int], list[dict]]] = {"addition": addition_records}
 
 
 def load_records(cfg) -> tuple[list[dict], list[dict]]:
@@ -119,7 +138,9 @@ class Example:
     answer: Optional[str] = None
 
 
-def _template(tokenizer, messages: list, generation_prompt: bool) -> list:
+def chat_token_ids(tokenizer, messages: list, generation_prompt: bool) -> list:
+    """The token ids of ``messages`` in the tokenizer's chat template (with the assistant's opening when
+    ``generation_prompt``), as a list whatever transformers' version returns."""
     ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
     if hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
         ids = ids["input_ids"]
@@ -131,15 +152,15 @@ def tokenize(tokenizer, messages: list, max_length: int, where: str) -> Example:
     templating the conversation up to it, which needs the template to be prefix-stable (ChatML is)."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError("the tokenizer has no chat template; instruction data needs one")
-    full = _template(tokenizer, messages, False)
+    full = chat_token_ids(tokenizer, messages, False)
     labels = [IGNORE_INDEX] * len(full)
     prompt = None
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = len(_template(tokenizer, messages[:i], True))
-        end = len(_template(tokenizer, messages[: i + 1], False))
-        if _template(tokenizer, messages[:i], True) != full[:start]:
+        start = len(chat_token_ids(tokenizer, messages[:i], True))
+        end = len(chat_token_ids(tokenizer, messages[: i + 1], False))
+        if chat_token_ids(tokenizer, messages[:i], True) != full[:start]:
             raise DataError(f"{where}: the chat template is not prefix-stable; cannot find the assistant turn")
         labels[start:end] = full[start:end]
         prompt = full[:start]

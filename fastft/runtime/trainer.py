@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.stateful import Stateful
 
 from .checkpoint import Checkpointer, has_checkpoints, resume_settings, warn
 from .config import Config, ConfigError
@@ -81,6 +82,33 @@ def _fused_adamw_ok(params: list, device: torch.device) -> bool:
     return device.type in _get_fused_kernels_supported_devices() and all(p.dtype.is_floating_point for p in params)
 
 
+class TrainState(Stateful):
+    """The loop's state a resume needs beyond model, optimizer, scheduler and RNG (torchtitan's TrainState):
+    the step, early stopping, and each callback's state. The Checkpointer saves ``state_dict()`` with every
+    step (its "trainer" entry, where it adds the step) and hands that entry to ``load_state_dict`` on a resume;
+    the dict ``state_dict`` returns is also the template the load fills in, so its keys and shapes must not
+    change between calls (see ``Callback.state_dict``)."""
+
+    def __init__(self, trainer: "Trainer"):
+        self.trainer = trainer
+
+    def stateful_callbacks(self) -> dict:
+        return {f"{i}_{type(cb).__name__}": cb for i, cb in enumerate(self.trainer.callbacks)
+                if type(cb).state_dict is not Callback.state_dict}
+
+    def state_dict(self) -> dict:
+        t = self.trainer
+        return {"best": t.best, "bad_evals": t.bad_evals,
+                "callbacks": {key: cb.state_dict(t) for key, cb in self.stateful_callbacks().items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        t = self.trainer
+        t.step = int(state["step"])
+        t.best, t.bad_evals = state["best"], int(state["bad_evals"])
+        for key, cb in self.stateful_callbacks().items():
+            cb.load_state_dict(t, state["callbacks"][key])
+
+
 class Trainer:
     def __init__(self, cfg: Config, callbacks: Sequence[Callback] = (), task=None):
         """Validates everything it can (data, model, config combinations) before writing anything."""
@@ -106,7 +134,7 @@ class Trainer:
         self.output = Path(cfg.run.output_dir)
         self.checkpointer = Checkpointer(self.output / "checkpoints", self.model, self.optimizer, self.scheduler,
                                          self.scaler, self.d, zero1=cfg.parallel.mode == "zero1" and self.d.active,
-                                         settings=resume_settings(cfg, self.d.world))
+                                         settings=resume_settings(cfg, self.d.world), train_state=TrainState(self))
         if not cfg.run.resume and not cfg.run.overwrite and has_checkpoints(self.checkpointer.root):
             raise ConfigError(f"{self.checkpointer.root} holds the checkpoints of an earlier run and run.resume = false "
                               "would start over on top of them: resume it (--run.resume=true), pick another "
@@ -236,27 +264,12 @@ class Trainer:
                 warn(note)
         if path is None:
             return False
-        self.checkpointer.extra = self._extra_state()  # the template the load fills in
-        state = self.checkpointer.load(path, restore_rng=restore_rng)
-        self.step = int(state["step"])
-        self.best, self.bad_evals = state["best"], int(state["bad_evals"])
-        for key, cb in self._stateful_callbacks().items():
-            cb.load_state_dict(self, state["callbacks"][key])
+        self.checkpointer.load(path, restore_rng=restore_rng)  # restores TrainState too: self.step, ...
         if self.d.is_rank0:
             print(f"resumed from step {self.step} of {path}", flush=True)
         return True
 
-    def _stateful_callbacks(self) -> dict:
-        return {f"{i}_{type(cb).__name__}": cb for i, cb in enumerate(self.callbacks)
-                if type(cb).state_dict is not Callback.state_dict}
-
-    def _extra_state(self) -> dict:
-        """Trainer state saved with the step: early stopping, and each callback's state."""
-        return {"best": self.best, "bad_evals": self.bad_evals,
-                "callbacks": {key: cb.state_dict(self) for key, cb in self._stateful_callbacks().items()}}
-
     def save(self) -> Path:
-        self.checkpointer.extra = self._extra_state()
         return self.checkpointer.save(self.step, self.cfg.checkpoint.keep)
 
     def close(self) -> None:

@@ -2,9 +2,9 @@
 (CUDA when present).
 
 The list comes from fastft.ops.registry: each registered op names the ``benchmarks/bench_<name>.py``
-that measures it (one module may cover several ops, e.g. bench_kl); each module exposes
-``main(argv) -> int`` (see benchmarks/harness.py). Options after the known ones are passed
-on to every benchmark, e.g. ``python -m benchmarks.run_demo --only cross_entropy -- --n 2048``.
+that measures it (one module may cover several ops, e.g. bench_kl); each module is run through
+``harness.main(module, argv)`` (see benchmarks/harness/). Options after the known ones are passed
+on to every benchmark, e.g. ``python -m benchmarks.run_ops --only cross_entropy -- --n 2048``.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import importlib
 import sys
 import time
 
+from benchmarks import harness
 
 
 def registered_benches() -> list:
@@ -35,7 +36,7 @@ BENCHES = registered_benches() + MODEL_BENCHES
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.run_demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run_ops", description=__doc__.split("\n\n")[0])
     p.add_argument("--only", action="append", choices=BENCHES, metavar="NAME",
                    help=f"run only this benchmark (repeatable); one of {BENCHES}")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
         module = importlib.import_module(f"benchmarks.bench_{name}")
         bench_argv = ["--device", args.device] + (["--quick"] if args.quick else []) + rest
         try:
-            status[name] = module.main(bench_argv)
+            status[name] = harness.main(module, bench_argv)
         except Exception as exc:  # one broken benchmark must not hide the others' results
             print(f"{name}: {type(exc).__name__}: {exc}", file=sys.stderr)
             status[name] = 1
