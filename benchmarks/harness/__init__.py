@@ -45,5 +45,6 @@ from .timing import interleave, quantile
 
 __all__ = ["Benchmark", "OUT_DIR", "Options", "PROCESS_OVERHEAD_S", "Provider", "RESULTS_DIR", "ROOT",
            "check_agreement", "compare", "expected_duration_text", "fastft_backend_provider", "interleave",
-           "interleaved", "liger_provider", "low_precision", "machine_line", "main", "markdown", "metadata", "op_benchmark", "parser_for", "plot",
-           "quantile", "redraw", "reference_seconds", "run", "run_provider", "save", "table", "unavailable"]
+           "interleaved", "liger_provider", "low_precision", "machine_line", "main", "markdown", "metadata",
+           "op_benchmark", "parser_for", "plot", "quantile", "redraw", "reference_seconds", "run",
+           "run_provider", "save", "table", "unavailable"]

@@ -182,3 +182,46 @@ def test_schedules_warm_up_then_decay():
     wsd = curve(schedule='"wsd"', warmup_steps=5, decay_fraction=0.2)
     assert wsd[5:80] == [1.0] * 75  # stable until the last 20% of the steps
     assert wsd[90] == pytest.approx(0.5) and wsd[99] == pytest.approx(0.05)
+
+
+def test_register_generator_adds_a_data_generator_and_refuses_a_second_under_its_name(tmp_path):
+    from fastft.runtime.data import GENERATORS, load_records, register_generator
+
+    @register_generator("test_constant_records")
+    def constant(n, seed):
+        return [{"instruction": f"say {i + seed % 7}", "output": str(i)} for i in range(n)]
+
+    try:
+        register_generator("test_constant_records")(constant)  # the same function again (a re-import): fine
+        cfg = load_config(None, ["--data.generator=test_constant_records", "--data.num_train=3", "--data.num_eval=2"])
+        train, held_out = load_records(cfg)
+        assert len(train) == 3 and len(held_out) <= 2 and train[0]["instruction"].startswith("say")
+        with pytest.raises(ValueError, match="'test_constant_records' is already registered"):
+            register_generator("test_constant_records")(lambda n, seed: [])
+        with pytest.raises(TypeError, match="non-empty string"):
+            register_generator("")
+    finally:
+        GENERATORS.pop("test_constant_records", None)
+
+
+def test_recipe_options_name_an_unknown_key_and_a_wrong_type():
+    from dataclasses import dataclass
+
+    from fastft.recipes.common import recipe_options
+
+    @dataclass(frozen=True)
+    class Options:
+        group_size: int = 4
+        beta: float = 0.1
+
+    def options(**table):
+        overrides = [f"--recipe.options.{k}={v}" for k, v in table.items()]
+        return recipe_options(Options, load_config(None, ["--recipe.module=my.recipe", "--data.generator=addition",
+                                                          *overrides]))
+
+    assert options(beta=1) == Options(beta=1.0)  # an integer where a float is expected
+    with pytest.raises(ConfigError, match=r"unknown config key recipe\.options\.beat for recipe 'my\.recipe'; "
+                                          r"valid keys of \[recipe\.options\]: group_size, beta"):
+        options(beat=0.2)
+    with pytest.raises(ConfigError, match=r"recipe\.options\.group_size must be an integer, got 'x'"):
+        options(group_size='"x"')
