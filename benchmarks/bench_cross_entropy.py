@@ -101,17 +101,9 @@ def _fastft_provider(cfg: dict, backend: str) -> harness.Provider:
 
 
 def _compile_provider(cfg: dict) -> harness.Provider:
-    def setup():
-        st = _inputs(cfg)
-        # Same function as eager; compiled once per process, fwd+bwd (AOTAutograd) on the first call,
-        # which the harness times as "1st call" and keeps out of the timed steps.
-        st["fn"] = torch.compile(_eager_ce, fullgraph=True, dynamic=False, mode=cfg.get("compile_mode"))
-        return st
-
-    def step(st):
-        return _step_with(st["fn"])(st)
-
-    return harness.Provider("torch-compile", setup, step)
+    # the same function as eager
+    return harness.torch_compile_provider(cfg, lambda: _inputs(cfg), lambda st: _eager_ce,
+                                          lambda st: _step_with(st["compiled"])(st))
 
 
 def _liger_provider(cfg: dict) -> harness.Provider:

@@ -142,13 +142,8 @@ def _stepper(cfg: dict):
 
 
 def _compile_provider(cfg: dict) -> harness.Provider:
-    def setup():
-        st = _inputs(cfg)
-        # Compiled once per process, fwd+bwd on the first call (the harness's "1st call", untimed).
-        st["fn"] = torch.compile(_eager_fn(cfg), fullgraph=True, dynamic=False)
-        return st
-
-    return harness.Provider("torch-compile", setup, lambda st: _stepper(cfg)(st["fn"])(st))
+    return harness.torch_compile_provider(cfg, lambda: _inputs(cfg), lambda st: _eager_fn(cfg),
+                                          lambda st: _stepper(cfg)(st["compiled"])(st))
 
 
 def _liger_provider(cfg: dict) -> harness.Provider:

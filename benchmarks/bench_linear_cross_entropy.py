@@ -105,12 +105,8 @@ def _fastft_provider(cfg: dict, backend: str) -> harness.Provider:
 
 
 def _compile_provider(cfg: dict) -> harness.Provider:
-    def setup():
-        st = _inputs(cfg)
-        st["fn"] = torch.compile(_eager, fullgraph=True, dynamic=False, mode=cfg.get("compile_mode"))
-        return st
-
-    return harness.Provider("torch-compile", setup, lambda st: _step_with(st["fn"])(st))
+    return harness.torch_compile_provider(cfg, lambda: _inputs(cfg), lambda st: _eager,
+                                          lambda st: _step_with(st["compiled"])(st))
 
 
 def _torch_lce_provider(cfg: dict, chunked: bool) -> harness.Provider:

@@ -94,12 +94,8 @@ def _fastft_provider(cfg: dict, backend: str) -> harness.Provider:
 
 
 def _compile_provider(cfg: dict) -> harness.Provider:
-    def setup():
-        st = _inputs(cfg)
-        st["compiled"] = torch.compile(st["norm"], fullgraph=True, dynamic=False, mode=cfg.get("compile_mode"))
-        return st
-
-    return harness.Provider("torch-compile", setup, _step(lambda st: st["compiled"](st["x"])))
+    return harness.torch_compile_provider(cfg, lambda: _inputs(cfg), lambda st: st["norm"],
+                                          _step(lambda st: st["compiled"](st["x"])))
 
 
 def _liger_provider(cfg: dict) -> harness.Provider:

@@ -86,12 +86,8 @@ def _fastft_provider(cfg: dict, backend: str) -> harness.Provider:
 
 
 def _compile_provider(cfg: dict) -> harness.Provider:
-    def setup():
-        st = _inputs(cfg)
-        st["compiled"] = torch.compile(_eager, fullgraph=True, dynamic=False, mode=cfg.get("compile_mode"))
-        return st
-
-    return harness.Provider("torch-compile", setup, _step(lambda st: st["compiled"](st["gate"], st["up"])))
+    return harness.torch_compile_provider(cfg, lambda: _inputs(cfg), lambda st: _eager,
+                                          _step(lambda st: st["compiled"](st["gate"], st["up"])))
 
 
 def _liger_provider(cfg: dict) -> harness.Provider:

@@ -38,7 +38,7 @@ from .cli import main, parser_for
 from .duration import PROCESS_OVERHEAD_S, expected_duration_text, reference_seconds
 from .paths import OUT_DIR, RESULTS_DIR, ROOT
 from .providers import (Benchmark, Options, Provider, fastft_backend_provider, liger_provider, low_precision,
-                        op_benchmark, unavailable)
+                        op_benchmark, torch_compile_provider, unavailable)
 from .report import machine_line, markdown, metadata, plot, redraw, save, table
 from .runner import interleaved, run, run_provider
 from .timing import interleave, quantile
@@ -47,4 +47,4 @@ __all__ = ["Benchmark", "OUT_DIR", "Options", "PROCESS_OVERHEAD_S", "Provider", 
            "check_agreement", "compare", "expected_duration_text", "fastft_backend_provider", "interleave",
            "interleaved", "liger_provider", "low_precision", "machine_line", "main", "markdown", "metadata",
            "op_benchmark", "parser_for", "plot", "quantile", "redraw", "reference_seconds", "run",
-           "run_provider", "save", "table", "unavailable"]
+           "run_provider", "save", "table", "torch_compile_provider", "unavailable"]

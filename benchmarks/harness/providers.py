@@ -74,6 +74,23 @@ def liger_provider(device: str, attr: str, setup: Callable, step: Callable, note
     return Provider("liger", lambda: setup(load()), step, available)
 
 
+def torch_compile_provider(cfg: dict, inputs: Callable[[], dict], target: Callable[[dict], Callable],
+                           step: Callable[[dict], Any]) -> Provider:
+    """``torch-compile``: ``target(state)`` (the eager function or module) under torch.compile(fullgraph=True,
+    dynamic=False, mode=cfg's "compile_mode"), kept as ``state["compiled"]`` for ``step(state)`` to run. It is
+    compiled once per process, forward and backward (AOTAutograd) on the first call, which the harness times
+    as the "1st call" and keeps out of the timed steps."""
+
+    def setup():
+        import torch
+
+        st = inputs()
+        st["compiled"] = torch.compile(target(st), fullgraph=True, dynamic=False, mode=cfg.get("compile_mode"))
+        return st
+
+    return Provider("torch-compile", setup, step)
+
+
 def fastft_backend_provider(device: str, backend: str, setup: Callable, step: Callable, available: Callable,
                             check_step: Optional[Callable] = None) -> Provider:
     """fastft on one of its backends ("cpp" or "triton") as the provider ``fastft-<backend>``: ``step`` (and

@@ -102,6 +102,7 @@ def metadata(bench: Benchmark, opts: Options) -> dict:
         "config": bench.config,
         "bytes_per_step": bench.bytes_per_step,
         "flops_per_step": bench.flops_per_step,
+        "tokens_per_step": bench.tokens_per_step,
         "reference": bench.reference,
         "baselines": list(bench.baselines),
         "options": dataclasses.asdict(opts),
@@ -261,10 +262,14 @@ def redraw(results_dir: Path) -> list:
         if "results" not in data:  # interleaved runs have no plot
             continue
         meta = data["meta"]
+        tokens = meta.get("tokens_per_step")
+        if tokens is None:  # results written before the metadata kept it: the rows' tokens/s say it
+            tokens = next((round(r["tokens_s"] * r["median_ms"] * 1e-3) for r in data["results"] if r.get("tokens_s")),
+                          None)
         shell = Benchmark(op=meta["op"], device=meta["device"], config=meta["config"], providers=[],
                           description=meta["description"], reference=meta["reference"],
                           baselines=tuple(meta["baselines"]), bytes_per_step=meta.get("bytes_per_step"),
-                          flops_per_step=meta.get("flops_per_step"), notes=list(meta.get("notes", [])),
+                          flops_per_step=meta.get("flops_per_step"), tokens_per_step=tokens, notes=list(meta.get("notes", [])),
                           check_note=meta.get("check_note", ""))
         path.with_suffix(".md").write_text(markdown(shell, data["results"], meta))
         paths.append(path.with_suffix(".md"))

@@ -111,3 +111,15 @@ def test_plot_has_time_and_memory_side_by_side_and_a_wrapped_title(tmp_path):
     assert "\n" in title and max(len(line) for line in title.splitlines()) <= 140  # wrapped to the figure
     footer = " ".join(t.get_text() for t in fig.texts)
     assert f"torch {torch.__version__}" in footer and meta["cpu"] in footer.replace("\n", " ")
+
+
+def test_interleave_runs_every_step_each_round_and_times_only_after_the_warmup():
+    calls = []
+    times = harness.interleave({"a": lambda r: calls.append(("a", r)), "b": lambda r: calls.append(("b", r))},
+                               rounds=3, warmup_rounds=1, alternate=True)
+    # round r passes r (the trainer uses it as the step); odd rounds run in reverse order
+    assert calls == [("a", 0), ("b", 0), ("b", 1), ("a", 1), ("a", 2), ("b", 2), ("b", 3), ("a", 3)]
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3} and all(t >= 0 for v in times.values() for t in v)
+    calls.clear()
+    harness.interleave({"a": lambda r: calls.append("a"), "b": lambda r: calls.append("b")}, rounds=2, warmup_rounds=0)
+    assert calls == ["a", "b", "a", "b"]
