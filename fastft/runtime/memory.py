@@ -4,7 +4,8 @@ import this probe rather than keep a second one).
 CPU (Linux): the resident set (VmRSS) and its high-water mark (VmHWM) from /proc/self/status; writing "5" to
 /proc/self/clear_refs resets the mark to the current RSS (Linux >= 4.0). The kernel updates the mark before it
 unmaps pages, so even a temporary freed within a step is counted: exact, where a sampler thread sees only the
-RSS at its polls (checked: a 524 MB temporary freed at once shows in VmHWM). CUDA: the caching allocator's allocated bytes and their peak.
+RSS at its polls (checked: a 524 MB temporary freed at once shows in VmHWM). CUDA: the caching allocator's
+allocated bytes and their peak.
 """
 from __future__ import annotations
 
