@@ -44,6 +44,8 @@ class RunConfig:
     resume: bool = True
     """Continue from the newest complete checkpoint in output_dir/checkpoints; false in a folder that holds
     checkpoints is an error naming the two ways out"""
+    tracker: str = "none"
+    """An experiment tracker beside metrics.jsonl: tensorboard writes local event files to output_dir/tensorboard"""
     overwrite: bool = False
     """Start over in a folder that holds checkpoints: they are deleted when the run starts (wins over run.resume)"""
 
@@ -290,6 +292,7 @@ class Config:
 
 
 CHOICES = {
+    "run.tracker": ("none", "tensorboard"),   # fastft.runtime.reporting.TRACKERS
     "optim.schedule": ("cosine", "wsd", "constant"),
     "optim.fused": ("auto", "true", "false"),
     "parallel.mode": ("ddp", "zero1", "zero2", "fsdp2", "hsdp"),
