@@ -92,17 +92,30 @@ def hf_model(cfg):
         # transformers reports a broken or partial model folder through any of these
         detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         raise ModelLoadError(f"cannot load a model from {folder!r}: {type(exc).__name__}: {detail}") from exc
+    if m.gguf_file:  # converted now or read from the cache (an older cache kept the GGUF config)
+        drop_gguf_quantization(model)
     if kwargs and cache is not None and _is_rank0():
         tmp = cache.with_name(cache.name + ".tmp")
-        # the weights are dequantized on load; drop the GGUF quantizer so transformers saves them plainly
-        quantizer, model.hf_quantizer = getattr(model, "hf_quantizer", None), None
         model.save_pretrained(tmp)
-        model.hf_quantizer = quantizer
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, cache) if not cache.exists() else None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def drop_gguf_quantization(model: nn.Module) -> None:
+    """A GGUF model is dequantized on load, yet transformers keeps its GGUF quantizer and
+    ``config.quantization_config``: its Trainer then refuses the model and a saved copy is not a plain
+    trainable folder. The weights are plain tensors, so both are dropped."""
+    model.hf_quantizer = None
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:  # a read-only property derived from hf_quantizer
+            pass
 
 
 def _is_rank0() -> bool:
