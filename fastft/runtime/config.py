@@ -64,7 +64,8 @@ class ModelConfig:
     convert_cache: str = ""
     """A folder where the dequantized GGUF model is kept as safetensors (later loads are fast)"""
     dtype: str = "float32"
-    """Dtype of the frozen base weights"""
+    """Dtype of the frozen base weights; auto: bfloat16 where the device computes bf16 natively (a GPU with bf16,
+    a CPU with avx512_bf16 / amx_bf16), else float32, the choice printed at the start"""
     hidden_size: int = 64
     """tiny_llama: hidden size"""
     num_layers: int = 2
@@ -299,7 +300,7 @@ CHOICES = {
     "precision.dtype": ("fp32", "bf16", "fp16"),
     "precision.impl": ("autocast", "fsdp"),
     "memory.activation_checkpointing": ("none", "full", "every_k", "offload"),
-    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.dtype": ("float32", "bfloat16", "float16", "auto"),
     "bottleneck.placement": ("houlsby", "pfeiffer"),
     "bottleneck.activation": ("relu", "gelu", "gelu_tanh", "silu"),   # fastft.ops.adapter.ACTIVATIONS
 }
