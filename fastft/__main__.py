@@ -45,15 +45,25 @@ def info() -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+SUBCOMMANDS = {
+    "info": "versions, and per op which backends are built and usable here (and why not)",
+    "train": "fine-tune from a TOML config with --section.key=value overrides (fastft train --help: every key)",
+}
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """The ``fastft`` console script and ``python -m fastft``: the same subcommands, the same help."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if prog is None:
+        prog = "python -m fastft" if sys.argv and sys.argv[0].endswith("__main__.py") else "fastft"
     if argv[:1] == ["train"]:  # the training runtime parses its own arguments (config file + dotted overrides)
         from fastft.runtime.cli import main as train_main
 
         return train_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m fastft")
-    sub = parser.add_subparsers(dest="command")
-    sub.add_parser("info", help="versions and per-op backend availability")
+    parser = argparse.ArgumentParser(prog=prog, description="fastft: fused kernels and a lean runtime for fine-tuning")
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    for name, text in SUBCOMMANDS.items():
+        sub.add_parser(name, help=text, add_help=name != "train")
     args = parser.parse_args(argv)
     if args.command in (None, "info"):
         return info()

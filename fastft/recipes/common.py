@@ -161,6 +161,8 @@ class EncoderTask(Task):
     """Base of the encoder recipes: samples are dicts of token lists (``input_ids``, ``token_type_ids``,
     per-token targets: padded with -100) and ints (per-example targets); the loss unit is one example."""
 
+    loss_unit = "example"
+
     def collate(self, samples: list) -> dict:
         pad_id = self.tokenizer.pad_token_id
         batch = {}

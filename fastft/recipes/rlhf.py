@@ -112,6 +112,7 @@ def kl_estimate(cfg, logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
 @register_task("rlhf")
 class RLTask(Task):
     metrics = {"exact_match": True, "final_answer": True}
+    loss_unit = "sampled completion"
 
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)

@@ -1,4 +1,5 @@
-"""`fastft train CONFIG.toml [--section.key=value ...] [--nproc N]`.
+"""`fastft train CONFIG.toml [--section.key=value ...] [--nproc N]`; `fastft train --help [SECTION]` lists
+every key with its type, default, choices and doc (generated from the config dataclasses: config_docs).
 
 One process by default. A bad config, data file, model or checkpoint ends with exit code 2 and one
 line naming the problem; ``--debug`` (or ``FASTFT_DEBUG=1``) raises it with its traceback instead. ``--nproc N`` (or ``parallel.nproc``) relaunches the same command through
@@ -11,8 +12,16 @@ import os
 import subprocess
 import sys
 
-USAGE = "usage: fastft train [CONFIG.toml] [--section.key=value ...] [--nproc N] [--debug]"
+USAGE = "usage: fastft train [CONFIG.toml] [--section.key=value ...] [--nproc N] [--debug] [--help [SECTION]]"
 DEBUG_ENV = "FASTFT_DEBUG"  # =1: the same as --debug
+
+
+class HelpRequested(Exception):
+    """``--help [SECTION]`` on the command line: print the generated help instead of training."""
+
+    def __init__(self, section: str | None):
+        super().__init__(section)
+        self.section = section
 
 
 def split_args(argv: list[str]) -> tuple[str | None, list[str], int | None]:
@@ -22,7 +31,8 @@ def split_args(argv: list[str]) -> tuple[str | None, list[str], int | None]:
     while args:
         arg = args.pop(0)
         if arg in ("-h", "--help"):
-            raise SystemExit(USAGE)
+            section = args[0] if args and not args[0].startswith("-") and not args[0].endswith(".toml") else None
+            raise HelpRequested(section)
         if arg == "--debug":
             continue
         if arg == "--nproc":
@@ -56,6 +66,21 @@ def main(argv: list[str]) -> int:
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         path, overrides, nproc = split_args(argv)
+    except HelpRequested as request:
+        from .config_docs import help_text
+
+        try:
+            print(help_text(request.section, usage=USAGE), end="")
+        except ValueError as exc:  # an unknown section
+            print(f"fastft train: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    except ValueError as exc:
+        if debug:
+            raise
+        print(f"fastft train: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    try:
         cfg = load_config(path, overrides)
     except (ValueError, ConfigError) as exc:
         if debug:

@@ -24,33 +24,60 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RunConfig:
+    """Where the run writes, how long it runs, and what it does with an earlier run's checkpoints."""
+
     output_dir: str = "runs/default"
+    """metrics.jsonl, summary.json, curves.png, checkpoints/ and the exported methods (adapter/, prefix/, bottleneck/)"""
     seed: int = 0
+    """Model init (config-built models), adapter init and data order"""
     max_steps: int = 100
+    """Optimizer steps"""
     log_every: int = 1
-    progress: bool = True          # tqdm bar on rank 0
-    plots: bool = True             # PNG curves at the end
-    export_adapter: bool = True    # at the end, each method's parameters: <output_dir>/adapter (LoRA), prefix, bottleneck
-    resume: bool = True            # continue from the newest complete checkpoint in <output_dir>/checkpoints
-    overwrite: bool = False        # start over in a folder that holds checkpoints (they are deleted when the run starts)
+    """Steps between metrics.jsonl lines"""
+    progress: bool = True
+    """A tqdm bar on rank 0"""
+    plots: bool = True
+    """PNG curves of the metrics at the end"""
+    export_adapter: bool = True
+    """At the end, each method's trained parameters in its own folder of output_dir (PEFT's format for LoRA and
+    prefix), gathered under sharding"""
+    resume: bool = True
+    """Continue from the newest complete checkpoint in output_dir/checkpoints; false in a folder that holds
+    checkpoints is an error naming the two ways out"""
+    tracker: str = "none"
+    """An experiment tracker beside metrics.jsonl: tensorboard writes local event files to output_dir/tensorboard"""
+    overwrite: bool = False
+    """Start over in a folder that holds checkpoints: they are deleted when the run starts (wins over run.resume)"""
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # "hf": AutoModelForCausalLM.from_pretrained(path[, gguf_file]); "tiny_llama": a config-built Llama
-    # with a byte-level chat tokenizer (tests, smoke runs). More builders: fastft.runtime.models.register_model.
+    """The base model. More builders: fastft.runtime.models.register_model."""
+
     builder: str = "hf"
-    path: str = ""                 # a folder, a hub id, or "package:<name>" (the folder of an installed package)
-    gguf_file: str = ""            # a GGUF file inside `path` (dequantized on load)
-    convert_cache: str = ""        # folder to keep the GGUF converted to safetensors (fast reloads)
-    dtype: str = "float32"         # dtype of the frozen base weights
-    # tiny_llama only
+    """hf: AutoModelForCausalLM.from_pretrained(path[, gguf_file]); tiny_llama: a config-built Llama with a
+    byte-level chat tokenizer (tests, smoke runs)"""
+    path: str = ""
+    """A folder, a hub id, or "package:<name>" (the folder of an installed package)"""
+    gguf_file: str = ""
+    """A GGUF file inside path (dequantized on load)"""
+    convert_cache: str = ""
+    """A folder where the dequantized GGUF model is kept as safetensors (later loads are fast)"""
+    dtype: str = "float32"
+    """Dtype of the frozen base weights; auto: bfloat16 where the device computes bf16 natively (a GPU with bf16,
+    a CPU with avx512_bf16 / amx_bf16), else float32, the choice printed at the start"""
     hidden_size: int = 64
+    """tiny_llama: hidden size"""
     num_layers: int = 2
+    """tiny_llama: decoder blocks"""
     num_heads: int = 4
+    """tiny_llama: attention heads"""
     intermediate_size: int = 128
-    dropout: float = 0.0           # attention dropout (tests of RNG restore)
+    """tiny_llama: MLP width"""
+    dropout: float = 0.0
+    """tiny_llama: attention dropout (tests of the RNG restore)"""
     tie_embeddings: bool = False
+    """tiny_llama: the output layer shares the embedding's weight"""
 
 
 @dataclass(frozen=True)
@@ -84,54 +111,98 @@ class PrefixSection:
 
 @dataclass(frozen=True)
 class DataConfig:
-    task: str = "causal_lm"        # fastft.runtime.tasks registry: data + loss + eval metric
-    path: str = ""                 # JSONL: {"instruction", "input"?, "output"} or {"messages": [...]}
+    """Training and held-out data: a JSONL file or a generator, tokenized with the model's chat template."""
+
+    task: str = "causal_lm"
+    """The task (fastft.runtime.tasks registry): data, loss and eval metric"""
+    path: str = ""
+    """Training JSONL: {"instruction", "input"?, "output"} or {"messages": [...]} per line"""
     eval_path: str = ""
-    generator: str = ""            # or generated data (fastft.runtime.data.register_generator), e.g. "addition"
+    """Held-out JSONL, same format"""
+    generator: str = ""
+    """Generated data instead of path (fastft.runtime.data.register_generator), e.g. addition ('Compute a + b')"""
     num_train: int = 2000
+    """Examples the generator makes for training"""
     num_eval: int = 100
+    """Examples the generator makes for eval"""
     max_length: int = 256
+    """Tokens per example (truncated) or per pack"""
     packing: bool = False
+    """Greedy packing of examples into rows; position ids restart per example"""
 
 
 @dataclass(frozen=True)
 class BatchConfig:
-    micro_batch_size: int = 4      # sequences per rank per micro-batch
-    grad_accum: int = 1            # micro-batches per optimizer step
+    """The global batch is micro_batch_size x grad_accum x world size."""
+
+    micro_batch_size: int = 4
+    """Sequences per rank per micro-batch"""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step"""
 
 
 @dataclass(frozen=True)
 class OptimConfig:
+    """AdamW and its learning-rate schedule."""
+
     lr: float = 1e-3
+    """Peak learning rate"""
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay"""
     beta1: float = 0.9
+    """AdamW's first-moment decay"""
     beta2: float = 0.999
+    """AdamW's second-moment decay"""
     eps: float = 1e-8
-    grad_clip: float = 1.0         # 0: off
-    schedule: str = "cosine"       # cosine | wsd | constant
+    """AdamW's denominator epsilon"""
+    grad_clip: float = 1.0
+    """Global-norm gradient clipping (0: off; the norm is logged either way)"""
+    schedule: str = "cosine"
+    """cosine; wsd: warm-up, stable, then linear decay over decay_fraction; constant"""
     warmup_steps: int = 0
-    decay_fraction: float = 0.2    # wsd: the last fraction of steps decays linearly
+    """Linear warm-up steps"""
+    decay_fraction: float = 0.2
+    """wsd: the last fraction of steps decays linearly"""
     min_lr_ratio: float = 0.0
-    fused: str = "auto"            # auto | true | false
+    """The schedule's floor, as a fraction of lr"""
+    fused: str = "auto"
+    """Fused AdamW: auto (where the device supports it, else foreach), true or false"""
 
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    mode: str = "ddp"              # ddp | zero1 | zero2 | fsdp2 | hsdp (one process: plain)
-    nproc: int = 1                 # > 1: relaunch through torch.distributed.run
-    hsdp_replicate: int = 0        # hsdp: replica groups (0: 2 when the world size is even, else 1)
+    """Data parallelism on torch.distributed (one process: plain). Modes: ddp (DistributedDataParallel, nothing
+    sharded); zero1 (DDP + ZeroRedundancyOptimizer: optimizer state sharded); zero2 (FSDP2 fully_shard without
+    resharding after forward: gradients and optimizer state sharded); fsdp2 (parameters, gradients and optimizer
+    state sharded); hsdp (FSDP2 on a (replicate, shard) mesh)."""
+
+    mode: str = "ddp"
+    """How the ranks share the work (see the section's text)"""
+    nproc: int = 1
+    """Processes on this node (> 1: relaunch through torch.distributed.run); the same as --nproc"""
+    hsdp_replicate: int = 0
+    """hsdp: replica groups (0: 2 when the world size is even, else 1)"""
 
 
 @dataclass(frozen=True)
 class PrecisionConfig:
-    dtype: str = "fp32"            # fp32 | bf16 | fp16 (fp16 uses a GradScaler)
-    impl: str = "autocast"         # autocast | fsdp (MixedPrecisionPolicy; zero2/fsdp2/hsdp only)
+    """Mixed precision of the trained step."""
+
+    dtype: str = "fp32"
+    """Compute dtype (fp16 uses a GradScaler)"""
+    impl: str = "autocast"
+    """autocast, or fsdp: FSDP2's MixedPrecisionPolicy (low-precision parameters, fp32 reduce; zero2/fsdp2/hsdp)"""
 
 
 @dataclass(frozen=True)
 class MemoryConfig:
-    activation_checkpointing: str = "none"   # none | full | every_k | offload
+    """Activation memory."""
+
+    activation_checkpointing: str = "none"
+    """Recompute the activations of every decoder block (full), of every every_k-th block, or offload them to
+    the host"""
     every_k: int = 2
+    """every_k: checkpoint one block in every_k"""
 
 
 @dataclass(frozen=True)
@@ -146,36 +217,56 @@ class KernelsConfig:
 
 @dataclass(frozen=True)
 class CompileConfig:
-    # torch.compile of each decoder block (regional compilation, as torchtitan does), after activation
-    # checkpointing and before DDP / FSDP2; fastft's ops are registered custom ops that compile whole
+    """torch.compile of each decoder block (regional compilation, as torchtitan does), after activation
+    checkpointing and before DDP / FSDP2; fastft's ops are registered custom ops that compile whole."""
+
     enabled: bool = False
+    """Compile each decoder block (checked equal to eager, FSDP2 included)"""
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = 0                 # steps between saves (0: only at the end)
+    """Checkpoints (torch.distributed.checkpoint) of the trainable state, in output_dir/checkpoints."""
+
+    every: int = 0
+    """Steps between saves (0: only at the end)"""
     at_end: bool = True
-    keep: int = 2                  # completed checkpoints kept
+    """Save after the last step"""
+    keep: int = 2
+    """Completed checkpoints kept (older ones are pruned after a save succeeds)"""
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    every: int = 0                 # steps between evals (0: none in between)
+    """Held-out evaluation and early stopping."""
+
+    every: int = 0
+    """Steps between evals (0: none in between)"""
     at_start: bool = False
+    """Evaluate before the first step"""
     at_end: bool = True
-    metric: str = "loss"           # the metric early stopping and the curves follow
-    generate: bool = False         # exact-match accuracy of greedy answers (instruction data)
+    """Evaluate after the last step"""
+    metric: str = "loss"
+    """The metric early stopping and the curves follow"""
+    generate: bool = False
+    """Exact-match accuracy of greedy answers (instruction data)"""
     max_new_tokens: int = 8
+    """generate: tokens generated per answer"""
     batch_size: int = 16
-    early_stopping_patience: int = 0   # evals without improvement before stopping (0: off)
+    """Eval sequences per batch"""
+    early_stopping_patience: int = 0
+    """Evals without improvement before stopping, agreed across ranks (0: off)"""
 
 
 @dataclass(frozen=True)
 class RecipeConfig:
-    # a module imported before the run is built: it registers the recipe's task, model builder and
-    # callbacks (e.g. "fastft.recipes.text_classification"); docs/recipes.md lists them
+    """A recipe: a module imported before the run is built, which registers its task, model builder and
+    callbacks; docs/recipes.md lists them."""
+
     module: str = ""
-    options: Any = field(default_factory=dict)   # free-form table the recipe validates ([recipe.options])
+    """The recipe's module, e.g. fastft.recipes.text_classification"""
+    options: Any = field(default_factory=dict)
+    """The recipe's own keys ([recipe.options]), validated by the recipe"""
 
 
 @dataclass(frozen=True)
@@ -202,13 +293,14 @@ class Config:
 
 
 CHOICES = {
+    "run.tracker": ("none", "tensorboard"),   # fastft.runtime.reporting.TRACKERS
     "optim.schedule": ("cosine", "wsd", "constant"),
     "optim.fused": ("auto", "true", "false"),
     "parallel.mode": ("ddp", "zero1", "zero2", "fsdp2", "hsdp"),
     "precision.dtype": ("fp32", "bf16", "fp16"),
     "precision.impl": ("autocast", "fsdp"),
     "memory.activation_checkpointing": ("none", "full", "every_k", "offload"),
-    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.dtype": ("float32", "bfloat16", "float16", "auto"),
     "bottleneck.placement": ("houlsby", "pfeiffer"),
     "bottleneck.activation": ("relu", "gelu", "gelu_tanh", "silu"),   # fastft.ops.adapter.ACTIVATIONS
 }

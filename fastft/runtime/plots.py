@@ -15,7 +15,9 @@ def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
     return [train[k] for k in sorted(train)], [evals[k] for k in sorted(evals)]
 
 
-def plot_curves(metrics_path: str | Path, out_path: str | Path, eval_metric: str = "loss") -> None:
+def plot_curves(metrics_path: str | Path, out_path: str | Path, eval_metric: str = "loss",
+                loss_unit: str = "loss unit") -> None:
+    """Four panels; the loss panel names the task's loss unit (a classification loss is per example)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -23,7 +25,7 @@ def plot_curves(metrics_path: str | Path, out_path: str | Path, eval_metric: str
 
     train, evals = read_metrics(metrics_path)
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    panels = [("loss", "train loss (per response token)"), ("lr", "learning rate"), ("grad_norm", "gradient norm")]
+    panels = [("loss", f"train loss (per {loss_unit})"), ("lr", "learning rate"), ("grad_norm", "gradient norm")]
     for ax, (key, title) in zip(axes.flat, panels):
         ax.plot([r["step"] for r in train if key in r], [r[key] for r in train if key in r])
         ax.set_title(title)

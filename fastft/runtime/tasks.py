@@ -47,9 +47,11 @@ def build_task(cfg, tokenizer):
 
 
 class Task:
-    """Interface. ``metrics`` maps each eval metric to True when greater is better."""
+    """Interface. ``metrics`` maps each eval metric to True when greater is better; ``loss_unit`` names
+    what ``count`` counts (the train loss is per one of them: curves and logs say so)."""
 
     metrics: dict = {}
+    loss_unit: str = "loss unit"
 
     def __init__(self, cfg, tokenizer):
         self.cfg, self.tokenizer = cfg, tokenizer
@@ -83,6 +85,8 @@ class Task:
 class CausalLMTask(Task):
     """Instruction / chat data, next-token loss on the responses. Metrics: ``loss`` (per response
     token) and, with ``eval.generate``, ``exact_match`` (greedy answer == reference, stripped)."""
+
+    loss_unit = "response token"
 
     metrics = {"loss": False, "exact_match": True}
 

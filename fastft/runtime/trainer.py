@@ -15,7 +15,6 @@ import contextlib
 import json
 import math
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -120,6 +119,10 @@ class Trainer:
         self.model, self.tokenizer = build_model(cfg)
         self.task = task if task is not None else build_task(cfg, self.tokenizer)
         self.callbacks += self.task.callbacks()
+        if self.d.is_rank0 and cfg.run.tracker != "none":
+            from .reporting import make_tracker
+
+            self.callbacks.append(make_tracker(cfg.run.tracker, cfg.run.output_dir))
         model = prepare_model(self.model, cfg)
         self.ac_blocks = apply_activation_checkpointing(model, cfg.memory.activation_checkpointing, cfg.memory.every_k)
         self.compiled_blocks = compile_blocks(model) if cfg.compile.enabled else 0
@@ -301,11 +304,9 @@ class Trainer:
                          "world_size": self.d.world, "mode": c.parallel.mode if self.d.active else "single"}
         if c.eval.at_start and not resumed:
             summary["eval_start"] = self.evaluate()
-        bar = None
-        if self.d.is_rank0 and c.run.progress:
-            from tqdm import tqdm
+        from .reporting import Progress
 
-            bar = tqdm(total=c.run.max_steps, initial=self.step, desc="train", file=sys.stderr, dynamic_ncols=True)
+        bar = Progress(c.run.max_steps, initial=self.step) if self.d.is_rank0 and c.run.progress else None
         timed: list[dict] = []
         stopped = False
         self.model.train()
@@ -321,11 +322,11 @@ class Trainer:
                           peak_memory_mb=meter.peak())
             self.history.append(record)
             timed.append(record)
-            if self.step % c.run.log_every == 0 or self.step == c.run.max_steps:
+            logged = self.step % c.run.log_every == 0 or self.step == c.run.max_steps
+            if logged:
                 self._log(record)
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                bar.update(self.step, record, logged)
             if not math.isfinite(record["loss"]):
                 raise FloatingPointError(f"loss is {record['loss']} at step {self.step}; stopping (no checkpoint)")
             if c.eval.every and self.step % c.eval.every == 0 and self.step < c.run.max_steps:
@@ -358,7 +359,8 @@ class Trainer:
             if c.run.plots:
                 from .plots import plot_curves
 
-                plot_curves(self.output / "metrics.jsonl", self.output / "curves.png", c.eval.metric)
+                plot_curves(self.output / "metrics.jsonl", self.output / "curves.png", c.eval.metric,
+                            loss_unit=self.task.loss_unit)
         for cb in self.callbacks:
             cb.on_train_end(self)
         return summary

@@ -1,0 +1,100 @@
+"""Distillation loss at SmolLM2's vocabulary: fastft.rl.distillation_loss (linear_full_kl from both models'
+hidden states, neither [N, V] logits held) against the stock loss, ``F.kl_div`` on full log-softmaxed logits
+of both heads. Same inputs, same run: loss difference (fp32), time per forward+backward (interleaved
+rounds, median) and peak bytes of the tensors each creates (counted by a dispatch-mode tracker, not
+sampled), student gradients included.
+
+    python -m benchmarks.bench_distillation [--tokens 2048] [--vocab 49152] [--rounds 3] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.gpu_static.memory_plan import LiveBytes
+from fastft import rl
+
+STUDENT_HIDDEN, TEACHER_HIDDEN = 576, 960  # SmolLM2-135M and SmolLM2-360M (vocabulary 49152 both)
+
+
+def stock_forward_kl(hs, ws, ht, wt):
+    log_student = torch.log_softmax(hs @ ws.T, -1)
+    with torch.no_grad():
+        log_teacher = torch.log_softmax(ht @ wt.T, -1)
+    return F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean")
+
+
+def fastft_forward_kl(hs, ws, ht, wt):
+    return rl.distillation_loss(hs, ws, ht, wt, mode="forward")
+
+
+PROVIDERS = {"stock F.kl_div on full logits": stock_forward_kl, "fastft.rl.distillation_loss": fastft_forward_kl}
+
+
+def inputs(tokens: int, vocab: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.randn(tokens, STUDENT_HIDDEN, generator=g).requires_grad_()
+    ws = (torch.randn(vocab, STUDENT_HIDDEN, generator=g) * 0.05).requires_grad_()
+    ht = torch.randn(tokens, TEACHER_HIDDEN, generator=g)
+    wt = torch.randn(vocab, TEACHER_HIDDEN, generator=g) * 0.05
+    return hs, ws, ht, wt
+
+
+def step(fn, args):
+    for t in args[:2]:
+        t.grad = None
+    loss = fn(*args)
+    loss.backward()
+    return loss.detach()
+
+
+def peak_bytes(fn, args) -> float:
+    for t in args[:2]:
+        t.grad = None
+    with LiveBytes() as tracker:
+        fn(*args).backward()
+    return tracker.peak
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=8 * 256)
+    parser.add_argument("--vocab", type=int, default=49152)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    data = inputs(args.tokens, args.vocab)
+    losses = {name: step(fn, data) for name, fn in PROVIDERS.items()}  # also the warm-up
+    times = {name: [] for name in PROVIDERS}
+    for _ in range(args.rounds):  # interleaved: load drift hits both providers alike
+        for name, fn in PROVIDERS.items():
+            start = time.perf_counter()
+            step(fn, data)
+            times[name].append(time.perf_counter() - start)
+    peaks = {name: peak_bytes(fn, data) for name, fn in PROVIDERS.items()}
+    stock, ours = PROVIDERS
+    lines = [f"Distillation, forward KL(teacher || student): {args.tokens} tokens, vocabulary {args.vocab}, "
+             f"student H={STUDENT_HIDDEN}, teacher H={TEACHER_HIDDEN}, fp32, CPU "
+             f"({torch.get_num_threads()} threads), {args.rounds} interleaved rounds, forward + backward",
+             "", "| provider | loss | ms (median) | peak MiB (counted) | time ratio | memory ratio |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name in PROVIDERS:
+        ms = statistics.median(times[name]) * 1e3
+        lines.append(f"| {name} | {losses[name].item():.6f} | {ms:.0f} | {peaks[name] / 2**20:.0f} | "
+                     f"{ms / (statistics.median(times[stock]) * 1e3):.2f} | {peaks[name] / peaks[stock]:.2f} |")
+    diff = (losses[ours] - losses[stock]).abs().item()
+    lines += ["", f"|loss difference| = {diff:.2e} (relative {diff / losses[stock].abs().item():.2e})"]
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    if args.out:
+        args.out.write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
