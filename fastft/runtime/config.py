@@ -53,18 +53,30 @@ class ModelConfig:
     tie_embeddings: bool = False
 
 
+# The method sections: the fields of fastft.tuners' configs, by the same names (PEFT's, where PEFT has the
+# method), plus `enabled`; `to_config()` builds the tuner's config. TOML has no None: 0 stands for it.
+
+
 @dataclass(frozen=True)
 class LoraSection:
+    # LoRA (fastft.tuners.lora, PEFT's LoraConfig fields)
     enabled: bool = True
     r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
     target_modules: Any = "all-linear"   # PEFT's rules: a list of names, a regex, or "all-linear"
+
+    def to_config(self):
+        from ..tuners import LoraConfig
+
+        target = list(self.target_modules) if isinstance(self.target_modules, (list, tuple)) else self.target_modules
+        return LoraConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, target_modules=target,
+                          task_type="CAUSAL_LM")
 
 
 @dataclass(frozen=True)
 class BottleneckSection:
-    # bottleneck adapters (fastft.bottleneck) after the attention and/or MLP output of every block
+    # bottleneck adapters (fastft.tuners.bottleneck) after the attention and/or MLP output of every block
     enabled: bool = False
     adapter_size: int = 64
     placement: str = "houlsby"     # houlsby (attention and MLP) | pfeiffer (MLP only)
@@ -72,14 +84,28 @@ class BottleneckSection:
     dropout: float = 0.1
     scale: float = 1.0
 
+    def to_config(self):
+        from ..tuners import BottleneckConfig
+
+        return BottleneckConfig(self.adapter_size, self.placement, self.activation, self.dropout, self.scale)
+
 
 @dataclass(frozen=True)
 class PrefixSection:
-    # prefix tuning (fastft.prefix, PEFT-compatible): trainable key/value prefixes in every layer
+    # prefix tuning (fastft.tuners.prefix, PEFT's PrefixTuningConfig fields): key/value prefixes in every layer
     enabled: bool = False
     num_virtual_tokens: int = 20
-    projection: bool = False       # a two-layer tanh MLP produces the prefix (PEFT's prefix_projection)
-    encoder_hidden_size: int = 0   # that MLP's width (0: the key/value width)
+    prefix_projection: bool = False    # a two-layer tanh MLP produces the prefix
+    encoder_hidden_size: int = 0       # that MLP's width (0: the key/value width)
+
+    def to_config(self):
+        from ..tuners import PrefixTuningConfig
+
+        return PrefixTuningConfig(self.num_virtual_tokens, self.prefix_projection, self.encoder_hidden_size or None)
+
+
+# the method sections, in the order prepare_model applies them (each draws its initial weights from its own seed)
+METHOD_SECTIONS = ("lora", "prefix", "bottleneck")
 
 
 @dataclass(frozen=True)
@@ -135,13 +161,37 @@ class MemoryConfig:
 
 
 @dataclass(frozen=True)
+class KernelStack:
+    """Which parts run fastft's kernels (True) or the stock implementation (False), resolved once from
+    ``[kernels]`` (``cfg.kernels.stack``); the runtime and the recipes read this, nothing else."""
+
+    loss: bool = True        # fused linear cross-entropy head (off: the model's own loss); recipes' losses too
+    lora: bool = True        # fastft's fused LoRA layers (off: PEFT's)
+    bottleneck: bool = True  # fastft's fused adapter op (off: the same block in eager torch)
+    prefix: bool = True      # fastft's prefix tuning (off: PEFT's)
+    norms: bool = True       # fused RMSNorm where the architecture has it (fastft.patch(layers="norms"))
+    mlp: bool = True         # fused SwiGLU MLP where the architecture has it (fastft.patch(layers="mlp"))
+
+    @classmethod
+    def stock(cls) -> "KernelStack":
+        return cls(**{f.name: False for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
 class KernelsConfig:
-    enabled: bool = True           # false: every switch below off (stock transformers + PEFT)
-    fused_loss: bool = True        # fastft.integrations.transformers.patch_causal_lm_loss
-    lora: bool = True              # fastft.lora (fused LoRA layers) instead of PEFT's
-    fused_layers: bool = True      # fused RMSNorm / SwiGLU MLP (fastft.patch(layers=True)) where the architecture has them
-    bottleneck: bool = True        # bottleneck adapters through fastft's fused op (off: the same block in eager torch)
-    prefix: bool = True            # fastft.prefix (off: PEFT's prefix tuning)
+    enabled: bool = True           # false: every part below off (stock transformers + PEFT)
+    loss: bool = True
+    lora: bool = True
+    bottleneck: bool = True
+    prefix: bool = True
+    norms: bool = True
+    mlp: bool = True
+
+    @property
+    def stack(self) -> KernelStack:
+        if not self.enabled:
+            return KernelStack.stock()
+        return KernelStack(**{f.name: getattr(self, f.name) for f in dataclasses.fields(KernelStack)})
 
 
 @dataclass(frozen=True)
@@ -236,6 +286,11 @@ def _check_type(key: str, value, expected):
     return value
 
 
+# keys of 0.1's development that were renamed: the tuners' own field names, one kernel switch per part
+RENAMED = {"lora.alpha": "lora.lora_alpha", "lora.dropout": "lora.lora_dropout",
+           "prefix.projection": "prefix.prefix_projection", "kernels.fused_loss": "kernels.loss",
+           "kernels.fused_layers": "kernels.norms and kernels.mlp"}
+
 # keys of which at most one may be set (non-empty): the first would be silently ignored otherwise
 EXCLUSIVE = (("data.path", "data.generator"),       # a generator makes the training data
              ("data.eval_path", "data.generator"))  # ... and its held-out eval data
@@ -276,7 +331,9 @@ def _build(raw: dict, sources: Optional[dict] = None) -> Config:
         keys = _section_types(sections[name])
         for key in value:
             if key not in keys:
-                raise ConfigError(f"unknown config key {name}.{key}; valid keys of [{name}]: {', '.join(keys)}")
+                renamed = RENAMED.get(f"{name}.{key}")
+                hint = f" (renamed: {renamed})" if renamed else ""
+                raise ConfigError(f"unknown config key {name}.{key}{hint}; valid keys of [{name}]: {', '.join(keys)}")
         built[name] = sections[name](**{k: _check_type(f"{name}.{k}", v, keys[k]) for k, v in value.items()})
     cfg = Config(**built)
     _validate(cfg)
@@ -300,10 +357,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"bottleneck.dropout must be in [0, 1), got {cfg.bottleneck.dropout!r}")
     if cfg.prefix.encoder_hidden_size < 0:
         raise ConfigError(f"prefix.encoder_hidden_size must be >= 0, got {cfg.prefix.encoder_hidden_size!r}")
-    peft_methods = [name for name, on, fastft_kernel in (("lora", cfg.lora.enabled, cfg.kernels.lora),
-                                                          ("prefix", cfg.prefix.enabled, cfg.kernels.prefix))
-                    if on and not (cfg.kernels.enabled and fastft_kernel)]
-    if len(peft_methods) > 1:
+    stack = cfg.kernels.stack
+    if cfg.lora.enabled and cfg.prefix.enabled and not stack.lora and not stack.prefix:
         raise ConfigError("lora and prefix are both enabled with fastft's versions off (kernels.enabled / kernels.lora / "
                           "kernels.prefix), but PEFT applies one method per model: turn one of them on in fastft")
     if cfg.prefix.enabled and cfg.data.packing:
