@@ -19,9 +19,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import logging
 from dataclasses import dataclass, field
+from typing import Optional
 
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 # PEFT's file names (peft.utils.constants): LoRA and prefix tuning are read and written in PEFT's format.
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -153,9 +157,9 @@ class TunerHandle:
 
     # -- shared ---------------------------------------------------------------------------------------
 
-    def _register(self, trainable: bool = True) -> "TunerHandle":
+    def _register(self, trainable: Optional[bool] = True) -> "TunerHandle":
         """Register on the model, freeze the base model (what no method claims), set this method's
-        parameters' ``requires_grad`` to ``trainable``. Called by each method's ``apply`` once its modules
+        parameters' ``requires_grad`` to ``trainable`` (None: leave them as they are). Called by each method's ``apply`` once its modules
         are in place; the model's flags before the first method are those :class:`_Registry` keeps."""
         root = self.root
         registry = vars(root).get(_REGISTRY_ATTR)
@@ -166,7 +170,9 @@ class TunerHandle:
         for p in root.parameters():
             if id(p) not in claimed:
                 p.requires_grad_(False)
-        self.set_trainable(trainable)
+        if trainable is not None:
+            self.set_trainable(trainable)
+        logger.info("%s", self.report)
         return self
 
     def set_trainable(self, trainable: bool = True) -> None:

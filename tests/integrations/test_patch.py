@@ -160,9 +160,10 @@ def test_lora_head_trains_fused(tied, monkeypatch):
 
 
 def test_fastft_lora_head_trains_fused():
-    from fastft.lora import LoraConfig, apply_lora
+    from fastft.tuners import LoraConfig, apply
 
-    model = apply_lora(tiny_model("qwen3"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
+    model = tiny_model("qwen3")
+    apply(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
     with torch.no_grad():
         model.lm_head.lora_B.normal_(0, 0.05)
     ids, labels = batches(1)[0]
@@ -220,18 +221,18 @@ def test_generic_path_checks_the_loss_on_one_batch():
 
 
 def test_adapters_and_gradient_checkpointing():
-    from fastft.bottleneck import apply_bottleneck_adapters
+    from fastft.tuners import BottleneckConfig, apply
 
     model = tiny_model("mistral")
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x (the old name warns)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    apply_bottleneck_adapters(model, adapter_size=8, dropout=0.0)
+    apply(model, BottleneckConfig(adapter_size=8, dropout=0.0))
     ids, labels = batches(1)[0]
     stock_out, stock_grads = _loss_and_grads(model, ids, labels)
     handle = fastft.patch(model)
-    assert "fused already" in handle.report.fused("adapters")[0].detail
+    assert "fused already" in handle.report.fused("bottleneck")[0].detail
     out, grads = _loss_and_grads(model, ids, labels)
     assert out.logits is None and any("fastft_adapter" in n for n in grads)
     torch.testing.assert_close(out.loss, stock_out.loss, rtol=1e-5, atol=1e-6)

@@ -122,7 +122,7 @@ def test_cli_nproc_relaunches_through_torchrun(tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 2
     assert proc.stdout.count("steps 2:") == 1  # rank 0 prints
-    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "out" / "lora" / "adapter_model.safetensors").is_file()
 
 
 def test_labels_only_on_responses():
