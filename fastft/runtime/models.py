@@ -167,7 +167,7 @@ def prepare_model(model: nn.Module, cfg) -> nn.Module:
             try:
                 model = apply(model, section.to_config(), fused=getattr(stack, name)).model
             except ValueError as exc:  # e.g. "target module 'x' matches no module" (fastft's or PEFT's)
-                raise ConfigError(f"[{name}] {_section_text(section)}: {exc}") from exc
+                raise ConfigError(f"{_section_text(name, section)}: {exc}") from exc
     for p in _trained_with_methods(model):
         p.requires_grad_(True)
     layers = {(True, True): True, (True, False): "norms", (False, True): "mlp"}.get((stack.norms, stack.mlp))
@@ -182,8 +182,9 @@ def prepare_model(model: nn.Module, cfg) -> nn.Module:
     return model
 
 
-def _section_text(section) -> str:
-    return ", ".join(f"{f.name} = {getattr(section, f.name)!r}" for f in dataclasses.fields(section)
+def _section_text(name: str, section) -> str:
+    """``lora.r = 16, lora.lora_alpha = 32.0, ...``: the keys a method was applied with."""
+    return ", ".join(f"{name}.{f.name} = {getattr(section, f.name)!r}" for f in dataclasses.fields(section)
                      if f.name != "enabled")
 
 
