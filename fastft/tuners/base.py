@@ -95,14 +95,19 @@ def check_not_applied(model: nn.Module, method: str) -> None:
         raise ValueError(f"the model already has fastft {method}; remove it (handle.remove()) first: one per model")
 
 
-def gather_full(tensors: dict) -> dict:
-    """Every tensor whole, detached, as a contiguous CPU copy (no shared storage); sharded (DTensor) ones
-    are gathered first, which is a collective: under sharding every rank must call this."""
+def is_sharded(tensor) -> bool:
+    """A DTensor (FSDP2 shards parameters into them)."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch without DTensor
-        DTensor = ()
-    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().contiguous().clone()
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def gather_full(tensors: dict) -> dict:
+    """Every tensor whole, detached, as a contiguous CPU copy (no shared storage); sharded (DTensor) ones
+    are gathered first, which is a collective: under sharding every rank must call this."""
+    return {k: (v.full_tensor() if is_sharded(v) else v).detach().cpu().contiguous().clone()
             for k, v in sorted(tensors.items())}
 
 
@@ -233,17 +238,20 @@ class TunerHandle:
 
 
 @contextlib.contextmanager
-def applying(model: nn.Module, method: str):
-    """Around a method's ``apply``: checks ``model`` and that the method is not on it yet, keeps the
+def applying(model: nn.Module, method: str, config=None, config_class: Optional[type] = None):
+    """Around a method's ``apply`` (yields the transformers model): checks ``model``, ``config`` (an
+    instance of ``config_class``, when given) and that the method is not on the model yet, keeps the
     model's ``requires_grad`` flags before its first method, and forgets them if the apply fails."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if config_class is not None and not isinstance(config, config_class):
+        raise TypeError(f"config must be a fastft.tuners.{config_class.__name__}, got {type(config).__name__}")
     check_not_applied(model, method)
     root = unwrap(model)
     if _REGISTRY_ATTR not in vars(root):
         setattr(root, _REGISTRY_ATTR, _Registry(root))
     try:
-        yield
+        yield root
     except BaseException:
         registry = vars(root).get(_REGISTRY_ATTR)
         if registry is not None and not registry.handles:

@@ -157,10 +157,7 @@ def apply(model: nn.Module, config: BottleneckConfig = BottleneckConfig(), *, fu
     created on the device of the sublayer they follow, in ``dtype`` (default: fp32 when the base is
     fp16/bf16, as PEFT keeps adapter weights, else the base dtype); the op runs in the activations'
     dtype. Raises ValueError for a model with no block it knows."""
-    if not isinstance(config, BottleneckConfig):
-        raise TypeError(f"config must be a fastft.tuners.BottleneckConfig, got {type(config).__name__}")
-    with applying(model, BottleneckHandle.method):
-        root = unwrap(model)
+    with applying(model, BottleneckHandle.method, config, BottleneckConfig) as root:
         sites = find_sites(root)
         if not sites:
             raise ValueError(

@@ -191,8 +191,7 @@ def apply(model: nn.Module, config, *, fused: bool = True, verbose: bool = False
     return the handle. ``config``: fastft's or PEFT's LoraConfig. ``fused``: fastft's fused LoRALinear
     (default) or, False, PEFT's own LoRA layers (the stock baseline). ``verbose`` prints the report."""
     config = as_lora_config(config)
-    with applying(model, LoraHandle.method):
-        root = unwrap(model)
+    with applying(model, LoraHandle.method) as root:
         if lora_layers(root):
             raise ValueError("model already has LoRA layers; merge_and_unload() it first (one adapter per model)")
         if config.base_model_name_or_path is None:
@@ -377,8 +376,7 @@ def from_peft(peft_model: nn.Module) -> "LoraHandle":
         raise ValueError(f"from_peft takes a PeftModel with one LoRA adapter, got {type(peft_model).__name__} "
                          f"with peft_config {peft_config!r}")
     config = as_lora_config(next(iter(peft_config.values())))
-    root = unwrap(peft_model)
-    with applying(peft_model, LoraHandle.method):
+    with applying(peft_model, LoraHandle.method) as root:
         swapped = 0
         for name, module in list(root.named_modules()):
             if isinstance(module, LoraLayer):

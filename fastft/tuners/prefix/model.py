@@ -30,7 +30,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..base import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, TunerHandle, applying, gather_full, read_json, unwrap
+from ..base import (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, TunerHandle, applying, gather_full, is_sharded, read_json,
+                    unwrap)
 from .config import PrefixTuningConfig
 
 ENCODER_CHILD = "fastft_prefix_encoder"  # the encoder's child module name in the model (fused=True)
@@ -184,6 +185,9 @@ class PrefixHandle(TunerHandle):
     def _file_tensors(self) -> dict:
         encoder = self.encoder
         own = dict(encoder.named_parameters())
+        if not self.fused and any(is_sharded(p) for p in own.values()):
+            raise NotImplementedError("saving PEFT's prefix (fused=False) from a sharded model: use fastft's "
+                                      "(fused=True; the runtime's kernels.prefix = true)")
         full = gather_full(own)  # the prefix is computed from whole parameters (they may be sharded)
         with torch.no_grad():
             prompt = torch.func.functional_call(encoder, full, ()) if self.fused else \
@@ -205,10 +209,7 @@ def apply(model: nn.Module, config: PrefixTuningConfig = PrefixTuningConfig(), *
     """Add trainable key/value prefixes to a Hugging Face causal LM, freeze the base model, return the
     handle. ``fused``: fastft's prefix (in place, default) or, False, PEFT's (``handle.model`` is then the
     ``PeftModel`` wrapping ``model``)."""
-    if not isinstance(config, PrefixTuningConfig):
-        raise TypeError(f"config must be a fastft.tuners.PrefixTuningConfig, got {type(config).__name__}")
-    with applying(model, PrefixHandle.method):
-        root = unwrap(model)
+    with applying(model, PrefixHandle.method, config, PrefixTuningConfig) as root:
         g = geometry(root)
         if not fused:
             return PrefixHandle(_wrap_peft(root, config), config, fused=False, geometry=g)._register()
