@@ -192,6 +192,9 @@ def test_methods_compose(order):
 
 def test_one_per_method_and_bad_configs():
     model = _model()
+    with pytest.raises(ValueError, match="matches no module"):
+        tuners.apply(model, LoraConfig(target_modules=["q_porj"]))
+    assert not tuners.handles(model) and all(p.requires_grad for p in model.parameters())  # nothing left behind
     tuners.apply(model, CONFIGS["prefix"]())
     with pytest.raises(ValueError, match="already has fastft prefix"):
         tuners.apply(model, CONFIGS["prefix"]())
