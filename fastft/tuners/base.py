@@ -162,14 +162,14 @@ class TunerHandle:
 
     # -- shared ---------------------------------------------------------------------------------------
 
-    def _register(self, trainable: Optional[bool] = True) -> "TunerHandle":
-        """Register on the model, freeze the base model (what no method claims), set this method's
+    def register(self, trainable: Optional[bool] = True) -> "TunerHandle":
+        """(Called by a method's ``apply`` inside ``applying``.) Register on the model, freeze the base model (what no method claims), set this method's
         parameters' ``requires_grad`` to ``trainable`` (None: leave them as they are). Called by each method's ``apply`` once its modules
         are in place; the model's flags before the first method are those :class:`_Registry` keeps."""
         root = self.root
         registry = vars(root).get(_REGISTRY_ATTR)
         if registry is None:
-            raise RuntimeError("TunerHandle._register outside `with applying(model, method)`")
+            raise RuntimeError("TunerHandle.register outside `with applying(model, method)`")
         registry.handles[self.method] = self
         claimed = {id(p) for h in registry.handles.values() for p in h.parameters().values()}
         for p in root.parameters():

@@ -218,3 +218,19 @@ def test_peft_model_unwraps_to_its_base():
     model = _model()
     wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
     assert tuners.unwrap(wrapped) is model and tuners.unwrap(model) is model
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_deepcopy_runs_its_own_copy_of_the_method(method):
+    """A copy of a tuned model (e.g. a frozen reference model in RLHF) computes with its own parameters."""
+    import copy
+
+    model = _model()
+    handle = tuners.apply(model, CONFIGS[method]())
+    _perturb(handle)
+    copied = copy.deepcopy(model)
+    want = _logits(copied)
+    with torch.no_grad():
+        for p in handle.parameters().values():
+            p.zero_()
+    torch.testing.assert_close(_logits(copied), want, rtol=0, atol=0)

@@ -97,16 +97,19 @@ def find_sites(model: nn.Module) -> list[AdapterSite]:
     return sites
 
 
-def _hook(adapter: nn.Module, tuple_output: bool):
-    if tuple_output:
-        def hook(_module, _args, output):
-            if isinstance(output, tuple):
-                return (adapter(output[0]),) + tuple(output[1:])
-            return adapter(output)
-    else:
-        def hook(_module, _args, output):
-            return adapter(output)
-    return hook
+class AdapterHook:
+    """The forward hook that runs an adapter on its sublayer's output (the first element of a tuple
+    output). An object rather than a closure: a deepcopy of the model copies it with the model, so the
+    copy runs its own adapter."""
+
+    def __init__(self, adapter: nn.Module, tuple_output: bool) -> None:
+        self.adapter = adapter
+        self.tuple_output = tuple_output
+
+    def __call__(self, _module, _args, output):
+        if self.tuple_output and isinstance(output, tuple):
+            return (self.adapter(output[0]),) + tuple(output[1:])
+        return self.adapter(output)
 
 
 class BottleneckHandle(TunerHandle):
@@ -178,8 +181,8 @@ def apply(model: nn.Module, config: BottleneckConfig = BottleneckConfig(), *, fu
             adapter = Adapter(site.hidden_size, config.adapter_size, config.activation, config.dropout,
                               scale=config.scale, fused=fused, device=device, dtype=want)
             site.owner.add_module(ADAPTER_CHILD, adapter)
-            hooks.append(site.hooked.register_forward_hook(_hook(adapter, site.tuple_output)))
-        return BottleneckHandle(model, config, fused=fused, sites=sites, hooks=hooks)._register()
+            hooks.append(site.hooked.register_forward_hook(AdapterHook(adapter, site.tuple_output)))
+        return BottleneckHandle(model, config, fused=fused, sites=sites, hooks=hooks).register()
 
 
 def load(model: nn.Module, directory: str, *, trainable: bool = False, fused: bool = True) -> BottleneckHandle:

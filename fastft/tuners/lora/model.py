@@ -205,7 +205,7 @@ def apply(model: nn.Module, config, *, fused: bool = True, verbose: bool = False
                 _set_submodule(root, name, layer)
         else:
             _inject_peft_layers(root, config)
-        handle = LoraHandle(model, config, fused=fused)._register()
+        handle = LoraHandle(model, config, fused=fused).register()
     if verbose:
         print(handle.report)
     return handle
@@ -387,7 +387,7 @@ def from_peft(peft_model: nn.Module) -> "LoraHandle":
                 swapped += 1
         if swapped == 0:
             raise ValueError(f"no PEFT LoRA layer found in {type(peft_model).__name__}")
-        return LoraHandle(peft_model, config, fused=True)._register(trainable=None)
+        return LoraHandle(peft_model, config, fused=True).register(trainable=None)
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:

@@ -122,10 +122,11 @@ def _prefix_cache(model: nn.Module, encoder: PrefixEncoder, g: PrefixGeometry, b
     return cache
 
 
-def _pre_hook(model: nn.Module, encoder: PrefixEncoder, g: PrefixGeometry):
+def _pre_hook(model: nn.Module, g: PrefixGeometry):
     signature = inspect.signature(model.forward)
 
     def hook(module, args, kwargs):
+        encoder = module.get_submodule(ENCODER_CHILD)  # looked up per call: a deepcopy of the model uses its own
         bound = signature.bind_partial(*args, **kwargs)
         kw = dict(bound.arguments)
         extra = kw.pop("kwargs", None)
@@ -212,13 +213,13 @@ def apply(model: nn.Module, config: PrefixTuningConfig = PrefixTuningConfig(), *
     with applying(model, PrefixHandle.method, config, PrefixTuningConfig) as root:
         g = geometry(root)
         if not fused:
-            return PrefixHandle(_wrap_peft(root, config), config, fused=False, geometry=g)._register()
+            return PrefixHandle(_wrap_peft(root, config), config, fused=False, geometry=g).register()
         ref = next(root.parameters(), None)
         encoder = PrefixEncoder(config.num_virtual_tokens, g.token_dim, g.num_layers, config.prefix_projection,
                                 config.encoder_hidden_size, device=ref.device if ref is not None else None)
         root.add_module(ENCODER_CHILD, encoder)
-        hook = root.register_forward_pre_hook(_pre_hook(root, encoder, g), with_kwargs=True)
-        return PrefixHandle(model, config, fused=True, geometry=g, hook=hook)._register()
+        hook = root.register_forward_pre_hook(_pre_hook(root, g), with_kwargs=True)
+        return PrefixHandle(model, config, fused=True, geometry=g, hook=hook).register()
 
 
 def _wrap_peft(root: nn.Module, config: PrefixTuningConfig) -> nn.Module:
