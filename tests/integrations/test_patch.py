@@ -321,3 +321,22 @@ def test_bad_input():
     handle.undo()
     with pytest.raises(TypeError, match="from_pretrained"):
         fastft.AutoModelForCausalLM()
+
+
+@pytest.mark.parametrize("layers, fused_kind", [("norms", "RMSNorm"), ("mlp", "SwiGLU")])
+def test_layers_one_kind_only(layers, fused_kind):
+    """layers="norms" / "mlp" (the kernel stack's norms / mlp parts): only that kind runs fused, the other
+    kind is listed stock with the reason, and the outputs are the stock model's."""
+    model = tiny_model("llama")
+    ids, labels = batches(1)[0]
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    handle = fastft.patch(model, loss=False, lora=False, layers=layers)
+    fused = handle.report.fused("layers")
+    assert fused and all(fused_kind in e.detail for e in fused)
+    assert any(e.detail == f"layers={layers!r}" for e in handle.report.stock("layers"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+    handle.undo()
+    with pytest.raises(ValueError, match="layers must be"):
+        fastft.patch(model, layers="norm")
