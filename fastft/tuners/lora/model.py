@@ -129,24 +129,27 @@ def _modules_to_save(root: nn.Module, config: LoraConfig) -> list:
     return names
 
 
-def _lora_parameters(root: nn.Module, config: LoraConfig) -> dict:
-    """{name: parameter} of what LoRA trains: every layer's A and B, the biases ``config.bias`` names,
-    the ``modules_to_save`` modules."""
-    out = {}
+def _lora_tensors(root: nn.Module, config: LoraConfig):
+    """(name in the model, PEFT's key, tensor) of what LoRA owns: every layer's A and B, the biases
+    ``config.bias`` names, the ``modules_to_save`` modules' parameters and buffers (buffers: name None)."""
     for name, layer in lora_layers(root).items():
-        if isinstance(layer, LoRALinear):
-            out[f"{name}.lora_A"], out[f"{name}.lora_B"] = layer.lora_A, layer.lora_B
-        else:  # PEFT's layer
-            for ab in ("lora_A", "lora_B"):
-                for adapter, sub in getattr(layer, ab).items():
-                    out[f"{name}.{ab}.{adapter}.weight"] = sub.weight
+        for ab in ("lora_A", "lora_B"):
+            if isinstance(layer, LoRALinear):
+                yield f"{name}.{ab}", f"{PEFT_KEY_PREFIX}{name}.{ab}.weight", getattr(layer, ab)
+            else:  # PEFT's layer: ModuleDicts of Linears, one adapter
+                weight = getattr(layer, ab)[PEFT_ADAPTER].weight
+                yield f"{name}.{ab}.{PEFT_ADAPTER}.weight", f"{PEFT_KEY_PREFIX}{name}.{ab}.weight", weight
         if config.bias == "lora_only" and layer.base_layer.bias is not None:
-            out[f"{name}.base_layer.bias"] = layer.base_layer.bias
+            yield f"{name}.base_layer.bias", f"{PEFT_KEY_PREFIX}{name}.base_layer.bias", layer.base_layer.bias
     if config.bias == "all":
-        out.update({n: p for n, p in root.named_parameters() if n.split(".")[-1] == "bias"})
-    for name in _modules_to_save(root, config):
-        out.update({f"{name}.{n}": p for n, p in root.get_submodule(name).named_parameters()})
-    return out
+        for name, p in root.named_parameters():
+            if name.split(".")[-1] == "bias":
+                yield name, f"{PEFT_KEY_PREFIX}{name}", p
+    for module_name in _modules_to_save(root, config):
+        module = root.get_submodule(module_name)
+        params = dict(module.named_parameters())
+        for key, t in module.state_dict(keep_vars=True).items():
+            yield (f"{module_name}.{key}" if key in params else None), f"{PEFT_KEY_PREFIX}{module_name}.{key}", t
 
 
 # ------------------------------------------------------------------------------------------------
@@ -160,7 +163,7 @@ class LoraHandle(TunerHandle):
     method = "lora"
 
     def parameters(self) -> dict:
-        return _lora_parameters(self.root, self.config)
+        return {name: t for name, _, t in _lora_tensors(self.root, self.config) if name is not None}
 
     def _modules(self) -> list:
         return list(lora_layers(self.root))
@@ -251,24 +254,7 @@ def adapter_state_dict(model: nn.Module, config: LoraConfig = None) -> dict:
     fastft's and PEFT's LoRA layers alike. ``config``: the handle's (default: the model's LoRA handle)."""
     root = unwrap(model)
     config = config if config is not None else handles(root)["lora"].config
-    out = {}
-    for name, layer in lora_layers(root).items():
-        if isinstance(layer, LoRALinear):
-            a, b = layer.lora_A, layer.lora_B
-        else:
-            a, b = layer.lora_A[PEFT_ADAPTER].weight, layer.lora_B[PEFT_ADAPTER].weight
-        out[f"{PEFT_KEY_PREFIX}{name}.lora_A.weight"] = a
-        out[f"{PEFT_KEY_PREFIX}{name}.lora_B.weight"] = b
-        if config.bias == "lora_only" and layer.base_layer.bias is not None:
-            out[f"{PEFT_KEY_PREFIX}{name}.base_layer.bias"] = layer.base_layer.bias
-    if config.bias == "all":
-        for name, p in root.named_parameters():
-            if name.split(".")[-1] == "bias":
-                out[f"{PEFT_KEY_PREFIX}{name}"] = p
-    for name in _modules_to_save(root, config):
-        for key, t in root.get_submodule(name).state_dict().items():
-            out[f"{PEFT_KEY_PREFIX}{name}.{key}"] = t
-    return {k: v.detach() for k, v in out.items()}
+    return {key: t.detach() for _, key, t in _lora_tensors(root, config)}
 
 
 def _read_adapter_weights(directory: str) -> dict:
