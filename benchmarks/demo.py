@@ -22,7 +22,7 @@ QUICK = ["--run.max_steps=4", "--data.num_eval=10", "--eval.batch_size=10", "--o
 # The baseline evaluates at the start too: that eval leaves memory in the allocator that the steps then
 # reuse, so both runs must have it for their training memory to compare.
 BASELINE = ["--kernels.enabled=false", "--eval.at_end=false", "--checkpoint.at_end=false",
-            "--run.export_adapter=false", "--run.plots=false"]
+            "--run.export_methods=false", "--run.plots=false"]
 
 
 def _run(args: list[str]) -> None:

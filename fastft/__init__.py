@@ -2,11 +2,11 @@
 
 Layers (nothing imports upward): kernels (Triton, shipped as fastft.kernels) / csrc (C++, CUDA:
 fastft._C) / fastft.reference  →  fastft.ops (registered ops + dispatch)  →  fastft.nn  →
-fastft.lora, fastft.bottleneck, fastft.prefix, fastft.integrations, fastft.runtime.
+fastft.tuners (LoRA, bottleneck adapters, prefix tuning), fastft.integrations, fastft.runtime.
 
 Every public module is an attribute of ``fastft`` after ``import fastft``. The model-level ones are
 imported on first use (module ``__getattr__``), so ``import fastft`` stays light and brings in neither
-transformers nor peft; ``fastft.adapters`` is the deprecated old name of ``fastft.bottleneck``.
+transformers nor peft.
 """
 import importlib
 import importlib.util
@@ -42,10 +42,10 @@ from .ops import cross_entropy  # noqa: E402
 
 __version__ = "0.1.0"
 
-_LAZY_MODULES = ("bottleneck", "integrations", "lora", "prefix", "recipes", "runtime", "adapters")
+_LAZY_MODULES = ("integrations", "recipes", "runtime", "tuners")
 
-__all__ = ["backend", "bottleneck", "cross_entropy", "integrations", "lora", "nn", "ops", "prefix", "recipes",
-           "reference", "runtime", "__version__"]
+__all__ = ["backend", "cross_entropy", "integrations", "nn", "ops", "recipes", "reference", "runtime", "tuners",
+           "__version__"]
 
 
 def __getattr__(name: str):
@@ -57,4 +57,4 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_LAZY_MODULES) - {"adapters"})
+    return sorted(set(globals()) | set(_LAZY_MODULES))

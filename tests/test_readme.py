@@ -43,9 +43,10 @@ SNIPPETS = _snippets()
 
 def test_readme_has_a_snippet_per_feature():
     code = "\n".join(c for _, c in SNIPPETS)
-    for api in ("fastft.ops.cross_entropy", "lora.apply_lora", "lora.save_adapter", "lora.load_adapter",
-                "lora.from_peft", "lora.merge_and_unload", "patch_causal_lm_loss", "apply_bottleneck_adapters",
-                "apply_prefix_tuning", "fastft.patch(", "kl_penalty", "full_kl", "linear_full_kl", "grpo_step.py"):
+    for api in ("fastft.ops.cross_entropy", "tuners.LoraConfig", "handle.save", "tuners.load", ".merge()",
+                "lora.from_peft", "lora.merge_and_unload", "patch_causal_lm_loss", "tuners.BottleneckConfig",
+                "tuners.PrefixTuningConfig", "handle.remove()", "fastft.patch(", "kl_penalty", "full_kl",
+                "linear_full_kl", "grpo_step.py"):
         assert api in code, f"no README snippet uses {api}"
 
 
@@ -64,7 +65,7 @@ def test_every_public_module_reachable_from_import_fastft_lazily():
     code = (
         "import sys, fastft\n"
         "assert 'transformers' not in sys.modules and 'peft' not in sys.modules, 'import fastft pulled in HF'\n"
-        "for name in ('backend', 'ops', 'nn', 'reference', 'lora', 'bottleneck', 'prefix', 'integrations', "
+        "for name in ('backend', 'ops', 'nn', 'reference', 'tuners', 'integrations', "
         "'runtime', 'recipes'):\n"
         "    assert type(getattr(fastft, name)).__name__ == 'module', name\n"
         "    assert name in dir(fastft), name\n"

@@ -19,7 +19,8 @@ What it patches, per instance (no class and no module global is touched):
   keep working, and a disabled, merged or mixed-batch call runs PEFT's own forward.
 * ``layers``: the RMSNorm and SwiGLU-MLP modules of the named architectures run fastft.nn.RMSNorm's
   and fastft.nn.SwiGLU's fused ops on their own weights.
-* ``adapters``: fastft's bottleneck adapters already run fused; other PEFT tuners are listed as stock.
+fastft's own methods (``fastft.tuners``) already run fastft's kernels (chosen by their ``fused`` argument);
+the report lists bottleneck adapters and prefix tuning as found, and other PEFT tuners as stock.
 
 Dispatch is by ``config.model_type``: the named architectures (``ARCHITECTURES``) are tested by
 fastft's convergence tests; any other causal LM with a plain Linear head and the ForCausalLM loss goes
@@ -39,6 +40,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..tuners.base import handles, unwrap
 from . import transformers as hf_loss
 
 __all__ = ["ARCHITECTURES", "AutoModelForCausalLM", "PatchEntry", "PatchHandle", "PatchReport", "get_handle", "patch"]
@@ -89,7 +91,7 @@ _SILU_NAMES = ("silu", "swish")
 
 @dataclass(frozen=True)
 class PatchEntry:
-    part: str  # "loss", "lora", "layers", "adapters", "model"
+    part: str  # "loss", "lora", "layers", "bottleneck", "prefix", "model"
     module: str  # qualified module name ("" for the model)
     fused: bool
     detail: str  # what runs, or why it was left stock
@@ -163,18 +165,21 @@ def get_handle(model: nn.Module) -> Optional[PatchHandle]:
 # ------------------------------------------------------------------------------------------------
 
 
-def patch(model: nn.Module, *, loss: bool = True, lora: bool = True, adapters: bool = True, layers: bool = True,
+def patch(model: nn.Module, *, loss: bool = True, lora: bool = True, layers: bool = True,
           verbose: bool = False, return_logits: bool = False, check: str = "auto") -> PatchHandle:
     """Patch ``model`` in place with fastft's fused kernels; returns a :class:`PatchHandle` (``.report``,
     ``.undo()``). ``model``: a transformers causal LM, a PeftModel around one, an FSDP2-sharded one, or a
     torch.compile'd one (its ``_orig_mod`` is patched; the compiled wrapper retraces on its next call).
 
-    ``loss`` / ``lora`` / ``layers`` / ``adapters`` switch the parts (see the module docstring).
+    ``loss`` / ``lora`` / ``layers`` switch the parts (see the module docstring); ``layers`` may also name
+    one kind of layer, "norms" (RMSNorm) or "mlp" (SwiGLU MLP), to patch only that one.
     ``return_logits``: labelled forwards also return logits (they are then built). ``check``: "auto"
     compares patched and stock loss on one batch for architectures not in ``ARCHITECTURES``, "always"
     for every model, "never" skips it. ``verbose`` prints the report."""
     if check not in ("auto", "always", "never"):
         raise ValueError(f"check must be 'auto', 'always' or 'never', got {check!r}")
+    if layers not in (True, False, "norms", "mlp"):
+        raise ValueError(f"layers must be True, False, 'norms' or 'mlp', got {layers!r}")
     root, notes = _unwrap(model)
     if not isinstance(getattr(getattr(root, "config", None), "model_type", None), str):
         raise TypeError(f"fastft.patch takes a Hugging Face transformers model (with a config.model_type), got "
@@ -189,7 +194,7 @@ def patch(model: nn.Module, *, loss: bool = True, lora: bool = True, adapters: b
         handle.report.add("model", "", True, note)
     try:
         _patch_lora(root, handle, enabled=lora)
-        _report_adapters(root, handle, enabled=adapters)
+        _report_tuners(root, handle)
         _patch_layers(root, handle, enabled=layers)
         if loss:
             _patch_loss(root, handle, check=check, return_logits=return_logits)
@@ -213,10 +218,9 @@ def _unwrap(model: nn.Module) -> tuple[nn.Module, list]:
     if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule":
         notes.append("torch.compile'd model: its _orig_mod is patched; the compiled wrapper retraces on its next call")
         model = inner
-    get_base = getattr(model, "get_base_model", None)
-    if callable(get_base) and hasattr(model, "peft_config"):
-        notes.append(f"PeftModel: patched the {type(get_base()).__name__} inside it")
-        model = get_base()
+    if unwrap(model) is not model:
+        model = unwrap(model)
+        notes.append(f"PeftModel: patched the {type(model).__name__} inside it")
     from .._fsdp import FSDPModule
 
     if FSDPModule is not None and (isinstance(model, FSDPModule) or isinstance(outer, FSDPModule)):
@@ -276,18 +280,16 @@ def _patch_lora(root: nn.Module, handle: PatchHandle, *, enabled: bool) -> None:
 
 def _fused_lora_delegate(module: nn.Module):
     """(a fastft LoRALinear computing ``module``'s forward, None) or (None, why not), checked by
-    fastft.lora.from_peft's own rules (one plain-LoRA adapter on an nn.Linear, unmerged, no lora_bias)."""
-    from ..lora import from_peft
+    fastft.tuners.layer_from_peft's rules (one plain-LoRA adapter on an nn.Linear, unmerged, no lora_bias)."""
+    from ..tuners import layer_from_peft
 
-    holder = nn.Module()
-    holder.layer = module
     try:
-        from_peft(holder)
+        layer = layer_from_peft(module)
     except ValueError as error:
-        return None, str(error).removeprefix("layer: ")
+        return None, str(error)
     if module.lora_variant:
         return None, f"LoRA variant {type(next(iter(module.lora_variant.values()))).__name__} (fastft fuses plain LoRA)"
-    return holder.layer, ""
+    return layer, ""
 
 
 def _fused_peft_lora_forward(self, x, *args, **kwargs):
@@ -301,23 +303,25 @@ def _fused_peft_lora_forward(self, x, *args, **kwargs):
     return delegate(x)
 
 
-def _report_adapters(root: nn.Module, handle: PatchHandle, *, enabled: bool) -> None:
-    from ..bottleneck import has_bottleneck_adapters
-    from ..prefix import has_prefix_tuning
+def _report_tuners(root: nn.Module, handle: PatchHandle) -> None:
+    """fastft's bottleneck adapters and prefix (fastft.tuners) as they are: patch changes neither."""
+    methods = handles(root)
+    if "bottleneck" in methods:
+        fused = methods["bottleneck"].fused
+        handle.report.add("bottleneck", "", fused, "fastft bottleneck adapters run fastft.ops.adapter (fused already)"
+                          if fused else "fastft bottleneck adapters built with fused=False (eager torch)")
+    if "prefix" in methods:
+        handle.report.add("prefix", "", False, "prefix tuning is a key/value cache prefix: nothing to fuse")
 
-    if has_bottleneck_adapters(root):
-        handle.report.add("adapters", "", enabled, "fastft bottleneck adapters run fastft.ops.adapter (fused already)"
-                          if enabled else "adapters=False (they still run fastft.ops.adapter, they are fastft's)")
-    if has_prefix_tuning(root):
-        handle.report.add("adapters", "", False, "prefix tuning is a key/value cache prefix: nothing to fuse")
 
-
-def _patch_layers(root: nn.Module, handle: PatchHandle, *, enabled: bool) -> None:
+def _patch_layers(root: nn.Module, handle: PatchHandle, *, enabled) -> None:
+    """``enabled``: True (norms and MLPs), False, "norms" or "mlp"."""
     arch = ARCHITECTURES.get(root.config.model_type)
     report = handle.report
     if not enabled:
         report.add("layers", "", False, "layers=False")
         return
+    norms, mlps = enabled in (True, "norms"), enabled in (True, "mlp")
     if arch is None:
         report.add("layers", "", False, f"model_type {root.config.model_type!r} has no fused-layer table entry")
         return
@@ -328,7 +332,11 @@ def _patch_layers(root: nn.Module, handle: PatchHandle, *, enabled: bool) -> Non
     norm_class = f"{prefix}RMSNorm"
     for name, module in root.named_modules():
         cls = type(module).__name__
-        if arch.norm and cls == norm_class:
+        if cls == norm_class and not norms:
+            report.add("layers", name, False, f"layers={enabled!r}")
+        elif cls.endswith("MLP") and hasattr(module, "down_proj") and not mlps:
+            report.add("layers", name, False, f"layers={enabled!r}")
+        elif arch.norm and cls == norm_class:
             casting_mode, offset, eps_attr = _NORM_FLAVOURS[arch.norm]
             reason = _override_forward(handle, module, _fused_rms_norm_forward, _LAYER_ATTR,
                                        (casting_mode, offset, eps_attr))
@@ -346,7 +354,7 @@ def _patch_layers(root: nn.Module, handle: PatchHandle, *, enabled: bool) -> Non
                 report.add("layers", name, False, why)
     if not arch.norm:
         report.add("layers", "", False, f"{model_class.__name__}'s norms are LayerNorm: no fastft kernel")
-    if not any(e.part == "layers" and "SwiGLU" in e.detail for e in report.entries):
+    if mlps and not any(e.part == "layers" and "SwiGLU" in e.detail for e in report.entries):
         report.add("layers", "", False, f"{model_class.__name__}'s MLP is not a gate/up/down SwiGLU: no fastft kernel")
 
 
@@ -471,7 +479,7 @@ def _one_batch_loss(root: nn.Module) -> tuple[Optional[float], str]:
 # Auto class
 # ------------------------------------------------------------------------------------------------
 
-_PATCH_OPTIONS = ("loss", "lora", "adapters", "layers", "verbose", "return_logits", "check")
+_PATCH_OPTIONS = ("loss", "lora", "layers", "verbose", "return_logits", "check")
 
 
 class AutoModelForCausalLM:

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.linear_cross_entropy import linear_cross_entropy as fused_linear_cross_entropy
+from ..tuners.base import unwrap
 from ._head import head_operands
 from ._head import unsupported_reason as unsupported_head_reason
 
@@ -72,14 +73,8 @@ class _PatchState:
     loss_called: bool = False
 
 
-def _target_model(model: nn.Module) -> nn.Module:
-    """The transformers model itself (unwrap a PEFT PeftModel)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 def is_patched(model: nn.Module) -> bool:
-    return _STATE_ATTR in vars(_target_model(model))
+    return _STATE_ATTR in vars(unwrap(model))
 
 
 def _logit_transforms(model: nn.Module) -> tuple[Optional[float], Optional[float]]:
@@ -105,7 +100,7 @@ def patch_causal_lm_loss(model: nn.Module, *, return_logits: bool = False, chunk
     """Route the loss of a causal LM's labelled forward (train and eval) through the fused linear
     cross-entropy (in place; returns ``model``). ``return_logits``: also return logits then (they are built).
     ``chunk_size``: token rows per chunk (default: fastft's memory budget). Idempotent."""
-    target = _target_model(model)
+    target = unwrap(model)
     if is_patched(target):
         return model
     lm_head = target.get_output_embeddings() if hasattr(target, "get_output_embeddings") else None
@@ -294,7 +289,7 @@ def _replace_logits(out, logits: Optional[Tensor]):
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo :func:`patch_causal_lm_loss` (a no-op on an unpatched model)."""
-    target = _target_model(model)
+    target = unwrap(model)
     state = vars(target).get(_STATE_ATTR)
     if state is None:
         return model

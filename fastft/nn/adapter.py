@@ -18,12 +18,10 @@ class Adapter(nn.Module):
     parameters may be kept in a wider dtype than the activations (fp32 masters in a bf16 model, as PEFT
     does): they are cast to ``x``'s dtype for the op and gradients flow back to them.
 
-    ``fused = False`` runs the same block as plain torch modules would (two ``F.linear``, the activation,
+    ``fused=False`` runs the same block as plain torch modules would (two ``F.linear``, the activation,
     ``F.dropout`` with torch's RNG): the eager baseline of comparisons such as the runtime's
-    ``kernels.bottleneck = false``.
+    ``kernels.bottleneck = false``. Chosen at construction (``self.fused``), like any other option.
     """
-
-    fused: bool = True
 
     def __init__(
         self,
@@ -35,6 +33,7 @@ class Adapter(nn.Module):
         scale: float = 1.0,
         bias: bool = True,
         init_std: float = 0.01,
+        fused: bool = True,
         device=None,
         dtype=None,
     ) -> None:
@@ -53,6 +52,7 @@ class Adapter(nn.Module):
         self.dropout = float(dropout)
         self.scale = float(scale)
         self.init_std = float(init_std)
+        self.fused = bool(fused)
         self.down = nn.Linear(hidden_size, adapter_size, bias=bias, device=device, dtype=dtype)
         self.up = nn.Linear(adapter_size, hidden_size, bias=bias, device=device, dtype=dtype)
         self.reset_parameters()
@@ -81,4 +81,4 @@ class Adapter(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, adapter_size={self.adapter_size}, activation={self.activation!r}, "
-                f"dropout={self.dropout}, scale={self.scale}")
+                f"dropout={self.dropout}, scale={self.scale}" + ("" if self.fused else ", fused=False"))

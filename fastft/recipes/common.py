@@ -199,8 +199,8 @@ def word_targets(word_ids: list, per_word: list) -> list:
 
 def cross_entropy(cfg, logits: Tensor, target: Tensor, weight: Optional[Tensor] = None,
                   reduction: str = "sum") -> Tensor:
-    """fastft's cross-entropy (class weights, ignore_index -100), or torch's with ``kernels.enabled = false``."""
-    if cfg.kernels.enabled:
+    """fastft's cross-entropy (class weights, ignore_index -100), or torch's with ``kernels.loss`` off (the kernel stack)."""
+    if cfg.kernels.stack.loss:
         from fastft.ops import cross_entropy as fused
 
         return fused(logits, target, weight, reduction=reduction)

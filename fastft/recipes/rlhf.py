@@ -89,7 +89,7 @@ def sampled_logprobs(cfg, model: nn.Module, seqs: Tensor, mask: Tensor, prompt_l
     positions = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: positions count real tokens, as generate does
     logits = model(input_ids=seqs, attention_mask=mask, position_ids=positions, use_cache=False,
                    logits_to_keep=completions.shape[1] + 1).logits[:, :-1]
-    if cfg.kernels.enabled:
+    if cfg.kernels.stack.loss:
         from fastft.ops import selective_log_softmax
 
         return selective_log_softmax(logits, completions, temperature=temperature)
@@ -100,7 +100,7 @@ def sampled_logprobs(cfg, model: nn.Module, seqs: Tensor, mask: Tensor, prompt_l
 def kl_estimate(cfg, logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
     """Per-token KL estimate: fastft's kl_penalty op, or with the kernels off its pure-torch reference (the
     same estimator in eager torch ops, not a second hand-written copy)."""
-    if cfg.kernels.enabled:
+    if cfg.kernels.stack.loss:
         from fastft.ops import kl_penalty
 
         return kl_penalty(logp, ref_logp, estimator=estimator)

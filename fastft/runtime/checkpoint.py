@@ -42,6 +42,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from .config import METHOD_SECTIONS
+
 LATEST = "latest"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -160,13 +162,11 @@ def resume_settings(cfg, world: int) -> dict:
     parameters (model, methods and their kernel switches), what the saved optimizer and scheduler hold
     (their learning rate, betas, eps and weight decay would be read back from the checkpoint, not the
     config), and what defines the data position (data, seed, global batch)."""
-    from .models import kernel_switches
-
     c = cfg.to_dict()
-    settings = {f"{section}.{key}": value for section in ("model", "lora", "prefix", "bottleneck", "recipe")
+    settings = {f"{section}.{key}": value for section in ("model", *METHOD_SECTIONS, "recipe")
                 for key, value in c[section].items() if (section, key) != ("model", "convert_cache")}
-    switches = kernel_switches(cfg)
-    settings.update({"kernels.lora (in effect)": switches["lora"], "kernels.prefix (in effect)": switches["prefix"]})
+    stack = cfg.kernels.stack  # fastft's or the stock implementation: the trainable parameters' names differ
+    settings.update({f"kernels.{name} (in effect)": getattr(stack, name) for name in METHOD_SECTIONS})
     for key in ("data.task", "data.path", "data.generator", "data.num_train", "data.max_length", "data.packing",
                 "run.seed", "optim.lr", "optim.weight_decay", "optim.beta1", "optim.beta2", "optim.eps"):
         section, name = key.split(".")

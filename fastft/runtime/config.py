@@ -27,7 +27,7 @@ class RunConfig:
     """Where the run writes, how long it runs, and what it does with an earlier run's checkpoints."""
 
     output_dir: str = "runs/default"
-    """metrics.jsonl, summary.json, curves.png, checkpoints/ and the exported methods (adapter/, prefix/, bottleneck/)"""
+    """metrics.jsonl, summary.json, curves.png, checkpoints/ and one folder per method (lora/, prefix/, bottleneck/)"""
     seed: int = 0
     """Model init (config-built models), adapter init and data order"""
     max_steps: int = 100
@@ -38,7 +38,7 @@ class RunConfig:
     """A tqdm bar on rank 0"""
     plots: bool = True
     """PNG curves of the metrics at the end"""
-    export_adapter: bool = True
+    export_methods: bool = True
     """At the end, each method's trained parameters in its own folder of output_dir (PEFT's format for LoRA and
     prefix), gathered under sharding"""
     resume: bool = True
@@ -80,33 +80,78 @@ class ModelConfig:
     """tiny_llama: the output layer shares the embedding's weight"""
 
 
+# The method sections: the fields of fastft.tuners' configs, by the same names (PEFT's, where PEFT has the
+# method), plus `enabled`; `to_config()` builds the tuner's config. TOML has no None: 0 stands for it.
+
+
 @dataclass(frozen=True)
 class LoraSection:
+    """LoRA (fastft.tuners.LoraConfig, PEFT's field names)."""
+
     enabled: bool = True
+    """Apply LoRA"""
     r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    target_modules: Any = "all-linear"   # PEFT's rules: a list of names, a regex, or "all-linear"
+    """Rank of the adapter"""
+    lora_alpha: float = 32.0
+    """Scale numerator: the update is (lora_alpha / r) B A x"""
+    lora_dropout: float = 0.0
+    """Dropout on the adapter's input"""
+    target_modules: Any = "all-linear"
+    """PEFT's rules: a list of module names, a regex, or all-linear (every Linear but the output layer)"""
+
+    def to_config(self):
+        from ..tuners import LoraConfig
+
+        target = list(self.target_modules) if isinstance(self.target_modules, (list, tuple)) else self.target_modules
+        return LoraConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, target_modules=target,
+                          task_type="CAUSAL_LM")
 
 
 @dataclass(frozen=True)
 class BottleneckSection:
-    # bottleneck adapters (fastft.bottleneck) after the attention and/or MLP output of every block
+    """Bottleneck adapters (fastft.tuners.BottleneckConfig) after the attention and/or MLP output of every block."""
+
     enabled: bool = False
+    """Apply bottleneck adapters"""
     adapter_size: int = 64
-    placement: str = "houlsby"     # houlsby (attention and MLP) | pfeiffer (MLP only)
-    activation: str = "relu"       # relu | gelu | gelu_tanh | silu
+    """Width of the bottleneck"""
+    placement: str = "houlsby"
+    """houlsby: after attention and MLP; pfeiffer: after the MLP only"""
+    activation: str = "relu"
+    """The bottleneck's activation"""
     dropout: float = 0.1
+    """Dropout inside the adapter, in [0, 1)"""
     scale: float = 1.0
+    """Multiplier of the adapter's output added to the residual"""
+
+    def to_config(self):
+        from ..tuners import BottleneckConfig
+
+        return BottleneckConfig(self.adapter_size, self.placement, self.activation, self.dropout, self.scale)
 
 
 @dataclass(frozen=True)
 class PrefixSection:
-    # prefix tuning (fastft.prefix, PEFT-compatible): trainable key/value prefixes in every layer
+    """Prefix tuning (fastft.tuners.PrefixTuningConfig, PEFT's field names): trainable key/value prefixes in every
+    layer."""
+
     enabled: bool = False
+    """Apply prefix tuning"""
     num_virtual_tokens: int = 20
-    projection: bool = False       # a two-layer tanh MLP produces the prefix (PEFT's prefix_projection)
-    encoder_hidden_size: int = 0   # that MLP's width (0: the key/value width)
+    """Prefix length per layer"""
+    prefix_projection: bool = False
+    """A two-layer tanh MLP produces the prefix (PEFT's reparametrization)"""
+    encoder_hidden_size: int = 0
+    """That MLP's width (0: the key/value width)"""
+
+    def to_config(self):
+        from ..tuners import PrefixTuningConfig
+
+        return PrefixTuningConfig(self.num_virtual_tokens, self.prefix_projection, self.encoder_hidden_size or None)
+
+
+# the method sections, in the order prepare_model applies them (each draws its initial weights from its own seed)
+METHOD_SECTIONS = ("lora", "prefix", "bottleneck")
 
 
 @dataclass(frozen=True)
@@ -206,13 +251,47 @@ class MemoryConfig:
 
 
 @dataclass(frozen=True)
+class KernelStack:
+    """Which parts run fastft's kernels (True) or the stock implementation (False), resolved once from
+    ``[kernels]`` (``cfg.kernels.stack``); the runtime and the recipes read this, nothing else."""
+
+    loss: bool = True        # fused linear cross-entropy head (off: the model's own loss); recipes' losses too
+    lora: bool = True        # fastft's fused LoRA layers (off: PEFT's)
+    bottleneck: bool = True  # fastft's fused adapter op (off: the same block in eager torch)
+    prefix: bool = True      # fastft's prefix tuning (off: PEFT's)
+    norms: bool = True       # fused RMSNorm where the architecture has it (fastft.patch(layers="norms"))
+    mlp: bool = True         # fused SwiGLU MLP where the architecture has it (fastft.patch(layers="mlp"))
+
+    @classmethod
+    def stock(cls) -> "KernelStack":
+        return cls(**{f.name: False for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
 class KernelsConfig:
-    enabled: bool = True           # false: every switch below off (stock transformers + PEFT)
-    fused_loss: bool = True        # fastft.integrations.transformers.patch_causal_lm_loss
-    lora: bool = True              # fastft.lora (fused LoRA layers) instead of PEFT's
-    fused_layers: bool = True      # fused RMSNorm / SwiGLU MLP (fastft.patch(layers=True)) where the architecture has them
-    bottleneck: bool = True        # bottleneck adapters through fastft's fused op (off: the same block in eager torch)
-    prefix: bool = True            # fastft.prefix (off: PEFT's prefix tuning)
+    """fastft's kernels or the stock implementation, per part; resolved once into ``cfg.kernels.stack``
+    (KernelStack), which the runtime and the recipes read. All off is the built-in stock comparison."""
+
+    enabled: bool = True
+    """false: every part below stock (transformers + PEFT + torch), whatever its own switch says"""
+    loss: bool = True
+    """The fused linear cross-entropy head (causal LMs) and the recipes' losses (fastft.ops; off: torch's)"""
+    lora: bool = True
+    """fastft's fused LoRA layers (off: PEFT's)"""
+    bottleneck: bool = True
+    """fastft's fused adapter op (off: the same block in eager torch)"""
+    prefix: bool = True
+    """fastft's prefix tuning (off: PEFT's)"""
+    norms: bool = True
+    """Fused RMSNorm where the architecture has it"""
+    mlp: bool = True
+    """Fused SwiGLU MLP where the architecture has it"""
+
+    @property
+    def stack(self) -> KernelStack:
+        if not self.enabled:
+            return KernelStack.stock()
+        return KernelStack(**{f.name: getattr(self, f.name) for f in dataclasses.fields(KernelStack)})
 
 
 @dataclass(frozen=True)
@@ -328,16 +407,26 @@ def _check_type(key: str, value, expected):
     return value
 
 
+# keys of 0.1's development that were renamed: the tuners' own field names, one kernel switch per part
+RENAMED = {"run.export_adapter": "run.export_methods", "lora.alpha": "lora.lora_alpha", "lora.dropout": "lora.lora_dropout",
+           "prefix.projection": "prefix.prefix_projection", "kernels.fused_loss": "kernels.loss",
+           "kernels.fused_layers": "kernels.norms and kernels.mlp"}
+
+
 def section_from_table(cls, table: dict, name: str, context: str = ""):
     """The section dataclass ``cls`` built from its TOML table ``table`` (``name``: where it sits, e.g. "optim"
     or "recipe.options"; ``context`` is added to the unknown-key message): an unknown key or a value of the
-    wrong type is a ConfigError naming it (and the valid keys). Recipes build their options with it too."""
+    wrong type is a ConfigError naming it (and the valid keys; a renamed key, its new name). Recipes build
+    their options with it too."""
     if not isinstance(table, dict):
         raise ConfigError(f"config section {name!r} must be a table of keys, got {table!r}")
     keys = _section_types(cls)
     for key in table:
         if key not in keys:
-            raise ConfigError(f"unknown config key {name}.{key}{context}; valid keys of [{name}]: {', '.join(keys)}")
+            renamed = RENAMED.get(f"{name}.{key}")
+            hint = f" (renamed: {renamed})" if renamed else ""
+            raise ConfigError(f"unknown config key {name}.{key}{hint}{context}; valid keys of [{name}]: "
+                              f"{', '.join(keys)}")
     return cls(**{k: _check_type(f"{name}.{k}", v, keys[k]) for k, v in table.items()})
 
 
@@ -399,10 +488,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"bottleneck.dropout must be in [0, 1), got {cfg.bottleneck.dropout!r}")
     if cfg.prefix.encoder_hidden_size < 0:
         raise ConfigError(f"prefix.encoder_hidden_size must be >= 0, got {cfg.prefix.encoder_hidden_size!r}")
-    peft_methods = [name for name, on, fastft_kernel in (("lora", cfg.lora.enabled, cfg.kernels.lora),
-                                                          ("prefix", cfg.prefix.enabled, cfg.kernels.prefix))
-                    if on and not (cfg.kernels.enabled and fastft_kernel)]
-    if len(peft_methods) > 1:
+    stack = cfg.kernels.stack
+    if cfg.lora.enabled and cfg.prefix.enabled and not stack.lora and not stack.prefix:
         raise ConfigError("lora and prefix are both enabled with fastft's versions off (kernels.enabled / kernels.lora / "
                           "kernels.prefix), but PEFT applies one method per model: turn one of them on in fastft")
     if cfg.prefix.enabled and cfg.data.packing:

@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .models import base_model, transformer_blocks
+from ..tuners.base import unwrap
+from .models import transformer_blocks
 
 FSDP_MODES = ("zero2", "fsdp2", "hsdp")
 
@@ -109,7 +110,7 @@ def _offloaded(inner, *args, **kwargs):
 def _head_unit(model: nn.Module) -> list:
     """[final norm, lm_head] when the head is not tied to the embeddings (a tied head stays in the root
     unit with the embedding it shares)."""
-    base = base_model(model)
+    base = unwrap(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if head is None or getattr(getattr(base, "config", None), "tie_word_embeddings", False):
         return []

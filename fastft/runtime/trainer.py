@@ -12,6 +12,7 @@ One optimizer step:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import shutil
@@ -27,7 +28,7 @@ from .checkpoint import Checkpointer, has_checkpoints, resume_settings, warn
 from .config import Config, ConfigError
 from .data import step_micro_batches
 from .memory import MemoryMeter
-from .models import build_model, export_adapters, kernel_switches, prepare_model
+from .models import build_model, export_methods, prepare_model
 from .parallel import (FSDP_MODES, Dist, all_reduce_max, all_reduce_sum, apply_activation_checkpointing,
                        compile_blocks, init_distributed, unwrap, wrap)
 from .tasks import build_task, import_recipe
@@ -299,7 +300,7 @@ class Trainer:
             (self.output / "metrics.jsonl").unlink()  # a fresh run's log starts empty
         for cb in self.callbacks:
             cb.on_train_begin(self)
-        summary: dict = {"resumed_from": self.step if resumed else None, "kernels": kernel_switches(c),
+        summary: dict = {"resumed_from": self.step if resumed else None, "kernels": dataclasses.asdict(c.kernels.stack),
                          "compiled_blocks": self.compiled_blocks,
                          "world_size": self.d.world, "mode": c.parallel.mode if self.d.active else "single"}
         if c.eval.at_start and not resumed:
@@ -344,8 +345,8 @@ class Trainer:
             summary["eval_end"] = self.evaluate()
         if c.checkpoint.at_end:
             summary["checkpoint"] = str(self.save())
-        if c.run.export_adapter:
-            summary["exported"] = export_adapters(unwrap(self.model), self.output, c, self.d.is_rank0)
+        if c.run.export_methods:
+            summary["exported"] = export_methods(unwrap(self.model), self.output, self.d.is_rank0)
         steady = timed[1:] or timed  # the first step pays one-off costs (allocations, lazy init)
         if steady:
             total_s = sum(r["seconds"] for r in steady)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastft
-from fastft import lora as fl
+from fastft.tuners import lora as fl
 from fastft.integrations.transformers import patch_causal_lm_loss
 
 from cuda_truth import BACKENDS, check

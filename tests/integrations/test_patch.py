@@ -160,9 +160,10 @@ def test_lora_head_trains_fused(tied, monkeypatch):
 
 
 def test_fastft_lora_head_trains_fused():
-    from fastft.lora import LoraConfig, apply_lora
+    from fastft.tuners import LoraConfig, apply
 
-    model = apply_lora(tiny_model("qwen3"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
+    model = tiny_model("qwen3")
+    apply(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
     with torch.no_grad():
         model.lm_head.lora_B.normal_(0, 0.05)
     ids, labels = batches(1)[0]
@@ -220,18 +221,18 @@ def test_generic_path_checks_the_loss_on_one_batch():
 
 
 def test_adapters_and_gradient_checkpointing():
-    from fastft.bottleneck import apply_bottleneck_adapters
+    from fastft.tuners import BottleneckConfig, apply
 
     model = tiny_model("mistral")
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x (the old name warns)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    apply_bottleneck_adapters(model, adapter_size=8, dropout=0.0)
+    apply(model, BottleneckConfig(adapter_size=8, dropout=0.0))
     ids, labels = batches(1)[0]
     stock_out, stock_grads = _loss_and_grads(model, ids, labels)
     handle = fastft.patch(model)
-    assert "fused already" in handle.report.fused("adapters")[0].detail
+    assert "fused already" in handle.report.fused("bottleneck")[0].detail
     out, grads = _loss_and_grads(model, ids, labels)
     assert out.logits is None and any("fastft_adapter" in n for n in grads)
     torch.testing.assert_close(out.loss, stock_out.loss, rtol=1e-5, atol=1e-6)
@@ -320,3 +321,22 @@ def test_bad_input():
     handle.undo()
     with pytest.raises(TypeError, match="from_pretrained"):
         fastft.AutoModelForCausalLM()
+
+
+@pytest.mark.parametrize("layers, fused_kind", [("norms", "RMSNorm"), ("mlp", "SwiGLU")])
+def test_layers_one_kind_only(layers, fused_kind):
+    """layers="norms" / "mlp" (the kernel stack's norms / mlp parts): only that kind runs fused, the other
+    kind is listed stock with the reason, and the outputs are the stock model's."""
+    model = tiny_model("llama")
+    ids, labels = batches(1)[0]
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    handle = fastft.patch(model, loss=False, lora=False, layers=layers)
+    fused = handle.report.fused("layers")
+    assert fused and all(fused_kind in e.detail for e in fused)
+    assert any(e.detail == f"layers={layers!r}" for e in handle.report.stock("layers"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+    handle.undo()
+    with pytest.raises(ValueError, match="layers must be"):
+        fastft.patch(model, layers="norm")

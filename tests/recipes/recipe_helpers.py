@@ -10,7 +10,7 @@ TINY_MODEL = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_
 def tiny_config(out, module: str, task: str, builder: str, options: dict, **sections) -> Config:
     base = {
         "run": {"output_dir": str(out), "max_steps": 20, "progress": False, "plots": False, "resume": False,
-                "export_adapter": False, "seed": 0},
+                "export_methods": False, "seed": 0},
         "model": {"builder": builder, **TINY_MODEL},
         "lora": {"enabled": False},
         "data": {"task": task, "generator": "generated", "num_train": 400, "num_eval": 100, "max_length": 96},

@@ -13,17 +13,17 @@ from recipe_helpers import fit, tiny_config
 
 def config(tmp_path, module, task, builder, options=None, **sections):
     return tiny_config(tmp_path, f"fastft.recipes.{module}", task, builder, options or {},
-                       **{"kernels": {"fused_loss": False}, "data": {"generator": "reviews", "max_length": 64},
+                       **{"data": {"generator": "reviews", "max_length": 64},
                           "optim": {"lr": 3e-3}, **sections})
 
 
 def test_multitask_both_heads_learn(tmp_path):
     """30 steps: tagging F1 >= 0.8 and sentiment accuracy up by >= 0.3, from one shared encoder. With
-    kernels.fused_loss on (the default): it patches causal LMs only, so an encoder with heads builds and
+    kernels.loss on (the default): it patches causal LMs only, so an encoder with heads builds and
     trains with its own loss instead of failing on the patch."""
     _, summary = fit(config(tmp_path, "multitask", "multitask", "multitask_encoder", run={"max_steps": 30},
-                            kernels={"fused_loss": True}))
-    assert summary["kernels"]["fused_loss"]
+                            kernels={"loss": True}))
+    assert summary["kernels"]["loss"]
     start, end = summary["eval_start"], summary["eval_end"]
     assert end["tags_f1"] >= 0.8, end
     assert end["label_accuracy"] >= start["label_accuracy"] + 0.3, (start, end)

@@ -25,7 +25,7 @@ def test_every_weight_trains_and_eval_loss_drops(tmp_path):
     assert summary["eval_end"]["loss"] <= 0.6 * summary["eval_start"]["loss"], summary
     model = unwrap(trainer.model)
     assert all(p.requires_grad for p in model.parameters())
-    assert summary["kernels"]["fused_loss"]
+    assert summary["kernels"]["loss"]
 
 
 def test_layer_wise_learning_rates(tmp_path):

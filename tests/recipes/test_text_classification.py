@@ -15,7 +15,7 @@ MODULE = "fastft.recipes.text_classification"
 
 def config(tmp_path, options=None, **sections):
     return tiny_config(tmp_path, MODULE, "text_classification", "text_classifier", options or {},
-                       **{"kernels": {"fused_loss": False}, "data": {"generator": "reviews", "max_length": 32},
+                       **{"data": {"generator": "reviews", "max_length": 32},
                           "eval": {"metric": "f1_macro"}, **sections})
 
 
@@ -55,7 +55,7 @@ def test_bottleneck_adapters_train_alone_and_are_saved(tmp_path):
     EncoderWithHeads.train_with_methods), the encoder stays as it was, the adapters are exported."""
     from fastft.runtime.trainer import Trainer
 
-    cfg = config(tmp_path, run={"max_steps": 3, "export_adapter": True}, eval={"at_start": False, "at_end": False},
+    cfg = config(tmp_path, run={"max_steps": 3, "export_methods": True}, eval={"at_start": False, "at_end": False},
                  bottleneck={"enabled": True, "adapter_size": 8, "dropout": 0.0})
     trainer = Trainer(cfg)
     model = unwrap(trainer.model)
@@ -67,7 +67,7 @@ def test_bottleneck_adapters_train_alone_and_are_saved(tmp_path):
     for n, p in model.encoder.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
-    assert (tmp_path / "bottleneck" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "bottleneck" / "bottleneck_model.safetensors").is_file()
 
 
 def test_moved_adapter_options_say_where_they_went(tmp_path):

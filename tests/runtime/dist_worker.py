@@ -30,7 +30,7 @@ def record(name: str, cfg, **extra) -> None:
 
 for mode in ("ddp", "zero1", "zero2", "fsdp2", "hsdp"):
     record(mode, tiny_config(work / mode, data, parallel={"mode": mode}, checkpoint={"at_end": True},
-                             run={"export_adapter": mode in ("ddp", "fsdp2")}))
+                             run={"export_methods": mode in ("ddp", "fsdp2")}))
 # embeddings tied to the head (both frozen): the checkpoint holds neither
 record("tied_fsdp2", tiny_config(work / "tied_fsdp2", data, parallel={"mode": "fsdp2"}, model={"tie_embeddings": True},
                                  checkpoint={"at_end": True}))
@@ -54,7 +54,7 @@ class RankSkewedEval(Callback):
             metrics["loss"] = float(step)
 
 
-cfg = tiny_config(work / "early", data, run={"max_steps": 8, "export_adapter": False},
+cfg = tiny_config(work / "early", data, run={"max_steps": 8, "export_methods": False},
                   eval={"every": 1, "early_stopping_patience": 2, "metric": "loss"}, data={"eval_path": str(data)})
 trainer = Trainer(cfg, callbacks=[RankSkewedEval()])
 trainer.fit()

@@ -30,7 +30,7 @@ def write_uneven_data(path: Path, n: int = 48, seed: int = 0) -> Path:
 # LoRA, prefix tuning and bottleneck adapters together (dropout off, so any world size gives the same steps)
 METHODS = {"prefix": {"enabled": True, "num_virtual_tokens": 3},
            "bottleneck": {"enabled": True, "adapter_size": 8, "dropout": 0.0},
-           "run": {"export_adapter": True}}
+           "run": {"export_methods": True}}
 
 # frozen base in bf16, adapters in fp32, bf16 autocast
 MIXED = {"model": {"dtype": "bfloat16"}, "precision": {"dtype": "bf16"}}
@@ -40,7 +40,7 @@ def tiny_config(out: Path, data_path: Path, **sections) -> Config:
     base = {
         "run": {"output_dir": str(out), "max_steps": 3, "progress": False, "plots": False, "seed": 0},
         "model": {"builder": "tiny_llama", "hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64},
-        "lora": {"r": 4, "alpha": 8.0},
+        "lora": {"r": 4, "lora_alpha": 8.0},
         "data": {"path": str(data_path), "max_length": 96},
         "batch": {"micro_batch_size": 2, "grad_accum": 1},
         "optim": {"lr": 1e-2, "warmup_steps": 0, "schedule": "constant"},

@@ -1,4 +1,5 @@
 """Config loading and overrides, the CLI, and the data pipeline (response-only labels, order, sharding)."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -122,7 +123,7 @@ def test_cli_nproc_relaunches_through_torchrun(tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 2
     assert proc.stdout.count("steps 2:") == 1  # rank 0 prints
-    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "out" / "lora" / "adapter_model.safetensors").is_file()
 
 
 def test_labels_only_on_responses():
@@ -225,3 +226,33 @@ def test_recipe_options_name_an_unknown_key_and_a_wrong_type():
         options(beat=0.2)
     with pytest.raises(ConfigError, match=r"recipe\.options\.group_size must be an integer, got 'x'"):
         options(group_size='"x"')
+
+def test_method_sections_are_the_tuners_configs():
+    """[lora] / [prefix] / [bottleneck] carry the tuners' own field names (PEFT's where PEFT has the
+    method) and build those configs; the names of 0.1's development say where they went."""
+    from fastft.tuners import BottleneckConfig, LoraConfig, PrefixTuningConfig
+
+    cfg = load_config(None, ["--data.generator=addition", "--lora.lora_alpha=8", "--lora.lora_dropout=0.1",
+                             "--prefix.prefix_projection=true", "--prefix.encoder_hidden_size=0"])
+    for section, cls in (("lora", LoraConfig), ("prefix", PrefixTuningConfig), ("bottleneck", BottleneckConfig)):
+        keys = {f.name for f in dataclasses.fields(getattr(cfg, section))} - {"enabled"}
+        assert keys <= {f.name for f in dataclasses.fields(cls)}, section
+        assert isinstance(getattr(cfg, section).to_config(), cls)
+    lora, prefix = cfg.lora.to_config(), cfg.prefix.to_config()
+    assert (lora.lora_alpha, lora.lora_dropout, lora.target_modules) == (8.0, 0.1, "all-linear")
+    assert prefix.prefix_projection and prefix.encoder_hidden_size is None  # 0 stands for None
+    for old, new in (("lora.alpha", "lora.lora_alpha"), ("prefix.projection", "prefix.prefix_projection"),
+                     ("kernels.fused_loss", "kernels.loss"), ("kernels.fused_layers", "kernels.norms and kernels.mlp")):
+        with pytest.raises(ConfigError, match=rf"unknown config key {old} \(renamed: {new}\)"):
+            load_config(None, ["--data.generator=addition", f"--{old}=1"])
+
+
+def test_kernel_stack_resolved_from_the_kernels_section():
+    from fastft.runtime.config import KernelStack
+
+    on = load_config(None, ["--data.generator=addition", "--kernels.mlp=false"]).kernels.stack
+    assert on == KernelStack(mlp=False) and on.loss and on.norms
+    off = load_config(None, ["--data.generator=addition", "--kernels.enabled=false", "--kernels.loss=true"]).kernels.stack
+    assert off == KernelStack.stock() and not any(dataclasses.astuple(off))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        off.loss = True

@@ -62,7 +62,7 @@ def test_mode_matches_one_process(runs, mode):
 
 
 def test_lora_export_fsdp2_matches_ddp(runs):
-    ddp, fsdp = runs["work"] / "ddp" / "adapter", runs["work"] / "fsdp2" / "adapter"
+    ddp, fsdp = runs["work"] / "ddp" / "lora", runs["work"] / "fsdp2" / "lora"
     assert json.loads((ddp / "adapter_config.json").read_text()) == json.loads((fsdp / "adapter_config.json").read_text())
     a, b = load_file(ddp / "adapter_model.safetensors"), load_file(fsdp / "adapter_model.safetensors")
     assert a.keys() == b.keys() and any(k.endswith("lora_A.weight") for k in a)
@@ -84,11 +84,13 @@ def test_methods_together_match_one_process(runs, mode):
                                    msg=lambda m, mode=mode, name=name: f"{mode}: {name}: {m}")
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor([r["loss"] for r in single.history]),
                                atol=1e-6, rtol=1e-6)
-    for folder in ("adapter", "prefix", "bottleneck"):
+    files = {"lora": ("adapter_config.json", "adapter_model.safetensors"),
+             "prefix": ("adapter_config.json", "adapter_model.safetensors"),
+             "bottleneck": ("bottleneck_config.json", "bottleneck_model.safetensors")}
+    for folder, (config_name, weights_name) in files.items():
         mine, ref = runs["work"] / f"methods_{mode}" / folder, runs["work"] / "methods_single" / folder
-        assert json.loads((mine / "adapter_config.json").read_text()) == \
-            json.loads((ref / "adapter_config.json").read_text())
-        a, b = load_file(mine / "adapter_model.safetensors"), load_file(ref / "adapter_model.safetensors")
+        assert json.loads((mine / config_name).read_text()) == json.loads((ref / config_name).read_text())
+        a, b = load_file(mine / weights_name), load_file(ref / weights_name)
         assert a.keys() == b.keys() and a
         for key in a:
             torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5,  # the atol reason above

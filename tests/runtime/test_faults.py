@@ -24,8 +24,8 @@ from fastft.runtime.trainer import Callback, Trainer
 
 def fault_config(out: Path, data_path: Path, steps: int, **sections):
     """Dropout in the model and LoRA, so a resume without the RNG states would differ."""
-    base = {"run": {"max_steps": steps, "export_adapter": False}, "model": {"dropout": 0.2},
-            "lora": {"dropout": 0.3}, "checkpoint": {"every": 1, "at_end": True, "keep": 2}}
+    base = {"run": {"max_steps": steps, "export_methods": False}, "model": {"dropout": 0.2},
+            "lora": {"lora_dropout": 0.3}, "checkpoint": {"every": 1, "at_end": True, "keep": 2}}
     for name, values in sections.items():
         base[name] = {**base.get(name, {}), **values}
     return tiny_config(out, data_path, **base)
@@ -269,7 +269,7 @@ CHANGES = {
     "checkpoint.keep": ({"checkpoint": {"keep": 1}}, "same steps"),
     "memory.activation_checkpointing": ({"memory": {"activation_checkpointing": "full"}}, "same steps"),
     "optim.grad_clip": ({"optim": {"grad_clip": 0.01}}, "other steps"),
-    "kernels.fused_loss": ({"kernels": {"fused_loss": False}}, "other steps"),
+    "kernels.loss": ({"kernels": {"loss": False}}, "other steps"),
     "eval.at_end": ({"eval": {"at_end": True}}, "same steps"),
     # rejected before anything runs. (A bf16 resume passes here too, but after a bf16 run fp32 runs of
     # the same process differ in the last bits, on main too: docs/runtime.md "Not done yet".)

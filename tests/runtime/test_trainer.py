@@ -75,7 +75,7 @@ def test_activation_checkpointing_matches_none(data, tmp_path, mode):
 
 
 def dropout_config(out, data, steps):
-    return tiny_config(out, data, run={"max_steps": steps}, model={"dropout": 0.2}, lora={"dropout": 0.3},
+    return tiny_config(out, data, run={"max_steps": steps}, model={"dropout": 0.2}, lora={"lora_dropout": 0.3},
                        checkpoint={"at_end": True})
 
 
@@ -151,7 +151,7 @@ def test_packing_keeps_examples_apart(data, tmp_path):
     """The loss of a packed row equals the summed losses of its examples run alone (block-causal
     attention from the restarted position ids, no prediction across a boundary)."""
     trainer = Trainer(tiny_config(tmp_path / "p", data, data={"packing": True, "max_length": 160},
-                                  kernels={"fused_loss": False}))
+                                  kernels={"loss": False}))
     with torch.no_grad():  # weights large enough that attending to another example changes the loss
         for p in trainer.model.parameters():
             p.mul_(8.0)
@@ -182,12 +182,12 @@ def test_exported_adapter_loads_in_peft(data, tmp_path):
 
     from fastft.runtime.models import build_model
 
-    cfg = tiny_config(tmp_path / "run", data, run={"max_steps": 2, "export_adapter": True},
-                      kernels={"fused_loss": False, "fused_layers": False})
+    cfg = tiny_config(tmp_path / "run", data, run={"max_steps": 2, "export_methods": True},
+                      kernels={"loss": False, "norms": False, "mlp": False})
     trainer = Trainer(cfg)
     trainer.fit()
     base, _ = build_model(cfg)
-    loaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "run" / "adapter")).eval()
+    loaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "run" / "lora")).eval()
     trainer.model.eval()
     batch = trainer.task.collate(trainer.task.train_samples[:2])
     with torch.no_grad():
@@ -226,7 +226,7 @@ def test_methods_together_train_their_parameters_and_export(data, tmp_path):
     gradient, and each method is exported in its own folder, loadable again."""
     import peft
 
-    from fastft.bottleneck import load_bottleneck_adapters
+    from fastft.tuners import bottleneck
     from fastft.runtime.models import build_model
 
     cfg = tiny_config(tmp_path / "run", data, **METHODS)
@@ -239,9 +239,9 @@ def test_methods_together_train_their_parameters_and_export(data, tmp_path):
     assert set(grads) == names and all(g.abs().sum() > 0 for n, g in grads.items() if "lora_A" not in n)
     summary = trainer.fit()
     out = tmp_path / "run"
-    assert sorted(Path(p).name for p in summary["exported"]) == ["adapter", "bottleneck", "prefix"]
+    assert sorted(Path(p).name for p in summary["exported"]) == ["bottleneck", "lora", "prefix"]
     model, _ = build_model(cfg)
-    load_bottleneck_adapters(model, str(out / "bottleneck"))
+    bottleneck.load(model, str(out / "bottleneck"))
     trained = {n: p for n, p in trainer.model.named_parameters() if "fastft_adapter" in n}
     for name, value in model.named_parameters():
         if "fastft_adapter" in name:
@@ -251,7 +251,7 @@ def test_methods_together_train_their_parameters_and_export(data, tmp_path):
     with torch.no_grad():
         want = trainer.model.get_submodule("fastft_prefix_encoder")()
     assert torch.equal(model.prompt_encoder["default"].embedding.weight, want)
-    lora = load_file(out / "adapter" / "adapter_model.safetensors")
+    lora = load_file(out / "lora" / "adapter_model.safetensors")
     assert lora and all("lora_A" in k or "lora_B" in k for k in lora)
 
 

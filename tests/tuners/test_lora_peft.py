@@ -1,4 +1,4 @@
-"""fastft.lora against PEFT 0.21 on a tiny LlamaForCausalLM built from a config (no downloads)."""
+"""fastft.tuners.lora against PEFT 0.21 on a tiny LlamaForCausalLM built from a config (no downloads)."""
 import copy
 import json
 
@@ -9,7 +9,8 @@ from torch import nn
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from fastft import lora as fl  # noqa: E402
+from fastft.tuners import count_parameters, get_handle, unwrap  # noqa: E402
+from fastft.tuners import lora as fl  # noqa: E402
 from fastft.nn.lora import LoRALinear  # noqa: E402
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -41,7 +42,7 @@ def _peft_model(base, **kw):
 def _lora_grads(model):
     """{module path: (dA, dB)} for PEFT and fastft layers alike."""
     out = {}
-    for name, m in fl._root(model).named_modules():
+    for name, m in unwrap(model).named_modules():
         if isinstance(m, LoRALinear):
             out[name] = (m.lora_A.grad, m.lora_B.grad)
         elif isinstance(m, peft.tuners.lora.LoraLayer):
@@ -67,18 +68,18 @@ def test_apply_lora_matches_peft_step(base_model, ids, tmp_path):
     """Logits, loss and every A/B gradient match PEFT's, with the adapter PEFT saved loaded into fastft."""
     ref = _peft_model(base_model)
     ref.save_pretrained(tmp_path)
-    model = fl.load_adapter(copy.deepcopy(base_model), str(tmp_path))
+    model = fl.load(copy.deepcopy(base_model), str(tmp_path), trainable=True).model
     assert len(fl.lora_layers(model)) == 2 * len(ALL)
-    assert fl.count_parameters(model) == ref.get_nb_trainable_parameters()
+    assert count_parameters(model) == ref.get_nb_trainable_parameters()
     _check_step(ref, model, ids)
 
 
 def test_fastft_saved_adapter_loads_in_peft(base_model, ids, tmp_path):
-    model = fl.apply_lora(copy.deepcopy(base_model), fl.LoraConfig(r=4, lora_alpha=8, target_modules=ALL))
+    model = fl.apply(copy.deepcopy(base_model), fl.LoraConfig(r=4, lora_alpha=8, target_modules=ALL)).model
     with torch.no_grad():
         for layer in fl.lora_layers(model).values():
             layer.lora_B.normal_(std=0.2)
-    fl.save_adapter(model, str(tmp_path))
+    get_handle(model, "lora").save(str(tmp_path))
     with open(tmp_path / "adapter_config.json") as f:
         assert json.load(f)["peft_type"] == "LORA"
     ref = peft.PeftModel.from_pretrained(copy.deepcopy(base_model), str(tmp_path))
@@ -102,12 +103,12 @@ def test_saved_keys_match_peft(kw, tmp_path):
     base = transformers.LlamaForCausalLM(cfg)
     ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], **kw))
     ref.save_pretrained(tmp_path / "peft")
-    model = fl.apply_lora(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], **kw))
-    fl.save_adapter(model, str(tmp_path / "ff"))
+    model = fl.apply(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], **kw)).model
+    get_handle(model, "lora").save(str(tmp_path / "ff"))
     assert set(load_file(tmp_path / "ff" / "adapter_model.safetensors")) == \
         set(load_file(tmp_path / "peft" / "adapter_model.safetensors"))
-    assert fl.count_parameters(model)[0] == ref.get_nb_trainable_parameters()[0]
-    fl.load_adapter(copy.deepcopy(base), str(tmp_path / "peft"))  # every PEFT key finds its place
+    assert count_parameters(model)[0] == ref.get_nb_trainable_parameters()[0]
+    fl.load(copy.deepcopy(base), str(tmp_path / "peft"))  # every PEFT key finds its place
 
 
 def test_from_peft_same_parameters_and_outputs(base_model, ids):
@@ -127,7 +128,7 @@ def test_from_peft_same_parameters_and_outputs(base_model, ids):
 def test_merge_and_unload(base_model, ids):
     ref = _peft_model(base_model)
     expected = ref(ids).logits
-    model = fl.from_peft(copy.deepcopy(ref))
+    model = fl.from_peft(copy.deepcopy(ref)).model
     merged = fl.merge_and_unload(model)
     assert not fl.lora_layers(merged)
     assert type(merged.model.layers[0].self_attn.q_proj) is nn.Linear
@@ -158,13 +159,13 @@ def test_merge_and_unload_rejects_other_peft_layers(base_model):
 
 @pytest.mark.parametrize("target_modules", [ALL, "all-linear"])
 def test_same_seed_same_init_as_peft(base_model, target_modules):
-    """apply_lora draws PEFT's random numbers in PEFT's order: one seed, the same adapters, and the
+    """lora.apply draws PEFT's random numbers in PEFT's order: one seed, the same adapters, and the
     generator left in the same state."""
     torch.manual_seed(123)
     ref = peft.get_peft_model(copy.deepcopy(base_model), peft.LoraConfig(r=4, target_modules=target_modules))
     after_ref = torch.rand(4)
     torch.manual_seed(123)
-    model = fl.apply_lora(copy.deepcopy(base_model), fl.LoraConfig(r=4, target_modules=target_modules))
+    model = fl.apply(copy.deepcopy(base_model), fl.LoraConfig(r=4, target_modules=target_modules)).model
     after = torch.rand(4)
     ref_layers = {n: m for n, m in ref.get_base_model().named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
     layers = fl.lora_layers(model)
@@ -176,17 +177,17 @@ def test_same_seed_same_init_as_peft(base_model, target_modules):
 
 
 def test_targets_all_linear_regex_exclude(base_model):
-    model = fl.apply_lora(copy.deepcopy(base_model), fl.LoraConfig(target_modules="all-linear"))
+    model = fl.apply(copy.deepcopy(base_model), fl.LoraConfig(target_modules="all-linear")).model
     names = set(fl.lora_layers(model))
     assert len(names) == 2 * len(ALL) and "lm_head" not in names
-    model = fl.apply_lora(copy.deepcopy(base_model),
-                          fl.LoraConfig(target_modules=r".*\.(q|v)_proj", exclude_modules=["layers.1.self_attn.v_proj"]))
+    model = fl.apply(copy.deepcopy(base_model),
+                          fl.LoraConfig(target_modules=r".*\.(q|v)_proj", exclude_modules=["layers.1.self_attn.v_proj"])).model
     assert sorted(fl.lora_layers(model)) == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
                                              "model.layers.1.self_attn.q_proj"]
     ref = peft.get_peft_model(copy.deepcopy(base_model), peft.LoraConfig(target_modules="all-linear"))
-    ours = fl.apply_lora(copy.deepcopy(base_model), peft.LoraConfig(target_modules="all-linear"))
-    assert fl.count_parameters(ours) == ref.get_nb_trainable_parameters()
-    default = fl.apply_lora(copy.deepcopy(base_model), fl.LoraConfig())  # PEFT's llama default: q, v
+    ours = fl.apply(copy.deepcopy(base_model), peft.LoraConfig(target_modules="all-linear")).model
+    assert count_parameters(ours) == ref.get_nb_trainable_parameters()
+    default = fl.apply(copy.deepcopy(base_model), fl.LoraConfig()).model  # PEFT's llama default: q, v
     assert len(fl.lora_layers(default)) == 4
 
 
@@ -198,19 +199,19 @@ def test_bad_configs(base_model):
     with pytest.raises(ValueError, match="bias"):
         fl.LoraConfig(bias="some")
     with pytest.raises(ValueError, match="matches no module"):
-        fl.apply_lora(copy.deepcopy(base_model), fl.LoraConfig(target_modules=["q_proj", "q_porj"]))
+        fl.apply(copy.deepcopy(base_model), fl.LoraConfig(target_modules=["q_proj", "q_porj"]))
     with pytest.raises(ValueError, match="not an nn.Linear"):
-        fl.apply_lora(copy.deepcopy(base_model), fl.LoraConfig(target_modules=["embed_tokens"]))
+        fl.apply(copy.deepcopy(base_model), fl.LoraConfig(target_modules=["embed_tokens"]))
     with pytest.raises(ValueError, match="use_dora"):
-        fl.apply_lora(copy.deepcopy(base_model), peft.LoraConfig(target_modules=["q_proj"], use_dora=True))
-    model = fl.apply_lora(copy.deepcopy(base_model), fl.LoraConfig(target_modules=["q_proj"]))
+        fl.apply(copy.deepcopy(base_model), peft.LoraConfig(target_modules=["q_proj"], use_dora=True))
+    model = fl.apply(copy.deepcopy(base_model), fl.LoraConfig(target_modules=["q_proj"])).model
     with pytest.raises(ValueError, match="already"):
-        fl.apply_lora(model, fl.LoraConfig(target_modules=["v_proj"]))
+        fl.apply(model, fl.LoraConfig(target_modules=["v_proj"]))
 
 
 def test_training_step_changes_only_adapters(base_model, ids):
-    model = fl.apply_lora(copy.deepcopy(base_model), fl.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
-                                                                   target_modules="all-linear"))
+    model = fl.apply(copy.deepcopy(base_model), fl.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
+                                                                   target_modules="all-linear")).model
     model.train()
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

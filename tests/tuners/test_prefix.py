@@ -1,8 +1,10 @@
-"""fastft.prefix: prefix tuning matches PEFT's logits and round-trips through PEFT's adapter format."""
+"""fastft.tuners.prefix: prefix tuning matches PEFT's logits and round-trips through PEFT's adapter format.
+(What every method does alike, apply / save / load / remove / trainability, is in test_tuners.py.)"""
 import pytest
 import torch
 
-from fastft.prefix import apply_prefix_tuning, load_prefix_tuning, remove_prefix_tuning, save_prefix_tuning
+from fastft.tuners import PrefixTuningConfig
+from fastft.tuners import prefix
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -43,7 +45,7 @@ def test_logits_match_peft(proj, kv_heads):
         for p in pm.prompt_encoder["default"].parameters():
             p.normal_(std=0.5)
     ids, mask = _inputs()
-    encoder = apply_prefix_tuning(base, 5, prefix_projection=proj, encoder_hidden_size=32)
+    encoder = prefix.apply(base, PrefixTuningConfig(5, prefix_projection=proj, encoder_hidden_size=32)).encoder
     encoder.load_state_dict(pm.prompt_encoder["default"].state_dict())  # same names as PEFT's PrefixEncoder
     with torch.no_grad():
         want = pm(input_ids=ids, attention_mask=mask).logits
@@ -54,11 +56,9 @@ def test_logits_match_peft(proj, kv_heads):
     torch.testing.assert_close(got_labels, want_labels, rtol=1e-6, atol=1e-6)
 
 
-def test_only_prefix_trains_and_loss_falls():
+def test_loss_falls():
     model = _base()
-    encoder = apply_prefix_tuning(model, 4)
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable == ["fastft_prefix_encoder.embedding.weight"]
+    encoder = prefix.apply(model, PrefixTuningConfig(4)).encoder
     ids, mask = _inputs()
     opt = torch.optim.AdamW(encoder.parameters(), lr=5e-2)
     losses = []
@@ -76,10 +76,10 @@ def test_peft_loads_our_save_and_we_load_peft_save(tmp_path):
     base = _base()
     state = base.state_dict()
     ids, mask = _inputs()
-    apply_prefix_tuning(base, 5, prefix_projection=True, encoder_hidden_size=32)
+    handle = prefix.apply(base, PrefixTuningConfig(5, prefix_projection=True, encoder_hidden_size=32))
     with torch.no_grad():
         ours = base(input_ids=ids, attention_mask=mask).logits
-    save_prefix_tuning(base, tmp_path / "ours")
+    handle.save(tmp_path / "ours")
     fresh = transformers.LlamaForCausalLM(_config()).eval()
     fresh.load_state_dict(state)
     loaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "ours").eval()
@@ -94,37 +94,43 @@ def test_peft_loads_our_save_and_we_load_peft_save(tmp_path):
     pm.save_pretrained(tmp_path / "peft")
     mine = transformers.LlamaForCausalLM(_config()).eval()
     mine.load_state_dict(state)
-    load_prefix_tuning(mine, tmp_path / "peft")
+    prefix.load(mine, tmp_path / "peft")
     assert not any(p.requires_grad for p in mine.parameters())
     with torch.no_grad():
         torch.testing.assert_close(mine(input_ids=ids, attention_mask=mask).logits, want, rtol=1e-6, atol=1e-6)
 
 
-def test_removal_restores_model():
-    model = _base()
+def test_stock_prefix_is_peft_and_saves_the_same_files(tmp_path):
+    """fused=False is PEFT's prefix tuning (handle.model is the PeftModel); with the same prefix parameters
+    it computes what fastft's does, and both handles write the same files."""
     ids, mask = _inputs()
-    keys = list(model.state_dict())
+    fast, stock = _base(), _base()
+    fast_handle = prefix.apply(fast, PrefixTuningConfig(5))
+    stock_handle = prefix.apply(stock, PrefixTuningConfig(5), fused=False)
+    assert isinstance(stock_handle.model, peft.PeftModel) and stock_handle.root is stock
+    stock_handle.encoder.load_state_dict(fast_handle.encoder.state_dict())
+    assert list(stock_handle.parameters()) == ["prompt_encoder.default.embedding.weight"]
     with torch.no_grad():
-        before = model(input_ids=ids, attention_mask=mask).logits
-    apply_prefix_tuning(model, 3)
-    remove_prefix_tuning(model)
-    with torch.no_grad():
-        after = model(input_ids=ids, attention_mask=mask).logits
-    torch.testing.assert_close(after, before, rtol=0, atol=0)
-    assert list(model.state_dict()) == keys
-    assert all(p.requires_grad for p in model.parameters())
+        torch.testing.assert_close(stock_handle.model(input_ids=ids, attention_mask=mask).logits,
+                                   fast(input_ids=ids, attention_mask=mask).logits, rtol=1e-6, atol=1e-6)
+    fast_handle.save(tmp_path / "fast")
+    stock_handle.save(tmp_path / "stock")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / "fast" / name).read_bytes() == (tmp_path / "stock" / name).read_bytes(), name
+    assert stock_handle.remove() is stock and stock_handle.model is stock
 
 
 def test_errors(tmp_path):
     model = _base()
     with pytest.raises(ValueError, match="num_virtual_tokens"):
-        apply_prefix_tuning(model, 0)
+        PrefixTuningConfig(0)
     with pytest.raises(ValueError, match="config"):
-        apply_prefix_tuning(torch.nn.Linear(2, 2), 4)
-    apply_prefix_tuning(model, 4)
-    save_prefix_tuning(model, tmp_path)
+        prefix.apply(torch.nn.Linear(2, 2), PrefixTuningConfig(4))
+    with pytest.raises(TypeError, match="PrefixTuningConfig"):
+        prefix.apply(model, {"num_virtual_tokens": 4})
+    prefix.apply(model, PrefixTuningConfig(4)).save(tmp_path)
     other = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=97))
     with pytest.raises(ValueError, match="token_dim"):
-        load_prefix_tuning(other, tmp_path)
+        prefix.load(other, tmp_path)
