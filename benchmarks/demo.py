@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     (root / "comparison.json").write_text(json.dumps({"fastft": fast, "eager": eager, "quick": quick,
                                                       "demo_seconds": seconds, "load_average_at_start": load_at_start},
                                                      indent=2))
-    print(f"curves: {fast_dir / 'curves.png'}, {root / 'comparison.png'}; adapter (PEFT format): {fast_dir / 'adapter'}")
+    print(f"curves: {fast_dir / 'curves.png'}, {root / 'comparison.png'}; LoRA adapter (PEFT format): {fast_dir / 'lora'}")
     print(f"demo took {seconds:.0f} s (load average {', '.join(map(str, load_at_start))} at the start)")
     return 0
 
