@@ -8,7 +8,7 @@
 What it patches, per instance (no class and no module global is touched):
 
 * ``loss``: the causal-LM loss of a labelled forward goes through the fused linear cross-entropy
-  (``fastft.integrations.transformers.patch_causal_lm_loss``): the [tokens x vocab] logits are never
+  (``fastft.integrations.causal_lm_loss.patch_causal_lm_loss``): the [tokens x vocab] logits are never
   built. The head may be a plain Linear or a LoRA'd one (PEFT ``target_modules`` with ``lm_head``,
   tied to the embedding or not). Logit transforms come from the config (Gemma softcap, Cohere
   ``logit_scale``, Granite ``logits_scaling``).
@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import transformers as hf_loss
+from . import causal_lm_loss
 
 __all__ = ["ARCHITECTURES", "AutoModelForCausalLM", "PatchEntry", "PatchHandle", "PatchReport", "get_handle", "patch"]
 
@@ -384,7 +384,7 @@ def _patch_loss(root: nn.Module, handle: PatchHandle, *, check: str, return_logi
             report.add("loss", "", False, f"the one-batch check could not run the stock model: {why}")
             return
     try:
-        hf_loss.patch_causal_lm_loss(root, return_logits=return_logits)
+        causal_lm_loss.patch_causal_lm_loss(root, return_logits=return_logits)
     except (TypeError, ValueError) as error:
         report.add("loss", "", False, str(error))
         return
@@ -393,13 +393,13 @@ def _patch_loss(root: nn.Module, handle: PatchHandle, *, check: str, return_logi
         fused_loss, why = _one_batch_loss(root)
         tolerance = _loss_tolerance(root)
         if fused_loss is None or not math.isclose(fused_loss, stock_loss, rel_tol=tolerance, abs_tol=tolerance):
-            hf_loss.unpatch(root)
+            causal_lm_loss.unpatch(root)
             handle._undo_steps.pop()
             found = why if fused_loss is None else f"patched loss {fused_loss!r} != stock loss {stock_loss!r}"
             report.add("loss", "", False, f"generic path: the one-batch check failed ({found}); left stock")
             return
     report.path = "named" if named else "generic"
-    state = vars(root)[hf_loss._STATE_ATTR]
+    state = causal_lm_loss.patch_info(root)
     what = ["fused linear cross-entropy, no [tokens x vocab] logits"]
     if state.softcap is not None:
         what.append(f"softcap {state.softcap:g} (final_logit_softcapping)")
@@ -410,7 +410,7 @@ def _patch_loss(root: nn.Module, handle: PatchHandle, *, check: str, return_logi
     emb = root.get_input_embeddings() if hasattr(root, "get_input_embeddings") else None
     if emb is not None and getattr(emb, "weight", None) is getattr(state.lm_head, "weight", False):
         what.append("tied to the input embedding")
-    note = _wrapper_note(state.saved.get("model.forward"))
+    note = _wrapper_note(state.previous_forward)
     if note is not None:
         what.append(note)
     if run_check:
@@ -424,7 +424,7 @@ def _unpatch_loss(root: nn.Module) -> None:
         wrapper = getattr(current, "__qualname__", current)
         warnings.warn(f"{type(root).__name__}.forward was wrapped after fastft.patch ({wrapper}); "
                       "undo restores the forward from before the patch, without that wrapper", stacklevel=3)
-    hf_loss.unpatch(root)
+    causal_lm_loss.unpatch(root)
 
 
 def _wrapper_note(previous_forward) -> Optional[str]:

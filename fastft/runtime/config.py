@@ -137,7 +137,7 @@ class MemoryConfig:
 @dataclass(frozen=True)
 class KernelsConfig:
     enabled: bool = True           # false: every switch below off (stock transformers + PEFT)
-    fused_loss: bool = True        # fastft.integrations.transformers.patch_causal_lm_loss
+    fused_loss: bool = True        # fastft.integrations.causal_lm_loss.patch_causal_lm_loss
     lora: bool = True              # fastft.lora (fused LoRA layers) instead of PEFT's
     fused_layers: bool = True      # fused RMSNorm / SwiGLU MLP (fastft.patch(layers=True)) where the architecture has them
     bottleneck: bool = True        # bottleneck adapters through fastft's fused op (off: the same block in eager torch)
