@@ -185,6 +185,11 @@ def _patched_forward(self, *args, **kwargs):
     labels = bound.arguments.get("labels")
     if labels is None:
         return original(*args, **kwargs)
+    if self.get_output_embeddings() is not state.lm_head:
+        raise RuntimeError(
+            f"{type(self).__name__}'s output layer was replaced after its loss was patched (get_peft_model with "
+            "lm_head in target_modules?): call fastft.patch(model) again after get_peft_model (it patches what is "
+            "new), or train with fastft.integrations.hf_trainer.FastftCallback, which does it at train begin")
     if not state.announced:
         state.announced = True
         logger.info("fastft: %s computes its loss with the fused linear cross-entropy whenever labels are given "

@@ -131,19 +131,13 @@ class PatchHandle:
 
     def __init__(self, model: nn.Module, report: PatchReport) -> None:
         self.model = model
-        self.report = report
+        self.report = report  # everything patched (or left stock) by every patch() call on the model
+        self.latest = report  # what the last patch() call added (a repeat call patches what is new)
         self._undo_steps: list = []  # ("forward", module, state attribute) | ("loss", root)
         self.undone = False
 
     def undo(self) -> nn.Module:
-        while self._undo_steps:
-            step = self._undo_steps.pop()
-            if step[0] == "forward":
-                _, module, attr = step
-                vars(module).pop(attr, None)
-                vars(module).pop("forward", None)
-            else:
-                _unpatch_loss(step[1])
+        _undo(self._undo_steps)
         vars(self.model).pop(_HANDLE_ATTR, None)
         self.undone = True
         return self.model
@@ -151,6 +145,18 @@ class PatchHandle:
     def __repr__(self) -> str:
         state = "undone" if self.undone else f"{len(self.report.fused())} parts fused"
         return f"<fastft.PatchHandle {type(self.model).__name__} ({state})>"
+
+
+def _undo(steps: list) -> None:
+    """Undo ``steps`` (emptied), last first."""
+    while steps:
+        step = steps.pop()
+        if step[0] == "forward":
+            _, module, attr = step
+            vars(module).pop(attr, None)
+            vars(module).pop("forward", None)
+        else:
+            _unpatch_loss(step[1])
 
 
 def get_handle(model: nn.Module) -> Optional[PatchHandle]:
@@ -172,36 +178,52 @@ def patch(model: nn.Module, *, loss: bool = True, lora: bool = True, adapters: b
     ``loss`` / ``lora`` / ``layers`` / ``adapters`` switch the parts (see the module docstring).
     ``return_logits``: labelled forwards also return logits (they are then built). ``check``: "auto"
     compares patched and stock loss on one batch for architectures not in ``ARCHITECTURES``, "always"
-    for every model, "never" skips it. ``verbose`` prints the report."""
+    for every model, "never" skips it. ``verbose`` prints the report.
+
+    On a model patched already, ``patch`` patches what is new since (e.g. the PEFT LoRA layers that
+    ``get_peft_model`` added after ``fastft.AutoModelForCausalLM``, or a LoRA'd output layer) and returns
+    the same handle: ``handle.latest`` lists what this call added, ``handle.report`` everything. Nothing
+    patched before is undone, whatever the switches of the repeat call say."""
     if check not in ("auto", "always", "never"):
         raise ValueError(f"check must be 'auto', 'always' or 'never', got {check!r}")
     root, notes = _unwrap(model)
     if not isinstance(getattr(getattr(root, "config", None), "model_type", None), str):
         raise TypeError(f"fastft.patch takes a Hugging Face transformers model (with a config.model_type), got "
                         f"{type(root).__name__}")
-    live = vars(root).get(_HANDLE_ATTR)
-    if live is not None:
-        raise ValueError(f"{type(root).__name__} is patched already; call .undo() on its handle "
-                         "(fastft.integrations.patch.get_handle(model)) first")
     model_type = root.config.model_type
-    handle = PatchHandle(root, PatchReport(model_type, ""))
+    live = vars(root).get(_HANDLE_ATTR)
+    handle = live if live is not None else PatchHandle(root, PatchReport(model_type, ""))
+    report = PatchReport(model_type, handle.report.path)  # this call's findings
+    steps_before = len(handle._undo_steps)
     for note in notes:
-        handle.report.add("model", "", True, note)
+        report.add("model", "", True, note)
     try:
-        _patch_lora(root, handle, enabled=lora)
-        _report_adapters(root, handle, enabled=adapters)
-        _patch_layers(root, handle, enabled=layers)
+        _patch_lora(root, handle, report, enabled=lora)
+        _report_adapters(root, report, enabled=adapters)
+        _patch_layers(root, handle, report, enabled=layers)
         if loss:
-            _patch_loss(root, handle, check=check, return_logits=return_logits)
+            _patch_loss(root, handle, report, check=check, return_logits=return_logits)
         else:
-            handle.report.add("loss", "", False, "loss=False")
+            report.add("loss", "", False, "loss=False")
     except BaseException:
-        handle.undo()
+        if live is None:
+            handle.undo()
+        else:  # a repeat call: undo only its own steps
+            handle._undo_steps, new_steps = handle._undo_steps[:steps_before], handle._undo_steps[steps_before:]
+            _undo(new_steps)
         raise
-    vars(root)[_HANDLE_ATTR] = handle
-    logger.info("%s", handle.report)
+    if live is None:
+        handle.report = handle.latest = report
+        vars(root)[_HANDLE_ATTR] = handle
+        logger.info("%s", report)
+    else:
+        known = set(handle.report.entries)
+        handle.latest = PatchReport(model_type, report.path, [e for e in report.entries if e not in known])
+        handle.report.entries.extend(handle.latest.entries)
+        handle.report.path = report.path
+        logger.info("fastft.patch on a patched model, new since the last call:\n%s", handle.latest)
     if verbose:
-        print(handle.report)
+        print(handle.latest)
     return handle
 
 
@@ -232,8 +254,12 @@ def _unwrap(model: nn.Module) -> tuple[nn.Module, list]:
 def _override_forward(handle: PatchHandle, module: nn.Module, forward, attr: str, state) -> Optional[str]:
     """Give ``module`` the instance forward ``forward`` (its per-module ``state`` in ``attr``); None, or why
     not: a module that already has an instance forward (an accelerate hook, another patch) keeps it, since
-    the fused forward would bypass it."""
-    if "forward" in vars(module):
+    the fused forward would bypass it. A module that has this very override already (a repeat patch) is
+    left as it is."""
+    current = vars(module).get("forward")
+    if attr in vars(module) and getattr(current, "__func__", None) is forward:
+        return None
+    if current is not None:
         previous = vars(module)["forward"]
         return (f"{type(module).__name__} already has an instance forward "
                 f"({getattr(previous, '__qualname__', type(previous).__name__)}); fastft does not bypass it")
@@ -243,10 +269,9 @@ def _override_forward(handle: PatchHandle, module: nn.Module, forward, attr: str
     return None
 
 
-def _patch_lora(root: nn.Module, handle: PatchHandle, *, enabled: bool) -> None:
+def _patch_lora(root: nn.Module, handle: PatchHandle, report: PatchReport, *, enabled: bool) -> None:
     from ..nn.lora import LoRALinear
 
-    report = handle.report
     for name, module in root.named_modules():
         if isinstance(module, LoRALinear):
             report.add("lora", name, True, "fastft LoRALinear (fused already)")
@@ -261,6 +286,9 @@ def _patch_lora(root: nn.Module, handle: PatchHandle, *, enabled: bool) -> None:
         if not isinstance(module, LoraLayer):
             report.add("lora", name, False, f"PEFT {type(module).__name__} is not LoRA; fastft has no kernel for it")
             continue
+        if _LORA_ATTR in vars(module):  # fused by an earlier call
+            report.add("lora", name, True, _PEFT_LORA_FUSED)
+            continue
         if not enabled:
             report.add("lora", name, False, "lora=False")
             continue
@@ -270,8 +298,10 @@ def _patch_lora(root: nn.Module, handle: PatchHandle, *, enabled: bool) -> None:
             continue
         reason = _override_forward(handle, module, _fused_peft_lora_forward, _LORA_ATTR,
                                    (next(iter(module.lora_A)), delegate))
-        report.add("lora", name, reason is None,
-                   reason or "PEFT lora.Linear runs fastft's fused LoRA op on its own parameters")
+        report.add("lora", name, reason is None, reason or _PEFT_LORA_FUSED)
+
+
+_PEFT_LORA_FUSED = "PEFT lora.Linear runs fastft's fused LoRA op on its own parameters"
 
 
 def _fused_lora_delegate(module: nn.Module):
@@ -301,20 +331,19 @@ def _fused_peft_lora_forward(self, x, *args, **kwargs):
     return delegate(x)
 
 
-def _report_adapters(root: nn.Module, handle: PatchHandle, *, enabled: bool) -> None:
+def _report_adapters(root: nn.Module, report: PatchReport, *, enabled: bool) -> None:
     from ..bottleneck import has_bottleneck_adapters
     from ..prefix import has_prefix_tuning
 
     if has_bottleneck_adapters(root):
-        handle.report.add("adapters", "", enabled, "fastft bottleneck adapters run fastft.ops.adapter (fused already)"
+        report.add("adapters", "", enabled, "fastft bottleneck adapters run fastft.ops.adapter (fused already)"
                           if enabled else "adapters=False (they still run fastft.ops.adapter, they are fastft's)")
     if has_prefix_tuning(root):
-        handle.report.add("adapters", "", False, "prefix tuning is a key/value cache prefix: nothing to fuse")
+        report.add("adapters", "", False, "prefix tuning is a key/value cache prefix: nothing to fuse")
 
 
-def _patch_layers(root: nn.Module, handle: PatchHandle, *, enabled: bool) -> None:
+def _patch_layers(root: nn.Module, handle: PatchHandle, report: PatchReport, *, enabled: bool) -> None:
     arch = ARCHITECTURES.get(root.config.model_type)
-    report = handle.report
     if not enabled:
         report.add("layers", "", False, "layers=False")
         return
@@ -368,8 +397,15 @@ def _fused_swiglu_forward(self, x):
 # ------------------------------------------------------------------------------------------------
 
 
-def _patch_loss(root: nn.Module, handle: PatchHandle, *, check: str, return_logits: bool) -> None:
-    report = handle.report
+def _patch_loss(root: nn.Module, handle: PatchHandle, report: PatchReport, *, check: str,
+                return_logits: bool) -> None:
+    info = causal_lm_loss.patch_info(root)
+    if info is not None:
+        if info.lm_head is root.get_output_embeddings():
+            return  # fused by an earlier call, on the head the model still has
+        # The output layer was replaced since (PEFT LoRA'd it): move the patch to the new head.
+        causal_lm_loss.unpatch(root)
+        handle._undo_steps.remove(("loss", root))
     config = root.config.get_text_config() if hasattr(root.config, "get_text_config") else root.config
     arch = ARCHITECTURES.get(root.config.model_type)
     named = arch is not None
