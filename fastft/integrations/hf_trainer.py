@@ -7,13 +7,15 @@
                              callbacks=[FastftCallback()])
     trainer.train()
 
-What it does, at the end of the trainer's ``__init__`` (so that ``evaluate()`` before ``train()`` is fused
-too) and again at ``on_train_begin`` -- after PEFT wrapped the model (``peft_config=``) and accelerate
-prepared it -- on the model the trainer trains:
+What it does at ``on_train_begin`` -- after PEFT wrapped the model (``peft_config=``), TRL put its fused LM
+head on it and accelerate prepared it -- on the model the trainer trains:
 
-* ``fastft.patch(model, **patch_options)``: the loss, every PEFT LoRA layer, RMSNorm / SwiGLU. The second
-  call patches what is new since the first (a repeat ``fastft.patch`` does that), so a model loaded with
-  ``fastft.AutoModelForCausalLM`` and wrapped by PEFT afterwards ends with every LoRA layer fused.
+* ``fastft.patch(model, **patch_options)``: the loss, every PEFT LoRA layer, RMSNorm / SwiGLU. On a model
+  patched already it patches what is new (a repeat ``fastft.patch`` does that), so a model loaded with
+  ``fastft.AutoModelForCausalLM`` and wrapped by PEFT afterwards ends with every LoRA layer fused. Patching
+  last, over the trainer's own wrappers, lets ``undo()`` restore them exactly (patching at ``__init__`` would
+  sit under TRL's head wrapper, which undo could not keep). So an ``evaluate()`` before the first ``train()``
+  runs stock; call ``fastft.patch(trainer.model)`` first if it should not.
 * when TRL is imported: ``fastft.integrations.trl.patch()``, which routes TRL's fused LM head through
   fastft's fused linear cross-entropy -- SFTTrainer's loss and its ``entropy`` / ``mean_token_accuracy``
   metrics included (``fastft.integrations.trl.linear_cross_entropy_with_metrics``), reference-model
@@ -57,17 +59,12 @@ class FastftCallback(TrainerCallback):
         self.handle: Optional[PatchHandle] = None
         self.trl_handle = None
 
-    def on_init_end(self, args, state, control, model: Optional[nn.Module] = None, **kwargs):
-        if model is not None:  # None until train() with some model_init setups; train begin patches then
-            self._patch(model)
-
     def on_train_begin(self, args, state, control, model: Optional[nn.Module] = None, **kwargs):
         self._patch(model)
 
     def _patch(self, model: Optional[nn.Module]) -> None:
         if model is None:
-            raise ValueError("FastftCallback got no model from the trainer (a Trainer built with model_init "
-                             "passes it at train begin)")
+            raise ValueError("FastftCallback got no model from the trainer at train begin")
         self.handle = patch(model, **self.patch_options)
         if self.handle.latest.entries:
             logger.info("FastftCallback: %s", self.handle.latest)
