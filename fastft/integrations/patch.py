@@ -135,8 +135,13 @@ class PatchHandle:
         self.latest = report  # what the last patch() call added (a repeat call patches what is new)
         self._undo_steps: list = []  # ("forward", module, state attribute) | ("loss", root)
         self.undone = False
+        self._first_forward_hook = None  # removable handle of _fuse_late_lora_layers
+        self.options: dict = {}  # the options of the first patch() call (a late fuse repeats them)
 
     def undo(self) -> nn.Module:
+        if self._first_forward_hook is not None:
+            self._first_forward_hook.remove()
+            self._first_forward_hook = None
         _undo(self._undo_steps)
         vars(self.model).pop(_HANDLE_ATTR, None)
         self.undone = True
@@ -215,6 +220,9 @@ def patch(model: nn.Module, *, loss: bool = True, lora: bool = True, adapters: b
     if live is None:
         handle.report = handle.latest = report
         vars(root)[_HANDLE_ATTR] = handle
+        handle.options = dict(loss=loss, lora=lora, adapters=adapters, layers=layers, return_logits=return_logits,
+                              check=check)
+        handle._first_forward_hook = root.register_forward_pre_hook(_fuse_late_lora_layers)
         logger.info("%s", report)
     else:
         known = set(handle.report.entries)
@@ -225,6 +233,37 @@ def patch(model: nn.Module, *, loss: bool = True, lora: bool = True, adapters: b
     if verbose:
         print(handle.latest)
     return handle
+
+
+def _fuse_late_lora_layers(root: nn.Module, args) -> None:
+    """Forward pre-hook of a patched model, removed at its first (eager) call: PEFT LoRA layers added since
+    the patch (``fastft.AutoModelForCausalLM`` then ``get_peft_model`` without a second ``fastft.patch``) are
+    fused now, with a warning naming the explicit order, instead of running stock silently."""
+    if torch.compiler.is_compiling():
+        return  # no module surgery inside a trace; a compiled model is patched by explicit calls
+    handle = vars(root).get(_HANDLE_ATTR)
+    if handle is None:
+        return
+    hook, handle._first_forward_hook = handle._first_forward_hook, None
+    if hook is not None:
+        hook.remove()
+    late = _unfused_peft_lora_layers(root, handle) if handle.options.get("lora", True) else []
+    if late:
+        patch(root, **handle.options)
+        warnings.warn(f"fastft: {len(late)} PEFT LoRA layers were added after fastft.patch (e.g. {late[0]}); fused "
+                      "them at the model's first forward. Call fastft.patch(model) after get_peft_model, or train "
+                      "with fastft.integrations.hf_trainer.FastftCallback, to do it explicitly.", stacklevel=2)
+
+
+def _unfused_peft_lora_layers(root: nn.Module, handle: PatchHandle) -> list:
+    """Names of the PEFT LoRA layers of ``root`` that no patch call has seen yet."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return []
+    seen = {e.module for e in handle.report.entries if e.part == "lora"}
+    return [name for name, m in root.named_modules()
+            if isinstance(m, LoraLayer) and _LORA_ATTR not in vars(m) and name not in seen]
 
 
 def _unwrap(model: nn.Module) -> tuple[nn.Module, list]:

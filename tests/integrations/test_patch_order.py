@@ -1,6 +1,7 @@
-"""No ordering trap: a model patched before PEFT wraps it ends with every LoRA layer fused after a second
-``fastft.patch`` (which patches what is new), and a forward whose head PEFT replaced after the loss patch
-names the order to use instead of computing a wrong loss."""
+"""No ordering trap: a model patched before PEFT wraps it ends with every LoRA layer fused, after a second
+``fastft.patch`` (which patches what is new) or at its first forward (with a warning naming the explicit
+order); a forward whose head PEFT replaced after that first forward names the order instead of computing a
+wrong loss."""
 from __future__ import annotations
 
 import pytest
@@ -40,8 +41,9 @@ def _loss_and_grads(model):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("first", ["AutoModelForCausalLM", "patch"])
-def test_peft_after_patch_then_patch_again_fuses_every_lora_layer(first):
+@pytest.mark.parametrize("first,explicit", [("AutoModelForCausalLM", True), ("patch", True), ("patch", False)])
+def test_peft_after_patch_fuses_every_lora_layer(first, explicit):
+    """PEFT after the patch: a second fastft.patch (explicit) or the model's first forward fuses the new layers."""
     stock_loss, stock_grads = _loss_and_grads(_lora(tiny_model("llama")))
     if first == "patch":
         model = tiny_model("llama")
@@ -52,17 +54,18 @@ def test_peft_after_patch_then_patch_again_fuses_every_lora_layer(first):
         model.load_state_dict(tiny_model("llama").state_dict())
     handle = get_handle(model)
     peft_model = _lora(model)
-    # PEFT replaced the output layer under the loss patch: the forward says what to do, not a wrong loss
-    with pytest.raises(RuntimeError, match=r"call fastft.patch\(model\) again after get_peft_model"):
-        _loss_and_grads(peft_model)
-
-    assert fastft.patch(peft_model) is handle
-    new = {e.module for e in handle.latest.fused("lora")}
+    if explicit:
+        assert fastft.patch(peft_model) is handle
+        new = {e.module for e in handle.latest.fused("lora")}
+        # "model": the PeftModel note; "loss": the patch moved to the LoRA'd head
+        assert {e.part for e in handle.latest.fused()} == {"model", "lora", "loss"}
+        assert "LoRA'd head fused" in handle.latest.fused("loss")[0].detail
+    else:  # no second call: the first forward fuses what PEFT added, and says how to do it explicitly
+        with pytest.warns(UserWarning, match=r"9 PEFT LoRA layers were added after fastft.patch.*get_peft_model"):
+            loss, grads = _loss_and_grads(peft_model)
+        new = {e.module for e in handle.report.fused("lora")}
     lora_layers = {name.removeprefix("base_model.model.") for name in peft_lora_layers(peft_model)}
     assert new == lora_layers and len(lora_layers) == 2 * 4 + 1  # 2 layers x 4 targets + lm_head
-    # "model": the PeftModel note; "loss": the patch moved to the LoRA'd head
-    assert {e.part for e in handle.latest.fused()} == {"model", "lora", "loss"}
-    assert "LoRA'd head fused" in handle.latest.fused("loss")[0].detail
     assert not handle.report.stock("lora")
 
     loss, grads = _loss_and_grads(peft_model)
@@ -71,6 +74,20 @@ def test_peft_after_patch_then_patch_again_fuses_every_lora_layer(first):
     for name in grads:
         torch.testing.assert_close(grads[name], stock_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
-    assert fastft.patch(peft_model).latest.entries == []  # a third call finds nothing new
+    again = fastft.patch(peft_model).latest.entries  # nothing new to patch (at most the PeftModel note)
+    assert all(e.part == "model" for e in again)
     handle.undo()
     assert not any("forward" in vars(m) for m in peft_model.modules() if m is not peft_model)
+
+
+def test_head_lora_d_after_the_first_forward_names_the_order():
+    model = tiny_model("llama")
+    fastft.patch(model)
+    _loss_and_grads(model)  # the first forward: nothing new then
+    peft_model = _lora(model)
+    # PEFT replaced the output layer under the live loss patch: the forward says what to do, not a wrong loss
+    with pytest.raises(RuntimeError, match=r"call fastft.patch\(model\) again after get_peft_model"):
+        _loss_and_grads(peft_model)
+    assert len(fastft.patch(peft_model).latest.fused("lora")) == 9
+    _loss_and_grads(peft_model)
+    get_handle(peft_model).undo()
