@@ -28,6 +28,7 @@ stay on after training, so an ``evaluate()`` after ``train()`` is fused as well.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 from typing import Optional
@@ -50,8 +51,10 @@ class FastftCallback(TrainerCallback):
 
     def __init__(self, *, trl: Optional[bool] = None, trl_metrics: bool = True, verbose: bool = False,
                  **patch_options) -> None:
-        if "verbose" in patch_options:
-            raise TypeError("pass verbose to FastftCallback itself")
+        known = set(inspect.signature(patch).parameters) - {"model", "verbose"}
+        unknown = sorted(set(patch_options) - known)
+        if unknown:  # checked now, not at train begin
+            raise TypeError(f"FastftCallback got unknown fastft.patch options {unknown}; known: {sorted(known)}")
         self.trl = trl
         self.trl_metrics = trl_metrics
         self.verbose = verbose

@@ -134,3 +134,8 @@ def test_trainer_with_peft_model_and_the_callback_matches_stock(model_dir, tmp_p
     assert len(report.fused("lora")) == 2 * 2 + 1 and "LoRA'd head fused" in report.fused("loss")[0].detail
     assert _ran_fused_loss(fused_ops) and not _fused_ops(stock_ops), sorted(fused_ops)
     _assert_same_history(fused, stock, ["loss", "grad_norm"], rtol=1e-5)
+
+
+def test_callback_rejects_unknown_patch_options():
+    with pytest.raises(TypeError, match=r"unknown fastft.patch options \['lora_rank'\]"):
+        FastftCallback(lora_rank=8)
