@@ -1,9 +1,10 @@
-"""Integrations with other libraries: ``fastft.integrations.transformers`` (Hugging Face causal-LM loss
-through fastft's fused linear cross-entropy), ``patch`` (``fastft.patch(model)``: loss, LoRA and layers of
-a live model) and ``trl`` (TRL's log-prob computations). Submodules are imported on first use."""
+"""Integrations with other libraries: ``causal_lm_loss`` (a Hugging Face causal LM's loss through fastft's
+fused linear cross-entropy), ``patch`` (``fastft.patch(model)``: loss, LoRA and layers of a live model),
+``trl`` (TRL's log-prob computations and SFT metrics) and ``hf_trainer`` (``FastftCallback``: one switch for
+transformers' Trainer and TRL's trainers). Submodules are imported on first use."""
 import importlib
 
-_SUBMODULES = ("transformers", "patch", "trl")
+_SUBMODULES = ("causal_lm_loss", "patch", "trl", "hf_trainer")
 __all__ = list(_SUBMODULES)
 
 

@@ -8,7 +8,7 @@
 What it patches, per instance (no class and no module global is touched):
 
 * ``loss``: the causal-LM loss of a labelled forward goes through the fused linear cross-entropy
-  (``fastft.integrations.transformers.patch_causal_lm_loss``): the [tokens x vocab] logits are never
+  (``fastft.integrations.causal_lm_loss.patch_causal_lm_loss``): the [tokens x vocab] logits are never
   built. The head may be a plain Linear or a LoRA'd one (PEFT ``target_modules`` with ``lm_head``,
   tied to the embedding or not). Logit transforms come from the config (Gemma softcap, Cohere
   ``logit_scale``, Granite ``logits_scaling``).
@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ..tuners.base import handles, unwrap
-from . import transformers as hf_loss
+from . import causal_lm_loss
 
 __all__ = ["ARCHITECTURES", "AutoModelForCausalLM", "PatchEntry", "PatchHandle", "PatchReport", "get_handle", "patch"]
 
@@ -133,19 +133,18 @@ class PatchHandle:
 
     def __init__(self, model: nn.Module, report: PatchReport) -> None:
         self.model = model
-        self.report = report
+        self.report = report  # everything patched (or left stock) by every patch() call on the model
+        self.latest = report  # what the last patch() call added (a repeat call patches what is new)
         self._undo_steps: list = []  # ("forward", module, state attribute) | ("loss", root)
         self.undone = False
+        self._first_forward_hook = None  # removable handle of _fuse_late_lora_layers
+        self.options: dict = {}  # the options of the first patch() call (a late fuse repeats them)
 
     def undo(self) -> nn.Module:
-        while self._undo_steps:
-            step = self._undo_steps.pop()
-            if step[0] == "forward":
-                _, module, attr = step
-                vars(module).pop(attr, None)
-                vars(module).pop("forward", None)
-            else:
-                _unpatch_loss(step[1])
+        if self._first_forward_hook is not None:
+            self._first_forward_hook.remove()
+            self._first_forward_hook = None
+        _undo(self._undo_steps)
         vars(self.model).pop(_HANDLE_ATTR, None)
         self.undone = True
         return self.model
@@ -153,6 +152,18 @@ class PatchHandle:
     def __repr__(self) -> str:
         state = "undone" if self.undone else f"{len(self.report.fused())} parts fused"
         return f"<fastft.PatchHandle {type(self.model).__name__} ({state})>"
+
+
+def _undo(steps: list) -> None:
+    """Undo ``steps`` (emptied), last first."""
+    while steps:
+        step = steps.pop()
+        if step[0] == "forward":
+            _, module, attr = step
+            vars(module).pop(attr, None)
+            vars(module).pop("forward", None)
+        else:
+            _unpatch_loss(step[1])
 
 
 def get_handle(model: nn.Module) -> Optional[PatchHandle]:
@@ -175,7 +186,12 @@ def patch(model: nn.Module, *, loss: bool = True, lora: bool = True, layers: boo
     one kind of layer, "norms" (RMSNorm) or "mlp" (SwiGLU MLP), to patch only that one.
     ``return_logits``: labelled forwards also return logits (they are then built). ``check``: "auto"
     compares patched and stock loss on one batch for architectures not in ``ARCHITECTURES``, "always"
-    for every model, "never" skips it. ``verbose`` prints the report."""
+    for every model, "never" skips it. ``verbose`` prints the report.
+
+    On a model patched already, ``patch`` patches what is new since (e.g. the PEFT LoRA layers that
+    ``get_peft_model`` added after ``fastft.AutoModelForCausalLM``, or a LoRA'd output layer) and returns
+    the same handle: ``handle.latest`` lists what this call added, ``handle.report`` everything. Nothing
+    patched before is undone, whatever the switches of the repeat call say."""
     if check not in ("auto", "always", "never"):
         raise ValueError(f"check must be 'auto', 'always' or 'never', got {check!r}")
     if layers not in (True, False, "norms", "mlp"):
@@ -184,30 +200,75 @@ def patch(model: nn.Module, *, loss: bool = True, lora: bool = True, layers: boo
     if not isinstance(getattr(getattr(root, "config", None), "model_type", None), str):
         raise TypeError(f"fastft.patch takes a Hugging Face transformers model (with a config.model_type), got "
                         f"{type(root).__name__}")
-    live = vars(root).get(_HANDLE_ATTR)
-    if live is not None:
-        raise ValueError(f"{type(root).__name__} is patched already; call .undo() on its handle "
-                         "(fastft.integrations.patch.get_handle(model)) first")
     model_type = root.config.model_type
-    handle = PatchHandle(root, PatchReport(model_type, ""))
+    live = vars(root).get(_HANDLE_ATTR)
+    handle = live if live is not None else PatchHandle(root, PatchReport(model_type, ""))
+    report = PatchReport(model_type, handle.report.path)  # this call's findings
+    steps_before = len(handle._undo_steps)
     for note in notes:
-        handle.report.add("model", "", True, note)
+        report.add("model", "", True, note)
     try:
-        _patch_lora(root, handle, enabled=lora)
-        _report_tuners(root, handle)
-        _patch_layers(root, handle, enabled=layers)
+        _patch_lora(root, handle, report, enabled=lora)
+        _report_tuners(root, report)
+        _patch_layers(root, handle, report, enabled=layers)
         if loss:
-            _patch_loss(root, handle, check=check, return_logits=return_logits)
+            _patch_loss(root, handle, report, check=check, return_logits=return_logits)
         else:
-            handle.report.add("loss", "", False, "loss=False")
+            report.add("loss", "", False, "loss=False")
     except BaseException:
-        handle.undo()
+        if live is None:
+            handle.undo()
+        else:  # a repeat call: undo only its own steps
+            handle._undo_steps, new_steps = handle._undo_steps[:steps_before], handle._undo_steps[steps_before:]
+            _undo(new_steps)
         raise
-    vars(root)[_HANDLE_ATTR] = handle
-    logger.info("%s", handle.report)
+    if live is None:
+        handle.report = handle.latest = report
+        vars(root)[_HANDLE_ATTR] = handle
+        handle.options = dict(loss=loss, lora=lora, layers=layers, return_logits=return_logits,
+                              check=check)
+        handle._first_forward_hook = root.register_forward_pre_hook(_fuse_late_lora_layers)
+        logger.info("%s", report)
+    else:
+        known = set(handle.report.entries)
+        handle.latest = PatchReport(model_type, report.path, [e for e in report.entries if e not in known])
+        handle.report.entries.extend(handle.latest.entries)
+        handle.report.path = report.path
+        logger.info("fastft.patch on a patched model, new since the last call:\n%s", handle.latest)
     if verbose:
-        print(handle.report)
+        print(handle.latest)
     return handle
+
+
+def _fuse_late_lora_layers(root: nn.Module, args) -> None:
+    """Forward pre-hook of a patched model, removed at its first (eager) call: PEFT LoRA layers added since
+    the patch (``fastft.AutoModelForCausalLM`` then ``get_peft_model`` without a second ``fastft.patch``) are
+    fused now, with a warning naming the explicit order, instead of running stock silently."""
+    if torch.compiler.is_compiling():
+        return  # no module surgery inside a trace; a compiled model is patched by explicit calls
+    handle = vars(root).get(_HANDLE_ATTR)
+    if handle is None:
+        return
+    hook, handle._first_forward_hook = handle._first_forward_hook, None
+    if hook is not None:
+        hook.remove()
+    late = _unfused_peft_lora_layers(root, handle) if handle.options.get("lora", True) else []
+    if late:
+        patch(root, **handle.options)
+        warnings.warn(f"fastft: {len(late)} PEFT LoRA layers were added after fastft.patch (e.g. {late[0]}); fused "
+                      "them at the model's first forward. Call fastft.patch(model) after get_peft_model, or train "
+                      "with fastft.integrations.hf_trainer.FastftCallback, to do it explicitly.", stacklevel=2)
+
+
+def _unfused_peft_lora_layers(root: nn.Module, handle: PatchHandle) -> list:
+    """Names of the PEFT LoRA layers of ``root`` that no patch call has seen yet."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return []
+    seen = {e.module for e in handle.report.entries if e.part == "lora"}
+    return [name for name, m in root.named_modules()
+            if isinstance(m, LoraLayer) and _LORA_ATTR not in vars(m) and name not in seen]
 
 
 def _unwrap(model: nn.Module) -> tuple[nn.Module, list]:
@@ -236,8 +297,12 @@ def _unwrap(model: nn.Module) -> tuple[nn.Module, list]:
 def _override_forward(handle: PatchHandle, module: nn.Module, forward, attr: str, state) -> Optional[str]:
     """Give ``module`` the instance forward ``forward`` (its per-module ``state`` in ``attr``); None, or why
     not: a module that already has an instance forward (an accelerate hook, another patch) keeps it, since
-    the fused forward would bypass it."""
-    if "forward" in vars(module):
+    the fused forward would bypass it. A module that has this very override already (a repeat patch) is
+    left as it is."""
+    current = vars(module).get("forward")
+    if attr in vars(module) and getattr(current, "__func__", None) is forward:
+        return None
+    if current is not None:
         previous = vars(module)["forward"]
         return (f"{type(module).__name__} already has an instance forward "
                 f"({getattr(previous, '__qualname__', type(previous).__name__)}); fastft does not bypass it")
@@ -247,10 +312,9 @@ def _override_forward(handle: PatchHandle, module: nn.Module, forward, attr: str
     return None
 
 
-def _patch_lora(root: nn.Module, handle: PatchHandle, *, enabled: bool) -> None:
+def _patch_lora(root: nn.Module, handle: PatchHandle, report: PatchReport, *, enabled: bool) -> None:
     from ..nn.lora import LoRALinear
 
-    report = handle.report
     for name, module in root.named_modules():
         if isinstance(module, LoRALinear):
             report.add("lora", name, True, "fastft LoRALinear (fused already)")
@@ -265,6 +329,9 @@ def _patch_lora(root: nn.Module, handle: PatchHandle, *, enabled: bool) -> None:
         if not isinstance(module, LoraLayer):
             report.add("lora", name, False, f"PEFT {type(module).__name__} is not LoRA; fastft has no kernel for it")
             continue
+        if _LORA_ATTR in vars(module):  # fused by an earlier call
+            report.add("lora", name, True, _PEFT_LORA_FUSED)
+            continue
         if not enabled:
             report.add("lora", name, False, "lora=False")
             continue
@@ -274,8 +341,10 @@ def _patch_lora(root: nn.Module, handle: PatchHandle, *, enabled: bool) -> None:
             continue
         reason = _override_forward(handle, module, _fused_peft_lora_forward, _LORA_ATTR,
                                    (next(iter(module.lora_A)), delegate))
-        report.add("lora", name, reason is None,
-                   reason or "PEFT lora.Linear runs fastft's fused LoRA op on its own parameters")
+        report.add("lora", name, reason is None, reason or _PEFT_LORA_FUSED)
+
+
+_PEFT_LORA_FUSED = "PEFT lora.Linear runs fastft's fused LoRA op on its own parameters"
 
 
 def _fused_lora_delegate(module: nn.Module):
@@ -303,21 +372,20 @@ def _fused_peft_lora_forward(self, x, *args, **kwargs):
     return delegate(x)
 
 
-def _report_tuners(root: nn.Module, handle: PatchHandle) -> None:
+def _report_tuners(root: nn.Module, report: PatchReport) -> None:
     """fastft's bottleneck adapters and prefix (fastft.tuners) as they are: patch changes neither."""
     methods = handles(root)
     if "bottleneck" in methods:
         fused = methods["bottleneck"].fused
-        handle.report.add("bottleneck", "", fused, "fastft bottleneck adapters run fastft.ops.adapter (fused already)"
-                          if fused else "fastft bottleneck adapters built with fused=False (eager torch)")
+        report.add("bottleneck", "", fused, "fastft bottleneck adapters run fastft.ops.adapter (fused already)"
+                   if fused else "fastft bottleneck adapters built with fused=False (eager torch)")
     if "prefix" in methods:
-        handle.report.add("prefix", "", False, "prefix tuning is a key/value cache prefix: nothing to fuse")
+        report.add("prefix", "", False, "prefix tuning is a key/value cache prefix: nothing to fuse")
 
 
-def _patch_layers(root: nn.Module, handle: PatchHandle, *, enabled) -> None:
+def _patch_layers(root: nn.Module, handle: PatchHandle, report: PatchReport, *, enabled) -> None:
     """``enabled``: True (norms and MLPs), False, "norms" or "mlp"."""
     arch = ARCHITECTURES.get(root.config.model_type)
-    report = handle.report
     if not enabled:
         report.add("layers", "", False, "layers=False")
         return
@@ -376,8 +444,15 @@ def _fused_swiglu_forward(self, x):
 # ------------------------------------------------------------------------------------------------
 
 
-def _patch_loss(root: nn.Module, handle: PatchHandle, *, check: str, return_logits: bool) -> None:
-    report = handle.report
+def _patch_loss(root: nn.Module, handle: PatchHandle, report: PatchReport, *, check: str,
+                return_logits: bool) -> None:
+    info = causal_lm_loss.patch_info(root)
+    if info is not None:
+        if info.lm_head is root.get_output_embeddings():
+            return  # fused by an earlier call, on the head the model still has
+        # The output layer was replaced since (PEFT LoRA'd it): move the patch to the new head.
+        causal_lm_loss.unpatch(root)
+        handle._undo_steps.remove(("loss", root))
     config = root.config.get_text_config() if hasattr(root.config, "get_text_config") else root.config
     arch = ARCHITECTURES.get(root.config.model_type)
     named = arch is not None
@@ -392,7 +467,7 @@ def _patch_loss(root: nn.Module, handle: PatchHandle, *, check: str, return_logi
             report.add("loss", "", False, f"the one-batch check could not run the stock model: {why}")
             return
     try:
-        hf_loss.patch_causal_lm_loss(root, return_logits=return_logits)
+        causal_lm_loss.patch_causal_lm_loss(root, return_logits=return_logits)
     except (TypeError, ValueError) as error:
         report.add("loss", "", False, str(error))
         return
@@ -401,13 +476,13 @@ def _patch_loss(root: nn.Module, handle: PatchHandle, *, check: str, return_logi
         fused_loss, why = _one_batch_loss(root)
         tolerance = _loss_tolerance(root)
         if fused_loss is None or not math.isclose(fused_loss, stock_loss, rel_tol=tolerance, abs_tol=tolerance):
-            hf_loss.unpatch(root)
+            causal_lm_loss.unpatch(root)
             handle._undo_steps.pop()
             found = why if fused_loss is None else f"patched loss {fused_loss!r} != stock loss {stock_loss!r}"
             report.add("loss", "", False, f"generic path: the one-batch check failed ({found}); left stock")
             return
     report.path = "named" if named else "generic"
-    state = vars(root)[hf_loss._STATE_ATTR]
+    state = causal_lm_loss.patch_info(root)
     what = ["fused linear cross-entropy, no [tokens x vocab] logits"]
     if state.softcap is not None:
         what.append(f"softcap {state.softcap:g} (final_logit_softcapping)")
@@ -418,7 +493,7 @@ def _patch_loss(root: nn.Module, handle: PatchHandle, *, check: str, return_logi
     emb = root.get_input_embeddings() if hasattr(root, "get_input_embeddings") else None
     if emb is not None and getattr(emb, "weight", None) is getattr(state.lm_head, "weight", False):
         what.append("tied to the input embedding")
-    note = _wrapper_note(state.saved.get("model.forward"))
+    note = _wrapper_note(state.previous_forward)
     if note is not None:
         what.append(note)
     if run_check:
@@ -432,7 +507,7 @@ def _unpatch_loss(root: nn.Module) -> None:
         wrapper = getattr(current, "__qualname__", current)
         warnings.warn(f"{type(root).__name__}.forward was wrapped after fastft.patch ({wrapper}); "
                       "undo restores the forward from before the patch, without that wrapper", stacklevel=3)
-    hf_loss.unpatch(root)
+    causal_lm_loss.unpatch(root)
 
 
 def _wrapper_note(previous_forward) -> Optional[str]:

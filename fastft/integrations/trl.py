@@ -16,9 +16,13 @@ What :func:`patch` routes:
   ``log_probs`` are asked for -- reference-model passes of GRPO / DPO / RLOO / KTO and the KL term's
   reference log-probs -- they come from ``fastft.ops.linear_cross_entropy(reduction="none")``. TRL's
   transform ``tanh-cap((h W^T + b) * scale) / T`` folds in exactly: input ``h * scale / T``, bias
-  ``b * scale / T``, cap ``cap / T``. A call that also asks for entropy, top-1 or mean logits (the
-  trained policy in GRPO and SFT: they log those metrics) stays TRL's: fastft's fused head has no
-  entropy output yet (it would be one more per-row statistic of the same online softmax).
+  ``b * scale / T``, cap ``cap / T``. A call that also asks for the entropy and/or top-1 flags (the
+  trained policy in SFT and GRPO: SFTTrainer's loss and its ``entropy`` / ``mean_token_accuracy``
+  metrics) goes through :func:`linear_cross_entropy_with_metrics`: the log-probs from the same fused op,
+  the metrics from one more chunked forward GEMM of the head under no_grad. Those metrics carry no
+  gradient: a loss that differentiates the entropy (GRPO's entropy bonus, ``entropy_coef != 0``) raises
+  at backward, naming ``patch(metrics=False)``, which leaves such calls to TRL. A call asking for
+  ``mean_logits`` or ``log_sum_sq_probs`` stays TRL's.
 * ``selective_log_softmax`` (in every loaded ``trl`` module that holds TRL's function) ->
   ``fastft.ops.selective_log_softmax`` for one index per row; top-K indices and ``row_mask`` as TRL.
 * The GRPO KL penalty is not routed: TRL computes it inline in ``GRPOTrainer._compute_loss``
@@ -29,15 +33,96 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops.linear_cross_entropy import linear_cross_entropy
 from ..ops.selective_log_softmax import selective_log_softmax as fastft_selective_log_softmax
 
-__all__ = ["patch", "TRLPatchHandle"]
+__all__ = ["patch", "TRLPatchHandle", "TokenMetrics", "linear_cross_entropy_with_metrics"]
+
+# fp32 bytes of the [rows, vocab] logits and exponentials the metrics pass holds per chunk
+METRICS_CHUNK_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class TokenMetrics:
+    """Per-token statistics of the head's softmax, as TRL logs them (no gradient)."""
+
+    entropy: Tensor  # [N] fp32: -sum_v p_v log p_v (0 on ignored rows)
+    is_top1: Tensor  # [N] bool: the target is the first argmax of the logits (False on ignored rows)
+
+
+def linear_cross_entropy_with_metrics(hidden: Tensor, weight: Tensor, target: Tensor, *, bias: Optional[Tensor] = None,
+                                      softcap: Optional[float] = None, ignore_index: int = -100,
+                                      reduction: str = "sum",
+                                      chunk_size: Optional[int] = None) -> tuple[Tensor, TokenMetrics]:
+    """The cross-entropy of ``softcap(hidden @ weight.T + bias)`` against ``target`` through fastft's fused
+    linear cross-entropy (autograd; fp32 loss; ``reduction`` "sum", "mean" or "none"), plus the per-token
+    entropy and top-1 flags that TRL's SFTTrainer logs (``entropy``, ``mean_token_accuracy``), computed
+    under no_grad. ``hidden`` [N, H], ``weight`` [V, H], ``target`` [N]. Neither pass holds [N, V] logits.
+
+    Cost: the metrics take one more chunked forward GEMM of the head (N x H x V multiply-adds, the size of
+    the loss's own forward GEMM) plus a softmax over each chunk; the fused op computes only the logsumexp and
+    the target logit, so they cannot come from it. ``chunk_size``: token rows per metrics chunk (default: as
+    many as fit ``METRICS_CHUNK_BYTES`` of fp32 [rows, V] buffers). The chunk's logits are computed in the
+    dtype TRL's head uses (autocast's, else the hidden states') and reduced in fp32, as TRL does."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden [N, H] and weight [V, H] expected, got {tuple(hidden.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if target.shape != hidden.shape[:1]:
+        raise ValueError(f"target must be [N] = {tuple(hidden.shape[:1])}, got {tuple(target.shape)}")
+    if chunk_size is not None and chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    loss = linear_cross_entropy(hidden, weight, target, linear_bias=bias, ignore_index=ignore_index,
+                                reduction=reduction, softcap=softcap, loss_dtype=torch.float32)
+    with torch.no_grad():
+        metrics = _token_metrics(hidden, weight, bias, target, softcap, ignore_index, chunk_size)
+    return loss, metrics
+
+
+def _token_metrics(hidden, weight, bias, target, softcap, ignore_index, chunk_size) -> TokenMetrics:
+    n, vocab = hidden.shape[0], weight.shape[0]
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    rows = chunk_size or max(1, METRICS_CHUNK_BYTES // (2 * 4 * vocab))  # logits and exponentials, fp32
+    weight = weight.to(dtype)
+    bias = bias.to(dtype) if bias is not None else None
+    entropy = torch.zeros(n, device=hidden.device, dtype=torch.float32)
+    is_top1 = torch.zeros(n, device=hidden.device, dtype=torch.bool)
+    with torch.autocast(device_type, enabled=False):
+        for start in range(0, n, rows):
+            stop = min(start + rows, n)
+            logits = F.linear(hidden[start:stop].to(dtype), weight, bias).float()
+            if softcap is not None:
+                logits = softcap * torch.tanh(logits / softcap)
+            log_z = torch.logsumexp(logits, dim=-1)
+            probs = torch.exp(logits - log_z.unsqueeze(-1))
+            counted = target[start:stop] != ignore_index
+            # H = log Z - sum_v p_v z_v; argmax returns the first maximum, as TRL's tie rule (target > earlier max)
+            entropy[start:stop] = torch.where(counted, log_z - (probs * logits).sum(-1), 0.0)
+            is_top1[start:stop] = counted & (logits.argmax(-1) == target[start:stop])
+    return TokenMetrics(entropy, is_top1)
+
+
+class _MetricWithoutGradient(torch.autograd.Function):
+    """``values`` attached to the graph of ``anchor`` so that TRL's masking ops keep working, with a
+    backward that says why it cannot differentiate them instead of silently returning zero."""
+
+    @staticmethod
+    def forward(ctx, anchor: Tensor, values: Tensor) -> Tensor:
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(
+            "a loss differentiates the entropy that fastft.integrations.trl computed for metrics only (e.g. "
+            "GRPO's entropy bonus); call fastft.integrations.trl.patch(metrics=False) so that such calls run "
+            "TRL's own head")
 
 _active: Optional["TRLPatchHandle"] = None
 
@@ -45,7 +130,8 @@ _active: Optional["TRLPatchHandle"] = None
 class TRLPatchHandle:
     """The live TRL patch: ``undo()`` puts TRL's functions back; ``counts`` / ``report()`` say what ran where."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: bool) -> None:
+        self.metrics = metrics  # calls asking for entropy / top-1 go through fastft too
         self.replaced: list = []  # (module, attribute, TRL's object)
         self.counts: Counter = Counter()  # "fastft: ..." / "TRL: <why>" -> calls
 
@@ -63,19 +149,23 @@ class TRLPatchHandle:
             _active = None
 
 
-def patch() -> TRLPatchHandle:
-    """Route TRL's log-prob computations through fastft (see the module docstring). Idempotent while a
-    patch is live (returns that handle)."""
+def patch(metrics: bool = True) -> TRLPatchHandle:
+    """Route TRL's log-prob computations through fastft (see the module docstring). ``metrics``: also the
+    calls that ask for the entropy / top-1 flags (SFTTrainer's loss; the metrics carry no gradient).
+    Idempotent while a patch is live (returns that handle; a different ``metrics`` raises)."""
     global _active
     if _active is not None:
+        if _active.metrics != metrics:
+            raise ValueError(f"fastft.integrations.trl is patched already with metrics={_active.metrics}; "
+                             "undo() its handle first")
         return _active
     import trl.trainer.utils as trl_utils
 
-    handle = TRLPatchHandle()
+    handle = TRLPatchHandle(metrics)
     original_head = trl_utils._ChunkedLogProbFunction
     original_selective = trl_utils.selective_log_softmax
     handle.replaced.append((trl_utils, "_ChunkedLogProbFunction", original_head))
-    trl_utils._ChunkedLogProbFunction = _FastftChunkedLogProb(original_head, handle.counts)
+    trl_utils._ChunkedLogProbFunction = _FastftChunkedLogProb(original_head, handle.counts, metrics=metrics)
     replacement = _selective_log_softmax(original_selective, handle.counts)
     for name, module in list(sys.modules.items()):
         in_trl = name == "trl" or name.startswith("trl.")
@@ -89,19 +179,23 @@ def patch() -> TRLPatchHandle:
 class _FastftChunkedLogProb:
     """Stands in for TRL's ``ChunkedLogProbFunction`` (only ``.apply`` is used by TRL)."""
 
-    def __init__(self, original, counts: Counter) -> None:
+    def __init__(self, original, counts: Counter, metrics: bool = True) -> None:
         self.original = original
         self.counts = counts
+        self.metrics = metrics
 
     def apply(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, temperature: float,
               chunk_size: int, final_logit_softcapping: Optional[float] = None, logit_scale: float = 1.0,
               outputs: tuple = ("log_probs",)):
         extra = [o for o in outputs if o != "log_probs"]
-        if extra:
-            self.counts[f"TRL: {'/'.join(extra)} requested (fastft's fused head returns log-probs only)"] += 1
+        routable = ("entropy", "is_top1") if self.metrics else ()
+        unsupported = [o for o in extra if o not in routable]
+        if unsupported:
+            why = ("metrics=False" if self.metrics is False and set(unsupported) <= {"entropy", "is_top1"}
+                   else "fastft computes log-probs, entropy and top-1 only")
+            self.counts[f"TRL: {'/'.join(extra)} requested ({why})"] += 1
             return self.original.apply(hidden, weight, bias, targets, temperature, chunk_size,
                                        final_logit_softcapping, logit_scale, outputs)
-        self.counts["fastft: log-probs from fastft.ops.linear_cross_entropy"] += 1
         # TRL: z = (h W^T + b) * scale; z = cap * tanh(z / cap) if cap; z / T. Folded into one linear CE:
         # (cap / T) * tanh((z / T) / (cap / T)) = cap * tanh(z / cap) / T.
         factor = float(logit_scale) / float(temperature)
@@ -112,9 +206,16 @@ class _FastftChunkedLogProb:
             bias = bias.to(hidden.dtype) if bias is not None else None
         scaled_hidden = hidden * factor if factor != 1.0 else hidden
         scaled_bias = bias * factor if (bias is not None and factor != 1.0) else bias
-        nll = linear_cross_entropy(scaled_hidden, weight, targets, linear_bias=scaled_bias, reduction="none",
-                                   softcap=softcap, loss_dtype=torch.float32)
-        return -nll, None, None, None, None
+        if not extra:
+            self.counts["fastft: log-probs from fastft.ops.linear_cross_entropy"] += 1
+            nll = linear_cross_entropy(scaled_hidden, weight, targets, linear_bias=scaled_bias, reduction="none",
+                                       softcap=softcap, loss_dtype=torch.float32)
+            return -nll, None, None, None, None
+        self.counts[f"fastft: log-probs + {'/'.join(extra)} from linear_cross_entropy_with_metrics"] += 1
+        nll, metrics = linear_cross_entropy_with_metrics(scaled_hidden, weight, targets, bias=scaled_bias,
+                                                         softcap=softcap, reduction="none")
+        entropy = _MetricWithoutGradient.apply(scaled_hidden, metrics.entropy) if "entropy" in extra else None
+        return -nll, entropy, None, None, (metrics.is_top1 if "is_top1" in extra else None)
 
 
 def _selective_log_softmax(original, counts: Counter):

@@ -227,7 +227,7 @@ def prepare_model(model: nn.Module, cfg) -> nn.Module:
 
         patch(model, loss=False, lora=False, layers=layers, check="never")
     if stack.loss and _is_causal_lm(model):
-        from fastft.integrations.transformers import patch_causal_lm_loss
+        from fastft.integrations.causal_lm_loss import patch_causal_lm_loss
 
         patch_causal_lm_loss(model)
     return model

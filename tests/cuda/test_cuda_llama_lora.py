@@ -8,7 +8,7 @@ import torch
 
 import fastft
 from fastft.tuners import lora as fl
-from fastft.integrations.transformers import patch_causal_lm_loss
+from fastft.integrations.causal_lm_loss import patch_causal_lm_loss
 
 from cuda_truth import BACKENDS, check
 

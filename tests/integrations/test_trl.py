@@ -50,14 +50,75 @@ def test_chunked_log_probs_match_trl(with_bias, temperature, softcap, scale):
     assert fastft_head.counts == Counter({"fastft: log-probs from fastft.ops.linear_cross_entropy": 1})
 
 
-def test_extra_outputs_stay_trl_and_are_counted(trl_patch):
-    hidden, weight, targets = torch.randn(6, 8), torch.randn(11, 8), torch.randint(0, 11, (6,))
-    head = trl_utils._ChunkedLogProbFunction
-    assert isinstance(head, fastft_trl._FastftChunkedLogProb)
-    got = head.apply(hidden, weight, None, targets, 1.0, 8, None, 1.0, ("log_probs", "entropy"))
-    want = head.original.apply(hidden, weight, None, targets, 1.0, 8, None, 1.0, ("log_probs", "entropy"))
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    assert "entropy requested" in trl_patch.report()
+@pytest.mark.parametrize("with_bias,temperature,softcap,scale",
+                         [(False, 1.0, None, 1.0), (True, 0.7, 3.0, 0.5)])
+def test_log_probs_with_entropy_and_top1_match_trl(with_bias, temperature, softcap, scale):
+    """The calls of SFTTrainer (and GRPO's policy): log-probs through fastft's fused op, entropy and top-1 flags
+    from fastft's metrics pass, equal to TRL's; a tied maximum counts as top-1 only at its first index, as TRL."""
+    trl_head = trl_utils._ChunkedLogProbFunction
+    counts = Counter()
+    fastft_head = fastft_trl._FastftChunkedLogProb(trl_head, counts)
+    # quarter-integers: every logit is exact, so tokens 3 and 5 (equal rows) tie exactly on every row, and
+    # they are the maximum of the first four rows
+    hidden = torch.randint(-3, 4, (12, 16)).float() * 0.25
+    weight = torch.randint(-3, 4, (37, 16)).float() * 0.25
+    weight[5] = weight[3]
+    hidden[:4] = weight[3] * 2
+    hidden.requires_grad_(), weight.requires_grad_()
+    bias = None
+    if with_bias:
+        bias = torch.randint(-3, 4, (37,)).float() * 0.25
+        bias[5] = bias[3] = bias.max()
+        bias.requires_grad_()
+    targets = torch.randint(0, 37, (12,))
+    targets[:4] = torch.tensor([3, 5, 3, 5])
+    outputs = ("log_probs", "entropy", "is_top1")
+    want = trl_head.apply(hidden, weight, bias, targets, temperature, 16, softcap, scale, outputs)
+    got = fastft_head.apply(hidden, weight, bias, targets, temperature, 16, softcap, scale, outputs)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=2e-6)
+    assert got[2] is None and got[3] is None and torch.equal(got[4], want[4])
+    assert got[4][:4].tolist() == [True, False, True, False]
+    grads = [torch.autograd.grad(out[0].sum(), [hidden, weight]) for out in (got, want)]
+    for g, w in zip(*grads):  # fp32 rounding of logits up to ~20 (the peaked first rows)
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    assert counts == Counter({"fastft: log-probs + entropy/is_top1 from linear_cross_entropy_with_metrics": 1})
+    with pytest.raises(RuntimeError, match=r"patch\(metrics=False\)"):  # the metrics carry no gradient
+        torch.autograd.grad(got[1].sum(), [hidden])
+
+
+def test_linear_cross_entropy_with_metrics_matches_torch():
+    hidden, weight = torch.randn(9, 8, dtype=torch.float64), torch.randn(13, 8, dtype=torch.float64)
+    target = torch.tensor([0, 1, -100, 3, 4, 5, -100, 7, 12])
+    loss, metrics = fastft_trl.linear_cross_entropy_with_metrics(hidden, weight, target, softcap=2.0, chunk_size=4)
+    logits = 2.0 * torch.tanh(hidden @ weight.T / 2.0)
+    counted = target != -100
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, target, reduction="sum").float())
+    entropy = torch.distributions.Categorical(logits=logits).entropy().float()
+    torch.testing.assert_close(metrics.entropy, torch.where(counted, entropy, 0.0))
+    assert torch.equal(metrics.is_top1, counted & (logits.argmax(-1) == target))
+    with pytest.raises(ValueError, match="target must be"):
+        fastft_trl.linear_cross_entropy_with_metrics(hidden, weight, target[:3])
+    with pytest.raises(ValueError, match="chunk_size"):
+        fastft_trl.linear_cross_entropy_with_metrics(hidden, weight, target, chunk_size=0)
+
+
+@pytest.mark.parametrize("metrics", [True, False])
+def test_other_outputs_stay_trl_and_are_counted(metrics):
+    handle = fastft_trl.patch(metrics=metrics)
+    try:
+        hidden, weight, targets = torch.randn(6, 8), torch.randn(11, 8), torch.randint(0, 11, (6,))
+        head = trl_utils._ChunkedLogProbFunction
+        assert isinstance(head, fastft_trl._FastftChunkedLogProb)
+        outputs = ("log_probs", "mean_logits") if metrics else ("log_probs", "entropy")
+        got = head.apply(hidden, weight, None, targets, 1.0, 8, None, 1.0, outputs)
+        want = head.original.apply(hidden, weight, None, targets, 1.0, 8, None, 1.0, outputs)
+        assert all(g is w is None or torch.equal(g, w) for g, w in zip(got, want))
+        assert ("mean_logits requested" if metrics else "entropy requested (metrics=False)") in handle.report()
+        with pytest.raises(ValueError, match="patched already with metrics"):
+            fastft_trl.patch(metrics=not metrics)
+    finally:
+        handle.undo()
 
 
 def test_selective_log_softmax_routed_and_undone():
@@ -172,8 +233,10 @@ def test_grpo_two_steps_patched_matches_stock(model_dir, tmp_path):
 
     stock, _ = run(False)
     fused, (_, trl_handle) = run(True)
-    # the reference model's log-probs (the KL term) ran on fastft; the policy's (entropy logged) on TRL's
+    # the reference model's log-probs (the KL term) and the policy's (with the entropy it logs) ran on fastft
     assert trl_handle.counts["fastft: log-probs from fastft.ops.linear_cross_entropy"] == 2
+    assert trl_handle.counts["fastft: log-probs + entropy from linear_cross_entropy_with_metrics"] > 0
+    assert not [k for k in trl_handle.counts if k.startswith("TRL:")]
     assert len(stock) == len(fused) == 2 and any(e["reward_std"] > 0 for e in stock)
     for s, f in zip(stock, fused):
         assert s["reward"] == f["reward"]  # the same completions were sampled

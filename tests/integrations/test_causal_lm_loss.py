@@ -10,7 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from fastft import backend as fb  # noqa: E402
-from fastft.integrations.transformers import is_patched, patch_causal_lm_loss, unpatch  # noqa: E402
+from fastft.integrations.causal_lm_loss import is_patched, patch_causal_lm_loss, unpatch  # noqa: E402
 
 VOCAB = 97
 
@@ -92,7 +92,7 @@ def test_eval_with_labels_is_fused_and_generation_is_stock(caplog):
     with torch.no_grad():
         stock = model(input_ids=ids, labels=labels)
         patch_causal_lm_loss(model)
-        with caplog.at_level("INFO", logger="fastft.integrations.transformers"):
+        with caplog.at_level("INFO", logger="fastft.integrations.causal_lm_loss"):
             fused = model(input_ids=ids, labels=labels)
             again = model(input_ids=ids, labels=labels, return_logits=True)
         gen = model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)

@@ -24,7 +24,7 @@ rather than return a wrong loss. The head may be a plain ``nn.Linear`` or a LoRA
 
 When it is used: whenever the forward gets ``labels``, in train and eval mode alike (a validation loss
 saves the same memory), with ``logits=None`` unless logits are asked for. The first fused forward of a
-patched model logs that once (logger ``fastft.integrations.transformers``, level INFO). Code that reads
+patched model logs that once (logger ``fastft.integrations.causal_lm_loss``, level INFO). Code that reads
 logits of a labelled forward (``Trainer.evaluate`` with ``compute_metrics``) patches with
 ``return_logits=True`` or passes ``return_logits=True`` per call. Without labels (generation,
 inference) the stock forward runs, untouched.
@@ -47,7 +47,7 @@ from ..tuners.base import unwrap
 from ._head import head_operands
 from ._head import unsupported_reason as unsupported_head_reason
 
-__all__ = ["patch_causal_lm_loss", "unpatch", "is_patched"]
+__all__ = ["LossPatchInfo", "patch_causal_lm_loss", "patch_info", "unpatch", "is_patched"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,24 @@ class _PatchState:
 
 def is_patched(model: nn.Module) -> bool:
     return _STATE_ATTR in vars(unwrap(model))
+
+
+@dataclass(frozen=True)
+class LossPatchInfo:
+    """What :func:`patch_causal_lm_loss` fused on one model (read-only, for reports)."""
+
+    lm_head: nn.Module  # the output layer whose forward the patch intercepts
+    softcap: Optional[float]  # the config's final_logit_softcapping, folded into the op
+    logit_multiplier: Optional[float]  # Cohere logit_scale / Granite 1/logits_scaling, folded into the hidden states
+    previous_forward: Any  # the model's instance forward before the patch (a trainer's wrapper), or None
+
+
+def patch_info(model: nn.Module) -> Optional[LossPatchInfo]:
+    """What the live loss patch of ``model`` fuses (None: not patched)."""
+    state = vars(unwrap(model)).get(_STATE_ATTR)
+    if state is None:
+        return None
+    return LossPatchInfo(state.lm_head, state.softcap, state.logit_multiplier, state.saved.get("model.forward"))
 
 
 def _logit_transforms(model: nn.Module) -> tuple[Optional[float], Optional[float]]:
@@ -162,6 +180,11 @@ def _patched_forward(self, *args, **kwargs):
     labels = bound.arguments.get("labels")
     if labels is None:
         return original(*args, **kwargs)
+    if self.get_output_embeddings() is not state.lm_head:
+        raise RuntimeError(
+            f"{type(self).__name__}'s output layer was replaced after its loss was patched (get_peft_model with "
+            "lm_head in target_modules?): call fastft.patch(model) again after get_peft_model (it patches what is "
+            "new), or train with fastft.integrations.hf_trainer.FastftCallback, which does it at train begin")
     if not state.announced:
         state.announced = True
         logger.info("fastft: %s computes its loss with the fused linear cross-entropy whenever labels are given "
@@ -182,7 +205,7 @@ def _patched_forward(self, *args, **kwargs):
         if not state.loss_called:
             raise RuntimeError(
                 f"{type(self).__name__}.forward did not compute its loss through self.loss_function; "
-                "fastft.integrations.transformers cannot fuse it (call unpatch(model))"
+                "fastft.integrations.causal_lm_loss cannot fuse it (call unpatch(model))"
             )
         hidden = state.hidden
     finally:
