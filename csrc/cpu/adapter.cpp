@@ -391,16 +391,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fastft, m) {
-  m.def(
-      "adapter_fwd_kernel(Tensor x, Tensor down_weight, Tensor? down_bias, Tensor up_weight, Tensor? up_bias, "
-      "Tensor seed, int activation, int drop_threshold, float scale) -> (Tensor, Tensor)");
-  m.def(
-      "adapter_bwd_kernel(Tensor grad, Tensor x, Tensor down_weight, Tensor up_weight, Tensor pre, Tensor seed, "
-      "int activation, int drop_threshold, float scale, bool has_down_bias, bool has_up_bias, bool need_input, "
-      "bool need_down, bool need_up) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(fastft, CPU, m) {
   m.impl("adapter_fwd_kernel", &adapter_fwd_cpu);
   m.impl("adapter_bwd_kernel", &adapter_bwd_cpu);
