@@ -33,7 +33,7 @@ from torch import nn
 
 from ._fsdp import unsharded_class
 from .nn.adapter import Adapter
-from .ops.adapter import ACTIVATIONS
+from .ops.defs.adapter import ACTIVATIONS
 
 PLACEMENTS = ("houlsby", "pfeiffer")
 CONFIG_NAME = "adapter_config.json"

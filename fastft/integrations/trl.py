@@ -34,8 +34,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..ops.linear_cross_entropy import linear_cross_entropy
-from ..ops.selective_log_softmax import selective_log_softmax as fastft_selective_log_softmax
+from ..ops.defs.linear_cross_entropy import linear_cross_entropy
+from ..ops.defs.selective_log_softmax import selective_log_softmax as fastft_selective_log_softmax
 
 __all__ = ["patch", "TRLPatchHandle"]
 

@@ -6,7 +6,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from ..ops._checks import check_reduction
-from ..ops.cross_entropy import cross_entropy
+from ..ops.defs.cross_entropy import cross_entropy
 
 
 class CrossEntropyLoss(nn.Module):

@@ -6,7 +6,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from ..ops._checks import check_number, check_reduction
-from ..ops.kl_penalty import ESTIMATORS, kl_penalty
+from ..ops.defs.kl_penalty import ESTIMATORS, kl_penalty
 
 
 class KLPenalty(nn.Module):

@@ -195,7 +195,7 @@ class HeadGrads:
       grad_W  one [V, H] tensor in the weight's dtype: the first chunk's GEMM writes it, every later
               one accumulates onto it in place (addmm_, beta = 1). Each GEMM sums its chunk in fp32 and
               rounds once, so a half-precision grad_W is rounded once per chunk rather than once (as
-              Liger accumulates; tests/test_linear_cross_entropy.py measures it: within 2x torch's
+              Liger accumulates; tests/ops/test_linear_cross_entropy.py measures it: within 2x torch's
               one-GEMM error vs an fp64 truth up to 4 chunks, 2.8x at 8 in fp16), and there is no
               fp32 copy of grad_W, no per-chunk partial product and no final cast;
       grad_b  an fp32 (fp64 for fp64) [V] accumulator, cast once at the end (V values: negligible).

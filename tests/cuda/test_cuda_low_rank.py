@@ -7,7 +7,7 @@ import torch
 
 import fastft
 from fastft.kernels import _dropout
-from fastft.ops import registry
+from op_db import OP_DB
 from fastft.reference import adapter as ref_adapter
 from fastft.reference import lora as ref_lora
 
@@ -34,7 +34,7 @@ def _lora_inputs(with_bias: bool, trainable_base: bool):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lora_linear(backend, dtype, with_bias, trainable_base):
     args = (*_lora_inputs(with_bias, trainable_base), 2.0)
-    compare(fastft.ops.lora_linear, registry.get("lora_linear").truth, args, {}, dtype, backend)
+    compare(fastft.ops.lora_linear, OP_DB["lora_linear"].truth, args, {}, dtype, backend)
 
 
 def _lora_with_mask(x, weight, bias, lora_A, lora_B, scaling, *, dropout_p, seed):
@@ -81,14 +81,14 @@ def _adapter_inputs(with_biases: bool, trainable_down: bool = True):
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_adapter(backend, dtype, activation):
-    compare(fastft.ops.adapter, registry.get("adapter").truth, _adapter_inputs(with_biases=True),
+    compare(fastft.ops.adapter, OP_DB["adapter"].truth, _adapter_inputs(with_biases=True),
             {"activation": activation, "scale": 0.5}, dtype, backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_adapter_no_biases_frozen_down(backend, dtype):
-    compare(fastft.ops.adapter, registry.get("adapter").truth, _adapter_inputs(with_biases=False, trainable_down=False),
+    compare(fastft.ops.adapter, OP_DB["adapter"].truth, _adapter_inputs(with_biases=False, trainable_down=False),
             {"activation": "gelu"}, dtype, backend)
 
 

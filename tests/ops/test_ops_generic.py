@@ -1,4 +1,5 @@
-"""The generic op suite: every op in fastft.ops.registry, on every backend usable here, checked the same way.
+"""The generic op suite: every op in fastft.ops.registry, on every backend usable here, checked the same way, from
+its entry in the op database (tests/ops/op_db.py: samples, fp64 truth, bad inputs).
 
 Per op: parity of values and gradients with an fp64 truth over odd shapes and each dtype (fp32/fp64
 tight; fp16/bf16 by the rule error <= 2 x torch's own same-dtype error + atol), torch.library.opcheck
@@ -18,6 +19,7 @@ import torch
 import fastft
 from fastft import backend as fb
 from fastft.ops import registry
+from op_db import OP_DB, Sample, float_like, info
 from fastft.ops._define import Backend, Op, define_op
 
 ENTRIES = registry.entries()
@@ -36,7 +38,7 @@ def _cases(dtypes=DTYPES, backends=None):
             if backends is not None and backend not in backends:
                 continue
             for dtype in dtypes:
-                if dtype in entry.dtypes:
+                if dtype in info(entry.name).dtypes:
                     yield pytest.param(entry, backend, dtype, id=f"{entry.name}-{backend}-{str(dtype)[6:]}")
 
 
@@ -61,11 +63,11 @@ def _upstream(shape) -> torch.Tensor:
     return torch.randn(shape, generator=g, dtype=torch.float64) + 1.5
 
 
-def run(fn, sample: registry.Sample, dtype=None, backward_twice=False):
+def run(fn, sample: Sample, dtype=None, backward_twice=False):
     """(output, [grads of the sample's leaves]) of fn on fresh copies of the sample (cast to dtype)."""
     args, kwargs = _fresh(sample.args), _fresh(sample.kwargs)
     if dtype is not None:
-        args, kwargs = registry.float_like(args, dtype), registry.float_like(kwargs, dtype)
+        args, kwargs = float_like(args, dtype), float_like(kwargs, dtype)
     leaves = _leaves(args, kwargs)
     out = fn(*args, **kwargs)
     if not leaves:
@@ -94,11 +96,12 @@ def _check_close(name, got, torch_same_dtype, truth, dtype):
 
 @pytest.mark.parametrize("entry,backend,dtype", list(_cases()))
 def test_parity_with_fp64_truth(entry, backend, dtype):
-    for sample in entry.samples(dtype, torch.device("cpu")):
+    db = info(entry.name)
+    for sample in db.samples(dtype, torch.device("cpu")):
         with fb.use(backend):
             out, grads = run(entry.functional, sample)
-        truth, truth_grads = run(entry.truth, sample, torch.float64)
-        torch_out, torch_grads = run(entry.truth, sample) if dtype != torch.float64 else (truth, truth_grads)
+        truth, truth_grads = run(db.truth, sample, torch.float64)
+        torch_out, torch_grads = run(db.truth, sample) if dtype != torch.float64 else (truth, truth_grads)
         assert out.dtype == torch_out.dtype and out.shape == truth.shape, f"{sample.name}: output dtype/shape"
         _check_close(f"{sample.name}: output", out, torch_out, truth, dtype)
         assert len(grads) == len(truth_grads)
@@ -124,7 +127,7 @@ def _registered_calls(entry, backend, sample, monkeypatch) -> list:
 
 @pytest.mark.parametrize("entry,backend,dtype", list(_cases((torch.float32,), ("cpp", "triton"))))
 def test_opcheck(entry, backend, dtype, monkeypatch):
-    for sample in entry.samples(dtype, torch.device("cpu"))[:2]:
+    for sample in info(entry.name).samples(dtype, torch.device("cpu"))[:2]:
         calls = _registered_calls(entry, backend, sample, monkeypatch)
         assert calls, f"{entry.name} on {backend} did not call its defined op"
         for op, args in calls:
@@ -137,7 +140,7 @@ def test_opcheck(entry, backend, dtype, monkeypatch):
 def test_compile_fullgraph_matches_eager_and_second_backward(entry, backend, dtype):
     torch._dynamo.reset()
     compiled = torch.compile(entry.functional, fullgraph=True)
-    for sample in entry.samples(dtype, torch.device("cpu"))[:2]:
+    for sample in info(entry.name).samples(dtype, torch.device("cpu"))[:2]:
         # AOTAutograd donates saved buffers unless told not to, and then refuses any retain_graph=True.
         with fb.use(backend), torch._functorch.config.patch(donated_buffer=False):
             out_e, first_e, second_e = run(entry.functional, sample, backward_twice=True)
@@ -152,7 +155,7 @@ def test_compile_fullgraph_matches_eager_and_second_backward(entry, backend, dty
 
 @pytest.mark.parametrize("entry,backend,dtype", list(_cases((torch.float32,), ("triton", "reference"))))
 def test_second_backward_repeats_gradients(entry, backend, dtype):
-    for sample in entry.samples(dtype, torch.device("cpu"))[:2]:
+    for sample in info(entry.name).samples(dtype, torch.device("cpu"))[:2]:
         with fb.use(backend):
             _, first, second = run(entry.functional, sample, backward_twice=True)
         for f, s in zip(first, second):
@@ -161,16 +164,17 @@ def test_second_backward_repeats_gradients(entry, backend, dtype):
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=lambda e: e.name)
 def test_bad_inputs_raise_clearly(entry):
-    cases = entry.bad_inputs(torch.device("cpu"))
+    cases = info(entry.name).bad_inputs(torch.device("cpu"))
     assert cases, f"{entry.name} declares no bad inputs"
     for case in cases:
         with pytest.raises(case.error, match=case.match):
             entry.functional(*case.args, **case.kwargs)
 
 
-def test_registry_lists_every_public_op():
+def test_registry_lists_every_public_op_and_the_op_db_covers_it():
     names = {e.name for e in ENTRIES}
-    assert set(fastft.ops.__all__) - {"registry"} <= names
+    assert set(fastft.ops.__all__) - {"registry", "defs"} <= names
+    assert set(OP_DB) == names, "tests/ops/op_db.py must describe exactly the registered ops"
     for entry in ENTRIES:
         assert getattr(fastft.ops, entry.name) is entry.functional
 

@@ -15,13 +15,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..reference import kl as _reference
-from . import registry
-from ._checks import check_chunk_size, check_float_tensor, check_mask, check_number, check_reduction, check_same_device
-from ._define import accumulator_dtype, define_op, save_fused_grads, scale_fused_grads, standard_backends
-from ._losses import (KL_KERNELS, HeadGrads, autocast_operands, chunk_rows, count_reduction_scale, counted_rows,
+from ...reference import kl as _reference
+from .. import registry
+from .._checks import check_chunk_size, check_float_tensor, check_mask, check_number, check_reduction, check_same_device
+from .._define import accumulator_dtype, define_op, save_fused_grads, scale_fused_grads, standard_backends
+from .._losses import (KL_KERNELS, HeadGrads, autocast_operands, chunk_rows, count_reduction_scale, counted_rows,
                       loss_kernels, scale_in_place, scatter_rows)
-from .full_kl import KLOptions, kl_truth
+from .full_kl import KLOptions
 
 __all__ = ["linear_full_kl", "LinearKLOptions"]
 
@@ -226,48 +226,6 @@ def linear_full_kl(
     return loss.to(autocast_dtype) if autocast_dtype is not None else loss
 
 
-# ------------------------------------------------------------------------------------------------
-# Registry entry
-# ------------------------------------------------------------------------------------------------
-
-
-def _truth(policy_hidden, policy_weight, ref_hidden, ref_weight, *, chunk_size=None, **kw):
-    return kl_truth(policy_hidden @ policy_weight.t(), ref_hidden @ ref_weight.t(), **kw)
-
-
-def _samples(dtype, device):
-    n, h, h_ref, v = 11, 13, 9, 37
-    hp = torch.randn(n, h, device=device).to(dtype).requires_grad_()
-    wp = (torch.randn(v, h, device=device) / h ** 0.5 * 2).to(dtype).requires_grad_()
-    hr = torch.randn(n, h_ref, device=device).to(dtype)
-    wr = (torch.randn(v, h_ref, device=device) / h_ref ** 0.5 * 2).to(dtype)
-    mask = torch.rand(n, device=device) > 0.3
-    return [
-        registry.Sample((hp, wp, hr, wr), {"chunk_size": 4}, "mean, 3 chunks"),
-        registry.Sample((hp, wp, hr.requires_grad_(), wr), {"mask": mask, "reduction": "none", "temperature": 0.8},
-                        "none+mask"),
-        registry.Sample((hp, wp.detach(), hr.detach(), wr), {"mask": mask, "reduction": "sum", "chunk_size": 5},
-                        "sum+mask, frozen head"),
-    ]
-
-
-def _bad_inputs(device):
-    hp, wp = torch.randn(4, 8, device=device), torch.randn(50, 8, device=device)
-    hr, wr = torch.randn(4, 6, device=device), torch.randn(50, 6, device=device)
-    bad = registry.BadInput
-    return [
-        bad((hp, wp, hr, wr[:49]), {}, ValueError, "vocabulary sizes differ"),
-        bad((hp, wp, hr[:, :5], wr), {}, ValueError, "hidden size"),
-        bad((hp, wp, hr[:3], wr), {}, ValueError, "token shape"),
-        bad((hp, wp, hr, wr), {"mask": torch.ones(5, dtype=torch.bool, device=device)}, ValueError, "mask shape"),
-        bad((hp, wp, hr, wr), {"temperature": float("nan")}, ValueError, "temperature"),
-        bad((hp, wp, hr, wr), {"chunk_size": 0}, ValueError, "chunk_size"),
-        bad((hp, wp, hr, wr), {"reduction": "avg"}, ValueError, "reduction must be one of"),
-        bad((hp, wp, hr, wr.to("meta")), {}, ValueError, "ref_weight is on meta"),
-    ]
-
-
 registry.register(registry.OpEntry(
-    name="linear_full_kl", functional=linear_full_kl, op=linear_full_kl_op, samples=_samples, truth=_truth,
-    bad_inputs=_bad_inputs, benchmark="kl",
+    name="linear_full_kl", functional=linear_full_kl, op=linear_full_kl_op, benchmark="kl",
 ))

@@ -15,7 +15,7 @@ import fastft._C  # noqa: F401  (registers the C++ kernels as torch.ops.fastft.*
 from fastft.kernels import _dropout as kernel_dropout
 from fastft.reference import dropout as ref_dropout
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONSTANTS = ("DROP_BITS", "MIX_MUL1", "MIX_MUL2", "INDEX_HI_MUL")
 CPP_NAMES = {"DROP_BITS": "kDropBits", "MIX_MUL1": "kMixMul1", "MIX_MUL2": "kMixMul2", "INDEX_HI_MUL": "kIndexHiMul"}
 
