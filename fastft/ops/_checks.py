@@ -100,6 +100,13 @@ def check_mask(name: str, mask, token_shape: tuple, device) -> Optional[Tensor]:
         raise ValueError(f"{name} is on {mask.device} but the logits are on {device}")
     if mask.is_complex():
         raise TypeError(f"{name} must be bool, integer or floating point (nonzero = counted), got {mask.dtype}")
+    return flat_token_mask(mask)
+
+
+def flat_token_mask(mask: Optional[Tensor]) -> Optional[Tensor]:
+    """A checked mask (``check_mask``) as the kernels take it: contiguous flat bool (nonzero = counted), or None."""
+    if mask is None:
+        return None
     m = mask if mask.dtype == torch.bool else mask != 0
     return m.reshape(-1).contiguous()
 

@@ -5,7 +5,7 @@ Per op: parity of values and gradients with an fp64 truth over odd shapes and ea
 tight; fp16/bf16 by the rule error <= 2 x torch's own same-dtype error + atol), torch.library.opcheck
 of the registered op, torch.compile(fullgraph=True) against eager, the bad inputs the op declares, and a
 second backward (retain_graph=True) that must give the same gradients again, eager and compiled.
-Plus the dispatch rules of fastft.ops._define (a forced backend the op lacks; `use` after a compile).
+Plus the dispatch rules of fastft.backend (a forced backend the op lacks; `use` after a compile).
 Shapes are tiny: Triton runs under its CPU interpreter here.
 """
 from __future__ import annotations
@@ -20,7 +20,8 @@ import fastft
 from fastft import backend as fb
 from fastft.ops import registry
 from op_db import OP_DB, Sample, float_like, info
-from fastft.ops._define import Backend, Op, define_op
+from fastft.backend import Backend, extension_kernels
+from fastft.ops._define import Op, define_op
 
 ENTRIES = registry.entries()
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -180,7 +181,7 @@ def test_registry_lists_every_public_op_and_the_op_db_covers_it():
 
 
 # ------------------------------------------------------------------------------------------------
-# Dispatch rules of fastft.ops._define
+# Dispatch rules of fastft.backend and fastft.ops._define
 # ------------------------------------------------------------------------------------------------
 
 
@@ -197,7 +198,7 @@ _toy = define_op(
     "generic_suite_toy", forward=_toy_forward,
     fake=lambda x, options, backend: (torch.empty_like(x), x.new_empty((0,))),
     setup=lambda ctx, inputs, outputs: None, backward=lambda ctx, grad: (grad * ctx.options.alpha,),
-    options=_ToyOptions, backends=(Backend("reference"), Backend("cpp")),
+    options=_ToyOptions, reference=lambda x, alpha: x * alpha + 1.0, backends=(Backend("reference"), Backend("cpp")),
 )
 
 
@@ -249,42 +250,46 @@ def test_forced_cuda_selects_the_cuda_extension_for_every_op_that_has_it(monkeyp
     """What FASTFT_BACKEND=cuda does on a CUDA machine, simulated here: the probes say CUDA is usable and
     fastft._C has CUDA kernels. Ops declaring a cuda backend take it; ops without one fall back to their
     default (triton) with a warning, instead of failing."""
-    from fastft.ops import _define
-
     monkeypatch.setitem(fb._status_cache, "cuda", (True, "simulated"))
     monkeypatch.setitem(fb._status_cache, "triton", (True, "simulated"))
-    monkeypatch.setattr(_define, "_has_kernel", lambda kernel, key: True)
-    monkeypatch.setattr(_define, "_warned", set())
-    monkeypatch.setattr(_define, "_choices", {})
+    monkeypatch.setattr(fb, "_has_kernel", lambda kernel, key: True)
+    monkeypatch.setattr(fb, "_warned", set())
+    monkeypatch.setattr(fb, "_choices", {})
     for entry in ENTRIES:
         if entry.op is None:
             continue
         if "cuda" in entry.op.backends:
-            assert _define.select_backend(entry.name, "cuda", "cuda") == "cuda"
+            assert fb.select_backend(entry.name, "cuda", "cuda") == "cuda"
         else:
             with pytest.warns(RuntimeWarning, match=f"{entry.name} has no 'cuda' backend"):
-                assert _define.select_backend(entry.name, "cuda", "cuda") == "triton"
+                assert fb.select_backend(entry.name, "cuda", "cuda") == "triton"
+        for backend in entry.op.backends.values():  # what the simulation bound must not outlive it
+            backend._kernels = None
 
 
 def test_cuda_backends_call_kernels_the_cpu_extension_declares():
-    """The cuda backend of an op calls the same torch.ops.fastft schemas as cpp (csrc/cuda registers its
-    kernels under them), so each must exist in the extension built here."""
+    """The cuda backend of an op binds its kernels with the same binder as cpp (the same torch.ops.fastft
+    schemas, csrc/schemas.cpp; csrc/cuda registers its kernels under them), so each must exist in the extension
+    built here: binding the cpp set checks every name."""
     if not fb.status("cpp")[0]:
         pytest.skip(fb.status("cpp")[1])
     for entry in ENTRIES:
         if entry.op is None or "cuda" not in entry.op.backends:
             continue
-        kernels = entry.op.backends["cuda"].kernels
-        assert kernels, f"{entry.name}: a cuda backend must name the extension kernels it calls"
-        assert kernels == entry.op.backends["cpp"].kernels
-        for kernel in kernels:
-            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastft::{kernel}", "CPU"), kernel
+        cpp, cuda = entry.op.backends["cpp"], entry.op.backends["cuda"]
+        assert cuda.bind is not None and cuda.bind is cpp.bind, f"{entry.name}: cuda must bind what cpp binds"
+        assert cpp.status() == (True, fb.status("cpp")[1]), f"{entry.name}: {cpp.status()[1]}"
+        assert vars(cpp.kernels), f"{entry.name}: a compiled backend must bind the extension kernels it calls"
+
+
+def test_a_missing_extension_kernel_makes_the_backend_unusable_with_its_name():
+    backend = Backend("cpp", extension_kernels(fwd="no_such_kernel"))
+    if fb.status("cpp")[0]:
+        assert backend.status() == (False, "fastft._C has no CPU kernel for fastft::no_such_kernel")
 
 
 def test_forced_backend_the_op_has_but_cannot_run_raises(monkeypatch):
-    from fastft.ops import _define
-
-    monkeypatch.setattr(_define, "_choices", {})
+    monkeypatch.setattr(fb, "_choices", {})
     monkeypatch.setitem(fb._status_cache, "triton", (False, "simulated: no triton"))
     with fb.use("triton"), pytest.raises(RuntimeError, match="requested for cross_entropy but is unusable"):
         fastft.ops.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2]))

@@ -27,6 +27,7 @@ torch.ops.fastft.adapter_*_kernel schemas as "cpp"; the dispatcher picks the CUD
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -37,11 +38,9 @@ from ...kernels import _dropout
 from ...reference import adapter as _ref
 from .. import registry
 from .._checks import check_float_tensor, check_number, check_optional_tensor, check_same_device, check_tensor
-from .._define import define_op, standard_backends
+from .._define import define_op, extension_kernels, standard_backends, triton_kernels
 
 ACTIVATIONS = tuple(_ref.ACTIVATIONS)
-_KERNELS = ("adapter_fwd_kernel", "adapter_bwd_kernel")
-_FUSED_BLOCK = ("cpp", "cuda")  # the whole block in one extension kernel; triton composes GEMMs + epilogues
 
 
 @dataclass(frozen=True)
@@ -51,31 +50,60 @@ class AdapterOptions:
     scale: float = 1.0
 
 
-def _epilogues():
-    """The element-wise bottleneck kernels of the GEMM-composed path (the Triton backend)."""
-    from ...kernels import adapter as k
-
-    return k.adapter_act_dropout_fwd, k.adapter_act_dropout_bwd
-
-
 def _empty(like: Tensor) -> Tensor:
     return like.new_empty((0,))
 
 
-def _forward(x: Tensor, down_weight: Tensor, down_bias: Optional[Tensor], up_weight: Tensor, up_bias: Optional[Tensor],
-             seed: Tensor, options: AdapterOptions, backend: str) -> tuple[Tensor, Tensor]:
-    if backend in _FUSED_BLOCK:  # the whole block fused by row tiles (csrc/cpu/adapter.cpp)
-        return torch.ops.fastft.adapter_fwd_kernel(x, down_weight, down_bias, up_weight, up_bias, seed,
-                                                   options.activation, options.drop_threshold, options.scale)
-    fwd, _ = _epilogues()
+# Kernel sets. "cpp"/"cuda": the whole block in one extension kernel (fused by row tiles, csrc/cpu/adapter.cpp);
+# "triton": GEMMs composed with the element-wise bottleneck epilogues of kernels/adapter.py (below). Both
+# take the same arguments: fwd(x, W_down, b_down, W_up, b_up, seed, activation, drop_threshold, scale) -> (y, pre),
+# bwd(grad, x, W_down, W_up, pre, seed, activation, drop_threshold, scale, has_down_bias, has_up_bias,
+#     need_input, need_down, need_up) -> (dx, dW_down, db_down, dW_up, db_up).
+_extension_kernels = extension_kernels(fwd="adapter_fwd_kernel", bwd="adapter_bwd_kernel")
+
+
+def _triton_kernels(backend):
+    epilogues = triton_kernels("adapter", act_dropout_fwd="adapter_act_dropout_fwd",
+                               act_dropout_bwd="adapter_act_dropout_bwd")(backend)
+    return SimpleNamespace(fwd=lambda *args: _composed_forward(epilogues.act_dropout_fwd, *args),
+                           bwd=lambda *args: _composed_backward(epilogues.act_dropout_bwd, *args))
+
+
+def _composed_forward(fwd, x, down_weight, down_bias, up_weight, up_bias, seed, activation, drop_threshold, scale):
     if down_bias is not None:
         pre = torch.addmm(down_bias, x, down_weight.t())
     else:
         pre = torch.mm(x, down_weight.t())
     has_up_bias = up_bias is not None
-    h = fwd(pre.contiguous(), seed, options.activation, options.drop_threshold, has_up_bias)  # [N, width]
-    y = torch.addmm(x, h, _padded_up(up_weight, up_bias, h.shape[1]).t(), alpha=options.scale)
+    h = fwd(pre.contiguous(), seed, activation, drop_threshold, has_up_bias)  # [N, width]
+    y = torch.addmm(x, h, _padded_up(up_weight, up_bias, h.shape[1]).t(), alpha=scale)
     return y, pre
+
+
+def _composed_backward(bwd, grad, x, down_weight, up_weight, pre, seed, activation, drop_threshold, scale,
+                       has_down_bias, has_up_bias, need_input, need_down, need_up):
+    r = pre.shape[1]
+    grad_h = torch.mm(grad, up_weight)
+    grad_pre, h = bwd(grad_h, pre.contiguous(), seed, activation, drop_threshold, scale, has_up_bias, need_up)
+    dx = torch.addmm(grad, grad_pre, down_weight) if need_input else _empty(x)
+    dwd, dbd, dwu, dbu = (_empty(x) for _ in range(4))  # outputs may not alias each other
+    if need_down:
+        dwd = torch.mm(grad_pre.t(), x)
+        if has_down_bias:
+            dbd = grad_pre.sum(0)
+    if need_up:
+        # [H, width]: column r is db_up, the padding columns beyond are dropped (never trained)
+        dwu_aug = torch.mm(grad.t(), h).mul_(scale)
+        dwu = dwu_aug if dwu_aug.shape[1] == r else dwu_aug[:, :r].contiguous()
+        if has_up_bias:
+            dbu = dwu_aug[:, r].contiguous()
+    return dx, dwd, dbd, dwu, dbu
+
+
+def _forward(x: Tensor, down_weight: Tensor, down_bias: Optional[Tensor], up_weight: Tensor, up_bias: Optional[Tensor],
+             seed: Tensor, options: AdapterOptions, backend: str) -> tuple[Tensor, Tensor]:
+    return adapter_op.kernels(backend).fwd(x, down_weight, down_bias, up_weight, up_bias, seed, options.activation,
+                                           options.drop_threshold, options.scale)
 
 
 def _padded_up(up_weight: Tensor, up_bias: Optional[Tensor], width: int) -> Tensor:
@@ -99,33 +127,14 @@ def _backward_impl(grad: Tensor, x: Tensor, down_weight: Tensor, up_weight: Tens
                    has_down_bias: bool, has_up_bias: bool, need_input: bool, need_down: bool, need_up: bool,
                    options: AdapterOptions, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dW_down, db_down, dW_up, db_up); each is an empty (0,) tensor when not needed."""
-    if backend in _FUSED_BLOCK:
-        outs = torch.ops.fastft.adapter_bwd_kernel(
-            grad, x, down_weight, up_weight, pre, seed, options.activation, options.drop_threshold, options.scale,
-            has_down_bias, has_up_bias, need_input, need_down, need_up,
-        )
-        # Zero-size placeholders from C++ can share one StorageImpl, which the custom-op aliasing check
-        # rejects; give each not-computed gradient its own.
-        computed = (need_input, need_down, need_down and has_down_bias, need_up, need_up and has_up_bias)
-        return tuple(o if c else _empty(x) for o, c in zip(outs, computed))
-    _, bwd = _epilogues()
-    r = pre.shape[1]
-    grad_h = torch.mm(grad, up_weight)
-    grad_pre, h = bwd(grad_h, pre.contiguous(), seed, options.activation, options.drop_threshold, options.scale,
-                      has_up_bias, need_up)
-    dx = torch.addmm(grad, grad_pre, down_weight) if need_input else _empty(x)
-    dwd, dbd, dwu, dbu = (_empty(x) for _ in range(4))  # outputs may not alias each other
-    if need_down:
-        dwd = torch.mm(grad_pre.t(), x)
-        if has_down_bias:
-            dbd = grad_pre.sum(0)
-    if need_up:
-        # [H, width]: column r is db_up, the padding columns beyond are dropped (never trained)
-        dwu_aug = torch.mm(grad.t(), h).mul_(options.scale)
-        dwu = dwu_aug if dwu_aug.shape[1] == r else dwu_aug[:, :r].contiguous()
-        if has_up_bias:
-            dbu = dwu_aug[:, r].contiguous()
-    return dx, dwd, dbd, dwu, dbu
+    outs = adapter_op.kernels(backend).bwd(
+        grad, x, down_weight, up_weight, pre, seed, options.activation, options.drop_threshold, options.scale,
+        has_down_bias, has_up_bias, need_input, need_down, need_up,
+    )
+    # Zero-size placeholders from C++ can share one StorageImpl, which the custom-op aliasing check
+    # rejects; give each not-computed gradient its own.
+    computed = (need_input, need_down, need_down and has_down_bias, need_up, need_up and has_up_bias)
+    return tuple(o if c else _empty(x) for o, c in zip(outs, computed))
 
 
 def _backward_fake(grad, x, down_weight, up_weight, pre, seed, has_down_bias, has_up_bias, need_input, need_down,
@@ -156,7 +165,7 @@ def _backward(ctx, grad_y):
 adapter_op = define_op(
     "adapter", forward=_forward, fake=_fake, setup=_setup, backward=_backward, backward_impl=_backward_impl,
     backward_fake=_backward_fake, options=AdapterOptions,
-    backends=standard_backends(_KERNELS),
+    reference=_ref.adapter, backends=standard_backends(_extension_kernels, _triton_kernels),
 )
 
 
@@ -227,14 +236,15 @@ def adapter(
     not stored, for backward. Same values and gradients as the eager block up to rounding.
     """
     _check_inputs(x, down_weight, down_bias, up_weight, up_bias, activation, dropout_p, scale)
-    backend = adapter_op.select(x)
     threshold = _dropout.drop_threshold(dropout_p) if training else 0
     seed = _dropout.draw_seed(x.device) if threshold > 0 else None
-    if backend == "reference":
-        return _ref.adapter(
-            x, down_weight, down_bias, up_weight, up_bias, activation=activation,
-            dropout_p=dropout_p, training=training, scale=scale, seed=seed,
-        )
+    return adapter_op.dispatch(_run_kernels, x, down_weight, down_bias, up_weight, up_bias, activation=activation,
+                               dropout_p=dropout_p, training=training, scale=scale, seed=seed)
+
+
+def _run_kernels(backend, x, down_weight, down_bias, up_weight, up_bias, *, activation, dropout_p, training, scale,
+                 seed):
+    threshold = _dropout.drop_threshold(dropout_p) if training else 0
     if seed is None:
         seed = torch.zeros((1,), dtype=torch.int64, device=x.device)  # never read without dropout
     options = AdapterOptions(_ref.ACTIVATIONS[activation], threshold, float(scale))

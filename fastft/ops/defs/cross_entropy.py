@@ -35,7 +35,8 @@ from .. import registry
 from .._checks import (check_float_tensor, check_index_tensor, check_indices_in_range, check_same_device, check_tensor,
                       flat_index)
 from .._define import accumulator_dtype, define_op, save_fused_grads, scale_fused_grads, standard_backends
-from .._losses import CE_KERNELS, ce_reduction_scale, check_ce_options, loss_kernels, scale_in_place
+from .._losses import (ce_extension_kernels, ce_reduction_scale, ce_triton_kernels, check_ce_options,
+                       scale_in_place)
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ def _forward(logits: Tensor, target: Tensor, weight: Optional[Tensor], compute_g
     scale = ce_reduction_scale(target, weight, options.ignore_index, options.reduction, acc)
     fused = _fused(options, compute_grad)
     in_place = fused and options.inplace_backward
-    loss_rows, lse, grad = loss_kernels(backend).ce_fwd(
+    loss_rows, lse, grad = cross_entropy_op.kernels(backend).ce_fwd(
         logits, target, weight, scale if fused else None, *options.kernel_args(), out=logits if in_place else None)
     if in_place:
         # The gradient now lives in logits' storage; an op that saved the logits for its own backward
@@ -86,7 +87,7 @@ def _fake(logits, target, weight, compute_grad, options, backend):
 def _backward_impl(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor,
                    options: CrossEntropyOptions, backend: str) -> Tensor:
     out = logits if options.inplace_backward else None
-    grad = loss_kernels(backend).ce_bwd(grad_loss.to(lse.dtype).contiguous(), logits, target, weight, lse,
+    grad = cross_entropy_op.kernels(backend).ce_bwd(grad_loss.to(lse.dtype).contiguous(), logits, target, weight, lse,
                                         *options.kernel_args(), out=out)
     if out is not None:
         torch.autograd.graph.increment_version(logits)
@@ -108,7 +109,7 @@ def _setup(ctx, inputs, outputs):
 
 def _backward(ctx, grad_loss):
     if ctx.fused:
-        (grad,) = scale_fused_grads(ctx, grad_loss, scale_in_place(ctx.backend))
+        (grad,) = scale_fused_grads(ctx, grad_loss, scale_in_place(cross_entropy_op.kernels(ctx.backend).scale_))
         return grad, None, None, None
     # Per-row upstream gradient (reduction "none", or a mean/sum whose logits did not require grad in
     # forward): one sweep from the saved logsumexp.
@@ -119,10 +120,18 @@ def _backward(ctx, grad_loss):
     return ctx.run_backward(grad_loss, logits, target, weight, lse), None, None, None
 
 
+def _reference_cross_entropy(input, target, weight, *, inplace_backward=False, **options):
+    """The "reference" backend: fastft.reference.cross_entropy (plain autograd); with ``inplace_backward``
+    its gradient is copied into ``input``, the same memory contract as the kernels."""
+    if inplace_backward:
+        return _ReferenceInPlace.apply(input, target, weight, options)
+    return _reference(input, target, weight, **options)
+
+
 cross_entropy_op = define_op(
     "cross_entropy", forward=_forward, fake=_fake, setup=_setup, backward=_backward,
     backward_impl=_backward_impl, backward_fake=_backward_fake, options=CrossEntropyOptions,
-    backends=standard_backends(CE_KERNELS),
+    reference=_reference_cross_entropy, backends=standard_backends(ce_extension_kernels, ce_triton_kernels),
 )
 
 
@@ -187,20 +196,22 @@ def cross_entropy(
     check_indices_in_range("target", target, num_classes, ignore_index)
     compute_grad = torch.is_grad_enabled() and input.requires_grad
     in_place = _check_inplace_backward(inplace_backward, input, compute_grad)
-    backend = cross_entropy_op.select(input)
-    if backend == "reference":
-        kw = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
-                  softcap=softcap)
-        if in_place:
-            return _ReferenceInPlace.apply(input, target, weight, kw)
-        return _reference(input, target, weight, **kw)
+    return cross_entropy_op.dispatch(_run_kernels, input, target, weight, ignore_index=ignore_index, reduction=reduction,
+                                     label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                                     inplace_backward=in_place)
+
+
+def _run_kernels(backend, input, target, weight, *, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                 inplace_backward):
+    num_classes = input.shape[-1]
+    compute_grad = torch.is_grad_enabled() and input.requires_grad
     logits = input.reshape(-1, num_classes)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     flat_target = flat_index(target)
     w = None if weight is None else weight.to(accumulator_dtype(input.dtype)).contiguous()
     options = CrossEntropyOptions(int(ignore_index), float(label_smoothing), float(z_loss),
-                                  float(softcap) if softcap is not None else 0.0, reduction, in_place)
+                                  float(softcap) if softcap is not None else 0.0, reduction, inplace_backward)
     loss = cross_entropy_op(logits, flat_target, w, compute_grad, options=options, backend=backend)[0]
     if reduction == "none":
         loss = loss.reshape(target.shape)

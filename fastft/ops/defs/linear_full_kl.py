@@ -17,10 +17,11 @@ from torch import Tensor
 
 from ...reference import kl as _reference
 from .. import registry
-from .._checks import check_chunk_size, check_float_tensor, check_mask, check_number, check_reduction, check_same_device
+from .._checks import (check_chunk_size, check_float_tensor, check_mask, check_number, check_reduction, check_same_device,
+                      flat_token_mask)
 from .._define import accumulator_dtype, define_op, save_fused_grads, scale_fused_grads, standard_backends
-from .._losses import (KL_KERNELS, HeadGrads, autocast_operands, chunk_rows, count_reduction_scale, counted_rows,
-                      loss_kernels, scale_in_place, scatter_rows)
+from .._losses import (HeadGrads, autocast_operands, chunk_rows, count_reduction_scale, counted_rows,
+                      kl_extension_kernels, kl_triton_kernels, scale_in_place, scatter_rows)
 from .full_kl import KLOptions
 
 __all__ = ["linear_full_kl", "LinearKLOptions"]
@@ -46,7 +47,7 @@ def _run_chunks(hp, wp, hr, wr, mask, options, backend, needs, grad_scale=None, 
             grads = (scatter_rows(grads[0], idx, n) if needs[0] else grads[0], grads[1],
                      scatter_rows(grads[2], idx, n) if needs[2] else grads[2], grads[3])
         return out_stats, grads
-    k = loss_kernels(backend)
+    k = linear_full_kl_op.kernels(backend)
     v = wp.shape[0]
     want_grads = grad_scale is not None or row_grad is not None
     grad_p, grad_r = needs[0] or needs[1], needs[2] or needs[3]
@@ -141,7 +142,8 @@ def _setup(ctx, inputs, outputs):
 def _backward(ctx, grad_loss):
     needs = ctx.needs
     if ctx.fused:
-        grads = scale_fused_grads(ctx, grad_loss, scale_in_place(ctx.backend), wanted=needs)
+        grads = scale_fused_grads(ctx, grad_loss, scale_in_place(linear_full_kl_op.kernels(ctx.backend).scale_),
+                                  wanted=needs)
     elif not any(needs):
         grads = [None] * 4
     else:
@@ -154,10 +156,15 @@ def _backward(ctx, grad_loss):
     return (*grads, None, None)
 
 
+def _reference_ignoring_chunks(*args, chunk_size=None, **kwargs):
+    """The "reference" backend: fastft.reference.kl.linear_full_kl (whole logits, plain autograd; no chunks)."""
+    return _reference.linear_full_kl(*args, **kwargs)
+
+
 linear_full_kl_op = define_op(
     "linear_full_kl", forward=_forward, fake=_fake, setup=_setup, backward=_backward, backward_impl=_backward_impl,
     backward_fake=_backward_fake, options=LinearKLOptions,
-    backends=standard_backends(KL_KERNELS),
+    reference=_reference_ignoring_chunks, backends=standard_backends(kl_extension_kernels, kl_triton_kernels),
 )
 
 
@@ -203,27 +210,27 @@ def linear_full_kl(
     check_chunk_size(chunk_size)
     temperature = check_number("temperature", temperature, low=0.0, low_open=True)
     check_reduction(reduction)
-    token_shape = tuple(policy_hidden.shape[:-1])
-    flat_mask = check_mask("mask", mask, token_shape, policy_hidden.device)
+    check_mask("mask", mask, tuple(policy_hidden.shape[:-1]), policy_hidden.device)
     # under autocast the four GEMM operands take its dtype, as F.linear's would, and the loss is fp32
     policy_hidden, policy_weight, ref_hidden, ref_weight, autocast_dtype = autocast_operands(
         policy_hidden, policy_weight, ref_hidden, ref_weight)
     dtype = policy_hidden.dtype
     policy_weight, ref_hidden, ref_weight = (t.to(dtype) for t in (policy_weight, ref_hidden, ref_weight))
-    backend = linear_full_kl_op.select(policy_hidden)
-    if backend == "reference":
-        loss = _reference.linear_full_kl(policy_hidden, policy_weight, ref_hidden, ref_weight, mask=mask,
-                                         temperature=temperature, reduction=reduction)
-    else:
-        grad_on = torch.is_grad_enabled()
-        ins = (policy_hidden.reshape(-1, policy_hidden.shape[-1]), policy_weight,
-               ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight)
-        needs = [bool(grad_on and t.requires_grad) for t in ins]
-        ins = tuple(t.contiguous() for t in ins)
-        options = LinearKLOptions(temperature, reduction, int(chunk_size or 0))
-        loss = linear_full_kl_op(*ins, flat_mask, needs, options=options, backend=backend)[0]
-        loss = loss.reshape(token_shape) if reduction == "none" else loss
+    loss = linear_full_kl_op.dispatch(_run_kernels, policy_hidden, policy_weight, ref_hidden, ref_weight, mask=mask,
+                                      temperature=temperature, reduction=reduction, chunk_size=chunk_size)
     return loss.to(autocast_dtype) if autocast_dtype is not None else loss
+
+
+def _run_kernels(backend, policy_hidden, policy_weight, ref_hidden, ref_weight, *, mask, temperature, reduction,
+                 chunk_size):
+    grad_on = torch.is_grad_enabled()
+    ins = (policy_hidden.reshape(-1, policy_hidden.shape[-1]), policy_weight,
+           ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight)
+    needs = [bool(grad_on and t.requires_grad) for t in ins]
+    ins = tuple(t.contiguous() for t in ins)
+    options = LinearKLOptions(temperature, reduction, int(chunk_size or 0))
+    loss = linear_full_kl_op(*ins, flat_token_mask(mask), needs, options=options, backend=backend)[0]
+    return loss.reshape(policy_hidden.shape[:-1]) if reduction == "none" else loss
 
 
 registry.register(registry.OpEntry(

@@ -20,12 +20,11 @@ from torch import Tensor
 from ...reference import rms_norm as _reference
 from .. import registry
 from .._checks import check_float_tensor, check_number, check_same_device, rows
-from .._define import accumulator_dtype, define_op, standard_backends
+from .._define import accumulator_dtype, define_op, extension_kernels, standard_backends, triton_kernels
 
 __all__ = ["CASTING_MODES", "RMSNormOptions", "rms_norm"]
 
 CASTING_MODES = _reference.CASTING_MODES
-_KERNELS = ("rms_norm_fwd_kernel", "rms_norm_bwd_kernel")
 
 
 @dataclass(frozen=True)
@@ -45,11 +44,10 @@ def _output_dtype(x: Tensor, weight: Tensor, options: RMSNormOptions) -> torch.d
 
 
 def _forward(x: Tensor, weight: Tensor, options: RMSNormOptions, backend: str) -> tuple[Tensor, Tensor]:
-    if backend == "triton":
-        from ..kernels.rms_norm import rms_norm_fwd
-
-        return rms_norm_fwd(x, weight, options.eps, options.offset, options.gemma, _output_dtype(x, weight, options))
-    return torch.ops.fastft.rms_norm_fwd_kernel(x, weight, options.eps, options.offset, options.gemma)
+    if backend == "triton":  # the launcher takes the output dtype; the C++/CUDA kernels derive it the same way
+        return rms_norm_op.kernels(backend).fwd(x, weight, options.eps, options.offset, options.gemma,
+                                                _output_dtype(x, weight, options))
+    return rms_norm_op.kernels(backend).fwd(x, weight, options.eps, options.offset, options.gemma)
 
 
 def _fake(x, weight, options, backend):
@@ -60,12 +58,8 @@ def _fake(x, weight, options, backend):
 def _backward_impl(grad_y: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, need_input: bool, need_weight: bool,
                    options: RMSNormOptions, backend: str) -> tuple[Tensor, Tensor]:
     """(dx, dw); each an empty (0,) tensor when not needed."""
-    if backend == "triton":
-        from ..kernels.rms_norm import rms_norm_bwd
-
-        return rms_norm_bwd(grad_y, x, weight, rstd, options.offset, options.gemma, need_input, need_weight)
-    return torch.ops.fastft.rms_norm_bwd_kernel(grad_y, x, weight, rstd, options.offset, options.gemma, need_input,
-                                                need_weight)
+    return rms_norm_op.kernels(backend).bwd(grad_y, x, weight, rstd, options.offset, options.gemma, need_input,
+                                            need_weight)
 
 
 def _backward_fake(grad_y, x, weight, rstd, need_input, need_weight, options, backend):
@@ -89,7 +83,9 @@ def _backward(ctx, grad_y):
 rms_norm_op = define_op(
     "rms_norm", forward=_forward, fake=_fake, setup=_setup, backward=_backward, backward_impl=_backward_impl,
     backward_fake=_backward_fake, options=RMSNormOptions,
-    backends=standard_backends(_KERNELS),
+    reference=_reference.rms_norm,
+    backends=standard_backends(extension_kernels(fwd="rms_norm_fwd_kernel", bwd="rms_norm_bwd_kernel"),
+                               triton_kernels("rms_norm", fwd="rms_norm_fwd", bwd="rms_norm_bwd")),
 )
 
 
@@ -118,12 +114,14 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, *, offset: float = 0.
     offset = check_number("offset", offset)
     if casting_mode not in CASTING_MODES:
         raise ValueError(f"casting_mode must be one of {CASTING_MODES}, got {casting_mode!r}")
-    backend = rms_norm_op.select(x)
+    return rms_norm_op.dispatch(_run_kernels, x, weight, eps, offset=offset, casting_mode=casting_mode)
+
+
+def _run_kernels(backend, x, weight, eps, *, offset, casting_mode):
+    hidden = x.shape[-1]
     # An fp64 weight on lower-precision x (output fp64 in llama mode) and empty rows stay with the reference.
     if (weight.dtype == torch.float64 and x.dtype != torch.float64) or hidden == 0:
-        backend = "reference"
-    if backend == "reference":
-        return _reference.rms_norm(x, weight, eps, offset=offset, casting_mode=casting_mode)
+        return rms_norm_op.reference(x, weight, eps, offset=offset, casting_mode=casting_mode)
     options = RMSNormOptions(eps, offset, casting_mode)
     y, _ = rms_norm_op(rows(x, hidden), weight, options=options, backend=backend)
     return y.reshape(x.shape)

@@ -18,13 +18,9 @@ from ...reference import kl as _reference
 from .. import registry
 from .._checks import (check_float_tensor, flat_index, check_index_tensor, check_indices_in_range, check_number,
                       check_same_device, rows)
-from .._define import accumulator_dtype, define_op, standard_backends
-from .._losses import loss_kernels
+from .._define import accumulator_dtype, define_op, extension_kernels, standard_backends, triton_kernels
 
 __all__ = ["selective_log_softmax"]
-
-_KERNELS = ("selective_log_softmax_fwd_kernel", "selective_log_softmax_bwd_kernel")
-
 
 @dataclass(frozen=True)
 class SelectiveLogSoftmaxOptions:
@@ -32,7 +28,7 @@ class SelectiveLogSoftmaxOptions:
 
 
 def _forward(logits: Tensor, index: Tensor, options: SelectiveLogSoftmaxOptions, backend: str) -> tuple[Tensor, Tensor]:
-    logp, lse = loss_kernels(backend).sel_fwd(logits, index, options.temperature)
+    logp, lse = selective_log_softmax_op.kernels(backend).fwd(logits, index, options.temperature)
     return logp.to(logits.dtype, copy=True), lse
 
 
@@ -43,7 +39,8 @@ def _fake(logits, index, options, backend):
 
 def _backward_impl(grad_logp: Tensor, logits: Tensor, index: Tensor, lse: Tensor,
                    options: SelectiveLogSoftmaxOptions, backend: str) -> Tensor:
-    return loss_kernels(backend).sel_bwd(grad_logp.to(lse.dtype).contiguous(), logits, index, lse, options.temperature)
+    return selective_log_softmax_op.kernels(backend).bwd(grad_logp.to(lse.dtype).contiguous(), logits, index, lse,
+                                                         options.temperature)
 
 
 def _setup(ctx, inputs, outputs):
@@ -60,7 +57,10 @@ selective_log_softmax_op = define_op(
     "selective_log_softmax", forward=_forward, fake=_fake, setup=_setup, backward=_backward,
     backward_impl=_backward_impl, backward_fake=lambda grad_logp, logits, index, lse, options, backend:
     torch.empty_like(logits), options=SelectiveLogSoftmaxOptions,
-    backends=standard_backends(_KERNELS),
+    reference=_reference.selective_log_softmax,
+    backends=standard_backends(
+        extension_kernels(fwd="selective_log_softmax_fwd_kernel", bwd="selective_log_softmax_bwd_kernel"),
+        triton_kernels("kl", fwd="selective_log_softmax_fwd", bwd="selective_log_softmax_bwd")),
 )
 
 
@@ -79,9 +79,11 @@ def selective_log_softmax(logits: Tensor, index: Tensor, *, temperature: float =
     temperature = check_number("temperature", temperature, low=0.0, low_open=True)
     v = logits.shape[-1]
     check_indices_in_range("index", index, v)
-    backend = selective_log_softmax_op.select(logits)
-    if backend == "reference":
-        return _reference.selective_log_softmax(logits, index, temperature=temperature)
+    return selective_log_softmax_op.dispatch(_run_kernels, logits, index, temperature=temperature)
+
+
+def _run_kernels(backend, logits, index, *, temperature):
+    v = logits.shape[-1]
     index_rows = flat_index(index)
     logp = selective_log_softmax_op(rows(logits, v), index_rows, options=SelectiveLogSoftmaxOptions(temperature),
                                     backend=backend)[0]
