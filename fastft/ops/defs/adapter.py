@@ -31,7 +31,6 @@ from types import SimpleNamespace
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ...kernels import _dropout

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ...reference.cross_entropy import cross_entropy as _reference

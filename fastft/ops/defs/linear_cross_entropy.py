@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ...reference.linear_cross_entropy import linear_cross_entropy as _reference
