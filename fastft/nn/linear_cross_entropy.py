@@ -10,7 +10,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from ..ops._checks import check_reduction
+from ..ops.checks import check_reduction
 from ..ops.defs.linear_cross_entropy import linear_cross_entropy
 
 

@@ -2,10 +2,11 @@
 runs its kernels or its reference (fastft.ops._define). The op modules are ``fastft.ops.defs.<op>``;
 ``fastft.ops.registry`` lists them all.
 
-The functionals are exported under their registry names, so adding an op does not touch this file. Every
-attribute of this package is a function, except the submodules ``defs`` and ``registry``.
+The functionals are exported under their registry names, so adding an op does not touch this file. Every public
+attribute of this package is a function, except the submodules ``checks`` (argument checks), ``defs``
+and ``registry``.
 """
-from . import defs, registry
+from . import checks, defs, registry
 
 globals().update({entry.name: entry.functional for entry in registry.entries()})
-__all__ = sorted(["defs", "registry", *(entry.name for entry in registry.entries())])
+__all__ = sorted(["checks", "defs", "registry", *(entry.name for entry in registry.entries())])

@@ -1,6 +1,6 @@
 """One way to define an op: a declaration turns into the registered torch.library op pair, the eager fast
 path, per-op backend dispatch and the fp64 rule. The argument checks every functional shares live in
-``fastft.ops._checks`` (check_float_tensor, check_same_device, check_reduction, ...); the registry that
+``fastft.ops.checks`` (check_float_tensor, check_same_device, check_reduction, ...); the registry that
 drives ``fastft info``, the benchmarks and the generic tests is ``fastft.ops.registry``. A newcomer's
 walk-through: docs/ARCHITECTURE.md, "Adding an op".
 

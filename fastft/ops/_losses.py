@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._checks import check_number, check_reduction, check_tensor
+from .checks import check_number, check_reduction, check_tensor
 from ._define import accumulator_dtype, extension_kernels, triton_kernels
 
 # The kernel sets of the loss ops, one binder per backend (fastft.backend.Backend). "cpp" and "cuda" call the

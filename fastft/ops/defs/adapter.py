@@ -36,7 +36,7 @@ from torch import Tensor
 from ...kernels import _dropout
 from ...reference import adapter as _ref
 from .. import registry
-from .._checks import check_float_tensor, check_number, check_optional_tensor, check_same_device, check_tensor
+from ..checks import check_float_tensor, check_number, check_optional_tensor, check_same_device, check_tensor
 from .._define import define_op, extension_kernels, standard_backends, triton_kernels
 
 ACTIVATIONS = tuple(_ref.ACTIVATIONS)

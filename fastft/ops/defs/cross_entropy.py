@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ...reference.cross_entropy import cross_entropy as _reference
 from .. import registry
-from .._checks import (check_float_tensor, check_index_tensor, check_indices_in_range, check_same_device, check_tensor,
+from ..checks import (check_float_tensor, check_index_tensor, check_indices_in_range, check_same_device, check_tensor,
                       flat_index)
 from .._define import accumulator_dtype, define_op, save_fused_grads, scale_fused_grads, standard_backends
 from .._losses import (ce_extension_kernels, ce_reduction_scale, ce_triton_kernels, check_ce_options,

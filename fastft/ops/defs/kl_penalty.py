@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ...reference import kl as _reference
 from .. import registry
-from .._checks import check_float_tensor, check_mask, check_reduction, check_same_device
+from ..checks import check_float_tensor, check_mask, check_reduction, check_same_device
 
 __all__ = ["kl_penalty", "ESTIMATORS"]
 

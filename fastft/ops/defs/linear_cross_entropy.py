@@ -43,7 +43,7 @@ from torch import Tensor
 
 from ...reference.linear_cross_entropy import linear_cross_entropy as _reference
 from .. import registry
-from .._checks import (check_chunk_size, flat_index, check_float_tensor, check_index_tensor, check_indices_in_range,
+from ..checks import (check_chunk_size, flat_index, check_float_tensor, check_index_tensor, check_indices_in_range,
                       check_same_device, check_tensor)
 from .._define import accumulator_dtype, define_op, save_fused_grads, scale_fused_grads, standard_backends
 from .._losses import (HeadGrads, ce_extension_kernels, ce_triton_kernels, autocast_operands, ce_reduction_scale, check_ce_options, chunk_rows,

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ...reference import kl as _reference
 from .. import registry
-from .._checks import (check_chunk_size, check_float_tensor, check_mask, check_number, check_reduction, check_same_device,
+from ..checks import (check_chunk_size, check_float_tensor, check_mask, check_number, check_reduction, check_same_device,
                       flat_token_mask)
 from .._define import accumulator_dtype, define_op, save_fused_grads, scale_fused_grads, standard_backends
 from .._losses import (HeadGrads, autocast_operands, chunk_rows, count_reduction_scale, counted_rows,

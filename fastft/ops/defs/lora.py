@@ -35,7 +35,7 @@ from torch import Tensor
 from ...kernels import _dropout
 from ...reference import lora as _reference
 from .. import registry
-from .._checks import check_float_tensor, check_number, check_same_device, check_same_dtype
+from ..checks import check_float_tensor, check_number, check_same_device, check_same_dtype
 from ... import backend as _backend
 from .._define import define_op, extension_kernels, standard_backends, triton_kernels
 

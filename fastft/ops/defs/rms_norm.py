@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ...reference import rms_norm as _reference
 from .. import registry
-from .._checks import check_float_tensor, check_number, check_same_device, rows
+from ..checks import check_float_tensor, check_number, check_same_device, rows
 from .._define import accumulator_dtype, define_op, extension_kernels, standard_backends, triton_kernels
 
 __all__ = ["CASTING_MODES", "RMSNormOptions", "rms_norm"]

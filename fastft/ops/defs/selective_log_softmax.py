@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ...reference import kl as _reference
 from .. import registry
-from .._checks import (check_float_tensor, flat_index, check_index_tensor, check_indices_in_range, check_number,
+from ..checks import (check_float_tensor, flat_index, check_index_tensor, check_indices_in_range, check_number,
                       check_same_device, rows)
 from .._define import accumulator_dtype, define_op, extension_kernels, standard_backends, triton_kernels
 

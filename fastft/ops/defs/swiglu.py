@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ...reference import swiglu as _reference
 from .. import registry
-from .._checks import check_float_tensor, check_same_device, check_same_dtype
+from ..checks import check_float_tensor, check_same_device, check_same_dtype
 from .._define import define_op, extension_kernels, standard_backends, triton_kernels
 
 __all__ = ["swiglu"]

@@ -1,5 +1,5 @@
 """The argument checks every public functional shares, written once. Each raises TypeError / ValueError
-naming the argument and what is wrong (no ``assert`` for user errors)."""
+naming the argument and what is wrong (no ``assert`` for user errors). Public: the nn modules use them too."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import backend as _backend
-from ._define import FLOAT_DTYPES
+from ..backend import FLOAT_DTYPES
 
 REDUCTIONS = ("none", "mean", "sum")
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
