@@ -436,13 +436,8 @@ def test_cuda_bf16_llm_head(backend, reduction):
 
 def test_both_heads_follow_one_chunk_budget(monkeypatch):
     """FASTFT_LCE_CHUNK_BYTES sizes the chunks of linear_cross_entropy and linear_full_kl alike."""
-    import importlib
-
     from fastft.ops import _losses
-
-    # The modules (fastft.ops binds the functionals under the same names).
-    lce_module = importlib.import_module("fastft.ops.defs.linear_cross_entropy")
-    lfk_module = importlib.import_module("fastft.ops.defs.linear_full_kl")
+    from fastft.ops.defs import linear_cross_entropy as lce_module, linear_full_kl as lfk_module
 
     rows_seen = []
 
