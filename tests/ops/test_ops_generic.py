@@ -283,9 +283,10 @@ def test_cuda_backends_call_kernels_the_cpu_extension_declares():
 
 
 def test_a_missing_extension_kernel_makes_the_backend_unusable_with_its_name():
+    if not fb.status("cpp")[0]:
+        pytest.skip(fb.status("cpp")[1])
     backend = Backend("cpp", extension_kernels(fwd="no_such_kernel"))
-    if fb.status("cpp")[0]:
-        assert backend.status() == (False, "fastft._C has no CPU kernel for fastft::no_such_kernel")
+    assert backend.status() == (False, "fastft._C has no CPU kernel for fastft::no_such_kernel")
 
 
 def test_forced_backend_the_op_has_but_cannot_run_raises(monkeypatch):
