@@ -13,6 +13,7 @@ them. dw is summed per block of rows into fp32 partials and reduced once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -43,11 +44,17 @@ def _output_dtype(x: Tensor, weight: Tensor, options: RMSNormOptions) -> torch.d
     return x.dtype if options.gemma else torch.promote_types(x.dtype, weight.dtype)
 
 
+def _extension_kernels(backend) -> SimpleNamespace:
+    kernels = extension_kernels(fwd="rms_norm_fwd_kernel", bwd="rms_norm_bwd_kernel")(backend)
+    fwd = kernels.fwd
+    # The Triton launcher takes the output dtype; the C++/CUDA kernels derive the same one (_output_dtype) themselves.
+    kernels.fwd = lambda x, weight, eps, offset, gemma, out_dtype: fwd(x, weight, eps, offset, gemma)
+    return kernels
+
+
 def _forward(x: Tensor, weight: Tensor, options: RMSNormOptions, backend: str) -> tuple[Tensor, Tensor]:
-    if backend == "triton":  # the launcher takes the output dtype; the C++/CUDA kernels derive it the same way
-        return rms_norm_op.kernels(backend).fwd(x, weight, options.eps, options.offset, options.gemma,
-                                                _output_dtype(x, weight, options))
-    return rms_norm_op.kernels(backend).fwd(x, weight, options.eps, options.offset, options.gemma)
+    return rms_norm_op.kernels(backend).fwd(x, weight, options.eps, options.offset, options.gemma,
+                                            _output_dtype(x, weight, options))
 
 
 def _fake(x, weight, options, backend):
@@ -84,8 +91,7 @@ rms_norm_op = define_op(
     "rms_norm", forward=_forward, fake=_fake, setup=_setup, backward=_backward, backward_impl=_backward_impl,
     backward_fake=_backward_fake, options=RMSNormOptions,
     reference=_reference.rms_norm,
-    backends=standard_backends(extension_kernels(fwd="rms_norm_fwd_kernel", bwd="rms_norm_bwd_kernel"),
-                               triton_kernels("rms_norm", fwd="rms_norm_fwd", bwd="rms_norm_bwd")),
+    backends=standard_backends(_extension_kernels, triton_kernels("rms_norm", fwd="rms_norm_fwd", bwd="rms_norm_bwd")),
 )
 
 
