@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastft
-from fastft.kernels import _dropout
+from fastft.kernels import dropout as kernel_dropout
 from op_db import OP_DB
 from fastft.reference import adapter as ref_adapter
 from fastft.reference import lora as ref_lora
@@ -94,12 +94,12 @@ def test_adapter_no_biases_frozen_down(backend, dtype):
 
 class _SeededAdapter:
     """fastft.ops.adapter draws its dropout seed from the default generator: re-seeding that generator before each
-    call makes the op draw ``seed`` (kernels/_dropout.draw_seed), which the reference then gets explicitly."""
+    call makes the op draw ``seed`` (kernels/dropout.draw_seed), which the reference then gets explicitly."""
 
     def __init__(self, generator_seed: int):
         self.generator_seed = generator_seed
         torch.manual_seed(generator_seed)
-        self.seed = _dropout.draw_seed(torch.device("cuda"))
+        self.seed = kernel_dropout.draw_seed(torch.device("cuda"))
 
     def op(self, *args, **kwargs):
         torch.manual_seed(self.generator_seed)

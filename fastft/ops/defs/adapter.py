@@ -19,7 +19,7 @@ Saved for backward: pre [N, r] and the seed; never a full-width activation besid
 down-projection's weight gradient needs, as in eager). The eager block stores act/dropout outputs and
 a mask and makes 3-4 extra full-width passes (bias, scale, residual add, gradient accumulation).
 
-Dropout masks come from a counter-based hash of (seed, element index) (kernels/_dropout.py,
+Dropout masks come from a counter-based hash of (seed, element index) (kernels/dropout.py,
 csrc/_dropout.h); the seed is drawn from torch's default generator, so ``torch.manual_seed`` makes runs
 reproducible and the reference, C++ and Triton backends drop the same elements. "cuda" calls the same
 torch.ops.fastft.adapter_*_kernel schemas as "cpp"; the dispatcher picks the CUDA implementation.
@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ...kernels import _dropout
+from ...kernels import dropout as kernel_dropout
 from ...reference import adapter as _ref
 from .. import registry
 from ..checks import check_float_tensor, check_number, check_optional_tensor, check_same_device, check_tensor
@@ -45,7 +45,7 @@ ACTIVATIONS = tuple(_ref.ACTIVATIONS)
 @dataclass(frozen=True)
 class AdapterOptions:
     activation: int = 0  # index into ACTIVATIONS
-    drop_threshold: int = 0  # dropout: 24-bit threshold (kernels/_dropout.py); 0 = no dropout
+    drop_threshold: int = 0  # dropout: 24-bit threshold (kernels/dropout.py); 0 = no dropout
     scale: float = 1.0
 
 
@@ -235,15 +235,15 @@ def adapter(
     not stored, for backward. Same values and gradients as the eager block up to rounding.
     """
     _check_inputs(x, down_weight, down_bias, up_weight, up_bias, activation, dropout_p, scale)
-    threshold = _dropout.drop_threshold(dropout_p) if training else 0
-    seed = _dropout.draw_seed(x.device) if threshold > 0 else None
+    threshold = kernel_dropout.drop_threshold(dropout_p) if training else 0
+    seed = kernel_dropout.draw_seed(x.device) if threshold > 0 else None
     return adapter_op.dispatch(_run_kernels, x, down_weight, down_bias, up_weight, up_bias, activation=activation,
                                dropout_p=dropout_p, training=training, scale=scale, seed=seed)
 
 
 def _run_kernels(backend, x, down_weight, down_bias, up_weight, up_bias, *, activation, dropout_p, training, scale,
                  seed):
-    threshold = _dropout.drop_threshold(dropout_p) if training else 0
+    threshold = kernel_dropout.drop_threshold(dropout_p) if training else 0
     if seed is None:
         seed = torch.zeros((1,), dtype=torch.int64, device=x.device)  # never read without dropout
     options = AdapterOptions(_ref.ACTIVATIONS[activation], threshold, float(scale))

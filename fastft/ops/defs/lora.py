@@ -20,7 +20,7 @@ output: no [N, out] temporary, dy read once for g and dB); "triton" = fastft.ker
 kernel: the base and LoRA-down products share each loaded x tile, the LoRA-up product and dropout live in
 its epilogue);
 "reference" = fastft.reference.lora (plain autograd, no custom op). Every backend draws the same
-counter-based dropout mask for a seed (kernels/_dropout.py, csrc/_dropout.h; tests/ops/test_dropout.py).
+counter-based dropout mask for a seed (kernels/dropout.py, csrc/_dropout.h; tests/ops/test_dropout.py).
 "cuda" calls the same torch.ops.fastft.*_kernel schemas as "cpp"; the dispatcher picks the CUDA
 implementation (csrc/cuda) for CUDA tensors.
 """
@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ...kernels import _dropout
+from ...kernels import dropout as kernel_dropout
 from ...reference import lora as _reference
 from .. import registry
 from ..checks import check_float_tensor, check_number, check_same_device, check_same_dtype
@@ -196,7 +196,7 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
 def dropout_mask(like: Tensor, dropout_p: float, seed: Tensor, backend: str) -> Tensor:
     """The 0/1 keep-mask (``like``'s shape and dtype) that ``backend`` draws for ``seed``. For tests."""
     if backend == "reference":
-        return _dropout.keep_mask(like.shape, dropout_p, seed, device=like.device).to(like.dtype)
+        return kernel_dropout.keep_mask(like.shape, dropout_p, seed, device=like.device).to(like.dtype)
     return lora_linear_op.kernels(backend).dropout_mask(like.reshape(-1, like.shape[-1]), float(dropout_p), seed).reshape(like.shape)
 
 
@@ -226,9 +226,9 @@ def lora_linear(
     lora_A = lora_A.to(x.dtype)
     lora_B = lora_B.to(x.dtype)
     if p > 0 and seed is None:
-        seed = _dropout.draw_seed(x.device)
+        seed = kernel_dropout.draw_seed(x.device)
     elif p > 0:
-        seed = _dropout.seed_on(seed, x)  # a host seed would reach a CUDA kernel as a host pointer
+        seed = kernel_dropout.seed_on(seed, x)  # a host seed would reach a CUDA kernel as a host pointer
     else:
         seed = None
     return lora_linear_op.dispatch(_run_kernels, x, weight, bias, lora_A, lora_B, float(scaling), dropout_p=p, seed=seed)
