@@ -2,7 +2,8 @@
 
 The extension ``fastft._C`` holds every C++ CPU kernel (csrc/cpu) and, when built with CUDA
 (``FASTFT_BUILD_CUDA=1``, or auto when torch sees a GPU and nvcc), the CUDA kernels (csrc/cuda).
-Each kernel file registers itself in the ``fastft`` torch.library namespace, so the Python
+csrc/schemas.cpp declares every kernel schema once (TORCH_LIBRARY); each kernel file registers its implementation
+(TORCH_LIBRARY_IMPL) in the ``fastft`` namespace, so the Python
 side finds them as ``torch.ops.fastft.*`` after ``import fastft._C``.
 """
 import glob

@@ -8,7 +8,7 @@ dropout 0.1 (the issue's target); CUDA bf16 N=16384, H=4096. Parameters are nn.L
 Output check: the providers draw different dropout masks (torch's Bernoulli vs fastft's counter-based
 hash), so the outputs compared with the eager block (y, dx and the up-projection's weight gradient) come
 from the same step with dropout off (Provider.check_step), and must match it to rounding; the timed steps
-use the configured dropout. Mask-for-mask agreement with dropout is asserted in tests/test_adapter.py.
+use the configured dropout. Mask-for-mask agreement with dropout is asserted in tests/ops/test_adapter.py.
 """
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def _step_with(fn, cfg):
 
 def _fastft_provider(cfg: dict, backend: str) -> harness.Provider:
     import fastft.backend
-    from fastft.ops.adapter import adapter
+    from fastft.ops.defs.adapter import adapter
 
     def adapter_step(config):
         def fn(x, down, up):

@@ -119,7 +119,7 @@ def _step_linear(loss_fn):
 
 def _fastft_provider(cfg: dict, backend: str) -> harness.Provider:
     import fastft
-    from fastft.ops.kl import full_kl, linear_full_kl
+    from fastft.ops import full_kl, linear_full_kl
 
     t = cfg["temperature"]
     if cfg["op"] == "linear":

@@ -96,7 +96,7 @@ def _eager(x, w, target):
 
 def _fastft_provider(cfg: dict, backend: str) -> harness.Provider:
     import fastft
-    from fastft.ops.linear_cross_entropy import linear_cross_entropy
+    from fastft.ops.defs.linear_cross_entropy import linear_cross_entropy
 
     step = _step_with(lambda x, w, target: linear_cross_entropy(x, w, target, ignore_index=IGNORE_INDEX,
                                                                 chunk_size=cfg.get("chunk_size")))

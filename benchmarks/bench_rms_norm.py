@@ -86,7 +86,7 @@ def _module_forward(st):
 
 
 def _fastft_provider(cfg: dict, backend: str) -> harness.Provider:
-    from fastft.ops.rms_norm import rms_norm, rms_norm_op
+    from fastft.ops.defs.rms_norm import rms_norm, rms_norm_op
 
     step = _step(lambda st: rms_norm(st["x"], st["norm"].weight, st["norm"].variance_epsilon))
     return harness.fastft_backend_provider(cfg["device"], backend, lambda: _inputs(cfg), step,

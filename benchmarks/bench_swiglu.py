@@ -78,7 +78,7 @@ def _step(fn):
 
 
 def _fastft_provider(cfg: dict, backend: str) -> harness.Provider:
-    from fastft.ops.swiglu import swiglu, swiglu_op
+    from fastft.ops.defs.swiglu import swiglu, swiglu_op
 
     step = _step(lambda st: swiglu(st["gate"], st["up"]))
     return harness.fastft_backend_provider(cfg["device"], backend, lambda: _inputs(cfg), step,

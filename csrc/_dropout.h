@@ -7,8 +7,8 @@
 // bits < threshold, threshold = round(p * 2^kDropBits) (round half to even, as Python's round); kept
 // elements are scaled by 2^kDropBits / (2^kDropBits - threshold). Nothing is stored: backward re-draws
 // the same mask from the seed. The same function, with the same constants, is written once per language:
-// here, kernels/_dropout.py (Triton and torch: what the ops use) and fastft/reference/dropout.py (the test
-// oracle); tests/test_dropout.py parses the constants out of all three and checks the masks agree.
+// here, kernels/dropout.py (Triton and torch: what the ops use) and fastft/reference/dropout.py (the test
+// oracle); tests/ops/test_dropout.py parses the constants out of all three and checks the masks agree.
 #pragma once
 
 #include <cmath>

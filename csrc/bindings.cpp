@@ -1,5 +1,5 @@
 // The Python module fastft._C. Kernels register themselves with torch.library
-// (TORCH_LIBRARY_FRAGMENT / TORCH_LIBRARY_IMPL in their own files); importing this module
+// (schemas: TORCH_LIBRARY in csrc/schemas.cpp; TORCH_LIBRARY_IMPL in each kernel file); importing this module
 // loads those registrations. It also reports what was compiled in, for `python -m fastft info`.
 #include <torch/extension.h>
 

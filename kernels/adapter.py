@@ -14,7 +14,7 @@ element-wise steps on the [N, r] bottleneck between them, one pass each:
       -> (grad_pre [N, r], h [N, padded_width(r, append_ones)] or an empty tensor)
       grad_pre = grad_scale * grad_h * act'(pre) * keep * keep_scale; h recomputed for dW_up.
 
-Dropout: element (i, j) has the flat index i * r + j; its keep bit is kernels/_dropout.py's counter-based
+Dropout: element (i, j) has the flat index i * r + j; its keep bit is kernels/dropout.py's counter-based
 hash (the same function as csrc/_dropout.h and fastft/reference/dropout.py), so all backends drop the same
 elements and backward regenerates the mask from the seed. The seed is a 0-dim int64 tensor read on the device
 (no host sync). Values are loaded, cast to fp32, computed on and cast back on store.
@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._dropout import keep as _dropout_keep, keep_scale as _keep_scale, seed_on
+from .dropout import keep as _dropout_keep, keep_scale as _keep_scale, seed_on
 from ._common import bf16_by_hand, cast_for_store, device_ctx, tanh
 
 __all__ = ["adapter_act_dropout_fwd", "adapter_act_dropout_bwd", "padded_width"]

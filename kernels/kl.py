@@ -13,7 +13,7 @@ c = D / S_p. The gradient, when wanted, is a second sweep over the same rows (us
 GPU). Tokens with pi_j = 0 (x_p,j = -inf) count 0, not 0 * inf = NaN. Masked rows load nothing and
 store zeros.
 
-Hostile values (the contract every backend keeps; tests/test_hostile_kl.py):
+Hostile values (the contract every backend keeps; tests/ops/test_hostile_kl.py):
   - -inf logits anywhere (leading, trailing, interleaved blocks, all but one token) are ordinary: a
     lane or a row that has seen only -inf so far has sum 0, never exp(-inf - -inf) = NaN.
   - NaN anywhere in a row, +inf, or a row that is all -inf (no distribution) -> that row's KL / logp is

@@ -14,7 +14,7 @@ what backward needs.
   forward: X = x, M = W^T, L1 = A^T, L2 = B^T, D = dropout on X (DROP_IN)
   dx:      X = dy, M = W,  L1 = B,   L2 = A,   E = the same mask on the output (DROP_OUT)
 Offsets are int64 (M has out * in elements: >= 2^31 for a LoRA'd 256k-vocabulary head).
-Dropout: keep = kernels/_dropout.py's counter-based hash of (seed, m * in_features + k) (the mask every
+Dropout: keep = kernels/dropout.py's counter-based hash of (seed, m * in_features + k) (the mask every
 backend draws: csrc/_dropout.h, fastft/reference/dropout.py), from a one-element int64 seed tensor; backward (DROP_OUT here, and ``_lora_down_grad_kernel`` for dA) re-draws the identical
 mask from the same seed and the same element offsets, so no mask or dropped copy of x is stored.
 dA with dropout is ``_lora_down_grad_kernel`` (g^T @ drop(x), split over rows, partial sums reduced in
@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._dropout import drop_threshold as _drop_threshold, keep as _dropout_keep, keep_scale as _keep_scale, seed_on
+from .dropout import drop_threshold as _drop_threshold, keep as _dropout_keep, keep_scale as _keep_scale, seed_on
 from ._common import bf16_by_hand, cast_for_store, device_ctx
 
 __all__ = ["dot_precision", "lora_linear_fwd", "lora_linear_bwd", "lora_dropout_mask"]
@@ -193,7 +193,7 @@ def _dropout_mask_kernel(out_ptr, seed_ptr, numel, drop_threshold, BLOCK: tl.con
 
 
 def _dropout_args(dropout_p: float) -> tuple[int, float]:
-    """(drop_threshold, keep_scale) of kernels/_dropout.py's mask for dropout_p (0 and 1.0 without dropout)."""
+    """(drop_threshold, keep_scale) of kernels/dropout.py's mask for dropout_p (0 and 1.0 without dropout)."""
     threshold = _drop_threshold(dropout_p)
     return threshold, _keep_scale(threshold)
 

@@ -1,6 +1,10 @@
 """Test-wide setup. TRITON_INTERPRET must be set before any @triton.jit runs, so it is set here,
 before fastft (and through it triton) is imported, unless a GPU is present or it was set already."""
 import os
+import sys
+
+# tests/ops/op_db.py (the op database: samples, truths, bad inputs) is read by tests/ops and tests/cuda alike.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "ops"))
 
 if "TRITON_INTERPRET" not in os.environ:
     try:

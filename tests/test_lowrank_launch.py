@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from fastft.kernels import _dropout, adapter as adapter_kernels, lora as lora_kernels  # noqa: E402
+from fastft.kernels import adapter as adapter_kernels, dropout as kernel_dropout, lora as lora_kernels  # noqa: E402
 
 
 class Recorder:
@@ -62,7 +62,7 @@ def test_adapter_seed_reaches_kernel_on_input_device(monkeypatch):
     monkeypatch.setattr(adapter_kernels, "_adapter_act_dropout_kernel", recorder)
     pre = torch.empty(16, 8, device="meta", dtype=torch.float16)
     host_seed = torch.tensor([99], dtype=torch.int64)
-    threshold = _dropout.drop_threshold(0.1)
+    threshold = kernel_dropout.drop_threshold(0.1)
     adapter_kernels.adapter_act_dropout_fwd(pre, host_seed, 1, threshold, True)
     adapter_kernels.adapter_act_dropout_bwd(torch.empty_like(pre), pre, host_seed, 1, threshold, 1.0, True, True)
     assert len(recorder.calls) == 2
@@ -72,8 +72,8 @@ def test_adapter_seed_reaches_kernel_on_input_device(monkeypatch):
 
 def test_seed_on_moves_only_when_needed():
     seed = torch.tensor([7], dtype=torch.int64)
-    assert _dropout.seed_on(seed, torch.empty(3)).data_ptr() == seed.data_ptr()  # already there: no copy
-    moved = _dropout.seed_on(torch.tensor(7, dtype=torch.int32), torch.empty(3, device="meta"))
+    assert kernel_dropout.seed_on(seed, torch.empty(3)).data_ptr() == seed.data_ptr()  # already there: no copy
+    moved = kernel_dropout.seed_on(torch.tensor(7, dtype=torch.int32), torch.empty(3, device="meta"))
     assert moved.device.type == "meta" and moved.dtype == torch.int64 and moved.shape == (1,)
 
 

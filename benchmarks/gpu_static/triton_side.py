@@ -151,7 +151,7 @@ def _lora(dtype, dropout_p, n=8192, h_in=4096, h_out=4096, r=16):
 
 def _adapter(dtype, dropout_p, n=16384, r=64):
     def call(fake):
-        from fastft.kernels._dropout import drop_threshold
+        from fastft.kernels.dropout import drop_threshold
         from fastft.kernels.adapter import adapter_act_dropout_bwd, adapter_act_dropout_fwd
         pre, seed = fake((n, r), dtype), fake((1,), torch.int64)
         threshold = drop_threshold(dropout_p)

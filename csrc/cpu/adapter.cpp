@@ -12,7 +12,7 @@
 // Only pre [N, r] and the seed are saved between the passes (never the mask, h, or a full-width activation).
 // Full-width memory traffic: forward reads x and writes y; backward reads g and x and writes dx.
 // Dropout mask: csrc/_dropout.h's counter-based hash of (seed, flat element index), the same function in the
-// reference (fastft/reference/dropout.py), Triton (kernels/_dropout.py) and CUDA (csrc/cuda/adapter.cu), so
+// reference (fastft/reference/dropout.py), Triton (kernels/dropout.py) and CUDA (csrc/cuda/adapter.cu), so
 // backward regenerates the mask and every backend drops the same elements. Element i*r + j is dropped when hash >> 8 < drop_threshold,
 // i.e. with probability drop_threshold / 2^24; the keep scale is 2^24 / (2^24 - drop_threshold).
 #include "cpu/_vec.h"  // must precede other ATen includes (sets the Vectorized ISA)
@@ -390,16 +390,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(fastft, m) {
-  m.def(
-      "adapter_fwd_kernel(Tensor x, Tensor down_weight, Tensor? down_bias, Tensor up_weight, Tensor? up_bias, "
-      "Tensor seed, int activation, int drop_threshold, float scale) -> (Tensor, Tensor)");
-  m.def(
-      "adapter_bwd_kernel(Tensor grad, Tensor x, Tensor down_weight, Tensor up_weight, Tensor pre, Tensor seed, "
-      "int activation, int drop_threshold, float scale, bool has_down_bias, bool has_up_bias, bool need_input, "
-      "bool need_down, bool need_up) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
 
 TORCH_LIBRARY_IMPL(fastft, CPU, m) {
   m.impl("adapter_fwd_kernel", &adapter_fwd_cpu);

@@ -13,6 +13,7 @@
 #include "cpu/_vec.h"  // must precede other ATen includes (sets the Vectorized ISA)
 #include "cpu/_buffer_cache.h"
 #include "cpu/_row_softmax.h"
+#include "_cross_entropy_grad_out.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -80,15 +81,8 @@ void write_grad_row(scalar_t* out, const acc* xs, const acc* e, acc shift, acc a
 // grad_out's storage is then the gradient; the third output is an empty tensor (outputs must not alias inputs).
 at::Tensor gradient_buffer(const at::Tensor& logits, const c10::optional<at::Tensor>& grad_out, const char* op) {
   if (!grad_out.has_value()) return cached_empty("cross_entropy.grad", {logits.size(0), logits.size(1)}, logits.options());
-  const at::Tensor& g = *grad_out;
-  TORCH_CHECK(g.sizes() == logits.sizes() && g.scalar_type() == logits.scalar_type() && g.is_contiguous() &&
-                  g.device() == logits.device(),
-              op, ": grad_out must be a contiguous ", logits.scalar_type(), " tensor of logits' shape ", logits.sizes());
-  if (g.is_alias_of(logits)) {
-    TORCH_CHECK(g.data_ptr() == logits.data_ptr() && logits.is_contiguous(), op,
-                ": grad_out shares logits' storage, so it must be exactly the (contiguous) logits");
-  }
-  return g;
+  check_grad_out(logits, *grad_out, op);
+  return *grad_out;
 }
 
 void check_common(const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight) {
@@ -246,16 +240,6 @@ void scale_if_not_one_cpu(at::Tensor& grad, const at::Tensor& scale) {
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(fastft, m) {
-  m.def(
-      "cross_entropy_fwd_kernel(Tensor logits, Tensor target, Tensor? weight, Tensor? grad_scale, int ignore_index, "
-      "float label_smoothing, float z_loss, float softcap, Tensor(a!)? grad_out=None) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "cross_entropy_bwd_kernel(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
-      "int ignore_index, float label_smoothing, float z_loss, float softcap, Tensor(a!)? grad_out=None) -> Tensor");
-  m.def("scale_if_not_one_kernel_(Tensor(a!) grad, Tensor scale) -> ()");
-}
 
 TORCH_LIBRARY_IMPL(fastft, CPU, m) {
   m.impl("cross_entropy_fwd_kernel", &cross_entropy_fwd_cpu);

@@ -353,19 +353,6 @@ at::Tensor selective_log_softmax_bwd_cpu(const at::Tensor& grad_logp, const at::
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fastft, m) {
-  m.def(
-      "full_kl_fwd_kernel(Tensor policy_logits, Tensor ref_logits, Tensor? mask, Tensor? grad_scale, "
-      "float temperature, bool grad_policy, bool grad_ref) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "full_kl_bwd_kernel(Tensor grad_kl, Tensor policy_logits, Tensor ref_logits, Tensor? mask, Tensor lse_p, "
-      "Tensor lse_r, Tensor kl, float temperature, bool grad_policy, bool grad_ref) -> (Tensor, Tensor)");
-  m.def("selective_log_softmax_fwd_kernel(Tensor logits, Tensor index, float temperature) -> (Tensor, Tensor)");
-  m.def(
-      "selective_log_softmax_bwd_kernel(Tensor grad_logp, Tensor logits, Tensor index, Tensor lse, "
-      "float temperature) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(fastft, CPU, m) {
   m.impl("full_kl_fwd_kernel", &full_kl_fwd_cpu);
   m.impl("full_kl_bwd_kernel", &full_kl_bwd_cpu);

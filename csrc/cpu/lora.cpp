@@ -236,17 +236,6 @@ at::Tensor lora_dropout_mask_cpu(const at::Tensor& like, double dropout_p, const
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fastft, m) {
-  m.def(
-      "lora_linear_fwd_kernel(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
-      "float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
-  m.def(
-      "lora_linear_bwd_kernel(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor u, "
-      "Tensor? seed, float scaling, float dropout_p, bool need_dx, bool need_dweight, bool need_dbias, bool need_dA, "
-      "bool need_dB) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("lora_dropout_mask_kernel(Tensor like, float dropout_p, Tensor seed) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(fastft, CPU, m) {
   m.impl("lora_linear_fwd_kernel", &lora_linear_fwd_cpu);
   m.impl("lora_linear_bwd_kernel", &lora_linear_bwd_cpu);

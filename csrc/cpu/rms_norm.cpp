@@ -219,13 +219,6 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cpu(const at::Tensor& grad_y, co
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fastft, m) {
-  m.def("rms_norm_fwd_kernel(Tensor x, Tensor weight, float eps, float offset, bool gemma) -> (Tensor, Tensor)");
-  m.def(
-      "rms_norm_bwd_kernel(Tensor grad_y, Tensor x, Tensor weight, Tensor rstd, float offset, bool gemma, "
-      "bool need_input, bool need_weight) -> (Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(fastft, CPU, m) {
   m.impl("rms_norm_fwd_kernel", &rms_norm_fwd_cpu);
   m.impl("rms_norm_bwd_kernel", &rms_norm_bwd_cpu);

@@ -140,11 +140,6 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd_cpu(const at::Tensor& grad_out, co
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fastft, m) {
-  m.def("swiglu_fwd_kernel(Tensor gate, Tensor up) -> Tensor");
-  m.def("swiglu_bwd_kernel(Tensor grad_out, Tensor gate, Tensor up, bool need_gate, bool need_up) -> (Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(fastft, CPU, m) {
   m.impl("swiglu_fwd_kernel", &swiglu_fwd_cpu);
   m.impl("swiglu_bwd_kernel", &swiglu_bwd_cpu);

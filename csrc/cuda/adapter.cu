@@ -1,5 +1,5 @@
 // Bottleneck adapter on CUDA (the "cuda" backend of fastft.ops.adapter). The schemas live in
-// csrc/cpu/adapter.cpp; this file registers the CUDA implementations with the same C++ signatures.
+// csrc/schemas.cpp; this file registers the CUDA implementations with the same C++ signatures.
 // Math (as on the CPU): y = x + scale * (h W_up^T + b_up), h = dropout(act(pre)), pre = x W_down^T + b_down.
 //
 //   forward:  pre = addmm(b_down, x, W_down^T);  h = [act(pre) * keep * keep_scale | 1]  (our kernel; the ones

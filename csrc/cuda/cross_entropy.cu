@@ -1,5 +1,5 @@
 // CUDA kernels for fastft cross-entropy (ignore_index, class weights, label smoothing, z-loss,
-// logit softcapping). The schemas live in csrc/cpu/cross_entropy.cpp; this file only registers the
+// logit softcapping). The schemas live in csrc/schemas.cpp; this file only registers the
 // CUDA implementations. Contract and math: fastft/ops/cross_entropy.py, fastft/reference/cross_entropy.py.
 //
 // Per counted row (target y, softcapped logits x, lse = logsumexp(x), weights w (ones when absent),
@@ -21,6 +21,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "_cross_entropy_grad_out.h"
 #include "cuda/_block_reduce.cuh"
 
 #include <algorithm>
@@ -293,18 +294,11 @@ void check_scalar(const at::Tensor& t, const char* op, const char* name, const a
 }
 
 // grad_out when given (it may be the logits themselves; the kernels read each element before storing its
-// gradient), else a new [N, V] tensor. Same contract as the CPU kernels (csrc/cpu/cross_entropy.cpp).
+// gradient), else a new [N, V] tensor. The contract is csrc/_cross_entropy_grad_out.h, shared with the CPU kernels.
 at::Tensor gradient_buffer(const at::Tensor& logits, const std::optional<at::Tensor>& grad_out, const char* op) {
   if (!grad_out.has_value()) return at::empty({logits.size(0), logits.size(1)}, logits.options());
-  const at::Tensor& g = *grad_out;
-  TORCH_CHECK(g.sizes() == logits.sizes() && g.scalar_type() == logits.scalar_type() && g.is_contiguous() &&
-                  g.device() == logits.device(),
-              op, ": grad_out must be a contiguous ", logits.scalar_type(), " tensor of logits' shape ", logits.sizes());
-  if (g.is_alias_of(logits)) {
-    TORCH_CHECK(g.data_ptr() == logits.data_ptr() && logits.is_contiguous(), op,
-                ": grad_out shares logits' storage, so it must be exactly the (contiguous) logits");
-  }
-  return g;
+  check_grad_out(logits, *grad_out, op);
+  return *grad_out;
 }
 
 Options make_options(int64_t ignore_index, double label_smoothing, double z_loss, double softcap) {

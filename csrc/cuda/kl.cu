@@ -1,5 +1,5 @@
 // CUDA kernels of the KL family (the "cuda" backend of fastft.ops.full_kl / selective_log_softmax /
-// linear_full_kl). The schemas live in csrc/cpu/kl.cpp; this file registers the CUDA implementations, with the
+// linear_full_kl). The schemas live in csrc/schemas.cpp; this file registers the CUDA implementations, with the
 // same C++ signatures. Contract and math: csrc/cpu/kl.cpp's header, fastft/ops/kl.py.
 //
 // full_kl, per counted row, a = x_p / T, b = x_r / T, pi = softmax(a), rho = softmax(b):

@@ -1,4 +1,4 @@
-// LoRA linear on CUDA (the "cuda" backend of fastft.ops.lora_linear). The schemas live in csrc/cpu/lora.cpp;
+// LoRA linear on CUDA (the "cuda" backend of fastft.ops.lora_linear). The schemas live in csrc/schemas.cpp;
 // this file registers the CUDA implementations with the same C++ signatures. Math (as on the CPU):
 //
 //   y = x W^T + b + s * u B^T,   u = drop(x) A^T            (drop(x) = x * keep * keep_scale, or x)

@@ -1,4 +1,4 @@
-// RMSNorm CUDA kernels (the "cuda" backend of fastft.ops.rms_norm). The schemas live in csrc/cpu/rms_norm.cpp;
+// RMSNorm CUDA kernels (the "cuda" backend of fastft.ops.rms_norm). The schemas live in csrc/schemas.cpp;
 // this file registers the CUDA implementations, with the same C++ signatures. Math and casting modes: that
 // file's header and fastft/ops/rms_norm.py. Per row x of width H, r = 1 / sqrt(mean(x^2) + eps), s = offset + w:
 //   forward   y = round_x(x r) s   ("llama")   or   y = x r s  ("gemma", fp32 throughout, rounded on store)

@@ -1,5 +1,5 @@
 // SwiGLU gated-product CUDA kernels (the "cuda" backend of fastft.ops.swiglu). The schemas live in
-// csrc/cpu/swiglu.cpp; this file registers the CUDA implementations, with the same C++ signatures. Element-wise
+// csrc/schemas.cpp; this file registers the CUDA implementations, with the same C++ signatures. Element-wise
 // over flat tensors, fp32 math, a = gate, b = up:
 //   forward   out = round(silu(a)) b,   silu(a) = a sigmoid(a)   (round: to the inputs' dtype, as eager
 //                                                                  F.silu(gate) * up rounds between its two ops)

@@ -19,7 +19,7 @@ import copy
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fastft.ops.kl import kl_penalty, linear_full_kl, selective_log_softmax
+from fastft.ops import kl_penalty, linear_full_kl, selective_log_softmax
 
 
 def tiny_llama(vocab: int = 512) -> LlamaForCausalLM:

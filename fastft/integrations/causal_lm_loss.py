@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.linear_cross_entropy import linear_cross_entropy as fused_linear_cross_entropy
+from ..ops import linear_cross_entropy as fused_linear_cross_entropy
 from ..tuners.base import unwrap
 from ._head import head_operands
 from ._head import unsupported_reason as unsupported_head_reason

@@ -427,7 +427,7 @@ def _patch_layers(root: nn.Module, handle: PatchHandle, report: PatchReport, *, 
 
 
 def _fused_rms_norm_forward(self, hidden_states):
-    from ..ops.rms_norm import rms_norm
+    from ..ops.defs.rms_norm import rms_norm
 
     casting_mode, offset, eps_attr = vars(self)[_LAYER_ATTR]
     return rms_norm(hidden_states, self.weight, getattr(self, eps_attr), offset=offset, casting_mode=casting_mode)

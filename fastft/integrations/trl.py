@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops.linear_cross_entropy import linear_cross_entropy
-from ..ops.selective_log_softmax import selective_log_softmax as fastft_selective_log_softmax
+from ..ops.defs.linear_cross_entropy import linear_cross_entropy
+from ..ops.defs.selective_log_softmax import selective_log_softmax as fastft_selective_log_softmax
 
 __all__ = ["patch", "TRLPatchHandle", "TokenMetrics", "linear_cross_entropy_with_metrics"]
 

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..ops.adapter import ACTIVATIONS, adapter
+from ..ops.defs.adapter import ACTIVATIONS, adapter
 from ..reference.adapter import activation_fn
 
 

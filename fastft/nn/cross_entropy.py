@@ -5,8 +5,8 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from ..ops._checks import check_reduction
-from ..ops.cross_entropy import cross_entropy
+from ..ops.checks import check_reduction
+from ..ops.defs.cross_entropy import cross_entropy
 
 
 class CrossEntropyLoss(nn.Module):

@@ -5,8 +5,8 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from ..ops._checks import check_number, check_reduction
-from ..ops.kl_penalty import ESTIMATORS, kl_penalty
+from ..ops.checks import check_number, check_reduction
+from ..ops.defs.kl_penalty import ESTIMATORS, kl_penalty
 
 
 class KLPenalty(nn.Module):

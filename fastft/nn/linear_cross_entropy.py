@@ -10,8 +10,8 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from ..ops._checks import check_reduction
-from ..ops.linear_cross_entropy import linear_cross_entropy
+from ..ops.checks import check_reduction
+from ..ops.defs.linear_cross_entropy import linear_cross_entropy
 
 
 class LinearCrossEntropyLoss(nn.Module):

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..ops.lora import lora_linear
+from ..ops.defs.lora import lora_linear
 from ..reference.lora import delta_weight
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..ops.rms_norm import CASTING_MODES, rms_norm
+from ..ops.defs.rms_norm import CASTING_MODES, rms_norm
 
 
 class RMSNorm(nn.Module):

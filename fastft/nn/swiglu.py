@@ -5,7 +5,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from ..ops.swiglu import swiglu
+from ..ops.defs.swiglu import swiglu
 
 _SILU_NAMES = ("silu", "swish")
 

@@ -1,19 +1,12 @@
-"""Public functionals, one per op (one module each). Each validates its input, picks this op's backend
-and calls its op defined through fastft.ops._define (the registered ``torch.ops.fastft.*`` op under
-torch.compile, its eager twin otherwise). ``fastft.ops.registry`` lists them all.
+"""Public functionals, one per op: ``fastft.ops.<op>(...)``. Each validates its input, picks this op's backend and
+runs its kernels or its reference (fastft.ops._define). The op modules are ``fastft.ops.defs.<op>``;
+``fastft.ops.registry`` lists them all.
 
-Importing every public module of this package registers its op; the functionals are then exported
-under their registry names, so adding an op does not touch this file.
+The functionals are exported under their registry names, so adding an op does not touch this file. Every public
+attribute of this package is a function, except the submodules ``checks`` (argument checks), ``defs``
+and ``registry``.
 """
-import importlib as _importlib
-import pkgutil as _pkgutil
-
-from . import registry
-
-for _module_info in _pkgutil.iter_modules(__path__):
-    if not _module_info.name.startswith("_"):
-        _importlib.import_module(f".{_module_info.name}", __name__)
-del _module_info
+from . import checks, defs, registry
 
 globals().update({entry.name: entry.functional for entry in registry.entries()})
-__all__ = sorted(["registry", *(entry.name for entry in registry.entries())])
+__all__ = sorted(["checks", "defs", "registry", *(entry.name for entry in registry.entries())])

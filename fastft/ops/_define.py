@@ -1,17 +1,17 @@
 """One way to define an op: a declaration turns into the registered torch.library op pair, the eager fast
 path, per-op backend dispatch and the fp64 rule. The argument checks every functional shares live in
-``fastft.ops._checks`` (check_float_tensor, check_same_device, check_reduction, ...); the registry that
+``fastft.ops.checks`` (check_float_tensor, check_same_device, check_reduction, ...); the registry that
 drives ``fastft info``, the benchmarks and the generic tests is ``fastft.ops.registry``. A newcomer's
 walk-through: docs/ARCHITECTURE.md, "Adding an op".
 
-Example (a toy op; the real ones are fastft/ops/*.py, e.g. fastft/ops/rms_norm.py)::
+Example (a toy op; the real ones are fastft/ops/defs/*.py, e.g. fastft/ops/defs/rms_norm.py)::
 
     @dataclass(frozen=True)
     class ScaleOptions:              # scalar options: flattened into the schema once, rebuilt for your code
         alpha: float = 1.0
 
     def _forward(x: Tensor, options: ScaleOptions, backend: str) -> tuple[Tensor, Tensor]:
-        y = kernels_for(backend).scale_fwd(x, options.alpha)
+        y = scale_op.kernels(backend).fwd(x, options.alpha)   # the backend's kernel set, bound once
         return y, x.new_empty((0,))      # output 0: the differentiable result; the rest: non-differentiable
 
     def _fake(x, options, backend):
@@ -29,16 +29,17 @@ Example (a toy op; the real ones are fastft/ops/*.py, e.g. fastft/ops/rms_norm.p
     scale_op = define_op(
         "scale", forward=_forward, fake=_fake, setup=_setup, backward=_backward,
         backward_impl=_backward_impl, backward_fake=lambda grad, x, options, backend: torch.empty_like(x),
-        options=ScaleOptions,
-        backends=(Backend("reference"), Backend("cpp", kernels=("scale_fwd_kernel",)), Backend("triton")),
-    )                                    # or backends=standard_backends(kernels): reference, cpp, triton, cuda
+        options=ScaleOptions, reference=reference.scale,   # pure torch, the public signature
+        backends=standard_backends(compiled=extension_kernels(fwd="scale_fwd_kernel"),
+                                   triton=triton_kernels("scale", fwd="scale_fwd")),
+    )
+
+    def _run_kernels(backend, x, alpha=1.0):
+        return scale_op(x, options=ScaleOptions(alpha), backend=backend)[0]
 
     def scale(x, alpha=1.0):             # the public functional
         check_float_tensor("x", x)
-        backend = scale_op.select(x)      # per-op choice; fp64 on a backend without fp64 -> "reference"
-        if backend == "reference":
-            return reference.scale(x, alpha)
-        return scale_op(x, options=ScaleOptions(alpha), backend=backend)[0]
+        return scale_op.dispatch(_run_kernels, x, alpha)   # reference.scale(x, alpha) on "reference"
 
 What it generates:
 * ``fastft::<name>`` and ``fastft::<name>_backward`` (torch.library.custom_op, schemas inferred from the
@@ -46,7 +47,8 @@ What it generates:
   torch.compile traces and opcheck tests.
 * An eager twin (a plain torch.autograd.Function over the same forward/setup/backward) used outside
   torch.compile: it skips torch.library's Python dispatch (~0.5 ms a call on this CPU).
-* ``select(tensor)``: which backend this op uses for this call (see ``select_backend``).
+* ``select(tensor)``: which backend this op uses for this call (fastft.backend.select_backend), and
+  ``dispatch(run_kernels, *args)``: the reference or the kernels on that backend.
 
 One autograd template for every op: only output 0 is differentiable (the others are marked so), and
 gradients are not materialized (``backward`` gets None when output 0 got no gradient). Gradients that
@@ -60,7 +62,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import typing
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -68,135 +69,16 @@ import torch
 from torch import Tensor
 
 from .. import backend as _backend
+from ..backend import (FLOAT_DTYPES, LOW_AND_FP32, Backend, extension_kernels, standard_backends,  # noqa: F401
+                       triton_kernels)
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-LOW_AND_FP32 = (torch.float32, torch.float16, torch.bfloat16)
-
-__all__ = ["Backend", "FLOAT_DTYPES", "LOW_AND_FP32", "Op", "accumulator_dtype", "define_op", "graph_kept",
-           "save_fused_grads", "scale_fused_grads", "select_backend", "standard_backends"]
+__all__ = ["Backend", "FLOAT_DTYPES", "LOW_AND_FP32", "Op", "accumulator_dtype", "define_op", "extension_kernels",
+           "graph_kept", "save_fused_grads", "scale_fused_grads", "standard_backends", "triton_kernels"]
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype kernels accumulate in (and return row statistics in): fp64 for fp64, else fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-# ------------------------------------------------------------------------------------------------
-# Backends
-# ------------------------------------------------------------------------------------------------
-
-_DEFAULT_DTYPES = {"reference": FLOAT_DTYPES, "cpp": FLOAT_DTYPES, "triton": LOW_AND_FP32, "cuda": LOW_AND_FP32}
-_DISPATCH_KEY = {"cpp": "CPU", "cuda": "CUDA"}
-
-
-@dataclass(frozen=True)
-class Backend:
-    """One backend of one op.
-
-    name     one of fastft.backend.BACKENDS ("reference", "cpp", "triton", "cuda").
-    dtypes   the input dtypes it computes; a call in another dtype (fp64 on Triton/CUDA) runs the
-             reference instead, so fp64 stays exact. Default: all four floats for reference and cpp,
-             fp32/fp16/bf16 for triton and cuda.
-    kernels  the torch.ops.fastft.* kernels it calls (cpp, cuda): usable only when each has a kernel
-             for the dispatch key (CPU for cpp, CUDA for cuda; a CUDA-built fastft._C registers the
-             CUDA ones under the same schemas).
-    probe    an extra availability check () -> (usable, why not), e.g. an optional dependency.
-    """
-
-    name: str
-    dtypes: Optional[tuple] = None
-    kernels: tuple = ()
-    probe: Optional[Callable[[], tuple]] = None
-
-    def __post_init__(self) -> None:
-        if self.name not in _backend.BACKENDS:
-            raise ValueError(f"unknown backend {self.name!r}; expected one of {_backend.BACKENDS}")
-        if self.dtypes is None:
-            object.__setattr__(self, "dtypes", _DEFAULT_DTYPES[self.name])
-
-    def status(self) -> tuple:
-        """(usable, reason): the backend's own probe (fastft.backend.status), then its kernels, then ``probe``."""
-        ok, why = _backend.status(self.name)
-        if not ok:
-            return ok, why
-        key = _DISPATCH_KEY.get(self.name)
-        for kernel in self.kernels if key else ():
-            if not _has_kernel(kernel, key):
-                return False, f"fastft._C has no {key} kernel for fastft::{kernel}"
-        if self.probe is not None:
-            return self.probe()
-        return ok, why
-
-
-def standard_backends(kernels: tuple = ()) -> tuple:
-    """reference, cpp, triton and cuda, where cpp and cuda call the same torch.ops.fastft ``kernels``
-    (the dispatcher routes CPU tensors to csrc/cpu, CUDA tensors to csrc/cuda)."""
-    return (Backend("reference"), Backend("cpp", kernels=tuple(kernels)), Backend("triton"),
-            Backend("cuda", kernels=tuple(kernels)))
-
-
-def _has_kernel(kernel: str, key: str) -> bool:
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastft::{kernel}", key)
-    except RuntimeError:  # no such operator
-        return False
-
-
-# ------------------------------------------------------------------------------------------------
-# Dispatch
-# ------------------------------------------------------------------------------------------------
-
-_OPS: dict = {}  # name -> Op, for select_backend (which must take only constants)
-_choices: dict = {}  # (op, device type, forced) -> backend name
-_warned: set = set()
-
-
-def _warn_once(key, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=6)  # the caller of the public functional
-
-
-# torch.compile evaluates this eagerly while tracing and keeps the answer as a graph constant. Every input
-# that can change it is an argument: the forced name comes from fastft.backend.forced(), which the tracer
-# reads (and guards on), so `with fastft.backend.use(...)` after a compile recompiles instead of silently
-# keeping the old choice.
-@torch.compiler.assume_constant_result
-def select_backend(op_name: str, device_type: str, forced: Optional[str]) -> str:
-    """The backend ``op_name`` runs on ``device_type`` tensors.
-
-    Rule: a forced backend (``fastft.backend.use`` > ``FASTFT_BACKEND``) that the op has is used, and
-    raises if it cannot run here; one the op does not have falls back, for this op only, to the default
-    with a one-time warning (so ``FASTFT_BACKEND=cuda`` does not break ops without CUDA kernels).
-    Default: CUDA tensors -> triton, else cuda; CPU tensors -> cpp; else (or when none is usable) the
-    reference, with a one-time warning.
-    """
-    key = (op_name, device_type, forced)
-    if key not in _choices:  # probes are per process; a raise is not cached
-        _choices[key] = _select(_OPS[op_name], device_type, forced)
-    return _choices[key]
-
-
-def _select(op: "Op", device_type: str, forced: Optional[str]) -> str:
-    op_name = op.name
-    if forced is not None:
-        if forced in op.backends:
-            _backend.check_device(forced, device_type)
-            ok, why = op.backends[forced].status()
-            if not ok:
-                raise RuntimeError(f"fastft backend {forced!r} was requested for {op_name} but is unusable: {why}")
-            return forced
-        _warn_once((op_name, forced), f"fastft: {op_name} has no {forced!r} backend (it has {tuple(op.backends)}); "
-                                      "using its default backend for this op")
-    preferred = _backend.preferred(op_name, device_type)
-    for name in preferred:
-        if name in op.backends and op.backends[name].status()[0]:
-            return name
-    reasons = "; ".join(f"{n}: {op.backends[n].status()[1]}" for n in preferred if n in op.backends)
-    _warn_once((op_name, device_type), f"fastft: no compiled backend of {op_name} is usable for {device_type} tensors "
-                                       f"({reasons or 'none declared'}); falling back to the pure-torch reference "
-                                       "(slower). `python -m fastft info` says more.")
-    return "reference"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -289,10 +171,8 @@ class Op:
     the eager twin outside torch.compile, the registered op inside. Returns the forward's outputs."""
 
     def __init__(self, name: str, *, forward: Callable, fake: Callable, setup: Callable, backward: Callable,
-                 backends: Sequence[Backend], backward_impl: Optional[Callable] = None,
+                 backends: Sequence[Backend], reference: Callable, backward_impl: Optional[Callable] = None,
                  backward_fake: Optional[Callable] = None, options: Optional[type] = None) -> None:
-        if name in _OPS:
-            raise ValueError(f"op {name!r} is defined twice")
         if options is not None and not (dataclasses.is_dataclass(options)
                                         and options.__dataclass_params__.frozen):
             raise TypeError(f"options of {name} must be a frozen dataclass, got {options!r}")
@@ -301,6 +181,7 @@ class Op:
             raise ValueError(f"{name} must declare the 'reference' backend (the fallback for every other)")
         self.name = name
         self.backends = {b.name: b for b in backends}
+        self.reference = reference
         self.options = options
         self._forward, self._setup, self._backward, self._backward_impl = forward, setup, backward, backward_impl
         self.registered = self._register(name, forward, fake, options)
@@ -311,7 +192,7 @@ class Op:
             self.registered_backward = self._register(f"{name}_backward", backward_impl, backward_fake, options)
         self.registered.register_autograd(self._compiled_backward, setup_context=self._compiled_setup)
         self._eager = self._eager_function()
-        _OPS[name] = self
+        _backend.register_op(name, self.backends)
 
     # -- registration ------------------------------------------------------------------------------
 
@@ -423,11 +304,25 @@ class Op:
         return (*inputs, *self._flat(options), backend)
 
     def select(self, like: Tensor) -> str:
-        """The backend for a call whose main input is ``like`` (its device and dtype)."""
-        name = select_backend(self.name, like.device.type, _backend.forced())
+        """The backend for a call whose main input is ``like`` (its device and dtype): fastft.backend.select_backend,
+        then the reference where the backend does not compute ``like``'s dtype."""
+        name = _backend.select_backend(self.name, like.device.type, _backend.forced())
         if like.dtype not in self.backends[name].dtypes:
             return "reference"  # e.g. fp64 on Triton/CUDA: those kernels compute in fp32; keep fp64 exact
         return name
+
+    def dispatch(self, run_kernels: Callable, *args, **kwargs):
+        """The functional's body after its checks: ``self.reference(*args, **kwargs)`` on the "reference" backend
+        (chosen, forced, or the fallback), else ``run_kernels(backend, *args, **kwargs)``, which calls this op.
+        ``args[0]`` is the main input: its device and dtype choose the backend."""
+        backend = self.select(args[0])
+        if backend == "reference":
+            return self.reference(*args, **kwargs)
+        return run_kernels(backend, *args, **kwargs)
+
+    def kernels(self, backend: str):
+        """The kernel set of ``backend`` (bound once, on first use; see fastft.backend.Backend)."""
+        return self.backends[backend].kernels
 
     def status(self) -> dict:
         """{backend name: (usable, reason)} for ``fastft info``."""

@@ -10,48 +10,50 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._checks import check_number, check_reduction, check_tensor
-from ._define import accumulator_dtype
+from .checks import check_number, check_reduction, check_tensor
+from ._define import accumulator_dtype, extension_kernels, triton_kernels
 
-# Kernels by backend. "cpp" and "cuda" call the same torch.ops.fastft.*_kernel schemas: the
-# dispatcher routes by the tensors' device to the CPU (csrc/cpu) or CUDA (csrc/cuda) implementation.
-CE_KERNELS = ("cross_entropy_fwd_kernel", "cross_entropy_bwd_kernel", "scale_if_not_one_kernel_")
-KL_KERNELS = ("full_kl_fwd_kernel", "full_kl_bwd_kernel", "scale_if_not_one_kernel_")
+# The kernel sets of the loss ops, one binder per backend (fastft.backend.Backend). "cpp" and "cuda" call the
+# same torch.ops.fastft.*_kernel schemas: the dispatcher routes by the tensors' device to the CPU (csrc/cpu)
+# or CUDA (csrc/cuda) implementation.
+#   cross-entropy  ce_fwd, ce_bwd, scale_ (grad *= scale unless scale == 1). ce_fwd and ce_bwd take ``out=``,
+#                  the gradient's buffer, on every backend; it may be the logits themselves (contiguous), which
+#                  then hold the gradient when the call returns.
+#   KL             kl_fwd, kl_bwd, scale_;   selective log-softmax: fwd, bwd.
 
 
-def loss_kernels(backend: str) -> SimpleNamespace:
-    """ce_fwd, ce_bwd, kl_fwd, kl_bwd, sel_fwd, sel_bwd, scale_ (grad *= scale unless scale == 1).
-
-    ce_fwd and ce_bwd take ``out=``, the gradient's buffer, on every backend; it may be the logits
-    themselves (contiguous), which then hold the gradient when the call returns."""
-    if backend == "triton":
-        from ..kernels import cross_entropy as ce
-        from ..kernels import kl
-
-        return SimpleNamespace(ce_fwd=ce.cross_entropy_fwd, ce_bwd=ce.cross_entropy_bwd, kl_fwd=kl.full_kl_fwd,
-                               kl_bwd=kl.full_kl_bwd, sel_fwd=kl.selective_log_softmax_fwd,
-                               sel_bwd=kl.selective_log_softmax_bwd, scale_=ce.scale_if_not_one_)
-    ops = torch.ops.fastft
+def ce_extension_kernels(backend) -> SimpleNamespace:
+    fwd = backend.extension_kernel("cross_entropy_fwd_kernel")
+    bwd = backend.extension_kernel("cross_entropy_bwd_kernel")
 
     # The C++/CUDA kernels take the gradient's buffer as grad_out and then return an empty third output
     # (a schema output may not alias an input); ce_fwd/ce_bwd return the buffer, as the Triton launchers do.
     def ce_fwd(logits, target, weight, grad_scale, *options, out=None):
-        loss, lse, grad = ops.cross_entropy_fwd_kernel(logits, target, weight, grad_scale, *options, out)
+        loss, lse, grad = fwd(logits, target, weight, grad_scale, *options, out)
         return loss, lse, grad if out is None else out
 
     def ce_bwd(grad_loss, logits, target, weight, lse, *options, out=None):
-        grad = ops.cross_entropy_bwd_kernel(grad_loss, logits, target, weight, lse, *options, out)
+        grad = bwd(grad_loss, logits, target, weight, lse, *options, out)
         return grad if out is None else out
 
-    return SimpleNamespace(ce_fwd=ce_fwd, ce_bwd=ce_bwd,
-                           kl_fwd=ops.full_kl_fwd_kernel, kl_bwd=ops.full_kl_bwd_kernel,
-                           sel_fwd=ops.selective_log_softmax_fwd_kernel,
-                           sel_bwd=ops.selective_log_softmax_bwd_kernel, scale_=ops.scale_if_not_one_kernel_)
+    return SimpleNamespace(ce_fwd=ce_fwd, ce_bwd=ce_bwd, scale_=backend.extension_kernel("scale_if_not_one_kernel_"))
 
 
-def scale_in_place(backend: str):
-    """(grad, upstream 0-dim gradient) -> None: grad *= upstream, touching nothing when it is exactly 1."""
-    scale_ = loss_kernels(backend).scale_
+ce_triton_kernels = triton_kernels("cross_entropy", ce_fwd="cross_entropy_fwd", ce_bwd="cross_entropy_bwd",
+                                   scale_="scale_if_not_one_")
+kl_extension_kernels = extension_kernels(kl_fwd="full_kl_fwd_kernel", kl_bwd="full_kl_bwd_kernel",
+                                         scale_="scale_if_not_one_kernel_")
+
+
+def kl_triton_kernels(backend) -> SimpleNamespace:
+    kl = triton_kernels("kl", kl_fwd="full_kl_fwd", kl_bwd="full_kl_bwd")(backend)
+    kl.scale_ = ce_triton_kernels(backend).scale_  # one in-place scaling kernel for every fused loss
+    return kl
+
+
+def scale_in_place(scale_):
+    """(grad, upstream 0-dim gradient) -> None with the kernel set's ``scale_``: grad *= upstream, touching
+    nothing when it is exactly 1."""
 
     def run(grad: Tensor, grad_output: Tensor) -> None:
         scale_(grad, grad_output.detach().reshape(()).to(accumulator_dtype(grad.dtype)))
@@ -195,7 +197,7 @@ class HeadGrads:
       grad_W  one [V, H] tensor in the weight's dtype: the first chunk's GEMM writes it, every later
               one accumulates onto it in place (addmm_, beta = 1). Each GEMM sums its chunk in fp32 and
               rounds once, so a half-precision grad_W is rounded once per chunk rather than once (as
-              Liger accumulates; tests/test_linear_cross_entropy.py measures it: within 2x torch's
+              Liger accumulates; tests/ops/test_linear_cross_entropy.py measures it: within 2x torch's
               one-GEMM error vs an fp64 truth up to 4 chunks, 2.8x at 8 in fp16), and there is no
               fp32 copy of grad_W, no per-chunk partial product and no final cast;
       grad_b  an fp32 (fp64 for fp64) [V] accumulator, cast once at the end (V values: negligible).

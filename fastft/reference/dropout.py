@@ -4,7 +4,7 @@ Element ``index`` (its flat row-major index into the tensor being dropped: x [N,
 bottleneck for the adapter) under a 64-bit seed gets 24 random bits (MurmurHash3's 32-bit finalizer, two
 rounds over the low and high words of seed and index) and is dropped when they are below
 round(p * 2^24); kept elements are scaled by 2^24 / (2^24 - threshold). Written independently of the
-copies the kernels use (csrc/_dropout.h, kernels/_dropout.py); tests/test_dropout.py checks all agree.
+copies the kernels use (csrc/_dropout.h, kernels/dropout.py); tests/ops/test_dropout.py checks all agree.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ Notation per token (row) with policy logits x_p, reference logits x_r, temperatu
 ``mask`` (True / nonzero = counted) zeroes a token; "mean" divides by the number of counted tokens
 and gives 0 when there is none.
 
-Hostile values (every backend keeps the same contract; tests/test_hostile_kl.py): -inf logits are
+Hostile values (every backend keeps the same contract; tests/ops/test_hostile_kl.py): -inf logits are
 ordinary (banned tokens); NaN, +inf, or an all -inf row make that row's full_kl / log-prob NaN, with
 NaN gradient rows; full_kl is +inf where the policy has mass on a token whose reference logit is -inf
 (there the kernels' policy gradient row is NaN, the reference gradient (rho - pi) / T finite). Masked

@@ -1,6 +1,6 @@
 """The one comparison every GPU test makes: an op's output and gradients against an fp64 truth.
 
-Rule (docs/CONVENTIONS.md): error of the op vs the fp64 truth <= 2 x (error of plain torch in the same dtype vs
+Rule (the 2x-torch-error rule, docs/ARCHITECTURE.md, "Tests"): error of the op vs the fp64 truth <= 2 x (error of plain torch in the same dtype vs
 that truth) + atol, with atol relative to the largest |truth|. The same rule for fp32, fp16 and bf16.
 
 ``compare(op, truth, args, kwargs, dtype, backend)`` runs
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 import fastft
-from fastft.ops.registry import float_like
+from op_db import float_like  # tests/ops/op_db.py (on sys.path: tests/conftest.py)
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BACKENDS = ("triton", "cuda")

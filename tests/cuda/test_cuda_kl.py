@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastft
-from fastft.ops import registry
+from op_db import OP_DB
 
 from cuda_truth import BACKENDS, DTYPES, compare, compiled_matches_eager, dtype_id
 
@@ -44,7 +44,7 @@ def _options(table: dict, option: str) -> dict:
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_full_kl(backend, dtype, option):
-    compare(fastft.ops.full_kl, registry.get("full_kl").truth, _pair(grad_ref=option == "grad_ref"),
+    compare(fastft.ops.full_kl, OP_DB["full_kl"].truth, _pair(grad_ref=option == "grad_ref"),
             _options(FULL_KL_OPTIONS, option), dtype, backend)
 
 
@@ -58,7 +58,7 @@ def _index():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_selective_log_softmax(backend, dtype, temperature):
     logits, _ = _pair()
-    compare(fastft.ops.selective_log_softmax, registry.get("selective_log_softmax").truth, (logits, _index()),
+    compare(fastft.ops.selective_log_softmax, OP_DB["selective_log_softmax"].truth, (logits, _index()),
             {"temperature": temperature}, dtype, backend)
 
 
@@ -81,7 +81,7 @@ LINEAR_KL_OPTIONS = {
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_linear_full_kl(backend, dtype, option):
-    compare(fastft.ops.linear_full_kl, registry.get("linear_full_kl").truth, _heads(),
+    compare(fastft.ops.linear_full_kl, OP_DB["linear_full_kl"].truth, _heads(),
             _options(LINEAR_KL_OPTIONS, option), dtype, backend)
 
 
@@ -92,7 +92,7 @@ def test_kl_penalty(dtype, estimator):
     g = torch.Generator(device="cuda").manual_seed(4)
     logprobs = (-torch.rand(N, generator=g, device="cuda") * 5).requires_grad_()
     ref_logprobs = -torch.rand(N, generator=g, device="cuda") * 5
-    compare(fastft.ops.kl_penalty, registry.get("kl_penalty").truth, (logprobs, ref_logprobs),
+    compare(fastft.ops.kl_penalty, OP_DB["kl_penalty"].truth, (logprobs, ref_logprobs),
             {"estimator": estimator, "mask": _mask(), "reduction": "mean"}, dtype, backend=None)
 
 

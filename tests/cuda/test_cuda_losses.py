@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastft
-from fastft.ops import registry
+from op_db import OP_DB
 
 from cuda_truth import BACKENDS, DTYPES, compare, compiled_matches_eager, dtype_id
 
@@ -50,7 +50,7 @@ CE_OPTIONS = {
 def test_cross_entropy(backend, dtype, option):
     target = _target(CE_OPTIONS[option].get("ignore_index", IGNORE))
     args = (_logits(), target, _class_weights() if option == "class_weights" else None)
-    compare(fastft.ops.cross_entropy, registry.get("cross_entropy").truth, args, dict(CE_OPTIONS[option]), dtype,
+    compare(fastft.ops.cross_entropy, OP_DB["cross_entropy"].truth, args, dict(CE_OPTIONS[option]), dtype,
             backend)
 
 
@@ -79,7 +79,7 @@ LCE_OPTIONS = {
 def test_linear_cross_entropy(backend, dtype, option):
     x, w, kwargs = _linear_inputs(with_bias=option == "bias")
     kwargs.update(LCE_OPTIONS[option])
-    compare(fastft.ops.linear_cross_entropy, registry.get("linear_cross_entropy").truth, (x, w, _target()), kwargs,
+    compare(fastft.ops.linear_cross_entropy, OP_DB["linear_cross_entropy"].truth, (x, w, _target()), kwargs,
             dtype, backend)
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import fastft
-from fastft.kernels import _dropout
-from fastft.ops import registry
+from fastft.kernels import dropout as kernel_dropout
+from op_db import OP_DB
 from fastft.reference import adapter as ref_adapter
 from fastft.reference import lora as ref_lora
 
@@ -34,7 +34,7 @@ def _lora_inputs(with_bias: bool, trainable_base: bool):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lora_linear(backend, dtype, with_bias, trainable_base):
     args = (*_lora_inputs(with_bias, trainable_base), 2.0)
-    compare(fastft.ops.lora_linear, registry.get("lora_linear").truth, args, {}, dtype, backend)
+    compare(fastft.ops.lora_linear, OP_DB["lora_linear"].truth, args, {}, dtype, backend)
 
 
 def _lora_with_mask(x, weight, bias, lora_A, lora_B, scaling, *, dropout_p, seed):
@@ -81,25 +81,25 @@ def _adapter_inputs(with_biases: bool, trainable_down: bool = True):
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_adapter(backend, dtype, activation):
-    compare(fastft.ops.adapter, registry.get("adapter").truth, _adapter_inputs(with_biases=True),
+    compare(fastft.ops.adapter, OP_DB["adapter"].truth, _adapter_inputs(with_biases=True),
             {"activation": activation, "scale": 0.5}, dtype, backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_adapter_no_biases_frozen_down(backend, dtype):
-    compare(fastft.ops.adapter, registry.get("adapter").truth, _adapter_inputs(with_biases=False, trainable_down=False),
+    compare(fastft.ops.adapter, OP_DB["adapter"].truth, _adapter_inputs(with_biases=False, trainable_down=False),
             {"activation": "gelu"}, dtype, backend)
 
 
 class _SeededAdapter:
     """fastft.ops.adapter draws its dropout seed from the default generator: re-seeding that generator before each
-    call makes the op draw ``seed`` (kernels/_dropout.draw_seed), which the reference then gets explicitly."""
+    call makes the op draw ``seed`` (kernels/dropout.draw_seed), which the reference then gets explicitly."""
 
     def __init__(self, generator_seed: int):
         self.generator_seed = generator_seed
         torch.manual_seed(generator_seed)
-        self.seed = _dropout.draw_seed(torch.device("cuda"))
+        self.seed = kernel_dropout.draw_seed(torch.device("cuda"))
 
     def op(self, *args, **kwargs):
         torch.manual_seed(self.generator_seed)

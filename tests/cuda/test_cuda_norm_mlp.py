@@ -7,6 +7,7 @@ import torch
 
 import fastft
 from fastft.ops import registry
+from op_db import OP_DB
 
 from cuda_truth import BACKENDS, DTYPES, compare, compiled_matches_eager, dtype_id
 
@@ -37,7 +38,7 @@ def _norm_inputs(shape: str, casting_mode: str, weight_grad: bool = True):
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rms_norm(backend, dtype, mode, shape):
-    compare(fastft.ops.rms_norm, registry.get("rms_norm").truth, _norm_inputs(shape, mode), RMS_NORM_OPTIONS[mode],
+    compare(fastft.ops.rms_norm, OP_DB["rms_norm"].truth, _norm_inputs(shape, mode), RMS_NORM_OPTIONS[mode],
             dtype, backend)
 
 
@@ -45,7 +46,7 @@ def test_rms_norm(backend, dtype, mode, shape):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rms_norm_frozen_weight(backend, dtype):
     """Only dx asked for (the kernels skip the dw partials)."""
-    compare(fastft.ops.rms_norm, registry.get("rms_norm").truth, _norm_inputs("odd", "llama", weight_grad=False), {},
+    compare(fastft.ops.rms_norm, OP_DB["rms_norm"].truth, _norm_inputs("odd", "llama", weight_grad=False), {},
             dtype, backend)
 
 
@@ -57,7 +58,7 @@ def _with_fp32_weight(fn):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rms_norm_fp32_weight_on_half_x(backend, dtype):
-    compare(_with_fp32_weight(fastft.ops.rms_norm), _with_fp32_weight(registry.get("rms_norm").truth),
+    compare(_with_fp32_weight(fastft.ops.rms_norm), _with_fp32_weight(OP_DB["rms_norm"].truth),
             _norm_inputs("odd", "llama"), {}, dtype, backend)
 
 
@@ -74,7 +75,7 @@ def _gate_up(shape: str, up_grad: bool = True):
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_swiglu(backend, dtype, grads, shape):
-    compare(fastft.ops.swiglu, registry.get("swiglu").truth, _gate_up(shape, up_grad=grads == "gate_and_up"), {},
+    compare(fastft.ops.swiglu, OP_DB["swiglu"].truth, _gate_up(shape, up_grad=grads == "gate_and_up"), {},
             dtype, backend)
 
 

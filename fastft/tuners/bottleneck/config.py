@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...ops.adapter import ACTIVATIONS
+from ...ops.defs.adapter import ACTIVATIONS
 
 PLACEMENTS = ("houlsby", "pfeiffer")
 

@@ -20,7 +20,7 @@ output: no [N, out] temporary, dy read once for g and dB); "triton" = fastft.ker
 kernel: the base and LoRA-down products share each loaded x tile, the LoRA-up product and dropout live in
 its epilogue);
 "reference" = fastft.reference.lora (plain autograd, no custom op). Every backend draws the same
-counter-based dropout mask for a seed (kernels/_dropout.py, csrc/_dropout.h; tests/test_dropout.py).
+counter-based dropout mask for a seed (kernels/dropout.py, csrc/_dropout.h; tests/ops/test_dropout.py).
 "cuda" calls the same torch.ops.fastft.*_kernel schemas as "cpp"; the dispatcher picks the CUDA
 implementation (csrc/cuda) for CUDA tensors.
 """
@@ -32,14 +32,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..kernels import _dropout
-from ..reference import lora as _reference
-from . import registry
-from ._checks import check_float_tensor, check_number, check_same_device, check_same_dtype
-from .. import backend as _backend
-from ._define import Backend, define_op
+from ...kernels import dropout as kernel_dropout
+from ...reference import lora as _reference
+from .. import registry
+from ..checks import check_float_tensor, check_number, check_same_device, check_same_dtype
+from ... import backend as _backend
+from .._define import define_op, extension_kernels, standard_backends, triton_kernels
 
-_KERNELS = ("lora_linear_fwd_kernel", "lora_linear_bwd_kernel", "lora_dropout_mask_kernel")
 
 
 @dataclass(frozen=True)
@@ -48,19 +47,9 @@ class LoRAOptions:
     dropout_p: float = 0.0
 
 
-def _kernels(backend: str):
-    if backend == "triton":
-        from ..kernels import lora as k
-
-        return k.lora_linear_fwd, k.lora_linear_bwd, k.lora_dropout_mask
-    ops = torch.ops.fastft
-    return ops.lora_linear_fwd_kernel, ops.lora_linear_bwd_kernel, ops.lora_dropout_mask_kernel
-
-
 def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
              seed: Optional[Tensor], options: LoRAOptions, backend: str) -> tuple[Tensor, Tensor]:
-    fwd, _, _ = _kernels(backend)
-    return fwd(x, weight, bias, lora_A, lora_B, options.scaling, options.dropout_p, seed)
+    return lora_linear_op.kernels(backend).fwd(x, weight, bias, lora_A, lora_B, options.scaling, options.dropout_p, seed)
 
 
 def _fake(x, weight, bias, lora_A, lora_B, seed, options, backend):
@@ -70,8 +59,7 @@ def _fake(x, weight, bias, lora_A, lora_B, seed, options, backend):
 def _backward_impl(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, u: Tensor,
                    seed: Optional[Tensor], needs: list[bool], options: LoRAOptions,
                    backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    _, bwd, _ = _kernels(backend)
-    return bwd(grad_y.contiguous(), x, weight, lora_A, lora_B, u, seed, options.scaling, options.dropout_p, *needs)
+    return lora_linear_op.kernels(backend).bwd(grad_y.contiguous(), x, weight, lora_A, lora_B, u, seed, options.scaling, options.dropout_p, *needs)
 
 
 def _backward_fake(grad_y, x, weight, lora_A, lora_B, u, seed, needs, options, backend):
@@ -162,8 +150,11 @@ def planned_cuda_default(shape: tuple = BENCHMARK_SHAPE) -> tuple:
 lora_linear_op = define_op(
     "lora_linear", forward=_forward, fake=_fake, setup=_setup, backward=_backward, backward_impl=_backward_impl,
     backward_fake=_backward_fake, options=LoRAOptions,
-    backends=(Backend("reference"), Backend("cpp", kernels=_KERNELS), Backend("triton"),
-              Backend("cuda", kernels=_KERNELS)),
+    reference=_reference.lora_linear,
+    backends=standard_backends(
+        extension_kernels(fwd="lora_linear_fwd_kernel", bwd="lora_linear_bwd_kernel",
+                          dropout_mask="lora_dropout_mask_kernel"),
+        triton_kernels("lora", fwd="lora_linear_fwd", bwd="lora_linear_bwd", dropout_mask="lora_dropout_mask")),
 )
 _CUDA_DEFAULT, _CUDA_DEFAULT_REASON = planned_cuda_default()  # the plan is evaluated once, at import
 _backend.prefer("lora_linear", "cuda", (_CUDA_DEFAULT, "triton", "cuda"), _CUDA_DEFAULT_REASON)
@@ -205,9 +196,8 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
 def dropout_mask(like: Tensor, dropout_p: float, seed: Tensor, backend: str) -> Tensor:
     """The 0/1 keep-mask (``like``'s shape and dtype) that ``backend`` draws for ``seed``. For tests."""
     if backend == "reference":
-        return _dropout.keep_mask(like.shape, dropout_p, seed, device=like.device).to(like.dtype)
-    _, _, mask = _kernels(backend)
-    return mask(like.reshape(-1, like.shape[-1]), float(dropout_p), seed).reshape(like.shape)
+        return kernel_dropout.keep_mask(like.shape, dropout_p, seed, device=like.device).to(like.dtype)
+    return lora_linear_op.kernels(backend).dropout_mask(like.reshape(-1, like.shape[-1]), float(dropout_p), seed).reshape(like.shape)
 
 
 def lora_linear(
@@ -233,72 +223,27 @@ def lora_linear(
     """
     _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     p = float(dropout_p) if training else 0.0
-    backend = lora_linear_op.select(x)
     lora_A = lora_A.to(x.dtype)
     lora_B = lora_B.to(x.dtype)
     if p > 0 and seed is None:
-        seed = _dropout.draw_seed(x.device)
+        seed = kernel_dropout.draw_seed(x.device)
     elif p > 0:
-        seed = _dropout.seed_on(seed, x)  # a host seed would reach a CUDA kernel as a host pointer
+        seed = kernel_dropout.seed_on(seed, x)  # a host seed would reach a CUDA kernel as a host pointer
     else:
         seed = None
-    if backend == "reference":
-        return _reference.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), dropout_p=p, seed=seed)
+    return lora_linear_op.dispatch(_run_kernels, x, weight, bias, lora_A, lora_B, float(scaling), dropout_p=p, seed=seed)
+
+
+def _run_kernels(backend, x, weight, bias, lora_A, lora_B, scaling, *, dropout_p, seed):
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    y = lora_linear_op(x2, weight, bias, lora_A, lora_B, seed, options=LoRAOptions(float(scaling), p),
+    y = lora_linear_op(x2, weight, bias, lora_A, lora_B, seed, options=LoRAOptions(scaling, dropout_p),
                        backend=backend)[0]
     return y.reshape(*lead, weight.shape[0])
 
 
-# ------------------------------------------------------------------------------------------------
-# Registry entry
-# ------------------------------------------------------------------------------------------------
-
-
-def _truth(x, weight, bias, lora_A, lora_B, scaling, *, dropout_p=0.0, training=True, seed=None):
-    return torch.nn.functional.linear(x, weight, bias) + scaling * (x @ lora_A.t().to(x.dtype)) @ lora_B.t().to(x.dtype)
-
-
-def _samples(dtype, device):
-    n, d_in, d_out, r = 13, 23, 19, 5
-    x = torch.randn(n, d_in, device=device).to(dtype).requires_grad_()
-    w = (torch.randn(d_out, d_in, device=device) / d_in ** 0.5).to(dtype)
-    b = (torch.randn(d_out, device=device) * 0.1).to(dtype)
-    a = (torch.randn(r, d_in, device=device) / d_in ** 0.5).to(dtype).requires_grad_()
-    bb = (torch.randn(d_out, r, device=device) * 0.2).to(dtype).requires_grad_()
-    return [
-        registry.Sample((x, w, b, a, bb, 2.0), {}, "frozen base"),
-        registry.Sample((x.detach().reshape(1, n, d_in), w.requires_grad_(), None, a, bb, 0.5), {},
-                        "3-D x, trainable W, no bias"),
-    ]
-
-
-def _bad_inputs(device):
-    x = torch.randn(4, 8, device=device)
-    w = torch.randn(6, 8, device=device)
-    b = torch.randn(6, device=device)
-    a = torch.randn(2, 8, device=device)
-    bb = torch.randn(6, 2, device=device)
-    bad = registry.BadInput
-    return [
-        bad((x, w, b, a, bb, 1.0), {"dropout_p": 1.0}, ValueError, "dropout_p"),
-        bad((torch.randn(4, 9, device=device), w, b, a, bb, 1.0), {}, ValueError, "features"),
-        bad((x, w, b, torch.randn(2, 9, device=device), bb, 1.0), {}, ValueError, "lora_A"),
-        bad((x, w, b, a, torch.randn(6, 3, device=device), 1.0), {}, ValueError, "lora_B must have shape"),
-        bad((x, w, torch.randn(5, device=device), a, bb, 1.0), {}, ValueError, "bias"),
-        bad((x, w.double(), b, a, bb, 1.0), {}, TypeError, "weight dtype"),
-        bad((x.long(), w, b, a, bb, 1.0), {}, TypeError, "x must be one of"),
-        bad((x, w, b, a, bb, float("nan")), {}, ValueError, "scaling"),
-        bad((x, w, b, torch.randn(0, 8, device=device), torch.randn(6, 0, device=device), 1.0), {}, ValueError,
-            "rank 0"),
-        bad((x, w, b, a.to("meta"), bb, 1.0), {}, ValueError, "lora_A is on meta"),
-    ]
-
-
 registry.register(registry.OpEntry(
-    name="lora_linear", functional=lora_linear, op=lora_linear_op, samples=_samples, truth=_truth,
-    bad_inputs=_bad_inputs, benchmark="lora",
+    name="lora_linear", functional=lora_linear, op=lora_linear_op, benchmark="lora",
 ))

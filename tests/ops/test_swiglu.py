@@ -1,5 +1,5 @@
 """What is specific to fastft.ops.swiglu / fastft.nn.SwiGLU. Parity on every backend and dtype, opcheck,
-torch.compile, bad inputs and a second backward come from the generic suite (tests/test_ops_generic.py)."""
+torch.compile, bad inputs and a second backward come from the generic suite (tests/ops/test_ops_generic.py)."""
 import copy
 
 import pytest
@@ -11,7 +11,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 import fastft
 from fastft.nn import RMSNorm, SwiGLU
 from fastft.ops import swiglu
-from fastft.ops.swiglu import swiglu_op
+from fastft.ops.defs.swiglu import swiglu_op
 
 BACKENDS = tuple(swiglu_op.backends)
 

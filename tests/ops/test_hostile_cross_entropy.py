@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from fastft import backend as fb
 from fastft.ops import cross_entropy
-from fastft.ops.linear_cross_entropy import linear_cross_entropy
+from fastft.ops.defs.linear_cross_entropy import linear_cross_entropy
 from fastft.reference.cross_entropy import cross_entropy as reference
 from fastft.reference.linear_cross_entropy import linear_cross_entropy as reference_linear
 

@@ -1,5 +1,5 @@
 """The argument checks every public functional shares, written once. Each raises TypeError / ValueError
-naming the argument and what is wrong (no ``assert`` for user errors)."""
+naming the argument and what is wrong (no ``assert`` for user errors). Public: the nn modules use them too."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import backend as _backend
-from ._define import FLOAT_DTYPES
+from ..backend import FLOAT_DTYPES
 
 REDUCTIONS = ("none", "mean", "sum")
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
@@ -100,6 +100,13 @@ def check_mask(name: str, mask, token_shape: tuple, device) -> Optional[Tensor]:
         raise ValueError(f"{name} is on {mask.device} but the logits are on {device}")
     if mask.is_complex():
         raise TypeError(f"{name} must be bool, integer or floating point (nonzero = counted), got {mask.dtype}")
+    return flat_token_mask(mask)
+
+
+def flat_token_mask(mask: Optional[Tensor]) -> Optional[Tensor]:
+    """A checked mask (``check_mask``) as the kernels take it: contiguous flat bool (nonzero = counted), or None."""
+    if mask is None:
+        return None
     m = mask if mask.dtype == torch.bool else mask != 0
     return m.reshape(-1).contiguous()
 

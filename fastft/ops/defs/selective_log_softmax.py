@@ -14,17 +14,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..reference import kl as _reference
-from . import registry
-from ._checks import (check_float_tensor, flat_index, check_index_tensor, check_indices_in_range, check_number,
+from ...reference import kl as _reference
+from .. import registry
+from ..checks import (check_float_tensor, flat_index, check_index_tensor, check_indices_in_range, check_number,
                       check_same_device, rows)
-from ._define import accumulator_dtype, define_op, standard_backends
-from ._losses import loss_kernels
+from .._define import accumulator_dtype, define_op, extension_kernels, standard_backends, triton_kernels
 
 __all__ = ["selective_log_softmax"]
-
-_KERNELS = ("selective_log_softmax_fwd_kernel", "selective_log_softmax_bwd_kernel")
-
 
 @dataclass(frozen=True)
 class SelectiveLogSoftmaxOptions:
@@ -32,7 +28,7 @@ class SelectiveLogSoftmaxOptions:
 
 
 def _forward(logits: Tensor, index: Tensor, options: SelectiveLogSoftmaxOptions, backend: str) -> tuple[Tensor, Tensor]:
-    logp, lse = loss_kernels(backend).sel_fwd(logits, index, options.temperature)
+    logp, lse = selective_log_softmax_op.kernels(backend).fwd(logits, index, options.temperature)
     return logp.to(logits.dtype, copy=True), lse
 
 
@@ -43,7 +39,8 @@ def _fake(logits, index, options, backend):
 
 def _backward_impl(grad_logp: Tensor, logits: Tensor, index: Tensor, lse: Tensor,
                    options: SelectiveLogSoftmaxOptions, backend: str) -> Tensor:
-    return loss_kernels(backend).sel_bwd(grad_logp.to(lse.dtype).contiguous(), logits, index, lse, options.temperature)
+    return selective_log_softmax_op.kernels(backend).bwd(grad_logp.to(lse.dtype).contiguous(), logits, index, lse,
+                                                         options.temperature)
 
 
 def _setup(ctx, inputs, outputs):
@@ -60,7 +57,10 @@ selective_log_softmax_op = define_op(
     "selective_log_softmax", forward=_forward, fake=_fake, setup=_setup, backward=_backward,
     backward_impl=_backward_impl, backward_fake=lambda grad_logp, logits, index, lse, options, backend:
     torch.empty_like(logits), options=SelectiveLogSoftmaxOptions,
-    backends=standard_backends(_KERNELS),
+    reference=_reference.selective_log_softmax,
+    backends=standard_backends(
+        extension_kernels(fwd="selective_log_softmax_fwd_kernel", bwd="selective_log_softmax_bwd_kernel"),
+        triton_kernels("kl", fwd="selective_log_softmax_fwd", bwd="selective_log_softmax_bwd")),
 )
 
 
@@ -79,44 +79,17 @@ def selective_log_softmax(logits: Tensor, index: Tensor, *, temperature: float =
     temperature = check_number("temperature", temperature, low=0.0, low_open=True)
     v = logits.shape[-1]
     check_indices_in_range("index", index, v)
-    backend = selective_log_softmax_op.select(logits)
-    if backend == "reference":
-        return _reference.selective_log_softmax(logits, index, temperature=temperature)
+    return selective_log_softmax_op.dispatch(_run_kernels, logits, index, temperature=temperature)
+
+
+def _run_kernels(backend, logits, index, *, temperature):
+    v = logits.shape[-1]
     index_rows = flat_index(index)
     logp = selective_log_softmax_op(rows(logits, v), index_rows, options=SelectiveLogSoftmaxOptions(temperature),
                                     backend=backend)[0]
     return logp.reshape(index.shape)
 
 
-# ------------------------------------------------------------------------------------------------
-# Registry entry
-# ------------------------------------------------------------------------------------------------
-
-
-def _truth(logits, index, *, temperature=1.0):
-    return torch.log_softmax(logits / temperature, -1).gather(-1, index[..., None])[..., 0]
-
-
-def _samples(dtype, device):
-    x = (torch.randn(3, 5, 37, device=device) * 3).to(dtype).requires_grad_()
-    idx = torch.randint(0, 37, (3, 5), device=device)
-    return [registry.Sample((x, idx), {}, "T=1"), registry.Sample((x, idx.int()), {"temperature": 0.6}, "T=0.6")]
-
-
-def _bad_inputs(device):
-    x = torch.randn(4, 10, device=device)
-    idx = torch.zeros(4, dtype=torch.int64, device=device)
-    bad = registry.BadInput
-    return [
-        bad((x, torch.zeros(5, dtype=torch.int64, device=device)), {}, ValueError, "index shape"),
-        bad((x, torch.tensor([0, 1, 10, 2], device=device)), {}, ValueError, "out of range"),
-        bad((x, idx), {"temperature": 0}, ValueError, "temperature"),
-        bad((x, idx.float()), {}, TypeError, "integer"),
-        bad((x, idx.to("meta")), {}, ValueError, "index is on meta"),
-    ]
-
-
 registry.register(registry.OpEntry(
-    name="selective_log_softmax", functional=selective_log_softmax, op=selective_log_softmax_op, samples=_samples,
-    truth=_truth, bad_inputs=_bad_inputs, benchmark="kl",
+    name="selective_log_softmax", functional=selective_log_softmax, op=selective_log_softmax_op, benchmark="kl",
 ))

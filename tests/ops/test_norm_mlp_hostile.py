@@ -9,8 +9,8 @@ import torch
 
 import fastft
 from fastft.ops import rms_norm, swiglu
-from fastft.ops.rms_norm import rms_norm_op
-from fastft.ops.swiglu import swiglu_op
+from fastft.ops.defs.rms_norm import rms_norm_op
+from fastft.ops.defs.swiglu import swiglu_op
 from fastft.reference import rms_norm as ref_rms_norm, swiglu as ref_swiglu
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -13,22 +13,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..reference import swiglu as _reference
-from . import registry
-from ._checks import check_float_tensor, check_same_device, check_same_dtype
-from ._define import define_op, standard_backends
+from ...reference import swiglu as _reference
+from .. import registry
+from ..checks import check_float_tensor, check_same_device, check_same_dtype
+from .._define import define_op, extension_kernels, standard_backends, triton_kernels
 
 __all__ = ["swiglu"]
 
-_KERNELS = ("swiglu_fwd_kernel", "swiglu_bwd_kernel")
-
-
 def _forward(gate: Tensor, up: Tensor, backend: str) -> Tensor:
-    if backend == "triton":
-        from ..kernels.swiglu import swiglu_fwd
-
-        return swiglu_fwd(gate, up)
-    return torch.ops.fastft.swiglu_fwd_kernel(gate, up)
+    return swiglu_op.kernels(backend).fwd(gate, up)
 
 
 def _fake(gate, up, backend):
@@ -38,11 +31,7 @@ def _fake(gate, up, backend):
 def _backward_impl(grad_out: Tensor, gate: Tensor, up: Tensor, need_gate: bool, need_up: bool,
                    backend: str) -> tuple[Tensor, Tensor]:
     """(d_gate, d_up); each an empty (0,) tensor when not needed."""
-    if backend == "triton":
-        from ..kernels.swiglu import swiglu_bwd
-
-        return swiglu_bwd(grad_out, gate, up, need_gate, need_up)
-    return torch.ops.fastft.swiglu_bwd_kernel(grad_out, gate, up, need_gate, need_up)
+    return swiglu_op.kernels(backend).bwd(grad_out, gate, up, need_gate, need_up)
 
 
 def _backward_fake(grad_out, gate, up, need_gate, need_up, backend):
@@ -66,7 +55,9 @@ def _backward(ctx, grad_out):
 swiglu_op = define_op(
     "swiglu", forward=_forward, fake=_fake, setup=_setup, backward=_backward, backward_impl=_backward_impl,
     backward_fake=_backward_fake,
-    backends=standard_backends(_KERNELS),
+    reference=_reference.swiglu,
+    backends=standard_backends(extension_kernels(fwd="swiglu_fwd_kernel", bwd="swiglu_bwd_kernel"),
+                               triton_kernels("swiglu", fwd="swiglu_fwd", bwd="swiglu_bwd")),
 )
 
 
@@ -83,40 +74,13 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
         raise ValueError(f"gate and up must have one shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
     check_same_dtype("gate", gate, up=up)
     check_same_device("gate", gate, up=up)
-    backend = swiglu_op.select(gate)
-    if backend == "reference":
-        return _reference.swiglu(gate, up)
+    return swiglu_op.dispatch(_run_kernels, gate, up)
+
+
+def _run_kernels(backend, gate, up):
     return swiglu_op(gate.contiguous(), up.contiguous(), backend=backend)
 
 
-# ------------------------------------------------------------------------------------------------
-# Registry entry
-# ------------------------------------------------------------------------------------------------
-
-
-def _truth(gate, up):
-    return gate * torch.sigmoid(gate) * up
-
-
-def _samples(dtype, device):
-    gate = (2 * torch.randn(5, 3, 129, device=device)).to(dtype).requires_grad_()  # odd sizes: partial tiles
-    up = torch.randn(5, 3, 129, device=device).to(dtype).requires_grad_()
-    return [registry.Sample((gate, up), {}, "3-D"),
-            registry.Sample((gate[:, 1], up.transpose(0, 1)[1]), {}, "strided views")]
-
-
-def _bad_inputs(device):
-    gate = torch.randn(4, 6, device=device)
-    bad = registry.BadInput
-    return [
-        bad((gate.int(), gate), {}, TypeError, "gate must be one of"),
-        bad((gate, gate[:, :5]), {}, ValueError, "gate and up must have one shape"),
-        bad((gate, gate.double()), {}, TypeError, "up dtype"),
-        bad((gate, gate.to("meta")), {}, ValueError, "up is on meta"),
-    ]
-
-
 registry.register(registry.OpEntry(
-    name="swiglu", functional=swiglu, op=swiglu_op, samples=_samples, truth=_truth, bad_inputs=_bad_inputs,
-    benchmark="swiglu",
+    name="swiglu", functional=swiglu, op=swiglu_op, benchmark="swiglu",
 ))

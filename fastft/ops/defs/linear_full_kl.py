@@ -15,13 +15,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..reference import kl as _reference
-from . import registry
-from ._checks import check_chunk_size, check_float_tensor, check_mask, check_number, check_reduction, check_same_device
-from ._define import accumulator_dtype, define_op, save_fused_grads, scale_fused_grads, standard_backends
-from ._losses import (KL_KERNELS, HeadGrads, autocast_operands, chunk_rows, count_reduction_scale, counted_rows,
-                      loss_kernels, scale_in_place, scatter_rows)
-from .full_kl import KLOptions, kl_truth
+from ...reference import kl as _reference
+from .. import registry
+from ..checks import (check_chunk_size, check_float_tensor, check_mask, check_number, check_reduction, check_same_device,
+                      flat_token_mask)
+from .._define import accumulator_dtype, define_op, save_fused_grads, scale_fused_grads, standard_backends
+from .._losses import (HeadGrads, autocast_operands, chunk_rows, count_reduction_scale, counted_rows,
+                      kl_extension_kernels, kl_triton_kernels, scale_in_place, scatter_rows)
+from .full_kl import KLOptions
 
 __all__ = ["linear_full_kl", "LinearKLOptions"]
 
@@ -46,7 +47,7 @@ def _run_chunks(hp, wp, hr, wr, mask, options, backend, needs, grad_scale=None, 
             grads = (scatter_rows(grads[0], idx, n) if needs[0] else grads[0], grads[1],
                      scatter_rows(grads[2], idx, n) if needs[2] else grads[2], grads[3])
         return out_stats, grads
-    k = loss_kernels(backend)
+    k = linear_full_kl_op.kernels(backend)
     v = wp.shape[0]
     want_grads = grad_scale is not None or row_grad is not None
     grad_p, grad_r = needs[0] or needs[1], needs[2] or needs[3]
@@ -141,7 +142,8 @@ def _setup(ctx, inputs, outputs):
 def _backward(ctx, grad_loss):
     needs = ctx.needs
     if ctx.fused:
-        grads = scale_fused_grads(ctx, grad_loss, scale_in_place(ctx.backend), wanted=needs)
+        grads = scale_fused_grads(ctx, grad_loss, scale_in_place(linear_full_kl_op.kernels(ctx.backend).scale_),
+                                  wanted=needs)
     elif not any(needs):
         grads = [None] * 4
     else:
@@ -154,10 +156,15 @@ def _backward(ctx, grad_loss):
     return (*grads, None, None)
 
 
+def _reference_ignoring_chunks(*args, chunk_size=None, **kwargs):
+    """The "reference" backend: fastft.reference.kl.linear_full_kl (whole logits, plain autograd; no chunks)."""
+    return _reference.linear_full_kl(*args, **kwargs)
+
+
 linear_full_kl_op = define_op(
     "linear_full_kl", forward=_forward, fake=_fake, setup=_setup, backward=_backward, backward_impl=_backward_impl,
     backward_fake=_backward_fake, options=LinearKLOptions,
-    backends=standard_backends(KL_KERNELS),
+    reference=_reference_ignoring_chunks, backends=standard_backends(kl_extension_kernels, kl_triton_kernels),
 )
 
 
@@ -203,71 +210,29 @@ def linear_full_kl(
     check_chunk_size(chunk_size)
     temperature = check_number("temperature", temperature, low=0.0, low_open=True)
     check_reduction(reduction)
-    token_shape = tuple(policy_hidden.shape[:-1])
-    flat_mask = check_mask("mask", mask, token_shape, policy_hidden.device)
+    check_mask("mask", mask, tuple(policy_hidden.shape[:-1]), policy_hidden.device)
     # under autocast the four GEMM operands take its dtype, as F.linear's would, and the loss is fp32
     policy_hidden, policy_weight, ref_hidden, ref_weight, autocast_dtype = autocast_operands(
         policy_hidden, policy_weight, ref_hidden, ref_weight)
     dtype = policy_hidden.dtype
     policy_weight, ref_hidden, ref_weight = (t.to(dtype) for t in (policy_weight, ref_hidden, ref_weight))
-    backend = linear_full_kl_op.select(policy_hidden)
-    if backend == "reference":
-        loss = _reference.linear_full_kl(policy_hidden, policy_weight, ref_hidden, ref_weight, mask=mask,
-                                         temperature=temperature, reduction=reduction)
-    else:
-        grad_on = torch.is_grad_enabled()
-        ins = (policy_hidden.reshape(-1, policy_hidden.shape[-1]), policy_weight,
-               ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight)
-        needs = [bool(grad_on and t.requires_grad) for t in ins]
-        ins = tuple(t.contiguous() for t in ins)
-        options = LinearKLOptions(temperature, reduction, int(chunk_size or 0))
-        loss = linear_full_kl_op(*ins, flat_mask, needs, options=options, backend=backend)[0]
-        loss = loss.reshape(token_shape) if reduction == "none" else loss
+    loss = linear_full_kl_op.dispatch(_run_kernels, policy_hidden, policy_weight, ref_hidden, ref_weight, mask=mask,
+                                      temperature=temperature, reduction=reduction, chunk_size=chunk_size)
     return loss.to(autocast_dtype) if autocast_dtype is not None else loss
 
 
-# ------------------------------------------------------------------------------------------------
-# Registry entry
-# ------------------------------------------------------------------------------------------------
-
-
-def _truth(policy_hidden, policy_weight, ref_hidden, ref_weight, *, chunk_size=None, **kw):
-    return kl_truth(policy_hidden @ policy_weight.t(), ref_hidden @ ref_weight.t(), **kw)
-
-
-def _samples(dtype, device):
-    n, h, h_ref, v = 11, 13, 9, 37
-    hp = torch.randn(n, h, device=device).to(dtype).requires_grad_()
-    wp = (torch.randn(v, h, device=device) / h ** 0.5 * 2).to(dtype).requires_grad_()
-    hr = torch.randn(n, h_ref, device=device).to(dtype)
-    wr = (torch.randn(v, h_ref, device=device) / h_ref ** 0.5 * 2).to(dtype)
-    mask = torch.rand(n, device=device) > 0.3
-    return [
-        registry.Sample((hp, wp, hr, wr), {"chunk_size": 4}, "mean, 3 chunks"),
-        registry.Sample((hp, wp, hr.requires_grad_(), wr), {"mask": mask, "reduction": "none", "temperature": 0.8},
-                        "none+mask"),
-        registry.Sample((hp, wp.detach(), hr.detach(), wr), {"mask": mask, "reduction": "sum", "chunk_size": 5},
-                        "sum+mask, frozen head"),
-    ]
-
-
-def _bad_inputs(device):
-    hp, wp = torch.randn(4, 8, device=device), torch.randn(50, 8, device=device)
-    hr, wr = torch.randn(4, 6, device=device), torch.randn(50, 6, device=device)
-    bad = registry.BadInput
-    return [
-        bad((hp, wp, hr, wr[:49]), {}, ValueError, "vocabulary sizes differ"),
-        bad((hp, wp, hr[:, :5], wr), {}, ValueError, "hidden size"),
-        bad((hp, wp, hr[:3], wr), {}, ValueError, "token shape"),
-        bad((hp, wp, hr, wr), {"mask": torch.ones(5, dtype=torch.bool, device=device)}, ValueError, "mask shape"),
-        bad((hp, wp, hr, wr), {"temperature": float("nan")}, ValueError, "temperature"),
-        bad((hp, wp, hr, wr), {"chunk_size": 0}, ValueError, "chunk_size"),
-        bad((hp, wp, hr, wr), {"reduction": "avg"}, ValueError, "reduction must be one of"),
-        bad((hp, wp, hr, wr.to("meta")), {}, ValueError, "ref_weight is on meta"),
-    ]
+def _run_kernels(backend, policy_hidden, policy_weight, ref_hidden, ref_weight, *, mask, temperature, reduction,
+                 chunk_size):
+    grad_on = torch.is_grad_enabled()
+    ins = (policy_hidden.reshape(-1, policy_hidden.shape[-1]), policy_weight,
+           ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight)
+    needs = [bool(grad_on and t.requires_grad) for t in ins]
+    ins = tuple(t.contiguous() for t in ins)
+    options = LinearKLOptions(temperature, reduction, int(chunk_size or 0))
+    loss = linear_full_kl_op(*ins, flat_token_mask(mask), needs, options=options, backend=backend)[0]
+    return loss.reshape(policy_hidden.shape[:-1]) if reduction == "none" else loss
 
 
 registry.register(registry.OpEntry(
-    name="linear_full_kl", functional=linear_full_kl, op=linear_full_kl_op, samples=_samples, truth=_truth,
-    bad_inputs=_bad_inputs, benchmark="kl",
+    name="linear_full_kl", functional=linear_full_kl, op=linear_full_kl_op, benchmark="kl",
 ))

@@ -7,8 +7,8 @@ from torch import nn
 
 from fastft import backend as fb
 from fastft.nn.lora import LoRALinear, lora_scaling
-from fastft.kernels._dropout import draw_seed
-from fastft.ops.lora import LoRAOptions, dropout_mask, lora_linear, lora_linear_op
+from fastft.kernels.dropout import draw_seed
+from fastft.ops.defs.lora import LoRAOptions, dropout_mask, lora_linear, lora_linear_op
 from fastft.reference.lora import lora_linear as reference
 
 BACKENDS = ["cpp", "triton", "reference"]

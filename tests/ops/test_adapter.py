@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from fastft import backend
 from fastft.nn.adapter import Adapter
-from fastft.ops.adapter import ACTIVATIONS, AdapterOptions, adapter, adapter_op
+from fastft.ops.defs.adapter import ACTIVATIONS, AdapterOptions, adapter, adapter_op
 from fastft.reference import adapter as ref
 
 BACKENDS = ["cpp", "triton", "reference"]
@@ -234,7 +234,7 @@ def test_module_casts_fp32_params_to_input_dtype():
 
 
 def test_module_bad_arguments():
-    """The functional's bad inputs are declared in its registry entry (tests/test_ops_generic.py)."""
+    """The functional's bad inputs are declared in tests/ops/op_db.py (run by tests/ops/test_ops_generic.py)."""
     with pytest.raises(ValueError, match="adapter_size"):
         Adapter(16, 0)
     with pytest.raises(ValueError, match="unknown activation"):

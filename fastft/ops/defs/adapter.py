@@ -19,7 +19,7 @@ Saved for backward: pre [N, r] and the seed; never a full-width activation besid
 down-projection's weight gradient needs, as in eager). The eager block stores act/dropout outputs and
 a mask and makes 3-4 extra full-width passes (bias, scale, residual add, gradient accumulation).
 
-Dropout masks come from a counter-based hash of (seed, element index) (kernels/_dropout.py,
+Dropout masks come from a counter-based hash of (seed, element index) (kernels/dropout.py,
 csrc/_dropout.h); the seed is drawn from torch's default generator, so ``torch.manual_seed`` makes runs
 reproducible and the reference, C++ and Triton backends drop the same elements. "cuda" calls the same
 torch.ops.fastft.adapter_*_kernel schemas as "cpp"; the dispatcher picks the CUDA implementation.
@@ -27,55 +27,82 @@ torch.ops.fastft.adapter_*_kernel schemas as "cpp"; the dispatcher picks the CUD
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..kernels import _dropout
-from ..reference import adapter as _ref
-from . import registry
-from ._checks import check_float_tensor, check_number, check_optional_tensor, check_same_device, check_tensor
-from ._define import define_op, standard_backends
+from ...kernels import dropout as kernel_dropout
+from ...reference import adapter as _ref
+from .. import registry
+from ..checks import check_float_tensor, check_number, check_optional_tensor, check_same_device, check_tensor
+from .._define import define_op, extension_kernels, standard_backends, triton_kernels
 
 ACTIVATIONS = tuple(_ref.ACTIVATIONS)
-_KERNELS = ("adapter_fwd_kernel", "adapter_bwd_kernel")
-_FUSED_BLOCK = ("cpp", "cuda")  # the whole block in one extension kernel; triton composes GEMMs + epilogues
 
 
 @dataclass(frozen=True)
 class AdapterOptions:
     activation: int = 0  # index into ACTIVATIONS
-    drop_threshold: int = 0  # dropout: 24-bit threshold (kernels/_dropout.py); 0 = no dropout
+    drop_threshold: int = 0  # dropout: 24-bit threshold (kernels/dropout.py); 0 = no dropout
     scale: float = 1.0
-
-
-def _epilogues():
-    """The element-wise bottleneck kernels of the GEMM-composed path (the Triton backend)."""
-    from ..kernels import adapter as k
-
-    return k.adapter_act_dropout_fwd, k.adapter_act_dropout_bwd
 
 
 def _empty(like: Tensor) -> Tensor:
     return like.new_empty((0,))
 
 
-def _forward(x: Tensor, down_weight: Tensor, down_bias: Optional[Tensor], up_weight: Tensor, up_bias: Optional[Tensor],
-             seed: Tensor, options: AdapterOptions, backend: str) -> tuple[Tensor, Tensor]:
-    if backend in _FUSED_BLOCK:  # the whole block fused by row tiles (csrc/cpu/adapter.cpp)
-        return torch.ops.fastft.adapter_fwd_kernel(x, down_weight, down_bias, up_weight, up_bias, seed,
-                                                   options.activation, options.drop_threshold, options.scale)
-    fwd, _ = _epilogues()
+# Kernel sets. "cpp"/"cuda": the whole block in one extension kernel (fused by row tiles, csrc/cpu/adapter.cpp);
+# "triton": GEMMs composed with the element-wise bottleneck epilogues of kernels/adapter.py (below). Both
+# take the same arguments: fwd(x, W_down, b_down, W_up, b_up, seed, activation, drop_threshold, scale) -> (y, pre),
+# bwd(grad, x, W_down, W_up, pre, seed, activation, drop_threshold, scale, has_down_bias, has_up_bias,
+#     need_input, need_down, need_up) -> (dx, dW_down, db_down, dW_up, db_up).
+_extension_kernels = extension_kernels(fwd="adapter_fwd_kernel", bwd="adapter_bwd_kernel")
+
+
+def _triton_kernels(backend):
+    epilogues = triton_kernels("adapter", act_dropout_fwd="adapter_act_dropout_fwd",
+                               act_dropout_bwd="adapter_act_dropout_bwd")(backend)
+    return SimpleNamespace(fwd=lambda *args: _composed_forward(epilogues.act_dropout_fwd, *args),
+                           bwd=lambda *args: _composed_backward(epilogues.act_dropout_bwd, *args))
+
+
+def _composed_forward(fwd, x, down_weight, down_bias, up_weight, up_bias, seed, activation, drop_threshold, scale):
     if down_bias is not None:
         pre = torch.addmm(down_bias, x, down_weight.t())
     else:
         pre = torch.mm(x, down_weight.t())
     has_up_bias = up_bias is not None
-    h = fwd(pre.contiguous(), seed, options.activation, options.drop_threshold, has_up_bias)  # [N, width]
-    y = torch.addmm(x, h, _padded_up(up_weight, up_bias, h.shape[1]).t(), alpha=options.scale)
+    h = fwd(pre.contiguous(), seed, activation, drop_threshold, has_up_bias)  # [N, width]
+    y = torch.addmm(x, h, _padded_up(up_weight, up_bias, h.shape[1]).t(), alpha=scale)
     return y, pre
+
+
+def _composed_backward(bwd, grad, x, down_weight, up_weight, pre, seed, activation, drop_threshold, scale,
+                       has_down_bias, has_up_bias, need_input, need_down, need_up):
+    r = pre.shape[1]
+    grad_h = torch.mm(grad, up_weight)
+    grad_pre, h = bwd(grad_h, pre.contiguous(), seed, activation, drop_threshold, scale, has_up_bias, need_up)
+    dx = torch.addmm(grad, grad_pre, down_weight) if need_input else _empty(x)
+    dwd, dbd, dwu, dbu = (_empty(x) for _ in range(4))  # outputs may not alias each other
+    if need_down:
+        dwd = torch.mm(grad_pre.t(), x)
+        if has_down_bias:
+            dbd = grad_pre.sum(0)
+    if need_up:
+        # [H, width]: column r is db_up, the padding columns beyond are dropped (never trained)
+        dwu_aug = torch.mm(grad.t(), h).mul_(scale)
+        dwu = dwu_aug if dwu_aug.shape[1] == r else dwu_aug[:, :r].contiguous()
+        if has_up_bias:
+            dbu = dwu_aug[:, r].contiguous()
+    return dx, dwd, dbd, dwu, dbu
+
+
+def _forward(x: Tensor, down_weight: Tensor, down_bias: Optional[Tensor], up_weight: Tensor, up_bias: Optional[Tensor],
+             seed: Tensor, options: AdapterOptions, backend: str) -> tuple[Tensor, Tensor]:
+    return adapter_op.kernels(backend).fwd(x, down_weight, down_bias, up_weight, up_bias, seed, options.activation,
+                                           options.drop_threshold, options.scale)
 
 
 def _padded_up(up_weight: Tensor, up_bias: Optional[Tensor], width: int) -> Tensor:
@@ -99,33 +126,14 @@ def _backward_impl(grad: Tensor, x: Tensor, down_weight: Tensor, up_weight: Tens
                    has_down_bias: bool, has_up_bias: bool, need_input: bool, need_down: bool, need_up: bool,
                    options: AdapterOptions, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dW_down, db_down, dW_up, db_up); each is an empty (0,) tensor when not needed."""
-    if backend in _FUSED_BLOCK:
-        outs = torch.ops.fastft.adapter_bwd_kernel(
-            grad, x, down_weight, up_weight, pre, seed, options.activation, options.drop_threshold, options.scale,
-            has_down_bias, has_up_bias, need_input, need_down, need_up,
-        )
-        # Zero-size placeholders from C++ can share one StorageImpl, which the custom-op aliasing check
-        # rejects; give each not-computed gradient its own.
-        computed = (need_input, need_down, need_down and has_down_bias, need_up, need_up and has_up_bias)
-        return tuple(o if c else _empty(x) for o, c in zip(outs, computed))
-    _, bwd = _epilogues()
-    r = pre.shape[1]
-    grad_h = torch.mm(grad, up_weight)
-    grad_pre, h = bwd(grad_h, pre.contiguous(), seed, options.activation, options.drop_threshold, options.scale,
-                      has_up_bias, need_up)
-    dx = torch.addmm(grad, grad_pre, down_weight) if need_input else _empty(x)
-    dwd, dbd, dwu, dbu = (_empty(x) for _ in range(4))  # outputs may not alias each other
-    if need_down:
-        dwd = torch.mm(grad_pre.t(), x)
-        if has_down_bias:
-            dbd = grad_pre.sum(0)
-    if need_up:
-        # [H, width]: column r is db_up, the padding columns beyond are dropped (never trained)
-        dwu_aug = torch.mm(grad.t(), h).mul_(options.scale)
-        dwu = dwu_aug if dwu_aug.shape[1] == r else dwu_aug[:, :r].contiguous()
-        if has_up_bias:
-            dbu = dwu_aug[:, r].contiguous()
-    return dx, dwd, dbd, dwu, dbu
+    outs = adapter_op.kernels(backend).bwd(
+        grad, x, down_weight, up_weight, pre, seed, options.activation, options.drop_threshold, options.scale,
+        has_down_bias, has_up_bias, need_input, need_down, need_up,
+    )
+    # Zero-size placeholders from C++ can share one StorageImpl, which the custom-op aliasing check
+    # rejects; give each not-computed gradient its own.
+    computed = (need_input, need_down, need_down and has_down_bias, need_up, need_up and has_up_bias)
+    return tuple(o if c else _empty(x) for o, c in zip(outs, computed))
 
 
 def _backward_fake(grad, x, down_weight, up_weight, pre, seed, has_down_bias, has_up_bias, need_input, need_down,
@@ -156,7 +164,7 @@ def _backward(ctx, grad_y):
 adapter_op = define_op(
     "adapter", forward=_forward, fake=_fake, setup=_setup, backward=_backward, backward_impl=_backward_impl,
     backward_fake=_backward_fake, options=AdapterOptions,
-    backends=standard_backends(_KERNELS),
+    reference=_ref.adapter, backends=standard_backends(_extension_kernels, _triton_kernels),
 )
 
 
@@ -227,14 +235,15 @@ def adapter(
     not stored, for backward. Same values and gradients as the eager block up to rounding.
     """
     _check_inputs(x, down_weight, down_bias, up_weight, up_bias, activation, dropout_p, scale)
-    backend = adapter_op.select(x)
-    threshold = _dropout.drop_threshold(dropout_p) if training else 0
-    seed = _dropout.draw_seed(x.device) if threshold > 0 else None
-    if backend == "reference":
-        return _ref.adapter(
-            x, down_weight, down_bias, up_weight, up_bias, activation=activation,
-            dropout_p=dropout_p, training=training, scale=scale, seed=seed,
-        )
+    threshold = kernel_dropout.drop_threshold(dropout_p) if training else 0
+    seed = kernel_dropout.draw_seed(x.device) if threshold > 0 else None
+    return adapter_op.dispatch(_run_kernels, x, down_weight, down_bias, up_weight, up_bias, activation=activation,
+                               dropout_p=dropout_p, training=training, scale=scale, seed=seed)
+
+
+def _run_kernels(backend, x, down_weight, down_bias, up_weight, up_bias, *, activation, dropout_p, training, scale,
+                 seed):
+    threshold = kernel_dropout.drop_threshold(dropout_p) if training else 0
     if seed is None:
         seed = torch.zeros((1,), dtype=torch.int64, device=x.device)  # never read without dropout
     options = AdapterOptions(_ref.ACTIVATIONS[activation], threshold, float(scale))
@@ -243,56 +252,6 @@ def adapter(
     return y.reshape(x.shape)
 
 
-# ------------------------------------------------------------------------------------------------
-# Registry entry
-# ------------------------------------------------------------------------------------------------
-
-_TRUTH_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-                      "silu": F.silu}
-
-
-def _truth(x, down_weight, down_bias, up_weight, up_bias, *, activation="relu", dropout_p=0.0, training=True,
-           scale=1.0):
-    h = _TRUTH_ACTIVATIONS[activation](F.linear(x, down_weight, down_bias))
-    return x + scale * F.linear(h, up_weight, up_bias)
-
-
-def _samples(dtype, device):
-    n, hidden, r = 13, 21, 6
-    x = torch.randn(n, hidden, device=device).to(dtype).requires_grad_()
-    wd = (torch.randn(r, hidden, device=device) / hidden ** 0.5).to(dtype).requires_grad_()
-    bd = (torch.randn(r, device=device) * 0.1).to(dtype).requires_grad_()
-    wu = (torch.randn(hidden, r, device=device) / r ** 0.5).to(dtype).requires_grad_()
-    bu = (torch.randn(hidden, device=device) * 0.1).to(dtype).requires_grad_()
-    return [
-        registry.Sample((x, wd, bd, wu, bu), {"activation": "gelu", "scale": 0.5}, "gelu, biases"),
-        registry.Sample((x.detach().reshape(1, n, hidden), wd, None, wu, None), {"activation": "silu"},
-                        "3-D x, silu, no biases"),
-    ]
-
-
-def _bad_inputs(device):
-    x = torch.randn(4, 16, device=device)
-    wd, bd = torch.randn(4, 16, device=device), torch.randn(4, device=device)
-    wu, bu = torch.randn(16, 4, device=device), torch.randn(16, device=device)
-    bad = registry.BadInput
-    return [
-        bad((torch.randn(4, 17, device=device), wd, bd, wu, bu), {}, ValueError, "hidden size mismatch"),
-        bad((x, wd, bd, torch.randn(16, 5, device=device), bu), {}, ValueError, "hidden size mismatch"),
-        bad((x, torch.randn(0, 16, device=device), torch.randn(0, device=device),
-             torch.randn(16, 0, device=device), bu), {}, ValueError, "adapter_size"),
-        bad((x, wd, torch.randn(5, device=device), wu, bu), {}, ValueError, "down_bias"),
-        bad((x, wd.double(), bd, wu, bu), {}, TypeError, "down_weight is torch.float64"),
-        bad((x.long(), wd, bd, wu, bu), {}, TypeError, "x must be one of"),
-        bad((x, wd, bd, wu.to("meta"), bu), {}, ValueError, "up_weight is on meta"),
-        bad((x, wd, bd, wu, bu), {"activation": "tanh"}, ValueError, "unknown activation"),
-        bad((x, wd, bd, wu, bu), {"dropout_p": 1.0}, ValueError, "dropout_p"),
-        bad((x, wd, bd, wu, bu), {"dropout_p": -0.1}, ValueError, "dropout_p"),
-        bad((x, wd, bd, wu, bu), {"scale": float("nan")}, ValueError, "scale"),
-    ]
-
-
 registry.register(registry.OpEntry(
-    name="adapter", functional=adapter, op=adapter_op, samples=_samples, truth=_truth, bad_inputs=_bad_inputs,
-    benchmark="adapter",
+    name="adapter", functional=adapter, op=adapter_op, benchmark="adapter",
 ))

@@ -15,7 +15,7 @@ import torch
 
 import fastft
 import fastft.kernels.kl as triton_kl
-from fastft.ops.kl import full_kl, kl_penalty, linear_full_kl, selective_log_softmax
+from fastft.ops import full_kl, kl_penalty, linear_full_kl, selective_log_softmax
 from fastft.reference import kl as ref
 
 BACKENDS = ["reference", "cpp", "triton"]

@@ -1,7 +1,7 @@
 """fastft.ops.cross_entropy on every backend against torch and the fp64 reference.
 
 Shapes are small for the Triton interpreter, plus the odd shape N=423, V=32001. Low precision
-follows CONVENTIONS.md: error vs an fp64 truth <= 2 x torch's own same-dtype error + atol.
+follows the 2x-torch-error rule (docs/ARCHITECTURE.md, "Tests"): error vs an fp64 truth <= 2 x torch's own same-dtype error + atol.
 """
 from __future__ import annotations
 
@@ -347,7 +347,7 @@ def run_fn(fn, x, t, upstream):
 
 
 # ------------------------------------------------------------------------------------------------
-# Bad input (the functional's: its registry entry, run by tests/test_ops_generic.py)
+# Bad input (the functional's: its entry in tests/ops/op_db.py, run by tests/ops/test_ops_generic.py)
 # ------------------------------------------------------------------------------------------------
 
 

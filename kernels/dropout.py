@@ -7,7 +7,7 @@ bottleneck for the adapter) under a 64-bit ``seed`` gets 24 random bits
 
 (mix32 = MurmurHash3's 32-bit finalizer) and is dropped when bits < threshold, threshold = round(p * 2^24);
 kept elements are scaled by 2^24 / (2^24 - threshold). The same function as csrc/_dropout.h (C++/CUDA)
-and fastft/reference/dropout.py (the test oracle); tests/test_dropout.py checks the constants and masks agree.
+and fastft/reference/dropout.py (the test oracle); tests/ops/test_dropout.py checks the constants and masks agree.
 The torch half of this file needs no Triton (ops import it on machines without one).
 """
 from __future__ import annotations

@@ -39,17 +39,16 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..reference.linear_cross_entropy import linear_cross_entropy as _reference
-from . import registry
-from ._checks import (check_chunk_size, flat_index, check_float_tensor, check_index_tensor, check_indices_in_range,
+from ...reference.linear_cross_entropy import linear_cross_entropy as _reference
+from .. import registry
+from ..checks import (check_chunk_size, flat_index, check_float_tensor, check_index_tensor, check_indices_in_range,
                       check_same_device, check_tensor)
-from ._define import accumulator_dtype, define_op, save_fused_grads, scale_fused_grads, standard_backends
-from ._losses import (CE_KERNELS, HeadGrads, autocast_operands, ce_reduction_scale, check_ce_options, chunk_rows,
+from .._define import accumulator_dtype, define_op, save_fused_grads, scale_fused_grads, standard_backends
+from .._losses import (HeadGrads, ce_extension_kernels, ce_triton_kernels, autocast_operands, ce_reduction_scale, check_ce_options, chunk_rows,
                       counted_rows,
-                      logits_into, loss_kernels, scale_in_place, scale_rows_in_place, scatter_rows)
+                      logits_into, scale_in_place, scale_rows_in_place, scatter_rows)
 from .cross_entropy import CrossEntropyOptions
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyOptions"]
@@ -69,7 +68,7 @@ def _fused_ce_chunk(backend: str):
     """(logits, target, weight, grad_scale|None, *options) -> (loss_rows, lse, grad|empty); the gradient
     is written over the logits chunk it was computed from (every backend's kernel takes out=), so one
     [chunk x vocab] buffer is alive at a time."""
-    fwd = loss_kernels(backend).ce_fwd
+    fwd = linear_cross_entropy_op.kernels(backend).ce_fwd
 
     def run(logits, target, weight, grad_scale, *options):
         return fwd(logits, target, weight, grad_scale, *options, out=logits if grad_scale is not None else None)
@@ -126,7 +125,7 @@ def _backward_chunks(row_grad, x, weight, bias, target, class_weight, lse, optio
             class_weight, lse.index_select(0, idx), options, needs, backend)
         return (scatter_rows(gx, idx, n) if gx.numel() else gx), gw, gb
     v = weight.shape[0]
-    bwd = loss_kernels(backend).ce_bwd
+    bwd = linear_cross_entropy_op.kernels(backend).ce_bwd
     rows = _plan_rows(n, x, weight, needs, options.chunk_size)
     sink = HeadGrads(x, weight, bias, *needs)
     buf = torch.empty((min(rows, n), v), dtype=x.dtype, device=x.device)
@@ -219,7 +218,8 @@ def _backward(ctx, grad_loss):
         if ctx.options.reduction == "none":  # only grad_x is fused for "none": rows scale by their own gradient
             out = scale_fused_grads(ctx, grad_loss.reshape(-1, 1), scale_rows_in_place, wanted)
         else:
-            out = scale_fused_grads(ctx, grad_loss, scale_in_place(ctx.backend), wanted)
+            out = scale_fused_grads(ctx, grad_loss, scale_in_place(linear_cross_entropy_op.kernels(ctx.backend).scale_),
+                                    wanted)
     else:
         input, linear_weight, linear_bias, target, weight, lse = ctx.saved_tensors
         if ctx.options.reduction != "none":
@@ -230,10 +230,15 @@ def _backward(ctx, grad_loss):
     return (*out, None, None, None, None, None)
 
 
+def _reference_ignoring_chunks(*args, chunk_size=None, **kwargs):
+    """The "reference" backend: fastft.reference.linear_cross_entropy (whole logits, plain autograd; no chunks)."""
+    return _reference(*args, **kwargs)
+
+
 linear_cross_entropy_op = define_op(
     "linear_cross_entropy", forward=_forward, fake=_fake, setup=_setup, backward=_backward,
     backward_impl=_backward_impl, backward_fake=_backward_fake, options=LinearCrossEntropyOptions,
-    backends=standard_backends(CE_KERNELS),
+    reference=_reference_ignoring_chunks, backends=standard_backends(ce_extension_kernels, ce_triton_kernels),
 )
 
 
@@ -318,13 +323,14 @@ def linear_cross_entropy(
                   z_loss, softcap, chunk_size)
     out_dtype = loss_dtype or autocast_dtype or input.dtype
     check_indices_in_range("target", target, linear_weight.shape[0], ignore_index)
-    backend = linear_cross_entropy_op.select(input)
-    if backend == "reference":
-        loss = _reference(
-            input, linear_weight, target, linear_bias=linear_bias, weight=weight, ignore_index=ignore_index,
-            reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-        )
-        return loss.to(out_dtype)
+    loss = linear_cross_entropy_op.dispatch(
+        _run_kernels, input, linear_weight, target, linear_bias=linear_bias, weight=weight, ignore_index=ignore_index,
+        reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, chunk_size=chunk_size)
+    return loss.to(out_dtype)
+
+
+def _run_kernels(backend, input, linear_weight, target, *, linear_bias, weight, ignore_index, reduction,
+                 label_smoothing, z_loss, softcap, chunk_size):
     x = input.reshape(-1, input.shape[-1])
     if not x.is_contiguous():
         x = x.contiguous()
@@ -340,60 +346,9 @@ def linear_cross_entropy(
         grad_on and linear_weight.requires_grad, grad_on and linear_bias is not None and linear_bias.requires_grad,
         options=options, backend=backend,
     )[0]
-    if reduction == "none":
-        loss = loss.reshape(target.shape)
-    return loss.to(out_dtype)
-
-
-# ------------------------------------------------------------------------------------------------
-# Registry entry
-# ------------------------------------------------------------------------------------------------
-
-
-def _truth(input, linear_weight, target, *, linear_bias=None, chunk_size=None, **kw):
-    from .cross_entropy import _truth as ce_truth
-
-    return ce_truth(F.linear(input, linear_weight, linear_bias), target, **kw)
-
-
-def _samples(dtype, device):
-    n, h, v = 11, 19, 37
-    x = torch.randn(n, h, device=device).to(dtype).requires_grad_()
-    w = (torch.randn(v, h, device=device) / h ** 0.5).to(dtype).requires_grad_()
-    b = (torch.randn(v, device=device) * 0.1).to(dtype).requires_grad_()
-    t = torch.randint(0, v, (n,), device=device)
-    t[::3] = -100
-    return [
-        registry.Sample((x, w, t), {"chunk_size": 4}, "mean, 3 chunks"),
-        registry.Sample((x, w, t), {"linear_bias": b, "reduction": "none", "label_smoothing": 0.1}, "none+bias"),
-        registry.Sample((x.detach(), w, t), {"reduction": "sum", "z_loss": 1e-3, "softcap": 4.0}, "frozen input"),
-    ]
-
-
-def _bad_inputs(device):
-    x = torch.randn(4, 8, device=device)
-    w = torch.randn(10, 8, device=device)
-    t = torch.zeros(4, dtype=torch.int64, device=device)
-    bad = registry.BadInput
-    return [
-        bad((x, torch.randn(10, 7, device=device), t), {}, ValueError, r"hidden size mismatch.*\(4, 8\).*\(10, 7\)"),
-        bad((x, w, t), {"linear_bias": torch.randn(9, device=device)}, ValueError,
-            r"linear_bias shape \(9,\).*\(10,\)"),
-        bad((torch.randn(2, 3, 8, device=device), w, torch.zeros(6, dtype=torch.int64, device=device)), {},
-            ValueError, r"target shape \(6,\).*\(2, 3\)"),
-        bad((x, torch.randn(10, 8, 2, device=device), t), {}, ValueError, "linear_weight must be 2-D"),
-        bad((x, w.double(), t), {}, TypeError, "linear_weight dtype"),
-        bad((x, w, t.float()), {}, TypeError, "integer class indices"),
-        bad((x, w, torch.full((4,), 10, device=device)), {}, ValueError, "out of range"),
-        bad((x, w, t), {"weight": torch.rand(9, device=device)}, ValueError, r"weight.*\(10,\)"),
-        bad((x, w, t), {"reduction": "avg"}, ValueError, "reduction must be one of"),
-        bad((x, w, t), {"chunk_size": 0}, ValueError, "chunk_size"),
-        bad((x, w, t), {"softcap": -1.0}, ValueError, "softcap"),
-        bad((x, w.to("meta"), t), {}, ValueError, "linear_weight is on meta"),
-    ]
+    return loss.reshape(target.shape) if reduction == "none" else loss
 
 
 registry.register(registry.OpEntry(
-    name="linear_cross_entropy", functional=linear_cross_entropy, op=linear_cross_entropy_op, samples=_samples,
-    truth=_truth, bad_inputs=_bad_inputs, benchmark="linear_cross_entropy",
+    name="linear_cross_entropy", functional=linear_cross_entropy, op=linear_cross_entropy_op, benchmark="linear_cross_entropy",
 ))

@@ -1,10 +1,11 @@
-"""The generic op suite: every op in fastft.ops.registry, on every backend usable here, checked the same way.
+"""The generic op suite: every op in fastft.ops.registry, on every backend usable here, checked the same way, from
+its entry in the op database (tests/ops/op_db.py: samples, fp64 truth, bad inputs).
 
 Per op: parity of values and gradients with an fp64 truth over odd shapes and each dtype (fp32/fp64
 tight; fp16/bf16 by the rule error <= 2 x torch's own same-dtype error + atol), torch.library.opcheck
 of the registered op, torch.compile(fullgraph=True) against eager, the bad inputs the op declares, and a
 second backward (retain_graph=True) that must give the same gradients again, eager and compiled.
-Plus the dispatch rules of fastft.ops._define (a forced backend the op lacks; `use` after a compile).
+Plus the dispatch rules of fastft.backend (a forced backend the op lacks; `use` after a compile).
 Shapes are tiny: Triton runs under its CPU interpreter here.
 """
 from __future__ import annotations
@@ -18,7 +19,9 @@ import torch
 import fastft
 from fastft import backend as fb
 from fastft.ops import registry
-from fastft.ops._define import Backend, Op, define_op
+from op_db import OP_DB, Sample, float_like, info
+from fastft.backend import Backend, extension_kernels
+from fastft.ops._define import Op, define_op
 
 ENTRIES = registry.entries()
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -36,7 +39,7 @@ def _cases(dtypes=DTYPES, backends=None):
             if backends is not None and backend not in backends:
                 continue
             for dtype in dtypes:
-                if dtype in entry.dtypes:
+                if dtype in info(entry.name).dtypes:
                     yield pytest.param(entry, backend, dtype, id=f"{entry.name}-{backend}-{str(dtype)[6:]}")
 
 
@@ -61,11 +64,11 @@ def _upstream(shape) -> torch.Tensor:
     return torch.randn(shape, generator=g, dtype=torch.float64) + 1.5
 
 
-def run(fn, sample: registry.Sample, dtype=None, backward_twice=False):
+def run(fn, sample: Sample, dtype=None, backward_twice=False):
     """(output, [grads of the sample's leaves]) of fn on fresh copies of the sample (cast to dtype)."""
     args, kwargs = _fresh(sample.args), _fresh(sample.kwargs)
     if dtype is not None:
-        args, kwargs = registry.float_like(args, dtype), registry.float_like(kwargs, dtype)
+        args, kwargs = float_like(args, dtype), float_like(kwargs, dtype)
     leaves = _leaves(args, kwargs)
     out = fn(*args, **kwargs)
     if not leaves:
@@ -94,11 +97,12 @@ def _check_close(name, got, torch_same_dtype, truth, dtype):
 
 @pytest.mark.parametrize("entry,backend,dtype", list(_cases()))
 def test_parity_with_fp64_truth(entry, backend, dtype):
-    for sample in entry.samples(dtype, torch.device("cpu")):
+    db = info(entry.name)
+    for sample in db.samples(dtype, torch.device("cpu")):
         with fb.use(backend):
             out, grads = run(entry.functional, sample)
-        truth, truth_grads = run(entry.truth, sample, torch.float64)
-        torch_out, torch_grads = run(entry.truth, sample) if dtype != torch.float64 else (truth, truth_grads)
+        truth, truth_grads = run(db.truth, sample, torch.float64)
+        torch_out, torch_grads = run(db.truth, sample) if dtype != torch.float64 else (truth, truth_grads)
         assert out.dtype == torch_out.dtype and out.shape == truth.shape, f"{sample.name}: output dtype/shape"
         _check_close(f"{sample.name}: output", out, torch_out, truth, dtype)
         assert len(grads) == len(truth_grads)
@@ -124,7 +128,7 @@ def _registered_calls(entry, backend, sample, monkeypatch) -> list:
 
 @pytest.mark.parametrize("entry,backend,dtype", list(_cases((torch.float32,), ("cpp", "triton"))))
 def test_opcheck(entry, backend, dtype, monkeypatch):
-    for sample in entry.samples(dtype, torch.device("cpu"))[:2]:
+    for sample in info(entry.name).samples(dtype, torch.device("cpu"))[:2]:
         calls = _registered_calls(entry, backend, sample, monkeypatch)
         assert calls, f"{entry.name} on {backend} did not call its defined op"
         for op, args in calls:
@@ -137,7 +141,7 @@ def test_opcheck(entry, backend, dtype, monkeypatch):
 def test_compile_fullgraph_matches_eager_and_second_backward(entry, backend, dtype):
     torch._dynamo.reset()
     compiled = torch.compile(entry.functional, fullgraph=True)
-    for sample in entry.samples(dtype, torch.device("cpu"))[:2]:
+    for sample in info(entry.name).samples(dtype, torch.device("cpu"))[:2]:
         # AOTAutograd donates saved buffers unless told not to, and then refuses any retain_graph=True.
         with fb.use(backend), torch._functorch.config.patch(donated_buffer=False):
             out_e, first_e, second_e = run(entry.functional, sample, backward_twice=True)
@@ -152,7 +156,7 @@ def test_compile_fullgraph_matches_eager_and_second_backward(entry, backend, dty
 
 @pytest.mark.parametrize("entry,backend,dtype", list(_cases((torch.float32,), ("triton", "reference"))))
 def test_second_backward_repeats_gradients(entry, backend, dtype):
-    for sample in entry.samples(dtype, torch.device("cpu"))[:2]:
+    for sample in info(entry.name).samples(dtype, torch.device("cpu"))[:2]:
         with fb.use(backend):
             _, first, second = run(entry.functional, sample, backward_twice=True)
         for f, s in zip(first, second):
@@ -161,22 +165,23 @@ def test_second_backward_repeats_gradients(entry, backend, dtype):
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=lambda e: e.name)
 def test_bad_inputs_raise_clearly(entry):
-    cases = entry.bad_inputs(torch.device("cpu"))
+    cases = info(entry.name).bad_inputs(torch.device("cpu"))
     assert cases, f"{entry.name} declares no bad inputs"
     for case in cases:
         with pytest.raises(case.error, match=case.match):
             entry.functional(*case.args, **case.kwargs)
 
 
-def test_registry_lists_every_public_op():
+def test_registry_lists_every_public_op_and_the_op_db_covers_it():
     names = {e.name for e in ENTRIES}
-    assert set(fastft.ops.__all__) - {"registry"} <= names
+    assert set(fastft.ops.__all__) - {"checks", "defs", "registry"} <= names
+    assert set(OP_DB) == names, "tests/ops/op_db.py must describe exactly the registered ops"
     for entry in ENTRIES:
         assert getattr(fastft.ops, entry.name) is entry.functional
 
 
 # ------------------------------------------------------------------------------------------------
-# Dispatch rules of fastft.ops._define
+# Dispatch rules of fastft.backend and fastft.ops._define
 # ------------------------------------------------------------------------------------------------
 
 
@@ -193,7 +198,7 @@ _toy = define_op(
     "generic_suite_toy", forward=_toy_forward,
     fake=lambda x, options, backend: (torch.empty_like(x), x.new_empty((0,))),
     setup=lambda ctx, inputs, outputs: None, backward=lambda ctx, grad: (grad * ctx.options.alpha,),
-    options=_ToyOptions, backends=(Backend("reference"), Backend("cpp")),
+    options=_ToyOptions, reference=lambda x, alpha: x * alpha + 1.0, backends=(Backend("reference"), Backend("cpp")),
 )
 
 
@@ -245,42 +250,47 @@ def test_forced_cuda_selects_the_cuda_extension_for_every_op_that_has_it(monkeyp
     """What FASTFT_BACKEND=cuda does on a CUDA machine, simulated here: the probes say CUDA is usable and
     fastft._C has CUDA kernels. Ops declaring a cuda backend take it; ops without one fall back to their
     default (triton) with a warning, instead of failing."""
-    from fastft.ops import _define
-
     monkeypatch.setitem(fb._status_cache, "cuda", (True, "simulated"))
     monkeypatch.setitem(fb._status_cache, "triton", (True, "simulated"))
-    monkeypatch.setattr(_define, "_has_kernel", lambda kernel, key: True)
-    monkeypatch.setattr(_define, "_warned", set())
-    monkeypatch.setattr(_define, "_choices", {})
+    monkeypatch.setattr(fb, "_has_kernel", lambda kernel, key: True)
+    monkeypatch.setattr(fb, "_warned", set())
+    monkeypatch.setattr(fb, "_choices", {})
     for entry in ENTRIES:
         if entry.op is None:
             continue
         if "cuda" in entry.op.backends:
-            assert _define.select_backend(entry.name, "cuda", "cuda") == "cuda"
+            assert fb.select_backend(entry.name, "cuda", "cuda") == "cuda"
         else:
             with pytest.warns(RuntimeWarning, match=f"{entry.name} has no 'cuda' backend"):
-                assert _define.select_backend(entry.name, "cuda", "cuda") == "triton"
+                assert fb.select_backend(entry.name, "cuda", "cuda") == "triton"
+        for backend in entry.op.backends.values():  # what the simulation bound must not outlive it
+            backend._kernels = None
 
 
 def test_cuda_backends_call_kernels_the_cpu_extension_declares():
-    """The cuda backend of an op calls the same torch.ops.fastft schemas as cpp (csrc/cuda registers its
-    kernels under them), so each must exist in the extension built here."""
+    """The cuda backend of an op binds its kernels with the same binder as cpp (the same torch.ops.fastft
+    schemas, csrc/schemas.cpp; csrc/cuda registers its kernels under them), so each must exist in the extension
+    built here: binding the cpp set checks every name."""
     if not fb.status("cpp")[0]:
         pytest.skip(fb.status("cpp")[1])
     for entry in ENTRIES:
         if entry.op is None or "cuda" not in entry.op.backends:
             continue
-        kernels = entry.op.backends["cuda"].kernels
-        assert kernels, f"{entry.name}: a cuda backend must name the extension kernels it calls"
-        assert kernels == entry.op.backends["cpp"].kernels
-        for kernel in kernels:
-            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastft::{kernel}", "CPU"), kernel
+        cpp, cuda = entry.op.backends["cpp"], entry.op.backends["cuda"]
+        assert cuda.bind is not None and cuda.bind is cpp.bind, f"{entry.name}: cuda must bind what cpp binds"
+        assert cpp.status() == (True, fb.status("cpp")[1]), f"{entry.name}: {cpp.status()[1]}"
+        assert vars(cpp.kernels), f"{entry.name}: a compiled backend must bind the extension kernels it calls"
+
+
+def test_a_missing_extension_kernel_makes_the_backend_unusable_with_its_name():
+    if not fb.status("cpp")[0]:
+        pytest.skip(fb.status("cpp")[1])
+    backend = Backend("cpp", extension_kernels(fwd="no_such_kernel"))
+    assert backend.status() == (False, "fastft._C has no CPU kernel for fastft::no_such_kernel")
 
 
 def test_forced_backend_the_op_has_but_cannot_run_raises(monkeypatch):
-    from fastft.ops import _define
-
-    monkeypatch.setattr(_define, "_choices", {})
+    monkeypatch.setattr(fb, "_choices", {})
     monkeypatch.setitem(fb._status_cache, "triton", (False, "simulated: no triton"))
     with fb.use("triton"), pytest.raises(RuntimeError, match="requested for cross_entropy but is unusable"):
         fastft.ops.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2]))

@@ -2,7 +2,7 @@
 torch's own F.linear_cross_entropy) and the fp64 reference.
 
 Small chunk sizes force several chunks (accumulation across chunks, the last partial chunk). Low
-precision follows CONVENTIONS.md: error vs an fp64 truth <= 2 x torch's own same-dtype error + atol.
+precision follows the 2x-torch-error rule (docs/ARCHITECTURE.md, "Tests"): error vs an fp64 truth <= 2 x torch's own same-dtype error + atol.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from fastft import backend as fb
 from fastft.nn.linear_cross_entropy import LinearCrossEntropyLoss
-from fastft.ops.linear_cross_entropy import linear_cross_entropy
+from fastft.ops.defs.linear_cross_entropy import linear_cross_entropy
 from fastft.reference import kl as reference_kl
 from fastft.reference.linear_cross_entropy import linear_cross_entropy as reference
 from memory_probe import peak_allocated_bytes
@@ -378,7 +378,7 @@ def test_compile_fullgraph_matches_eager(backend, reduction):
 # ------------------------------------------------------------------------------------------------
 
 
-# The functional's bad inputs: its registry entry, run by tests/test_ops_generic.py.
+# The functional's bad inputs: its entry in tests/ops/op_db.py, run by tests/ops/test_ops_generic.py.
 
 
 # ------------------------------------------------------------------------------------------------
@@ -436,13 +436,8 @@ def test_cuda_bf16_llm_head(backend, reduction):
 
 def test_both_heads_follow_one_chunk_budget(monkeypatch):
     """FASTFT_LCE_CHUNK_BYTES sizes the chunks of linear_cross_entropy and linear_full_kl alike."""
-    import importlib
-
     from fastft.ops import _losses
-
-    # The modules (fastft.ops binds the functionals under the same names).
-    lce_module = importlib.import_module("fastft.ops.linear_cross_entropy")
-    lfk_module = importlib.import_module("fastft.ops.linear_full_kl")
+    from fastft.ops.defs import linear_cross_entropy as lce_module, linear_full_kl as lfk_module
 
     rows_seen = []
 

@@ -14,10 +14,10 @@ import torch
 
 import fastft
 from fastft.nn.kl import KLPenalty
-from fastft.ops.kl import full_kl, kl_penalty, linear_full_kl, selective_log_softmax
+from fastft.ops import full_kl, kl_penalty, linear_full_kl, selective_log_softmax
 from fastft.reference import kl as ref
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BACKENDS = ["cpp", "triton", "reference"]
 HAS_CPP = fastft.backend.status("cpp")[0]
 
@@ -193,7 +193,7 @@ def test_full_kl_mixed_dtypes_and_int_mask():
     torch.testing.assert_close(out, ref.full_kl(p, r, mask=mask.bool()), rtol=1e-5, atol=1e-6)
 
 
-# full_kl's bad inputs: its registry entry, run by tests/test_ops_generic.py.
+# full_kl's bad inputs: its entry in tests/ops/op_db.py, run by tests/ops/test_ops_generic.py.
 
 
 # ------------------------------------------------------------------------------------------------
@@ -383,7 +383,7 @@ def test_linear_full_kl_low_precision_rule(dtype):
 
 
 # ------------------------------------------------------------------------------------------------
-# torch.compile of a whole GRPO-style loss (per-op opcheck / compile: tests/test_ops_generic.py)
+# torch.compile of a whole GRPO-style loss (per-op opcheck / compile: tests/ops/test_ops_generic.py)
 # ------------------------------------------------------------------------------------------------
 
 

@@ -23,11 +23,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..reference import kl as _reference
-from . import registry
-from ._checks import check_float_tensor, check_mask, check_number, check_reduction, check_same_device, rows
-from ._define import accumulator_dtype, define_op, save_fused_grads, scale_fused_grads, standard_backends
-from ._losses import KL_KERNELS, count_reduction_scale, loss_kernels, scale_in_place
+from ...reference import kl as _reference
+from .. import registry
+from ..checks import (check_float_tensor, check_mask, check_number, check_reduction, check_same_device,
+                      flat_token_mask, rows)
+from .._define import accumulator_dtype, define_op, save_fused_grads, scale_fused_grads, standard_backends
+from .._losses import count_reduction_scale, kl_extension_kernels, kl_triton_kernels, scale_in_place
 
 __all__ = ["full_kl", "KLOptions"]
 
@@ -47,8 +48,8 @@ def _forward(policy: Tensor, ref: Tensor, mask: Optional[Tensor], grad_policy: b
     fused = _fused(options, grad_policy, grad_ref)
     scale = count_reduction_scale(mask, policy.shape[0], options.reduction, accumulator_dtype(policy.dtype),
                                   policy.device)
-    kl, lse_p, lse_r, gp, gr = loss_kernels(backend).kl_fwd(policy, ref, mask, scale if fused else None,
-                                                          options.temperature, grad_policy, grad_ref)
+    kl, lse_p, lse_r, gp, gr = full_kl_op.kernels(backend).kl_fwd(policy, ref, mask, scale if fused else None,
+                                                                options.temperature, grad_policy, grad_ref)
     if options.reduction == "none":
         loss = kl.to(policy.dtype, copy=True)
     else:
@@ -69,8 +70,8 @@ def _fake(policy, ref, mask, grad_policy, grad_ref, options, backend):
 def _backward_impl(grad_kl: Tensor, policy: Tensor, ref: Tensor, mask: Optional[Tensor], lse_p: Tensor,
                    lse_r: Tensor, kl: Tensor, grad_policy: bool, grad_ref: bool, options: KLOptions,
                    backend: str) -> tuple[Tensor, Tensor]:
-    return loss_kernels(backend).kl_bwd(grad_kl.to(kl.dtype).contiguous(), policy, ref, mask, lse_p, lse_r, kl,
-                                        options.temperature, grad_policy, grad_ref)
+    return full_kl_op.kernels(backend).kl_bwd(grad_kl.to(kl.dtype).contiguous(), policy, ref, mask, lse_p, lse_r, kl,
+                                              options.temperature, grad_policy, grad_ref)
 
 
 def _backward_fake(grad_kl, policy, ref, mask, lse_p, lse_r, kl, grad_policy, grad_ref, options, backend):
@@ -91,7 +92,8 @@ def _setup(ctx, inputs, outputs):
 def _backward(ctx, grad_loss):
     grad_policy, grad_ref = ctx.flags
     if ctx.fused:
-        gp, gr = scale_fused_grads(ctx, grad_loss, scale_in_place(ctx.backend), wanted=ctx.flags)
+        gp, gr = scale_fused_grads(ctx, grad_loss, scale_in_place(full_kl_op.kernels(ctx.backend).scale_),
+                                   wanted=ctx.flags)
     elif not (grad_policy or grad_ref):
         gp = gr = None
     else:
@@ -106,7 +108,7 @@ def _backward(ctx, grad_loss):
 full_kl_op = define_op(
     "full_kl", forward=_forward, fake=_fake, setup=_setup, backward=_backward, backward_impl=_backward_impl,
     backward_fake=_backward_fake, options=KLOptions,
-    backends=standard_backends(KL_KERNELS),
+    reference=_reference.full_kl, backends=standard_backends(kl_extension_kernels, kl_triton_kernels),
 )
 
 
@@ -147,13 +149,16 @@ def full_kl(
     check_same_device("policy_logits", policy_logits, ref_logits=ref_logits)
     temperature = check_number("temperature", temperature, low=0.0, low_open=True)
     check_reduction(reduction)
-    token_shape = tuple(policy_logits.shape[:-1])
-    flat_mask = check_mask("mask", mask, token_shape, policy_logits.device)
+    check_mask("mask", mask, tuple(policy_logits.shape[:-1]), policy_logits.device)
     if ref_logits.dtype != policy_logits.dtype:
         ref_logits = ref_logits.to(policy_logits.dtype)
-    backend = full_kl_op.select(policy_logits)
-    if backend == "reference":
-        return _reference.full_kl(policy_logits, ref_logits, mask=mask, temperature=temperature, reduction=reduction)
+    return full_kl_op.dispatch(_run_kernels, policy_logits, ref_logits, mask=mask, temperature=temperature,
+                               reduction=reduction)
+
+
+def _run_kernels(backend, policy_logits, ref_logits, *, mask, temperature, reduction):
+    token_shape = tuple(policy_logits.shape[:-1])
+    flat_mask = flat_token_mask(mask)
     v = policy_logits.shape[-1]
     grad_on = torch.is_grad_enabled()
     loss = full_kl_op(rows(policy_logits, v), rows(ref_logits, v), flat_mask, grad_on and policy_logits.requires_grad,
@@ -162,47 +167,6 @@ def full_kl(
     return loss.reshape(token_shape) if reduction == "none" else loss
 
 
-# ------------------------------------------------------------------------------------------------
-# Registry entry
-# ------------------------------------------------------------------------------------------------
-
-
-def kl_truth(policy_logits, ref_logits, *, mask=None, temperature=1.0, reduction="mean"):
-    """Plain torch KL(softmax(p/T) || softmax(r/T)) per token with fastft's mask/reduction rules."""
-    logp = torch.log_softmax(policy_logits / temperature, -1)
-    logr = torch.log_softmax(ref_logits / temperature, -1)
-    return registry.masked_reduction((logp.exp() * (logp - logr)).sum(-1), mask, reduction)
-
-
-def _samples(dtype, device):
-    n, v = 2, 37
-    p = (torch.randn(n, 5, v, device=device) * 2).to(dtype).requires_grad_()
-    r = (torch.randn(n, 5, v, device=device) * 2).to(dtype).requires_grad_()
-    mask = torch.rand(n, 5, device=device) > 0.3
-    return [
-        registry.Sample((p, r.detach()), {}, "mean"),
-        registry.Sample((p, r), {"mask": mask, "reduction": "none", "temperature": 0.7}, "none+mask, both grads"),
-        registry.Sample((p, r.detach()), {"mask": mask, "reduction": "sum"}, "sum+mask"),
-    ]
-
-
-def _bad_inputs(device):
-    p = torch.randn(4, 10, device=device)
-    bad = registry.BadInput
-    return [
-        bad((p, torch.randn(4, 11, device=device)), {}, ValueError, "vocabulary sizes differ"),
-        bad((p, torch.randn(5, 10, device=device)), {}, ValueError, "same shape"),
-        bad((p, p), {"mask": torch.ones(5, dtype=torch.bool, device=device)}, ValueError, "mask shape"),
-        bad((p, p), {"temperature": 0.0}, ValueError, "temperature"),
-        bad((p, p), {"temperature": -1.0}, ValueError, "temperature"),
-        bad((p, p), {"reduction": "avg"}, ValueError, "reduction must be one of"),
-        bad((p, p.to("meta")), {}, ValueError, "ref_logits is on meta"),
-        bad((p.long(), p), {}, TypeError, "policy_logits"),
-        bad((p, [[0.0] * 10] * 4), {}, TypeError, "ref_logits"),
-    ]
-
-
 registry.register(registry.OpEntry(
-    name="full_kl", functional=full_kl, op=full_kl_op, samples=_samples, truth=kl_truth, bad_inputs=_bad_inputs,
-    benchmark="kl",
+    name="full_kl", functional=full_kl, op=full_kl_op, benchmark="kl",
 ))

@@ -13,19 +13,19 @@ them. dw is summed per block of rows into fp32 partials and reduced once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
 
-from ..reference import rms_norm as _reference
-from . import registry
-from ._checks import check_float_tensor, check_number, check_same_device, rows
-from ._define import accumulator_dtype, define_op, standard_backends
+from ...reference import rms_norm as _reference
+from .. import registry
+from ..checks import check_float_tensor, check_number, check_same_device, rows
+from .._define import accumulator_dtype, define_op, extension_kernels, standard_backends, triton_kernels
 
 __all__ = ["CASTING_MODES", "RMSNormOptions", "rms_norm"]
 
 CASTING_MODES = _reference.CASTING_MODES
-_KERNELS = ("rms_norm_fwd_kernel", "rms_norm_bwd_kernel")
 
 
 @dataclass(frozen=True)
@@ -44,12 +44,17 @@ def _output_dtype(x: Tensor, weight: Tensor, options: RMSNormOptions) -> torch.d
     return x.dtype if options.gemma else torch.promote_types(x.dtype, weight.dtype)
 
 
-def _forward(x: Tensor, weight: Tensor, options: RMSNormOptions, backend: str) -> tuple[Tensor, Tensor]:
-    if backend == "triton":
-        from ..kernels.rms_norm import rms_norm_fwd
+def _extension_kernels(backend) -> SimpleNamespace:
+    kernels = extension_kernels(fwd="rms_norm_fwd_kernel", bwd="rms_norm_bwd_kernel")(backend)
+    fwd = kernels.fwd
+    # The Triton launcher takes the output dtype; the C++/CUDA kernels derive the same one (_output_dtype) themselves.
+    kernels.fwd = lambda x, weight, eps, offset, gemma, out_dtype: fwd(x, weight, eps, offset, gemma)
+    return kernels
 
-        return rms_norm_fwd(x, weight, options.eps, options.offset, options.gemma, _output_dtype(x, weight, options))
-    return torch.ops.fastft.rms_norm_fwd_kernel(x, weight, options.eps, options.offset, options.gemma)
+
+def _forward(x: Tensor, weight: Tensor, options: RMSNormOptions, backend: str) -> tuple[Tensor, Tensor]:
+    return rms_norm_op.kernels(backend).fwd(x, weight, options.eps, options.offset, options.gemma,
+                                            _output_dtype(x, weight, options))
 
 
 def _fake(x, weight, options, backend):
@@ -60,12 +65,8 @@ def _fake(x, weight, options, backend):
 def _backward_impl(grad_y: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, need_input: bool, need_weight: bool,
                    options: RMSNormOptions, backend: str) -> tuple[Tensor, Tensor]:
     """(dx, dw); each an empty (0,) tensor when not needed."""
-    if backend == "triton":
-        from ..kernels.rms_norm import rms_norm_bwd
-
-        return rms_norm_bwd(grad_y, x, weight, rstd, options.offset, options.gemma, need_input, need_weight)
-    return torch.ops.fastft.rms_norm_bwd_kernel(grad_y, x, weight, rstd, options.offset, options.gemma, need_input,
-                                                need_weight)
+    return rms_norm_op.kernels(backend).bwd(grad_y, x, weight, rstd, options.offset, options.gemma, need_input,
+                                            need_weight)
 
 
 def _backward_fake(grad_y, x, weight, rstd, need_input, need_weight, options, backend):
@@ -89,7 +90,8 @@ def _backward(ctx, grad_y):
 rms_norm_op = define_op(
     "rms_norm", forward=_forward, fake=_fake, setup=_setup, backward=_backward, backward_impl=_backward_impl,
     backward_fake=_backward_fake, options=RMSNormOptions,
-    backends=standard_backends(_KERNELS),
+    reference=_reference.rms_norm,
+    backends=standard_backends(_extension_kernels, triton_kernels("rms_norm", fwd="rms_norm_fwd", bwd="rms_norm_bwd")),
 )
 
 
@@ -118,56 +120,19 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, *, offset: float = 0.
     offset = check_number("offset", offset)
     if casting_mode not in CASTING_MODES:
         raise ValueError(f"casting_mode must be one of {CASTING_MODES}, got {casting_mode!r}")
-    backend = rms_norm_op.select(x)
+    return rms_norm_op.dispatch(_run_kernels, x, weight, eps, offset=offset, casting_mode=casting_mode)
+
+
+def _run_kernels(backend, x, weight, eps, *, offset, casting_mode):
+    hidden = x.shape[-1]
     # An fp64 weight on lower-precision x (output fp64 in llama mode) and empty rows stay with the reference.
     if (weight.dtype == torch.float64 and x.dtype != torch.float64) or hidden == 0:
-        backend = "reference"
-    if backend == "reference":
-        return _reference.rms_norm(x, weight, eps, offset=offset, casting_mode=casting_mode)
+        return rms_norm_op.reference(x, weight, eps, offset=offset, casting_mode=casting_mode)
     options = RMSNormOptions(eps, offset, casting_mode)
     y, _ = rms_norm_op(rows(x, hidden), weight, options=options, backend=backend)
     return y.reshape(x.shape)
 
 
-# ------------------------------------------------------------------------------------------------
-# Registry entry
-# ------------------------------------------------------------------------------------------------
-
-
-def _truth(x, weight, eps=1e-6, *, offset=0.0, casting_mode="llama"):
-    """Hugging Face's LlamaRMSNorm / GemmaRMSNorm forward, with the fp32 upcast widened to fp64 for fp64 input."""
-    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
-    h = x.to(wide)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    if casting_mode == "gemma":
-        return (h * (offset + weight.to(wide))).type_as(x)
-    return (weight + offset) * h.to(x.dtype)
-
-
-def _samples(dtype, device):
-    x = torch.randn(3, 7, 123, device=device).to(dtype).requires_grad_()  # odd rows and hidden size
-    w = (1 + 0.1 * torch.randn(123, device=device)).to(dtype).requires_grad_()
-    return [
-        registry.Sample((x, w), {}, "llama"),
-        registry.Sample((x, w), {"eps": 1e-5, "offset": 1.0, "casting_mode": "gemma"}, "gemma"),
-    ]
-
-
-def _bad_inputs(device):
-    x = torch.randn(4, 6, device=device)
-    w = torch.ones(6, device=device)
-    bad = registry.BadInput
-    return [
-        bad((x.int(), w), {}, TypeError, "x must be one of"),
-        bad((x, w[:5]), {}, ValueError, "weight has 5 elements"),
-        bad((x, w[None]), {}, ValueError, "weight must be 1-D"),
-        bad((x, w.to("meta")), {}, ValueError, "weight is on meta"),
-        bad((x, w), {"eps": -1.0}, ValueError, "eps"),
-        bad((x, w), {"casting_mode": "none"}, ValueError, "casting_mode must be one of"),
-    ]
-
-
 registry.register(registry.OpEntry(
-    name="rms_norm", functional=rms_norm, op=rms_norm_op, samples=_samples, truth=_truth, bad_inputs=_bad_inputs,
-    benchmark="rms_norm",
+    name="rms_norm", functional=rms_norm, op=rms_norm_op, benchmark="rms_norm",
 ))

@@ -1,6 +1,6 @@
 """One dropout mask for LoRA and the adapter on every backend.
 
-The counter-based hash is written once per language: csrc/_dropout.h (C++ and CUDA), kernels/_dropout.py
+The counter-based hash is written once per language: csrc/_dropout.h (C++ and CUDA), kernels/dropout.py
 (Triton and the torch helper the ops use) and fastft/reference/dropout.py (the test oracle). These tests
 parse the constants out of each file, and compare the masks each backend draws for the same seed.
 """
@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import fastft._C  # noqa: F401  (registers the C++ kernels as torch.ops.fastft.*)
-from fastft.kernels import _dropout as kernel_dropout
+from fastft.kernels import dropout as kernel_dropout
 from fastft.reference import dropout as ref_dropout
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONSTANTS = ("DROP_BITS", "MIX_MUL1", "MIX_MUL2", "INDEX_HI_MUL")
 CPP_NAMES = {"DROP_BITS": "kDropBits", "MIX_MUL1": "kMixMul1", "MIX_MUL2": "kMixMul2", "INDEX_HI_MUL": "kIndexHiMul"}
 
@@ -43,7 +43,7 @@ def header_constants(path: Path) -> dict:
 
 def test_constants_agree_in_every_copy():
     reference = python_constants(ROOT / "fastft" / "reference" / "dropout.py")
-    assert python_constants(ROOT / "kernels" / "_dropout.py") == reference
+    assert python_constants(ROOT / "kernels" / "dropout.py") == reference
     assert header_constants(ROOT / "csrc" / "_dropout.h") == reference
     # the shift of the hash and the threshold's scale must be the same DROP_BITS in each
     assert reference["DROP_BITS"] == 24

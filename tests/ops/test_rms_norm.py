@@ -1,5 +1,5 @@
 """What is specific to fastft.ops.rms_norm / fastft.nn.RMSNorm. Parity on every backend and dtype, opcheck,
-torch.compile, bad inputs and a second backward come from the generic suite (tests/test_ops_generic.py)."""
+torch.compile, bad inputs and a second backward come from the generic suite (tests/ops/test_ops_generic.py)."""
 import pytest
 import torch
 from transformers import LlamaConfig
@@ -8,8 +8,9 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMS
 
 import fastft
 from fastft.nn import RMSNorm
-from fastft.ops import registry, rms_norm
-from fastft.ops.rms_norm import rms_norm_op
+from fastft.ops import rms_norm
+from op_db import OP_DB
+from fastft.ops.defs.rms_norm import rms_norm_op
 
 BACKENDS = tuple(rms_norm_op.backends)
 
@@ -38,7 +39,7 @@ CASES = [pytest.param("cpu", backend, (423, 123), id=f"cpu-{backend}-423x123") f
 def test_bf16_within_twice_torchs_error(device, backend, shape, casting_mode):
     # The op's error against an fp64 truth is at most twice that of the Hugging Face formula run in bf16 (plus the
     # rounding of the result), for y, dx and dw.
-    truth_fn = registry.get("rms_norm").truth
+    truth_fn = OP_DB["rms_norm"].truth
     gen = torch.Generator(device=device).manual_seed(0)
     x = (3 * torch.randn(shape, generator=gen, device=device)).to(torch.bfloat16).requires_grad_()
     w = (1 + 0.3 * torch.randn(shape[1], generator=gen, device=device)).to(torch.bfloat16).requires_grad_()
