@@ -2,7 +2,8 @@
 
 Layers (nothing imports upward): kernels (Triton, shipped as fastft.kernels) / csrc (C++, CUDA:
 fastft._C) / fastft.reference  →  fastft.ops (registered ops + dispatch)  →  fastft.nn  →
-fastft.tuners (LoRA, bottleneck adapters, prefix tuning), fastft.integrations, fastft.runtime.
+fastft.tuners (LoRA, bottleneck adapters, prefix tuning), fastft.rl (RLHF losses), fastft.integrations,
+fastft.runtime.
 
 Every public module is an attribute of ``fastft`` after ``import fastft``. The model-level ones are
 imported on first use (module ``__getattr__``), so ``import fastft`` stays light and brings in neither
@@ -42,9 +43,9 @@ from .ops import cross_entropy  # noqa: E402
 
 __version__ = "0.1.0"
 
-_LAZY_MODULES = ("integrations", "recipes", "runtime", "tuners")
+_LAZY_MODULES = ("integrations", "recipes", "rl", "runtime", "tuners")
 
-__all__ = ["backend", "cross_entropy", "integrations", "nn", "ops", "recipes", "reference", "runtime", "tuners",
+__all__ = ["backend", "cross_entropy", "integrations", "nn", "ops", "recipes", "reference", "rl", "runtime", "tuners",
            "__version__"]
 
 

@@ -66,7 +66,7 @@ def test_every_public_module_reachable_from_import_fastft_lazily():
         "import sys, fastft\n"
         "assert 'transformers' not in sys.modules and 'peft' not in sys.modules, 'import fastft pulled in HF'\n"
         "for name in ('backend', 'ops', 'nn', 'reference', 'tuners', 'integrations', "
-        "'runtime', 'recipes'):\n"
+        "'runtime', 'recipes', 'rl'):\n"
         "    assert type(getattr(fastft, name)).__name__ == 'module', name\n"
         "    assert name in dir(fastft), name\n"
         "assert callable(fastft.integrations.causal_lm_loss.patch_causal_lm_loss)\n"
