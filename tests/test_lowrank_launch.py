@@ -100,7 +100,7 @@ def test_lora_dots_follow_torch_tf32_setting(lora_recorders, tf32_setting, allow
 
 def test_lora_gpu_default_follows_the_byte_flop_plan(monkeypatch):
     from fastft import backend
-    from fastft.ops import lora as lora_ops
+    from fastft.ops.defs import lora as lora_ops
 
     plans = lora_ops.lora_forward_plan(*lora_ops.BENCHMARK_SHAPE)
     tokens, _, d_out, _ = lora_ops.BENCHMARK_SHAPE

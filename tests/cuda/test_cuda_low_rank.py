@@ -51,7 +51,7 @@ def test_lora_linear_seeded_dropout(backend, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lora_dropout_mask_is_the_reference_mask(backend):
-    from fastft.ops import lora as lora_ops
+    from fastft.ops.defs import lora as lora_ops
     from fastft.reference import dropout as ref_dropout
 
     seed = torch.tensor([2**40 + 7], dtype=torch.int64, device="cuda")

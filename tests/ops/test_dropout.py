@@ -89,7 +89,7 @@ def _oracle(shape, p, seed):
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_lora_mask_kernels_match_reference(backend, p):
-    from fastft.ops import lora as lora_ops
+    from fastft.ops.defs import lora as lora_ops
 
     like = torch.empty(37, 53)
     seed = torch.tensor([2**33 + 99], dtype=torch.int64)
