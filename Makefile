@@ -51,12 +51,10 @@ demo-quick: build
 # The op benchmarks (every provider side by side). Results go to benchmarks/out/ (git-ignored);
 # BENCH_ARGS passes options on, e.g. BENCH_ARGS="--only cross_entropy --quick".
 bench: build
-	@$(PY) -m benchmarks.harness --expected-duration
 	$(PY) -m benchmarks.run_ops $(BENCH_ARGS)
 
 # Rewrites the committed reference results in benchmarks/results/ (on purpose, from a quiet machine).
 bench-save: build
-	@$(PY) -m benchmarks.harness --expected-duration
 	$(PY) -m benchmarks.run_ops $(BENCH_ARGS) --out-dir benchmarks/results
 
 info: build

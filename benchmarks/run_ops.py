@@ -13,6 +13,8 @@ import importlib
 import sys
 import time
 
+import torch
+
 from benchmarks import harness
 
 
@@ -48,6 +50,8 @@ def main(argv=None) -> int:
     if args.list:
         print("\n".join(BENCHES))
         return 0
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    print(harness.expected_duration_text(device, ops=args.only or BENCHES, quick=args.quick), flush=True)
     status = {}
     for name in args.only or BENCHES:
         print(f"\n=== {name} ===", flush=True)

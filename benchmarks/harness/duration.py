@@ -32,17 +32,24 @@ def reference_seconds(op: str, device: str, results_dir: Path = RESULTS_DIR) -> 
     return total
 
 
-def expected_duration_text(device: str, results_dir: Path = RESULTS_DIR) -> str:
-    """One line for the start of `make bench`: its expected duration from the reference results."""
+def expected_duration_text(device: str, results_dir: Path = RESULTS_DIR, ops: Optional[list] = None,
+                           quick: bool = False) -> str:
+    """One line for the start of `make bench`: the expected duration of the benchmarks ``ops`` (all with a
+    reference result when None) from the reference results, which are full-size runs: a ``--quick`` run
+    (small shapes, a few repeats) has no reference, and the line says so instead of a full run's figure."""
+    if quick:
+        return ("expected duration: short (--quick: small shapes and a few repeats; the reference runs in "
+                "benchmarks/results are full-size, so they give no figure for it)")
     per_op = {}
     for path in sorted(results_dir.glob(f"*_{device}.json")):
         op = path.name[: -len(f"_{device}.json")]
         seconds = reference_seconds(op, device, results_dir)
-        if seconds is not None:
+        if seconds is not None and (ops is None or op in ops):
             per_op[op] = seconds
     if not per_op:
         return f"expected duration: unknown (no reference results for {device} in {results_dir})"
     parts = ", ".join(f"{op} {s / 60:.1f}" for op, s in per_op.items())
-    return (f"expected duration: about {sum(per_op.values()) / 60:.0f} min on {device} ({parts} min, from the "
+    minutes = sum(per_op.values()) / 60
+    return (f"expected duration: about {minutes:.{0 if minutes >= 10 else 1}f} min on {device} ({parts} min, from the "
             f"reference runs in {results_dir.relative_to(ROOT) if results_dir.is_relative_to(ROOT) else results_dir}; "
             "ops without one come on top)")

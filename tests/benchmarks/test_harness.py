@@ -77,6 +77,11 @@ def test_save_writes_where_asked_and_the_expected_duration_reads_it(tmp_path):
     assert (tmp_path / "toy_cpu.md").read_text() == report
     assert harness.reference_seconds("toy", "cpu", tmp_path) == pytest.approx(14.0)
     assert "toy 0.2" in harness.expected_duration_text("cpu", tmp_path)
+    # only the selected benchmarks count; a --quick run has no full-size reference to quote
+    assert "unknown" in harness.expected_duration_text("cpu", tmp_path, ops=["other"])
+    assert "toy 0.2" in harness.expected_duration_text("cpu", tmp_path, ops=["toy"])
+    quick = harness.expected_duration_text("cpu", tmp_path, ops=["toy"], quick=True)
+    assert "--quick" in quick and "min" not in quick
     # results written before wall times were recorded: estimated from their steps
     data = json.loads((tmp_path / "toy_cpu.json").read_text())
     for r in data["results"]:
