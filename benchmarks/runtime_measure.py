@@ -8,6 +8,10 @@
         The same run with fastft's kernels on and off (stock transformers + PEFT), two Trainers in one
         process, steps interleaved; median ms per step of each (peak memory needs separate processes:
         `make demo` measures it).
+    python -m benchmarks.runtime_measure dtypes RECIPE.toml [--rounds N] [--section.key=value ...]
+        The frozen base in fp32 and in bf16 (adapters and optimizer state fp32), each with fastft's kernels
+        on and off: four Trainers in one process, steps interleaved; median ms per step, the bytes of the
+        base weights, the first losses, and whether this CPU computes bf16 natively.
     python -m benchmarks.runtime_measure modes RECIPE.toml [--nproc 2] [--section.key=value ...]
         tokens/s of every parallel mode at N processes (one `fastft train --nproc N` run each).
 """
@@ -87,6 +91,35 @@ def kernels(recipe: str, overrides: list[str], rounds: int) -> dict:
             "rounds": rounds, "load": _load()}
 
 
+def dtypes(recipe: str, overrides: list[str], rounds: int) -> dict:
+    from fastft.runtime.config import load_config
+    from fastft.runtime.models import NATIVE_BF16_CPU_FLAGS, cpu_flags
+    from fastft.runtime.trainer import Trainer
+
+    trainers = {}
+    for dtype in ("float32", "bfloat16"):
+        for name, enabled in (("fastft", "true"), ("hf_peft", "false")):
+            key = f"{name}_{dtype}"
+            cfg = load_config(recipe, [*overrides, f"--run.output_dir={OUT / ('dtypes_' + key)}", "--run.progress=false",
+                                       f"--kernels.enabled={enabled}", f"--model.dtype={dtype}"])
+            trainers[key] = Trainer(cfg)
+            trainers[key].model.train()
+    losses = {name: [] for name in trainers}
+
+    def step_of(name):
+        return lambda step: losses[name].append(trainers[name].train_step(step)["loss"])
+
+    times = interleave({name: step_of(name) for name in trainers}, rounds, warmup_rounds=1, alternate=True)
+    median = {k: statistics.median(v) for k, v in times.items()}
+    frozen_mb = {name: sum(p.numel() * p.element_size() for p in t.model.parameters() if not p.requires_grad) / 2**20
+                 for name, t in trainers.items()}
+    return {"ms_per_step": median,
+            "time_vs_hf_peft_float32": {k: v / median["hf_peft_float32"] for k, v in median.items()},
+            "frozen_base_mb": frozen_mb, "first_losses": {k: v[:3] for k, v in losses.items()},
+            "native_bf16_cpu_flags": sorted(cpu_flags() & set(NATIVE_BF16_CPU_FLAGS)),
+            "rounds": rounds, "load": _load()}
+
+
 def modes(recipe: str, overrides: list[str], nproc: int) -> dict:
     out = {}
     for mode in ("ddp", "zero1", "zero2", "fsdp2", "hsdp"):
@@ -106,7 +139,7 @@ def modes(recipe: str, overrides: list[str], nproc: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if len(argv) < 2 or argv[0] not in ("overhead", "kernels", "modes"):
+    if len(argv) < 2 or argv[0] not in ("overhead", "kernels", "dtypes", "modes"):
         raise SystemExit(__doc__)
     what, recipe, rest = argv[0], argv[1], argv[2:]
     rounds, nproc = 10, 2
@@ -122,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     if what == "modes":
         result = modes(recipe, overrides, nproc)
     else:
-        result = (overhead if what == "overhead" else kernels)(recipe, overrides, rounds)
+        result = {"overhead": overhead, "kernels": kernels, "dtypes": dtypes}[what](recipe, overrides, rounds)
     result = {"recipe": recipe, "overrides": overrides, "torch_threads": torch.get_num_threads(), **result}
     (OUT / f"{what}.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
