@@ -151,11 +151,12 @@ class ScalarHead(nn.Module):
     parameters rather than an nn.Linear, so LoRA's ``"all-linear"`` (fastft's and PEFT's: every nn.Linear
     but the output layer) never wraps it: the head trains in full, through ``train_with_methods``."""
 
-    def __init__(self, hidden_size: int):
+    def __init__(self, hidden_size: int, zero_init: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(1, hidden_size))
+        self.weight = nn.Parameter(torch.zeros(1, hidden_size))
         self.bias = nn.Parameter(torch.zeros(1))
-        nn.init.normal_(self.weight, std=hidden_size ** -0.5)
+        if not zero_init:  # a value head starts at 0 (zero_init); a score head needs distinct scores to rank
+            nn.init.normal_(self.weight, std=hidden_size ** -0.5)
 
     def forward(self, hidden: Tensor) -> Tensor:
         return nn.functional.linear(hidden.to(self.weight.dtype), self.weight, self.bias)

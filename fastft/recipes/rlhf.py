@@ -80,6 +80,7 @@ class RLOptions:
     whiten_advantages: bool = True  # advantages to zero mean, unit variance over the batch's completion tokens
     kl_target: float = 0.0        # > 0: adaptive KL coefficient towards this KL per completion (summed over tokens)
     kl_horizon: int = 10000       # the adaptive controller's horizon, in completions
+    value_head_lr: float = 0.0    # the value head's learning rate (0: optim.lr): it starts from zero, LoRA does not
 
     def validate(self) -> None:
         check_choice("algorithm", self.algorithm, ("grpo", "rloo", "ppo"))
@@ -90,7 +91,7 @@ class RLOptions:
         for key in ("temperature", "clip_range", "kl_horizon"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"recipe.options.{key} must be > 0, got {getattr(self, key)!r}")
-        for key in ("beta", "value_clip_range", "vf_coef", "kl_target"):
+        for key in ("beta", "value_clip_range", "vf_coef", "kl_target", "value_head_lr"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"recipe.options.{key} must be >= 0, got {getattr(self, key)!r}")
         for key in ("max_new_tokens", "ppo_epochs"):
@@ -116,7 +117,7 @@ def causal_lm_value_head(cfg):
     model, tokenizer = BUILDERS[options.backbone](cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed + 4)
-        model.value_head = ScalarHead(model.config.hidden_size)
+        model.value_head = ScalarHead(model.config.hidden_size, zero_init=True)
     model.train_with_methods = ("value_head",)
     return model, tokenizer
 
@@ -130,6 +131,18 @@ def single_digit_addition(n: int, seed: int) -> list[dict]:
         a = rng.randint(0, 9)
         b = rng.randint(0, 9 - a)
         out.append({"instruction": f"Compute {a} + {b}. Answer with the number only.", "output": str(a + b)})
+    return out
+
+
+@D.register_generator("addition_questions")
+def addition_questions(n: int, seed: int) -> list[dict]:
+    """"Compute a + b." with one-digit a and b: the questions the reward model's pairs ask
+    (fastft.recipes.reward_model), so the PPO samples it scores are in its format."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        out.append({"instruction": f"Compute {a} + {b}.", "output": str(a + b)})
     return out
 
 
@@ -437,6 +450,14 @@ class RLTask(Task):
                 correct[name] += value.sum().item()
         model.train(was_training)
         return {name: value / max(1, len(self.eval_samples)) for name, value in correct.items()}
+
+    def param_groups(self, model: nn.Module, params: list):
+        head = getattr(unwrap(model), "value_head", None)
+        if head is None or not self.options.value_head_lr:
+            return None
+        ids = {id(p) for p in head.parameters()}
+        return [{"params": [p for p in params if id(p) not in ids]},
+                {"params": [p for p in params if id(p) in ids], "lr": self.options.value_head_lr}]
 
     def callbacks(self) -> list:
         return [Monitor(), RolloutSchedule()]

@@ -144,6 +144,8 @@ def test_ppo_loss_on_a_fixed_rollout_matches_plain_torch(tmp_path):
                                  run={"max_steps": 1}))
     model, task, o = unwrap(trainer.model), trainer.task, trainer.task.options
     batch = task.collate(task.train_samples[:4])
+    trainer.train_step(0)  # the policy leaves the reference (KL > 0) and its values leave 0
+    task.sequence_scores = lambda sample: torch.linspace(-1.0, 2.0, len(sample["reward"]))  # distinct scores
     r = task.make_rollout(model, batch)
     seqs, mask, p = r["seqs"], r["full_mask"], r["prompt_len"]
     m = r["cmask"].double()
@@ -165,7 +167,7 @@ def test_ppo_loss_on_a_fixed_rollout_matches_plain_torch(tmp_path):
     kl = torch.exp(ref_logp - old_logp) - (ref_logp - old_logp) - 1
     rewards = -o.beta * kl * m
     for i in range(len(m)):
-        rewards[i, int(m[i].sum()) - 1] += r["reward"][i]
+        rewards[i, int(m[i].sum()) - 1] += r["score"][i]
     adv, ret = _plain_gae(rewards, old_values * m, m, o.gamma, o.lam)
     mean = (adv * m).sum() / m.sum()
     std = (((adv - mean) ** 2 * m).sum() / m.sum()).sqrt()
@@ -176,6 +178,7 @@ def test_ppo_loss_on_a_fixed_rollout_matches_plain_torch(tmp_path):
     # one optimizer step moves the policy; the loss of the reused rollout then has ratios != 1
     task.step, task.micro, task.rollouts = 0, 0, {}
     trainer.train_step(0)
+    assert task.rollouts[0] is not r
     task.step, task.micro, task.rollouts = 1, 0, {0: r}
     n = torch.tensor(float(len(m)))
     ours = task.ppo_loss(model, batch, n)
