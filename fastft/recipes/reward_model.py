@@ -62,12 +62,12 @@ MALFORMED = ("The answer is", "{a} + {b}", "I don't know.", "Compute {a} + {b}."
 
 @D.register_generator("arithmetic_preferences")
 def arithmetic_preferences(n: int, seed: int) -> list[dict]:
-    """"Compute a + b." (a, b in 0..20) with the right sum preferred over a wrong sum (off by 1 to 3, by
+    """"Compute a + b." (a, b in 0..12: sums this 135M model can still do) with the right sum preferred over a wrong sum (off by 1 to 3, by
     10, or a - b / a * b) or over a malformed answer (no number, or the question echoed)."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        a, b = rng.randint(0, 20), rng.randint(0, 20)
+        a, b = rng.randint(0, 12), rng.randint(0, 12)
         right = a + b
         if rng.random() < 0.5:
             kind = "wrong_sum"
