@@ -244,3 +244,8 @@ def test_bad_ppo_options(tmp_path):
         Trainer(config(tmp_path, {"kl_target": 1.0}))
     with pytest.raises(ValueError, match="no_such_folder"):
         Trainer(ppo_config(tmp_path, {"reward_model": str(tmp_path / "no_such_folder")}))
+
+
+def test_the_shipped_ppo_recipe_loads():
+    cfg = load_config("recipes/ppo.toml", [])
+    assert cfg.recipe.options["algorithm"] == "ppo" and cfg.model.builder == "causal_lm_value_head"
