@@ -19,7 +19,7 @@ MODULE = "fastft.recipes.reward_model"
 def config(tmp_path, options=None, **sections):
     opts = {"backbone": "tiny_llama", "export": "", **(options or {})}
     cfg = tiny_config(tmp_path, MODULE, "reward_model", "reward_model", opts,
-                      **{"data": {"generator": "arithmetic_preferences", "num_train": 400, "num_eval": 60,
+                      **{"data": {"generator": "arithmetic_preferences", "num_train": 200, "num_eval": 300,
                                   "max_length": 40},
                          "lora": {"enabled": True, "r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
                          "optim": {"lr": 3e-3}, **sections})
