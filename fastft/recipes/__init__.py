@@ -11,6 +11,8 @@ RECIPES = {
     "text_classification": "fastft.recipes.text_classification",
     "full_finetuning": "fastft.recipes.full_finetuning",
     "rlhf": "fastft.recipes.rlhf",
+    "reward_model": "fastft.recipes.reward_model",
+    "ppo": "fastft.recipes.rlhf",
     "curriculum": "fastft.recipes.curriculum",
     "multitask": "fastft.recipes.multitask",
     "extractive_qa": "fastft.recipes.extractive_qa",

@@ -146,6 +146,29 @@ class EncoderWithHeads(nn.Module):
         return out
 
 
+class ScalarHead(nn.Module):
+    """``hidden @ weight.T + bias`` -> [..., 1]: a reward model's score or a policy's value head. Its own
+    parameters rather than an nn.Linear, so LoRA's ``"all-linear"`` (fastft's and PEFT's: every nn.Linear
+    but the output layer) never wraps it: the head trains in full, through ``train_with_methods``."""
+
+    def __init__(self, hidden_size: int, zero_init: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, hidden_size))
+        self.bias = nn.Parameter(torch.zeros(1))
+        if not zero_init:  # a value head starts at 0 (zero_init); a score head needs distinct scores to rank
+            nn.init.normal_(self.weight, std=hidden_size ** -0.5)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return nn.functional.linear(hidden.to(self.weight.dtype), self.weight, self.bias)
+
+
+def last_token_hidden(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """[B, H]: each row's hidden state at its last non-pad token (left or right padding)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (attention_mask.bool() * (positions + 1)).argmax(-1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
 def encoder_with_heads(cfg, heads: dict, head_dropout: float) -> tuple[nn.Module, object]:
     """The encoder of :func:`build_encoder` with ``heads``. Bottleneck adapters (or LoRA) come from the
     run's ``[bottleneck]`` (``[lora]``) section like for any model; the heads train with them

@@ -76,3 +76,176 @@ def test_bad_options(tmp_path):
 def test_the_shipped_recipe_loads():
     cfg = load_config("recipes/rlhf.toml", ["--recipe.options.algorithm=rloo"])
     assert cfg.data.task == "rlhf" and cfg.recipe.options["algorithm"] == "rloo"
+
+
+# ------------------------------------------------------------------------------------------------
+# Fused log-probs, PPO with a value head
+# ------------------------------------------------------------------------------------------------
+
+def ppo_config(tmp_path, options=None, **sections):
+    opts = {"algorithm": "ppo", "backbone": "tiny_llama", "group_size": 2, "max_new_tokens": 3, "ppo_epochs": 2,
+            **(options or {})}
+    return config(tmp_path, opts, model={"builder": "causal_lm_value_head"}, **sections)
+
+
+def test_fused_logprobs_equal_the_logits_path(tmp_path):
+    """kernels.loss on: token_logprobs from the final hidden states and the head weight (no logits); off:
+    the logits path. Same log-probs and the same gradients."""
+    from fastft.recipes.rlhf import fused_logprobs_unsupported, policy_pass
+    from fastft.runtime.config import replace
+
+    cfg = config(tmp_path, run={"max_steps": 1})
+    trainer = Trainer(cfg)
+    model, task = unwrap(trainer.model), trainer.task
+    assert fused_logprobs_unsupported(cfg, model) is None
+    off = replace(cfg, kernels={"loss": False})
+    assert "kernels.loss" in fused_logprobs_unsupported(off, model)
+    batch = task.collate(task.train_samples[:3])
+    seqs, cmask = task._generate(model, batch, greedy=False, repeats=2)
+    mask = torch.cat([batch["attention_mask"].repeat_interleave(2, 0), cmask], 1)
+    prompt_len = batch["input_ids"].shape[1]
+    grads = []
+    for c in (cfg, off):
+        model.zero_grad()
+        logp, hidden = policy_pass(c, model, seqs, mask, prompt_len, 0.8, hidden=True)
+        (logp * cmask).sum().backward()
+        grads.append((logp.detach(), hidden.detach(), model.lm_head.weight.grad.clone()))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_a_lora_head_falls_back_to_the_logits_path(tmp_path):
+    from fastft.recipes.rlhf import fused_logprobs_unsupported
+
+    cfg = config(tmp_path, run={"max_steps": 1}, lora={"enabled": True, "r": 4, "target_modules": ["lm_head"]})
+    trainer = Trainer(cfg)
+    assert "not a plain nn.Linear" in fused_logprobs_unsupported(cfg, unwrap(trainer.model))
+    trainer.train_step(0)  # runs through the logits path
+
+
+def _plain_gae(rewards, values, mask, gamma, lam):
+    adv = torch.zeros_like(values)
+    for i in range(values.shape[0]):
+        n = int(mask[i].sum())
+        running = 0.0
+        for t in reversed(range(n)):
+            nxt = values[i, t + 1] if t + 1 < n else 0.0
+            delta = rewards[i, t] + gamma * nxt - values[i, t]
+            running = delta + gamma * lam * running
+            adv[i, t] = running
+    return adv, (adv + values) * mask
+
+
+def test_ppo_loss_on_a_fixed_rollout_matches_plain_torch(tmp_path):
+    """Everything recomputed by hand from the rollout's sampled tokens: log-probs from full logits, values
+    from the last hidden state, k3 KL to the reference, per-token rewards with the score at the last
+    token, GAE, whitening, clipped policy and value losses."""
+    trainer = Trainer(ppo_config(tmp_path, {"vf_coef": 0.5, "clip_range": 0.1, "lam": 0.9, "gamma": 0.95},
+                                 run={"max_steps": 1}))
+    model, task, o = unwrap(trainer.model), trainer.task, trainer.task.options
+    batch = task.collate(task.train_samples[:4])
+    trainer.train_step(0)  # the policy leaves the reference (KL > 0) and its values leave 0
+    task.sequence_scores = lambda sample: torch.linspace(-1.0, 2.0, len(sample["reward"]))  # distinct scores
+    r = task.make_rollout(model, batch)
+    seqs, mask, p = r["seqs"], r["full_mask"], r["prompt_len"]
+    m = r["cmask"].double()
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+
+    def logp_and_values(net):
+        out = net(input_ids=seqs, attention_mask=mask, position_ids=positions, output_hidden_states=True)
+        logp = torch.log_softmax(out.logits[:, p - 1:-1].double() / o.temperature, -1)
+        logp = logp.gather(-1, seqs[:, p:, None]).squeeze(-1)
+        h = out.hidden_states[-1][:, p - 1:-1].double()
+        values = h @ net.value_head.weight[0].double() + net.value_head.bias[0].double() if net is model else None
+        return logp, values
+
+    with torch.no_grad():
+        model.eval()
+        old_logp, old_values = logp_and_values(model)
+        ref_logp, _ = logp_and_values(task.reference)
+        model.train()
+    kl = torch.exp(ref_logp - old_logp) - (ref_logp - old_logp) - 1
+    rewards = -o.beta * kl * m
+    for i in range(len(m)):
+        rewards[i, int(m[i].sum()) - 1] += r["score"][i]
+    adv, ret = _plain_gae(rewards, old_values * m, m, o.gamma, o.lam)
+    mean = (adv * m).sum() / m.sum()
+    std = (((adv - mean) ** 2 * m).sum() / m.sum()).sqrt()
+    adv = (adv - mean) / std * m
+    torch.testing.assert_close(r["advantages"].double(), adv, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(r["returns"].double(), ret, atol=1e-4, rtol=1e-4)
+
+    # one optimizer step moves the policy; the loss of the reused rollout then has ratios != 1
+    task.step, task.micro, task.rollouts = 0, 0, {}
+    trainer.train_step(0)
+    assert task.rollouts[0] is not r
+    task.step, task.micro, task.rollouts = 1, 0, {0: r}
+    n = torch.tensor(float(len(m)))
+    ours = task.ppo_loss(model, batch, n)
+    logp, values = logp_and_values(model)
+    ratio = torch.exp(logp - old_logp)
+    pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - o.clip_range, 1 + o.clip_range))
+    pg = (pg * m).sum() / m.sum()
+    v_clip = old_values + (values - old_values).clamp(-o.value_clip_range, o.value_clip_range)
+    vf = 0.5 * (torch.maximum((values - ret) ** 2, (v_clip - ret) ** 2) * m).sum() / m.sum()
+    torch.testing.assert_close(ours.double(), (pg + o.vf_coef * vf).detach(), atol=1e-4, rtol=1e-4)
+
+
+def test_ppo_epochs_reuse_rollouts_and_clipping_acts(tmp_path, monkeypatch):
+    """ppo_epochs = 3 over 6 steps: two generations; the first step of a cycle has ratio 1 (no clipping),
+    the reused ones clip; value loss, approx_kl and kl_coef are logged."""
+    trainer = Trainer(ppo_config(tmp_path, {"ppo_epochs": 3}, run={"max_steps": 6}, optim={"lr": 3e-2}))
+    calls = []
+    original = trainer.task._generate
+    monkeypatch.setattr(trainer.task, "_generate", lambda *a, **k: calls.append(1) or original(*a, **k))
+    trainer.fit()
+    h = trainer.history
+    assert len(calls) == 2, len(calls)
+    assert h[0]["clip_fraction"] == 0.0 and h[3]["clip_fraction"] == 0.0
+    assert max(h[1]["clip_fraction"], h[2]["clip_fraction"]) > 0, [r["clip_fraction"] for r in h]
+    assert all(k in h[0] for k in ("value_loss", "approx_kl", "kl_coef", "kl", "reward", "policy_loss"))
+    assert h[1]["reward"] == h[0]["reward"]  # the same rollouts
+
+
+def test_adaptive_kl_coefficient_moves_and_is_checkpointed(tmp_path):
+    from fastft.recipes.rlhf import RolloutSchedule
+
+    trainer = Trainer(ppo_config(tmp_path, {"kl_target": 1e-4, "kl_horizon": 10, "ppo_epochs": 1},
+                                 run={"max_steps": 3}, optim={"lr": 3e-2}))
+    trainer.fit()
+    task = trainer.task
+    assert task.kl_coef != task.options.beta
+    cb = next(c for c in trainer.callbacks if isinstance(c, RolloutSchedule))
+    state = cb.state_dict(trainer)
+    task.kl_coef = task.kl_control.coef = 123.0
+    cb.load_state_dict(trainer, state)
+    assert task.kl_coef == state["kl_coef"] == task.kl_control.coef
+
+
+def test_ppo_scores_with_an_exported_reward_model(tmp_path):
+    from fastft.recipes.reward_model import export_reward_model, reward_model
+
+    rm_cfg = tiny_config(tmp_path / "rm", "fastft.recipes.reward_model", "reward_model", "reward_model",
+                         {"backbone": "tiny_llama"})
+    rm, tok = reward_model(rm_cfg)
+    folder = export_reward_model(rm, tok, tmp_path / "rm" / "export")
+    trainer = Trainer(ppo_config(tmp_path / "ppo", {"reward_model": str(folder)}, run={"max_steps": 2}))
+    trainer.fit()
+    assert all("rm_score" in r and r["rm_score"] == r["rm_score"] for r in trainer.history)
+
+
+def test_bad_ppo_options(tmp_path):
+    with pytest.raises(ConfigError, match="model.builder"):
+        Trainer(config(tmp_path, {"algorithm": "ppo"}))
+    for key, value in (("ppo_epochs", 0), ("clip_range", 0.0), ("lam", 1.5), ("vf_coef", -1.0), ("backbone", "nope")):
+        with pytest.raises(ConfigError, match=key):
+            Trainer(ppo_config(tmp_path, {key: value}))
+    with pytest.raises(ConfigError, match="kl_target"):
+        Trainer(config(tmp_path, {"kl_target": 1.0}))
+    with pytest.raises(ValueError, match="no_such_folder"):
+        Trainer(ppo_config(tmp_path, {"reward_model": str(tmp_path / "no_such_folder")}))
+
+
+def test_the_shipped_ppo_recipe_loads():
+    cfg = load_config("recipes/ppo.toml", [])
+    assert cfg.recipe.options["algorithm"] == "ppo" and cfg.model.builder == "causal_lm_value_head"
