@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from fastft.runtime.config import ConfigError, section_from_table
 from fastft.runtime.models import ModelLoadError, resolve_path
-from fastft.runtime.parallel import all_reduce_sum
+from fastft.runtime.parallel import all_reduce_sum, unwrap
 from fastft.runtime.tasks import Task
 from fastft.runtime.trainer import Callback
 
@@ -208,6 +208,21 @@ def cross_entropy(cfg, logits: Tensor, target: Tensor, weight: Optional[Tensor] 
 
     w = None if weight is None else weight.to(logits.dtype)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), w, reduction=reduction)
+
+
+def backbone_hidden_and_head(model: nn.Module, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                             **kwargs) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """(final hidden states [B, T, H], head weight [V, H], head bias or None) of a ``*ForCausalLM`` model,
+    for the fused heads of fastft.rl (token_logprobs, distillation_loss): the model's own forward runs
+    (through any DDP/FSDP wrapper, so their hooks fire) with ``logits_to_keep=1``, so the head builds one
+    position's logits, not [B, T, V]; the last of ``hidden_states`` is the decoder's normed output. The
+    head must be a plain ``nn.Linear`` (LoRA's "all-linear" leaves it so)."""
+    head = unwrap(model).get_output_embeddings()
+    if type(head) is not nn.Linear:
+        raise ValueError(f"the output layer is a {type(head).__name__}; the fused head needs a plain nn.Linear")
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1,
+                use_cache=False, **kwargs)
+    return out.hidden_states[-1], head.weight, head.bias
 
 
 def pad(rows: list[list[int]], value: int) -> Tensor:
