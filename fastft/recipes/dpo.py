@@ -90,7 +90,11 @@ def sequence_logprobs(cfg, model: nn.Module, batch: dict) -> Tensor:
     targets = ids[:, 1:].masked_fill(batch["completion_mask"][:, 1:] == 0, -100)
     if cfg.kernels.stack.loss:
         hidden, weight, bias = backbone_hidden_and_head(model, ids, mask)
-        return rl.token_logprobs(hidden[:, :-1], weight, targets, bias=bias).sum(-1)
+        # the head runs on the completion positions only (as TRL's fused head): prompts and padding cost no GEMM
+        counted = targets != -100
+        rows = counted.nonzero()[:, 0]
+        logp = rl.token_logprobs(hidden[:, :-1][counted], weight, targets[counted], bias=bias)
+        return torch.zeros(ids.shape[0], dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
     logp = torch.log_softmax(logits.float(), -1).gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     return (logp * (targets != -100)).sum(-1)
