@@ -225,6 +225,20 @@ def backbone_hidden_and_head(model: nn.Module, input_ids: Tensor, attention_mask
     return out.hidden_states[-1], head.weight, head.bias
 
 
+@torch.no_grad()
+def greedy_answers(model: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int, device) -> list[str]:
+    """The greedy completions of ``prompts`` (token id lists; left-padded so generation continues every
+    prompt at the same column), decoded without special tokens, stripped."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(p) for p in prompts)
+    ids = pad([[pad_id] * (width - len(p)) + p for p in prompts], pad_id)
+    mask = pad([[0] * (width - len(p)) + [1] * len(p) for p in prompts], 0)
+    out = unwrap(model).generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+    return [t.strip() for t in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+
+
 def pad(rows: list[list[int]], value: int) -> Tensor:
     width = max(len(r) for r in rows)
     out = torch.full((len(rows), width), value, dtype=torch.long)

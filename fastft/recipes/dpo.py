@@ -35,10 +35,9 @@ from fastft import rl
 from fastft.runtime import data as D
 from fastft.runtime.config import ConfigError
 from fastft.runtime.models import build_model
-from fastft.runtime.parallel import unwrap
 from fastft.runtime.tasks import Task, register_task
 
-from .common import Monitor, StepStats, backbone_hidden_and_head, check_choice, pad, recipe_options
+from .common import Monitor, StepStats, backbone_hidden_and_head, check_choice, greedy_answers, pad, recipe_options
 
 
 @dataclass(frozen=True)
@@ -179,19 +178,11 @@ class DPOTask(Task):
             pc, pr = policy.chunk(2)
             totals["reward_accuracy"] += ((rc > rr).float() + 0.5 * (rc == rr).float()).sum().item()
             totals["preference_accuracy"] += (pc > pr).float().sum().item()
-            totals["exact_match"] += self._exact_match(model, chunk, d.device)
+            answers = greedy_answers(model, self.tokenizer, [s["prompt_ids"] for s in chunk], self.options.max_new_tokens,
+                                     d.device)
+            totals["exact_match"] += sum(a == s["answer"] for a, s in zip(answers, chunk))
         model.train(was_training)
         return {k: v / max(1, len(self.eval_samples)) for k, v in totals.items()}
-
-    def _exact_match(self, model: nn.Module, samples: list, device) -> float:
-        width = max(len(s["prompt_ids"]) for s in samples)
-        ids = pad([[self.pad_id] * (width - len(s["prompt_ids"])) + s["prompt_ids"] for s in samples], self.pad_id)
-        mask = pad([[0] * (width - len(s["prompt_ids"])) + [1] * len(s["prompt_ids"]) for s in samples], 0)
-        out = unwrap(model).generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                     max_new_tokens=self.options.max_new_tokens, pad_token_id=self.pad_id,
-                                     eos_token_id=self.eos_id)
-        texts = self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-        return float(sum(t.strip() == s["answer"] for t, s in zip(texts, samples)))
 
     def callbacks(self) -> list:
         return [Monitor()]
