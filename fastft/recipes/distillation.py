@@ -113,6 +113,17 @@ def distillation_kl(cfg, options: DistillationOptions, student: nn.Module, teach
     return (per_token * m).sum() / m.sum().clamp_min(1)
 
 
+def distillation_sample(example: D.Example, positions: str) -> dict:
+    """A tokenized sequence with its ``mask`` of counted positions (position t predicts token t + 1): every
+    one (``all``) or those whose next token is part of the answer (``answer``)."""
+    ids = example.input_ids
+    if positions == "all":
+        counted = [1] * (len(ids) - 1)
+    else:
+        counted = [int(label != D.IGNORE_INDEX) for label in example.labels[1:]]
+    return {"input_ids": ids, "mask": counted + [0], "prompt": example.prompt, "answer": example.answer}
+
+
 @register_task("distillation")
 class DistillationTask(Task):
     metrics = {"kl": False, "top1_agreement": True, "exact_match": True, "teacher_exact_match": True}
@@ -127,17 +138,13 @@ class DistillationTask(Task):
         train, held_out = D.load_records(cfg)
         n = cfg.data.max_length
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.train_samples = [self._sample(e) for e in D.tokenize_records(tokenizer, train, n, cfg.data.generator or "data")]
-        self.eval_samples = [self._sample(e) for e in D.tokenize_records(tokenizer, held_out, n, "eval")]
+        self.train_examples = D.tokenize_records(tokenizer, train, n, cfg.data.generator or "data")
+        self.train_samples = [distillation_sample(e, self.options.positions) for e in self.train_examples]
+        self.eval_samples = [distillation_sample(e, self.options.positions)
+                             for e in D.tokenize_records(tokenizer, held_out, n, "eval")]
         self.stats = StepStats()
         with torch.random.fork_rng(devices=[]):
             self.teacher = BUILDERS[self.options.teacher_builder](cfg)[0].eval().requires_grad_(False)
-
-    def _sample(self, example) -> dict:
-        ids, labels = example.input_ids, example.labels
-        # position t predicts token t + 1
-        counted = [1] * (len(ids) - 1) if self.options.positions == "all" else [int(l != D.IGNORE_INDEX) for l in labels[1:]]
-        return {"input_ids": ids, "mask": counted + [0], "prompt": example.prompt, "answer": example.answer}
 
     def collate(self, samples: list) -> dict:
         return {"input_ids": pad([s["input_ids"] for s in samples], self.pad_id),
