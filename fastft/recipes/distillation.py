@@ -22,6 +22,7 @@ teacher's own exact match as ``teacher_exact_match`` for scale.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +89,7 @@ def distillation_student(cfg):
 
 
 def distillation_kl(cfg, options: DistillationOptions, student: nn.Module, teacher: nn.Module, batch: dict,
-                    mode: str = None) -> Tensor:
+                    mode: Optional[str] = None) -> Tensor:
     """Mean KL per counted position (``batch["mask"]``, aligned with position t predicting token t+1)."""
     mode = mode or options.mode
     ids, attention, mask = batch["input_ids"], batch["attention_mask"], batch["mask"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fastft.recipes.distillation import DistillationOptions, distillation_kl, distillation_sample
 from fastft.runtime.config import ConfigError, load_config, replace
