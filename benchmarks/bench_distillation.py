@@ -9,14 +9,13 @@ sampled), student gradients included.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks.gpu_static.memory_plan import LiveBytes
+from benchmarks.harness import emit_text_report, interleave, loss_time_memory_table
 from fastft import rl
 
 STUDENT_HIDDEN, TEACHER_HIDDEN = 576, 960  # SmolLM2-135M and SmolLM2-360M (vocabulary 49152 both)
@@ -70,30 +69,18 @@ def main(argv=None) -> str:
     args = parser.parse_args(argv)
     data = inputs(args.tokens, args.vocab)
     losses = {name: step(fn, data) for name, fn in PROVIDERS.items()}  # also the warm-up
-    times = {name: [] for name in PROVIDERS}
-    for _ in range(args.rounds):  # interleaved: load drift hits both providers alike
-        for name, fn in PROVIDERS.items():
-            start = time.perf_counter()
-            step(fn, data)
-            times[name].append(time.perf_counter() - start)
+    # interleaved: load drift hits both providers alike
+    times = interleave({name: (lambda r, fn=fn: step(fn, data)) for name, fn in PROVIDERS.items()}, args.rounds,
+                       warmup_rounds=0, alternate=True)
     peaks = {name: peak_bytes(fn, data) for name, fn in PROVIDERS.items()}
     stock, ours = PROVIDERS
     lines = [f"Distillation, forward KL(teacher || student): {args.tokens} tokens, vocabulary {args.vocab}, "
              f"student H={STUDENT_HIDDEN}, teacher H={TEACHER_HIDDEN}, fp32, CPU "
              f"({torch.get_num_threads()} threads), {args.rounds} interleaved rounds, forward + backward",
-             "", "| provider | loss | ms (median) | peak MiB (counted) | time ratio | memory ratio |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for name in PROVIDERS:
-        ms = statistics.median(times[name]) * 1e3
-        lines.append(f"| {name} | {losses[name].item():.6f} | {ms:.0f} | {peaks[name] / 2**20:.0f} | "
-                     f"{ms / (statistics.median(times[stock]) * 1e3):.2f} | {peaks[name] / peaks[stock]:.2f} |")
+             "", *loss_time_memory_table(losses, times, peaks, stock)]
     diff = (losses[ours] - losses[stock]).abs().item()
     lines += ["", f"|loss difference| = {diff:.2e} (relative {diff / losses[stock].abs().item():.2e})"]
-    text = "\n".join(lines) + "\n"
-    print(text, end="")
-    if args.out:
-        args.out.write_text(text)
-    return text
+    return emit_text_report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from benchmarks.gpu_static.memory_plan import LiveBytes
+from benchmarks.harness import emit_text_report, interleave, loss_time_memory_table
 from fastft.recipes.dpo import DPOOptions, dpo_terms
 from fastft.runtime.config import Config, replace
 
@@ -107,12 +106,9 @@ def main(argv=None) -> str:
         return loss.detach()
 
     losses = {name: step(name) for name in providers}  # also the warm-up
-    times = {name: [] for name in providers}
-    for _ in range(args.rounds):  # interleaved: load drift hits every provider alike
-        for name in providers:
-            start = time.perf_counter()
-            step(name)
-            times[name].append(time.perf_counter() - start)
+    # interleaved: load drift hits every provider alike
+    times = interleave({name: (lambda r, name=name: step(name)) for name in providers}, args.rounds,
+                       warmup_rounds=0, alternate=True)
     peaks = {}
     for name in providers:
         providers[name][0].zero_grad(set_to_none=True)
@@ -126,20 +122,11 @@ def main(argv=None) -> str:
              f"(batch {2 * args.pairs} rows x {batch['input_ids'].shape[1]} tokens, {tokens} real, "
              f"{int(batch['completion_mask'].sum())} completion tokens), fp32, decoder layers trained (head frozen), CPU "
              f"({torch.get_num_threads()} threads), {args.rounds} interleaved rounds",
-             "", "| provider | loss | ms (median) | peak MiB (counted) | time / TRL | memory / TRL |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for name in providers:
-        ms = statistics.median(times[name]) * 1e3
-        lines.append(f"| {name} | {losses[name].item():.6f} | {ms:.0f} | {peaks[name] / 2**20:.0f} | "
-                     f"{ms / (statistics.median(times[trl_name]) * 1e3):.2f} | {peaks[name] / peaks[trl_name]:.2f} |")
+             "", *loss_time_memory_table(losses, times, peaks, trl_name)]
     lines += ["", f"|fastft - TRL| loss = {abs(losses[ours] - losses[trl_name]).item():.2e}; "
                   f"|fastft - stock| = {abs(losses[ours] - losses[stock]).item():.2e}; "
                   f"fastft peak / stock peak = {peaks[ours] / peaks[stock]:.2f}"]
-    text = "\n".join(lines) + "\n"
-    print(text, end="")
-    if args.out:
-        args.out.write_text(text)
-    return text
+    return emit_text_report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -68,14 +68,15 @@ def overhead(recipe: str, overrides: list[str], rounds: int) -> dict:
             "tokens_per_step": statistics.mean(tokens), "rounds": rounds, "load": _load()}
 
 
-def kernels(recipe: str, overrides: list[str], rounds: int) -> dict:
+def interleaved_trainers(recipe: str, overrides: list[str], variants: dict, rounds: int) -> tuple[dict, dict, dict]:
+    """One Trainer per variant (name -> its extra overrides) in this process, their steps interleaved:
+    (trainers, losses per variant, median ms per step per variant)."""
     from fastft.runtime.config import load_config
     from fastft.runtime.trainer import Trainer
 
     trainers = {}
-    for name, enabled in (("fastft", "true"), ("hf_peft", "false")):
-        cfg = load_config(recipe, [*overrides, f"--run.output_dir={OUT / ('kernels_' + name)}", "--run.progress=false",
-                                   f"--kernels.enabled={enabled}"])
+    for name, extra in variants.items():
+        cfg = load_config(recipe, [*overrides, f"--run.output_dir={OUT / name}", "--run.progress=false", *extra])
         trainers[name] = Trainer(cfg)
         trainers[name].model.train()
     losses = {name: [] for name in trainers}
@@ -84,7 +85,12 @@ def kernels(recipe: str, overrides: list[str], rounds: int) -> dict:
         return lambda step: losses[name].append(trainers[name].train_step(step)["loss"])
 
     times = interleave({name: step_of(name) for name in trainers}, rounds, warmup_rounds=1, alternate=True)
-    median = {k: statistics.median(v) for k, v in times.items()}
+    return trainers, losses, {k: statistics.median(v) for k, v in times.items()}
+
+
+def kernels(recipe: str, overrides: list[str], rounds: int) -> dict:
+    _, losses, median = interleaved_trainers(recipe, overrides, {"fastft": ["--kernels.enabled=true"],
+                                                                 "hf_peft": ["--kernels.enabled=false"]}, rounds)
     return {"ms_per_step": median,
             "fastft_time_vs_hf_peft": median["fastft"] / median["hf_peft"],
             "max_loss_difference": max(abs(a - b) for a, b in zip(losses["fastft"], losses["hf_peft"])),
@@ -92,25 +98,11 @@ def kernels(recipe: str, overrides: list[str], rounds: int) -> dict:
 
 
 def dtypes(recipe: str, overrides: list[str], rounds: int) -> dict:
-    from fastft.runtime.config import load_config
     from fastft.runtime.models import NATIVE_BF16_CPU_FLAGS, cpu_flags
-    from fastft.runtime.trainer import Trainer
 
-    trainers = {}
-    for dtype in ("float32", "bfloat16"):
-        for name, enabled in (("fastft", "true"), ("hf_peft", "false")):
-            key = f"{name}_{dtype}"
-            cfg = load_config(recipe, [*overrides, f"--run.output_dir={OUT / ('dtypes_' + key)}", "--run.progress=false",
-                                       f"--kernels.enabled={enabled}", f"--model.dtype={dtype}"])
-            trainers[key] = Trainer(cfg)
-            trainers[key].model.train()
-    losses = {name: [] for name in trainers}
-
-    def step_of(name):
-        return lambda step: losses[name].append(trainers[name].train_step(step)["loss"])
-
-    times = interleave({name: step_of(name) for name in trainers}, rounds, warmup_rounds=1, alternate=True)
-    median = {k: statistics.median(v) for k, v in times.items()}
+    variants = {f"{name}_{dtype}": [f"--kernels.enabled={enabled}", f"--model.dtype={dtype}"]
+                for dtype in ("float32", "bfloat16") for name, enabled in (("fastft", "true"), ("hf_peft", "false"))}
+    trainers, losses, median = interleaved_trainers(recipe, overrides, variants, rounds)
     frozen_mb = {name: sum(p.numel() * p.element_size() for p in t.model.parameters() if not p.requires_grad) / 2**20
                  for name, t in trainers.items()}
     return {"ms_per_step": median,

@@ -39,12 +39,12 @@ from .duration import PROCESS_OVERHEAD_S, expected_duration_text, reference_seco
 from .paths import OUT_DIR, RESULTS_DIR, ROOT
 from .providers import (Benchmark, Options, Provider, fastft_backend_provider, liger_provider, low_precision,
                         op_benchmark, torch_compile_provider, unavailable)
-from .report import machine_line, markdown, metadata, plot, redraw, save, table
+from .report import emit_text_report, loss_time_memory_table, machine_line, markdown, metadata, plot, redraw, save, table
 from .runner import interleaved, run, run_provider
 from .timing import interleave, quantile
 
 __all__ = ["Benchmark", "OUT_DIR", "Options", "PROCESS_OVERHEAD_S", "Provider", "RESULTS_DIR", "ROOT",
-           "check_agreement", "compare", "expected_duration_text", "fastft_backend_provider", "interleave",
+           "check_agreement", "compare", "emit_text_report", "expected_duration_text", "loss_time_memory_table", "fastft_backend_provider", "interleave",
            "interleaved", "liger_provider", "low_precision", "machine_line", "main", "markdown", "metadata",
            "op_benchmark", "parser_for", "plot", "quantile", "redraw", "reference_seconds", "run",
            "run_provider", "save", "table", "torch_compile_provider", "unavailable"]

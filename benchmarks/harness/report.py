@@ -182,6 +182,30 @@ def markdown(bench: Benchmark, rows: list, meta: dict) -> str:
     return "\n".join(md) + "\n"
 
 
+def loss_time_memory_table(losses: dict, times_ms: dict, peak_bytes: dict, baseline: str) -> list:
+    """Markdown rows of a one-off comparison (provider -> loss tensor, ms per round, counted peak bytes): the loss,
+    the median ms, the peak MiB and both ratios to ``baseline``'s, measured in the same run."""
+    import statistics
+
+    base_ms = statistics.median(times_ms[baseline])
+    lines = [f"| provider | loss | ms (median) | peak MiB (counted) | time / {baseline} | memory / {baseline} |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name in losses:
+        ms = statistics.median(times_ms[name])
+        lines.append(f"| {name} | {float(losses[name]):.6f} | {ms:.0f} | {peak_bytes[name] / 2**20:.0f} | "
+                     f"{ms / base_ms:.2f} | {peak_bytes[name] / peak_bytes[baseline]:.2f} |")
+    return lines
+
+
+def emit_text_report(lines: list, out=None) -> str:
+    """A one-off benchmark's report (markdown lines): printed, and written to ``out`` when given."""
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    if out:
+        Path(out).write_text(text)
+    return text
+
+
 def machine_line(meta: dict) -> str:
     """Where and with what a run was measured, for a plot's footer."""
     where = meta.get("gpu") or meta.get("cpu") or meta.get("device", "")
