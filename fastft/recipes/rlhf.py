@@ -138,12 +138,7 @@ def single_digit_addition(n: int, seed: int) -> list[dict]:
 def addition_questions(n: int, seed: int) -> list[dict]:
     """"Compute a + b." with one-digit a and b: the questions the reward model's pairs ask
     (fastft.recipes.reward_model), so the PPO samples it scores are in its format."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        a, b = rng.randint(0, 9), rng.randint(0, 9)
-        out.append({"instruction": f"Compute {a} + {b}.", "output": str(a + b)})
-    return out
+    return D.addition_problems(n, seed, 0, 9, "Compute {a} + {b}.")
 
 
 def completion_mask(completions: Tensor, eos_id: int) -> Tensor:

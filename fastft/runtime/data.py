@@ -99,15 +99,22 @@ def register_generator(name: str):
     return add
 
 
-@register_generator("addition")
-def addition_records(n: int, seed: int) -> list[dict]:
-    """"Compute a + b" on two-digit numbers; the answer is the number alone."""
+def addition_problems(n: int, seed: int, low: int, high: int,
+                      instruction: str = "Compute {a} + {b}. Answer with the number only.") -> list[dict]:
+    """``n`` records "Compute a + b" with a and b drawn from [low, high]; the output is the sum alone. Recipes
+    build their own arithmetic generators on it (other ranges, other wording)."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        a, b = rng.randint(10, 99), rng.randint(10, 99)
-        out.append({"instruction": f"Compute {a} + {b}. Answer with the number only.", "output": str(a + b)})
+        a, b = rng.randint(low, high), rng.randint(low, high)
+        out.append({"instruction": instruction.format(a=a, b=b), "output": str(a + b)})
     return out
+
+
+@register_generator("addition")
+def addition_records(n: int, seed: int) -> list[dict]:
+    """"Compute a + b" on two-digit numbers; the answer is the number alone."""
+    return addition_problems(n, seed, 10, 99)
 
 
 def load_records(cfg) -> tuple[list[dict], list[dict]]:
