@@ -180,7 +180,19 @@ def encoder_with_heads(cfg, heads: dict, head_dropout: float) -> tuple[nn.Module
     return model, tokenizer
 
 
-class EncoderTask(Task):
+class RecipeTask(Task):
+    """A recipe's task: its typed options (``options_class``, a dataclass) are read from ``[recipe.options]``
+    and checked (``recipe_options``) as the task is built, into ``self.options``."""
+
+    options_class = None
+
+    def __init__(self, cfg, tokenizer):
+        super().__init__(cfg, tokenizer)
+        if self.options_class is not None:
+            self.options = recipe_options(self.options_class, cfg)
+
+
+class EncoderTask(RecipeTask):
     """Base of the encoder recipes: samples are dicts of token lists (``input_ids``, ``token_type_ids``,
     per-token targets: padded with -100) and ints (per-example targets); the loss unit is one example."""
 

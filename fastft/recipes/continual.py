@@ -59,11 +59,11 @@ def region(record: dict) -> int:
 
 @register_task("continual")
 class ContinualTask(EncoderTask):
+    options_class = ContinualOptions
     metrics = {"loss": False, "a_accuracy": True, "b_accuracy": True, "forgetting": False}
 
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)
-        self.options = recipe_options(ContinualOptions, cfg)
         if cfg.run.max_steps != 2 * self.options.steps_per_task:
             raise ConfigError(f"run.max_steps must be 2 * recipe.options.steps_per_task = "
                               f"{2 * self.options.steps_per_task} (task A, then task B), got {cfg.run.max_steps}")

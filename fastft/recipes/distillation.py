@@ -32,9 +32,10 @@ from fastft import rl
 from fastft.runtime import data as D
 from fastft.runtime.config import ConfigError
 from fastft.runtime.models import BUILDERS, register_model
-from fastft.runtime.tasks import Task, register_task
+from fastft.runtime.tasks import register_task
 
-from .common import Monitor, StepStats, backbone_hidden_and_head, check_choice, greedy_answers, pad, recipe_options
+from .common import (Monitor, RecipeTask, StepStats, backbone_hidden_and_head, check_choice, greedy_answers, pad,
+                     recipe_options)
 
 
 @dataclass(frozen=True)
@@ -126,13 +127,13 @@ def distillation_sample(example: D.Example, positions: str) -> dict:
 
 
 @register_task("distillation")
-class DistillationTask(Task):
+class DistillationTask(RecipeTask):
+    options_class = DistillationOptions
     metrics = {"kl": False, "top1_agreement": True, "exact_match": True, "teacher_exact_match": True}
     loss_unit = "distilled position"
 
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)
-        self.options = recipe_options(DistillationOptions, cfg)
         if cfg.model.builder != "distillation_student":
             raise ConfigError(f"the distillation recipe needs model.builder = 'distillation_student' (got "
                               f"{cfg.model.builder!r}); the teacher's builder is recipe.options.teacher_builder")

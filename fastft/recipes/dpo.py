@@ -35,9 +35,9 @@ from fastft import rl
 from fastft.runtime import data as D
 from fastft.runtime.config import ConfigError
 from fastft.runtime.models import build_model
-from fastft.runtime.tasks import Task, register_task
+from fastft.runtime.tasks import register_task
 
-from .common import Monitor, StepStats, backbone_hidden_and_head, check_choice, greedy_answers, pad, recipe_options
+from .common import Monitor, RecipeTask, StepStats, backbone_hidden_and_head, check_choice, greedy_answers, pad
 
 
 @dataclass(frozen=True)
@@ -113,13 +113,13 @@ def dpo_terms(cfg, options: DPOOptions, model: nn.Module, reference: nn.Module, 
 
 
 @register_task("dpo")
-class DPOTask(Task):
+class DPOTask(RecipeTask):
+    options_class = DPOOptions
     metrics = {"reward_accuracy": True, "preference_accuracy": True, "exact_match": True}
     loss_unit = "preference pair"
 
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)
-        self.options = recipe_options(DPOOptions, cfg)
         train, held_out = D.load_records(cfg)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_id = tokenizer.eos_token_id

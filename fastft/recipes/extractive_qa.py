@@ -76,7 +76,6 @@ class ExtractiveQATask(EncoderTask):
 
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)
-        self.options = recipe_options(self.options_class, cfg)
         self.train_samples, self.eval_samples = self.generate(self.options.facts_per_context)
 
     def generate(self, facts_per_context: int) -> tuple[list, list]:

@@ -23,8 +23,8 @@ from fastft.runtime.models import register_model
 from fastft.runtime.tasks import register_task
 
 from . import generators
-from .common import (EncoderTask, classification_scores, cross_entropy, encoder_with_heads, predict,
-                     recipe_options, word_targets)
+from .common import (EncoderTask, classification_scores, cross_entropy, encoder_with_heads, predict, recipe_options,
+                     word_targets)
 
 
 @dataclass(frozen=True)
@@ -55,12 +55,12 @@ def per_example_token_loss(cfg, logits: Tensor, targets: Tensor) -> Tensor:
 
 @register_task("multitask")
 class MultiTask(EncoderTask):
+    options_class = MultiTaskOptions
     metrics = {"loss": False, "label_accuracy": True, "label_f1_macro": True, "label_f1_weighted": True,
                "tags_f1": True, "tags_accuracy": True, "mean_f1": True}
 
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)
-        self.options = recipe_options(MultiTaskOptions, cfg)
         data = cfg.data
         self.train_samples = [self.sample(r) for r in generators.reviews(data.num_train, cfg.run.seed,
                                                                           self.options.proportions)]

@@ -32,10 +32,10 @@ from fastft.runtime import data as D
 from fastft.runtime.config import ConfigError
 from fastft.runtime.models import BUILDERS, ModelLoadError, register_model
 from fastft.runtime.parallel import unwrap
-from fastft.runtime.tasks import Task, register_task
+from fastft.runtime.tasks import register_task
 from fastft.runtime.trainer import Callback
 
-from .common import Monitor, ScalarHead, StepStats, last_token_hidden, pad, recipe_options
+from .common import Monitor, RecipeTask, ScalarHead, StepStats, last_token_hidden, pad, recipe_options
 
 SCORE_FILE = "score.safetensors"
 
@@ -162,13 +162,13 @@ def score_batch(model: nn.Module, rows: list[list[int]], pad_id: int, device) ->
 
 
 @register_task("reward_model")
-class RewardTask(Task):
+class RewardTask(RecipeTask):
+    options_class = RewardOptions
     metrics = {"pairwise_accuracy": True, "wrong_sum_accuracy": True, "malformed_accuracy": True}
     loss_unit = "preference pair"
 
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)
-        self.options = recipe_options(RewardOptions, cfg)
         if cfg.model.builder != "reward_model":
             raise ConfigError(f"model.builder = {cfg.model.builder!r}: the reward_model task needs model.builder = "
                               "'reward_model' (a decoder with a scalar head)")

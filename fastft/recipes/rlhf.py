@@ -50,10 +50,10 @@ from fastft.runtime import data as D
 from fastft.runtime.config import ConfigError
 from fastft.runtime.models import BUILDERS, build_model, register_model
 from fastft.runtime.parallel import unwrap
-from fastft.runtime.tasks import Task, register_task
+from fastft.runtime.tasks import register_task
 from fastft.runtime.trainer import Callback
 
-from .common import Monitor, ScalarHead, StepStats, check_choice, pad, recipe_options
+from .common import Monitor, RecipeTask, ScalarHead, StepStats, check_choice, pad, recipe_options
 
 VALUE_HEAD_BUILDER = "causal_lm_value_head"
 
@@ -219,13 +219,13 @@ def kl_estimate(cfg, logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
 
 
 @register_task("rlhf")
-class RLTask(Task):
+class RLTask(RecipeTask):
+    options_class = RLOptions
     metrics = {"exact_match": True, "final_answer": True}
     loss_unit = "sampled completion"
 
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)
-        self.options = recipe_options(RLOptions, cfg)
         train, held_out = D.load_records(cfg)
         self.answers: list[str] = []
         self.questions: list[str] = []

@@ -53,11 +53,11 @@ def encode_words(tokenizer, words: list, max_length: int) -> list[int]:
 
 @register_task("text_classification")
 class TextClassificationTask(EncoderTask):
+    options_class = ClassificationOptions
     metrics = {"loss": False, "accuracy": True, "f1_weighted": True, "f1_macro": True}
 
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)
-        self.options = recipe_options(ClassificationOptions, cfg)
         data, p = cfg.data, self.options.proportions
         train = generators.reviews(data.num_train, cfg.run.seed, p)
         held_out = generators.reviews(data.num_eval, cfg.run.seed + 1_000_003, p)
