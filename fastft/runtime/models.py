@@ -54,12 +54,17 @@ def auto_base_dtype(device: torch.device) -> tuple[torch.dtype, str]:
                            "several times slower than fp32")
 
 
-def base_dtype(cfg) -> torch.dtype:
-    """The frozen base's dtype of ``model.dtype``; "auto" is resolved and its choice printed on rank 0."""
-    if cfg.model.dtype != "auto":
-        return _DTYPES[cfg.model.dtype]
+def base_dtype(cfg, announce: bool = False) -> torch.dtype:
+    """The frozen base's dtype of ``model.dtype``; "auto" is resolved and its choice printed on rank 0.
+    ``announce``: a set dtype is printed too, with what "auto" would pick here (the demo shows both)."""
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \
         else torch.device("cpu")
+    if cfg.model.dtype != "auto":
+        if announce and _is_rank0():
+            auto, why = auto_base_dtype(device)
+            print(f"model.dtype = {cfg.model.dtype} (set by the config; auto would pick "
+                  f"{str(auto).removeprefix('torch.')} here: {why})", flush=True)
+        return _DTYPES[cfg.model.dtype]
     dtype, why = auto_base_dtype(device)
     if _is_rank0():
         print(f"model.dtype = auto: {str(dtype).removeprefix('torch.')} ({why}); "
@@ -106,7 +111,7 @@ def hf_model(cfg):
     if not m.path:
         raise ConfigError("model.path must be set for model.builder = 'hf'")
     folder = resolve_path(m.path)
-    dtype = base_dtype(cfg)
+    dtype = base_dtype(cfg, announce=True)  # a pretrained model: say which dtype its weights get, and why
     cache = Path(m.convert_cache) if m.convert_cache else None
     if m.gguf_file:
         gguf = Path(folder) / m.gguf_file

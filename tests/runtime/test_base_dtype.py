@@ -35,3 +35,13 @@ def test_tiny_model_is_built_in_the_auto_dtype(monkeypatch):
     monkeypatch.setattr(models, "cpu_flags", lambda: {"amx_bf16"})
     model, _ = models.build_model(auto_config())
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_a_set_dtype_is_announced_with_what_auto_would_pick(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(models, "cpu_flags", lambda: {"avx2"})
+    cfg = replace(Config(), model={"builder": "tiny_llama", "dtype": "float32"}, data={"generator": "addition"})
+    assert models.base_dtype(cfg, announce=True) is torch.float32
+    out = capsys.readouterr().out
+    assert out.startswith("model.dtype = float32 (set by the config; auto would pick float32 here: this CPU has no "
+                          "native bf16")
