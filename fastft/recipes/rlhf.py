@@ -53,7 +53,8 @@ from fastft.runtime.parallel import unwrap
 from fastft.runtime.tasks import register_task
 from fastft.runtime.trainer import Callback
 
-from .common import Monitor, RecipeTask, ScalarHead, StepStats, check_choice, pad, recipe_options
+from .common import (Monitor, RecipeTask, ScalarHead, StepStats, backbone_hidden_and_head, check_choice, pad,
+                     recipe_options)
 
 VALUE_HEAD_BUILDER = "causal_lm_value_head"
 
@@ -183,14 +184,13 @@ def policy_pass(cfg, model: nn.Module, seqs: Tensor, mask: Tensor, prompt_len: i
     fastft's selective_log_softmax (torch's log_softmax + gather with the kernels off) reads them."""
     completions = seqs[:, prompt_len:]
     positions = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: positions count real tokens, as generate does
-    kwargs = dict(input_ids=seqs, attention_mask=mask, position_ids=positions, use_cache=False)
     if fused_logprobs_unsupported(cfg, model) is None:
-        out = model(**kwargs, logits_to_keep=1, output_hidden_states=True)
-        states = out.hidden_states[-1][:, prompt_len - 1:-1]
-        head = unwrap(model).get_output_embeddings()
-        logp = rl.token_logprobs(states, head.weight, completions, bias=head.bias, temperature=temperature)
+        final, weight, bias = backbone_hidden_and_head(model, seqs, mask, position_ids=positions)
+        states = final[:, prompt_len - 1:-1]
+        logp = rl.token_logprobs(states, weight, completions, bias=bias, temperature=temperature)
         return logp, states if hidden else None
-    out = model(**kwargs, logits_to_keep=completions.shape[1] + 1, output_hidden_states=hidden)
+    out = model(input_ids=seqs, attention_mask=mask, position_ids=positions, use_cache=False,
+                logits_to_keep=completions.shape[1] + 1, output_hidden_states=hidden)
     logits = out.logits[:, :-1]
     states = out.hidden_states[-1][:, prompt_len - 1:-1] if hidden else None
     if cfg.kernels.stack.loss:
