@@ -38,18 +38,25 @@ def _check_same_shape(**tensors: Tensor) -> None:
 
 
 def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Optional[Tensor] = None,
-                   temperature: float = 1.0, ignore_index: int = -100, chunk_size: Optional[int] = None) -> Tensor:
-    """``log_softmax((hidden @ weight.T + bias) / temperature).gather(-1, targets)`` per token, fp32, 0 where
-    ``targets == ignore_index``, computed by fastft's fused linear cross-entropy in token chunks: the [N, V]
-    logits are never held, and gradients reach ``hidden`` and ``weight`` (a LoRA'd or sharded head as the op
-    supports them). The temperature divides the logits, so it is folded into the hidden states and bias."""
+                   temperature: float = 1.0, softcap: Optional[float] = None, ignore_index: int = -100,
+                   chunk_size: Optional[int] = None) -> Tensor:
+    """``log_softmax(softcap(hidden @ weight.T + bias) / temperature).gather(-1, targets)`` per token, fp32, 0
+    where ``targets == ignore_index``, computed by fastft's fused linear cross-entropy in token chunks: the
+    [N, V] logits are never held, and gradients reach ``hidden``, ``weight`` and ``bias``. ``softcap``: the
+    tanh cap of Gemma-2/3 heads (``cap * tanh(z / cap)``), None for none. The temperature divides the logits,
+    so it is folded into the hidden states and bias, and into the cap: softcap_c(z) / T = softcap_{c/T}(z / T).
+    A model's head as it stands in the model (FSDP2-sharded, LoRA'd, scaled) gives its operands through
+    :func:`fastft.integrations.fused_head.call_with_fused_head`."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 or None, got {softcap!r}")
     if temperature != 1.0:
         hidden = hidden / temperature
         bias = None if bias is None else bias / temperature
+        softcap = None if softcap is None else softcap / temperature
     nll = linear_cross_entropy(hidden, weight, targets, linear_bias=bias, ignore_index=ignore_index,
-                               reduction="none", chunk_size=chunk_size, loss_dtype=torch.float32)
+                               reduction="none", softcap=softcap, chunk_size=chunk_size, loss_dtype=torch.float32)
     return -nll
 
 

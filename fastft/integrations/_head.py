@@ -113,3 +113,22 @@ def head_operands(head: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor, Opti
     widened_weight = torch.cat([base.weight.to(dtype), branch.lora_B.to(dtype)], dim=1)
     bias = base.bias.to(dtype) if base.bias is not None else None
     return widened_input, widened_weight, bias
+
+
+def logit_transforms(model: nn.Module) -> tuple[Optional[float], Optional[float]]:
+    """(softcap, multiplier) that the model's forward applies to the logits before its loss, read from the
+    config's attributes: Gemma-2/3 ``final_logit_softcapping`` (tanh cap), Cohere ``logit_scale`` (times) and
+    Granite ``logits_scaling`` (divided by). Whether the forward really transformed the logits is checked
+    at every fused forward of causal_lm_loss; fastft.patch also checks the loss of unknown model types."""
+    config = getattr(model, "config", None)
+    get_text_config = getattr(config, "get_text_config", None)
+    if callable(get_text_config):
+        config = get_text_config()
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+    scaling = getattr(config, "logits_scaling", None)
+    if scale is not None and scaling is not None:
+        raise ValueError(f"{type(model).__name__}'s config has both logit_scale and logits_scaling; fastft does not "
+                         "know which one its forward applies")
+    multiplier = float(scale) if scale is not None else (1.0 / float(scaling) if scaling is not None else None)
+    return (float(softcap) if softcap is not None else None), multiplier

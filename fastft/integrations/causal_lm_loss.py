@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from ..ops import linear_cross_entropy as fused_linear_cross_entropy
 from ..tuners.base import unwrap
-from ._head import head_operands
+from ._head import head_operands, logit_transforms
 from ._head import unsupported_reason as unsupported_head_reason
 
 __all__ = ["LossPatchInfo", "patch_causal_lm_loss", "patch_info", "unpatch", "is_patched"]
@@ -95,25 +95,6 @@ def patch_info(model: nn.Module) -> Optional[LossPatchInfo]:
     return LossPatchInfo(state.lm_head, state.softcap, state.logit_multiplier, state.saved.get("model.forward"))
 
 
-def _logit_transforms(model: nn.Module) -> tuple[Optional[float], Optional[float]]:
-    """(softcap, multiplier) that the model's forward applies to the logits before its loss, read from the
-    config's attributes: Gemma-2/3 ``final_logit_softcapping`` (tanh cap), Cohere ``logit_scale`` (times) and
-    Granite ``logits_scaling`` (divided by). Whether the forward really transformed the logits is checked
-    at every fused forward (``_loss_function``); fastft.patch also checks the loss of unknown model types."""
-    config = getattr(model, "config", None)
-    get_text_config = getattr(config, "get_text_config", None)
-    if callable(get_text_config):
-        config = get_text_config()
-    softcap = getattr(config, "final_logit_softcapping", None)
-    scale = getattr(config, "logit_scale", None)
-    scaling = getattr(config, "logits_scaling", None)
-    if scale is not None and scaling is not None:
-        raise ValueError(f"{type(model).__name__}'s config has both logit_scale and logits_scaling; fastft does not "
-                         "know which one its forward applies")
-    multiplier = float(scale) if scale is not None else (1.0 / float(scaling) if scaling is not None else None)
-    return (float(softcap) if softcap is not None else None), multiplier
-
-
 def patch_causal_lm_loss(model: nn.Module, *, return_logits: bool = False, chunk_size: Optional[int] = None) -> nn.Module:
     """Route the loss of a causal LM's labelled forward (train and eval) through the fused linear
     cross-entropy (in place; returns ``model``). ``return_logits``: also return logits then (they are built).
@@ -137,7 +118,7 @@ def patch_causal_lm_loss(model: nn.Module, *, return_logits: bool = False, chunk
         raise ValueError(f"{type(target).__name__} uses loss_type={loss_type!r}; only 'ForCausalLM' can be fused")
     if "labels" not in inspect.signature(type(target).forward).parameters:
         raise TypeError(f"{type(target).__name__}.forward takes no `labels`: not a causal LM head")
-    softcap, multiplier = _logit_transforms(target)
+    softcap, multiplier = logit_transforms(target)
     state = _PatchState(lm_head=lm_head, return_logits=bool(return_logits), chunk_size=chunk_size, softcap=softcap,
                         logit_multiplier=multiplier)
     state.stock_loss = target.loss_function

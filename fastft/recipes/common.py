@@ -245,21 +245,6 @@ def cross_entropy(cfg, logits: Tensor, target: Tensor, weight: Optional[Tensor] 
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), w, reduction=reduction)
 
 
-def backbone_hidden_and_head(model: nn.Module, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                             **kwargs) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """(final hidden states [B, T, H], head weight [V, H], head bias or None) of a ``*ForCausalLM`` model,
-    for the fused heads of fastft.rl (token_logprobs, distillation_loss): the model's own forward runs
-    (through any DDP/FSDP wrapper, so their hooks fire) with ``logits_to_keep=1``, so the head builds one
-    position's logits, not [B, T, V]; the last of ``hidden_states`` is the decoder's normed output. The
-    head must be a plain ``nn.Linear`` (LoRA's "all-linear" leaves it so)."""
-    head = unwrap(model).get_output_embeddings()
-    if type(head) is not nn.Linear:
-        raise ValueError(f"the output layer is a {type(head).__name__}; the fused head needs a plain nn.Linear")
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1,
-                use_cache=False, **kwargs)
-    return out.hidden_states[-1], head.weight, head.bias
-
-
 @torch.no_grad()
 def greedy_answers(model: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int, device) -> list[str]:
     """The greedy completions of ``prompts`` (token id lists; left-padded so generation continues every

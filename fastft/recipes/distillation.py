@@ -29,12 +29,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastft import rl
+from fastft.integrations.fused_head import HeadOperands, call_with_fused_head, output_layer
 from fastft.runtime import data as D
 from fastft.runtime.config import ConfigError
 from fastft.runtime.models import BUILDERS, register_model
 from fastft.runtime.tasks import register_task
+from fastft.tuners.base import is_sharded
 
-from .common import (Monitor, RecipeTask, StepStats, backbone_hidden_and_head, check_choice, greedy_answers, pad,
+from .common import (Monitor, RecipeTask, StepStats, check_choice, greedy_answers, pad,
                      recipe_options)
 
 
@@ -95,13 +97,22 @@ def distillation_kl(cfg, options: DistillationOptions, student: nn.Module, teach
     mode = mode or options.mode
     ids, attention, mask = batch["input_ids"], batch["attention_mask"], batch["mask"]
     if cfg.kernels.stack.loss:
-        hs, ws, bs = backbone_hidden_and_head(student, ids, attention)
+        # Both heads' operands are read inside their model's forward (call_with_fused_head); the teacher's are
+        # used after its forward, so its head must be whole there (not FSDP2-sharded: it is not trained).
+        if is_sharded(output_layer(teacher).weight):
+            raise ValueError("the fused distillation head needs the teacher's output layer whole (not FSDP2-sharded)")
         with torch.no_grad():
-            ht, wt, bt = backbone_hidden_and_head(teacher, ids, attention)
-        if bs is not None or bt is not None:
-            raise ValueError("the fused distillation head takes bias-free output layers")
-        return rl.distillation_loss(hs[:, :-1], ws, ht[:, :-1], wt, mode=mode, mix=options.mix, mask=mask,
-                                    temperature=options.temperature)
+            teacher_head = call_with_fused_head(teacher, lambda head: (head.input, head), input_ids=ids,
+                                                attention_mask=attention, use_cache=False)[1]
+
+        def student_kl(head: HeadOperands) -> Tensor:
+            if head.bias is not None or teacher_head.bias is not None or head.softcap or teacher_head.softcap:
+                raise ValueError("the fused distillation head takes bias-free output layers without a soft cap")
+            return rl.distillation_loss(head.input[:, :-1], head.weight, teacher_head.input[:, :-1],
+                                        teacher_head.weight, mode=mode, mix=options.mix, mask=mask,
+                                        temperature=options.temperature)
+
+        return call_with_fused_head(student, student_kl, input_ids=ids, attention_mask=attention, use_cache=False)
     log_s = torch.log_softmax(student(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
                               / options.temperature, -1)
     with torch.no_grad():

@@ -32,12 +32,13 @@ import torch
 from torch import Tensor, nn
 
 from fastft import rl
+from fastft.integrations.fused_head import HeadOperands, call_with_fused_head
 from fastft.runtime import data as D
 from fastft.runtime.config import ConfigError
 from fastft.runtime.models import build_model
 from fastft.runtime.tasks import register_task
 
-from .common import Monitor, RecipeTask, StepStats, backbone_hidden_and_head, check_choice, greedy_answers, pad
+from .common import Monitor, RecipeTask, StepStats, check_choice, greedy_answers, pad
 
 
 @dataclass(frozen=True)
@@ -88,11 +89,16 @@ def sequence_logprobs(cfg, model: nn.Module, batch: dict) -> Tensor:
     ids, mask = batch["input_ids"], batch["attention_mask"]
     targets = ids[:, 1:].masked_fill(batch["completion_mask"][:, 1:] == 0, -100)
     if cfg.kernels.stack.loss:
-        hidden, weight, bias = backbone_hidden_and_head(model, ids, mask)
-        # the head runs on the completion positions only (as TRL's fused head): prompts and padding cost no GEMM
+        # inside the model's forward (call_with_fused_head: FSDP2-sharded and LoRA'd heads too); the head runs
+        # on the completion positions only (as TRL's fused head): prompts and padding cost no GEMM
         counted = targets != -100
         rows = counted.nonzero()[:, 0]
-        logp = rl.token_logprobs(hidden[:, :-1][counted], weight, targets[counted], bias=bias)
+
+        def completion_logprobs(head: HeadOperands) -> Tensor:
+            return rl.token_logprobs(head.input[:, :-1][counted], head.weight, targets[counted], bias=head.bias,
+                                     softcap=head.softcap)
+
+        logp = call_with_fused_head(model, completion_logprobs, input_ids=ids, attention_mask=mask, use_cache=False)
         return torch.zeros(ids.shape[0], dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
     logp = torch.log_softmax(logits.float(), -1).gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)

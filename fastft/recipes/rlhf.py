@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from fastft import rl
+from fastft.integrations.fused_head import HeadOperands, call_with_fused_head, fused_head_unsupported
 from fastft.runtime import data as D
 from fastft.runtime.config import ConfigError
 from fastft.runtime.models import BUILDERS, build_model, register_model
@@ -53,7 +54,7 @@ from fastft.runtime.parallel import unwrap
 from fastft.runtime.tasks import register_task
 from fastft.runtime.trainer import Callback
 
-from .common import (Monitor, RecipeTask, ScalarHead, StepStats, backbone_hidden_and_head, check_choice, pad,
+from .common import (Monitor, RecipeTask, ScalarHead, StepStats, check_choice, pad,
                      recipe_options)
 
 VALUE_HEAD_BUILDER = "causal_lm_value_head"
@@ -150,25 +151,13 @@ def completion_mask(completions: Tensor, eos_id: int) -> Tensor:
 
 
 def fused_logprobs_unsupported(cfg, model: nn.Module) -> str | None:
-    """Why :func:`sampled_logprobs` cannot read ``model``'s log-probs from hidden states and the head weight
-    (it then builds the logits), or None. ``token_logprobs`` takes a plain weight (and bias): a head that is
-    not exactly an nn.Linear (a LoRA'd head computes more than ``h @ W.T``), one sharded by FSDP2 (its
-    weight is whole only inside the model's own forward), or logits the model transforms after the head
-    (Gemma 2's soft cap, Granite's scaling) would give other numbers."""
+    """Why :func:`policy_pass` cannot compute ``model``'s log-probs from its head's operands (it then builds
+    the logits), or None: the kernels are off, or the output layer is neither a plain ``nn.Linear`` nor a
+    LoRA'd one (:func:`fastft.integrations.fused_head.fused_head_unsupported`). FSDP2-sharded heads, LoRA'd
+    heads and logit transforms (soft cap, scaling) are fused."""
     if not cfg.kernels.stack.loss:
         return "kernels.loss is off (the stock comparison builds the logits)"
-    base = unwrap(model)
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if type(head) is not nn.Linear:
-        return f"the output layer is a {type(head).__name__}, not a plain nn.Linear"
-    from fastft.tuners.base import is_sharded
-
-    if is_sharded(head.weight):
-        return "the output layer's weight is sharded (FSDP2)"
-    config = getattr(base, "config", None)
-    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logits_scaling", None) not in (None, 1, 1.0):
-        return "the model transforms its logits after the head (soft cap / scaling)"
-    return None
+    return fused_head_unsupported(model)
 
 
 def policy_pass(cfg, model: nn.Module, seqs: Tensor, mask: Tensor, prompt_len: int, temperature: float,
@@ -176,18 +165,22 @@ def policy_pass(cfg, model: nn.Module, seqs: Tensor, mask: Tensor, prompt_len: i
     """(log p(token) of every completion token of ``seqs`` ([N, T]) under ``model`` [N, C], and with
     ``hidden`` the final hidden states that predict those tokens [N, C, H]; else None).
 
-    Fused (the kernel stack's loss on, the head a plain nn.Linear): the model runs with its head on one
-    position only (``logits_to_keep=1``) and returns its final hidden states; ``fastft.rl.token_logprobs``
-    computes the log-probs from them and the head weight in chunks. Going through the model's own forward
-    (not its decoder alone) keeps DDP's and FSDP's hooks. Otherwise (:func:`fused_logprobs_unsupported`
-    says why) the head builds the logits of the completion positions (``logits_to_keep``) and
-    fastft's selective_log_softmax (torch's log_softmax + gather with the kernels off) reads them."""
+    Fused: ``fastft.rl.token_logprobs`` runs inside the model's own forward, where its output layer is
+    called (``call_with_fused_head``: DDP's and FSDP's hooks fire, an FSDP2-sharded head is whole, a LoRA'd
+    head gives its widened operands), on the completion positions' hidden states: no [N, T, V] logits.
+    Otherwise (:func:`fused_logprobs_unsupported` says why) the head builds the logits of the completion
+    positions (``logits_to_keep``) and fastft's selective_log_softmax (torch's log_softmax + gather with the
+    kernels off) reads them."""
     completions = seqs[:, prompt_len:]
     positions = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: positions count real tokens, as generate does
     if fused_logprobs_unsupported(cfg, model) is None:
-        final, weight, bias = backbone_hidden_and_head(model, seqs, mask, position_ids=positions)
-        states = final[:, prompt_len - 1:-1]
-        logp = rl.token_logprobs(states, weight, completions, bias=bias, temperature=temperature)
+        def completion_logprobs(head: HeadOperands):
+            logp = rl.token_logprobs(head.input[:, prompt_len - 1:-1], head.weight, completions, bias=head.bias,
+                                     temperature=temperature, softcap=head.softcap)
+            return logp, head.hidden[:, prompt_len - 1:-1]
+
+        logp, states = call_with_fused_head(model, completion_logprobs, input_ids=seqs, attention_mask=mask,
+                                            position_ids=positions, use_cache=False)
         return logp, states if hidden else None
     out = model(input_ids=seqs, attention_mask=mask, position_ids=positions, use_cache=False,
                 logits_to_keep=completions.shape[1] + 1, output_hidden_states=hidden)

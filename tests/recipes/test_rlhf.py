@@ -88,15 +88,24 @@ def ppo_config(tmp_path, options=None, **sections):
     return config(tmp_path, opts, model={"builder": "causal_lm_value_head"}, **sections)
 
 
-def test_fused_logprobs_equal_the_logits_path(tmp_path):
-    """kernels.loss on: token_logprobs from the final hidden states and the head weight (no logits); off:
-    the logits path. Same log-probs and the same gradients."""
+@pytest.mark.parametrize("lora_head", [False, True], ids=["plain_head", "lora_head"])
+def test_fused_logprobs_equal_the_logits_path(tmp_path, lora_head):
+    """kernels.loss on: token_logprobs inside the model's forward from its head's operands (no logits; a
+    LoRA'd head gives its widened operands); off: the logits path. Same log-probs, hidden states and
+    gradients of every trainable parameter."""
     from fastft.recipes.rlhf import fused_logprobs_unsupported, policy_pass
     from fastft.runtime.config import replace
 
-    cfg = config(tmp_path, run={"max_steps": 1})
+    lora = {"enabled": True, "r": 4, "target_modules": ["lm_head", "q_proj"]} if lora_head else {}
+    cfg = config(tmp_path, run={"max_steps": 1}, **({"lora": lora} if lora else {}))
     trainer = Trainer(cfg)
     model, task = unwrap(trainer.model), trainer.task
+    if lora_head:
+        assert type(model.lm_head).__name__ != "Linear"
+        with torch.no_grad():  # B starts at 0: make the LoRA branch count
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
     assert fused_logprobs_unsupported(cfg, model) is None
     off = replace(cfg, kernels={"loss": False})
     assert "kernels.loss" in fused_logprobs_unsupported(off, model)
@@ -104,23 +113,16 @@ def test_fused_logprobs_equal_the_logits_path(tmp_path):
     seqs, cmask = task._generate(model, batch, greedy=False, repeats=2)
     mask = torch.cat([batch["attention_mask"].repeat_interleave(2, 0), cmask], 1)
     prompt_len = batch["input_ids"].shape[1]
-    grads = []
+    trained = [p for p in model.parameters() if p.requires_grad]
+    results = []
     for c in (cfg, off):
         model.zero_grad()
         logp, hidden = policy_pass(c, model, seqs, mask, prompt_len, 0.8, hidden=True)
         (logp * cmask).sum().backward()
-        grads.append((logp.detach(), hidden.detach(), model.lm_head.weight.grad.clone()))
-    for a, b in zip(*grads):
+        results.append((logp.detach(), hidden.detach(), *[p.grad.clone() for p in trained]))
+    assert len(results[0]) > 2
+    for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-
-
-def test_a_lora_head_falls_back_to_the_logits_path(tmp_path):
-    from fastft.recipes.rlhf import fused_logprobs_unsupported
-
-    cfg = config(tmp_path, run={"max_steps": 1}, lora={"enabled": True, "r": 4, "target_modules": ["lm_head"]})
-    trainer = Trainer(cfg)
-    assert "not a plain nn.Linear" in fused_logprobs_unsupported(cfg, unwrap(trainer.model))
-    trainer.train_step(0)  # runs through the logits path
 
 
 def _plain_gae(rewards, values, mask, gamma, lam):
