@@ -5,6 +5,8 @@ import sys
 
 # tests/ops/op_db.py (the op database: samples, truths, bad inputs) is read by tests/ops and tests/cuda alike.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "ops"))
+# tests/distributed/gloo_workers.py launches and runs the torchrun checks of tests/distributed and tests/integrations.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed"))
 
 if "TRITON_INTERPRET" not in os.environ:
     try:

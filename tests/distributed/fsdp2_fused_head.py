@@ -4,15 +4,14 @@ so the head's weight is a shard outside the forward) gives the unsharded model's
 over ranks as FSDP does, its gradients: a fully trained Llama (the sharded head weight gets its gradient)
 and a PEFT-LoRA'd one with LoRA on the head."""
 import copy
-import gc
 import os
 import sys
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "integrations"))
 
+from gloo_workers import worker_main  # noqa: E402
 from patch_models import tiny_model  # noqa: E402
 
 from fastft import rl  # noqa: E402
@@ -73,21 +72,7 @@ def check(lora_head: bool, rank: int, world: int) -> None:
     assert checked >= 4, checked
 
 
-def main() -> int:
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.set_num_threads(1)
-    try:
-        for lora_head in (False, True):
-            check(lora_head, rank, world)
-    finally:
-        gc.collect()  # FSDP2 state in reference cycles: freed now, not at interpreter exit (gloo aborts there)
-        dist.destroy_process_group()
-    if rank == 0:
-        print("FSDP2_FUSED_HEAD_OK")
-    return 0
-
-
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    sys.exit(main())
+    sys.exit(worker_main([lambda rank, world: check(False, rank, world),
+                          lambda rank, world: check(True, rank, world)], "FSDP2_FUSED_HEAD_OK"))

@@ -2,15 +2,14 @@
 fastft.nn.LinearCrossEntropyLoss, sharded with FSDP2 (fully_shard), must give the same loss and
 gradients as the unsharded model on the same global batch."""
 import copy
-import gc
 import os
 import sys
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from fastft.nn.linear_cross_entropy import LinearCrossEntropyLoss
+from gloo_workers import worker_main
 
 try:
     from torch.distributed.fsdp import fully_shard
@@ -64,20 +63,7 @@ def check(freeze_head: bool, rank: int, world: int) -> None:
         torch.testing.assert_close(grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def main() -> int:
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    try:
-        for freeze_head in (False, True):
-            check(freeze_head, rank, world)
-    finally:
-        gc.collect()  # FSDP2 state in reference cycles: freed now, not at interpreter exit (gloo aborts there)
-        dist.destroy_process_group()
-    if rank == 0:
-        print("FSDP2_LINEAR_CROSS_ENTROPY_OK")
-    return 0
-
-
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    sys.exit(main())
+    sys.exit(worker_main([lambda rank, world: check(False, rank, world),
+                          lambda rank, world: check(True, rank, world)], "FSDP2_LINEAR_CROSS_ENTROPY_OK"))

@@ -3,18 +3,18 @@ FSDP2 (fully_shard per decoder layer and the root) and then fastft.patch'ed trai
 model on the same global batch: 5 AdamW steps, losses and final adapter parameters. Llama (untied, LoRA on
 lm_head too) and Gemma-2 (tied head, softcap)."""
 import copy
-import gc
 import os
 import sys
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "distributed"))
 
 import peft  # noqa: E402
 
 import fastft  # noqa: E402
+from gloo_workers import worker_main  # noqa: E402
 from patch_models import batches, tiny_model  # noqa: E402
 
 try:
@@ -69,18 +69,6 @@ def check(model_type, rank, world):
     handle.undo()
 
 
-def main():
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.set_num_threads(1)
-    for model_type in ("llama", "gemma2"):
-        check(model_type, rank, world)
-    dist.barrier()
-    if rank == 0:
-        print("FSDP2_PATCH_OK")
-    gc.collect()  # FSDP2 state in reference cycles: freed now, not at interpreter exit (gloo aborts there)
-    dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main()
+    sys.exit(worker_main([lambda rank, world, t=model_type: check(t, rank, world) for model_type in ("llama", "gemma2")],
+                         "FSDP2_PATCH_OK"))
