@@ -222,7 +222,7 @@ def _config(device: torch.device, dtype: torch.dtype) -> dict:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=1,
                     DOWN_BLOCK_M=64, DOWN_BLOCK_K=64, down_warps=4, down_stages=1)
     # The GEMM holds no rank-r state through its K loop (inner comes from _lora_down_kernel), so its tiles
-    # are a plain GEMM's; stages chosen from the sm_90 compile (tests/lowrank_specs.py).
+    # are a plain GEMM's; stages chosen from the sm_90 compile (tests/kernels/lowrank_specs.py).
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3,
                     DOWN_BLOCK_M=32, DOWN_BLOCK_K=64, down_warps=4, down_stages=3)

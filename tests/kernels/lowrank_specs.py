@@ -1,4 +1,4 @@
-"""sm_90 compile specs (tests/sm90_compile.py) of the low-rank and row kernels at the launch configurations
+"""sm_90 compile specs (tests/kernels/sm90_compile.py) of the low-rank and row kernels at the launch configurations
 production uses on CUDA: bf16, hidden 4096, LoRA r = 16, adapter r = 64. Block sizes and warps come from the
 launchers' own config functions, so the figures follow the code. Pointers are 16-byte aligned (as torch's
 allocator gives). Ints: the GEMM specs mark sizes and strides divisible by 16, as the JIT specialises them at

@@ -12,7 +12,7 @@ A kernel spec is ``(module, name, args, options)``: ``args`` maps every paramete
 int as divisible by 16 as the JIT specialises such values) or, for a constexpr, its value; ``options`` holds
 num_warps / num_stages. Run as a script it prints the table for the kernels of LOWRANK_SPECS:
 
-    python tests/sm90_compile.py [arch]
+    python tests/kernels/sm90_compile.py [arch]
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
 SM90_REGISTERS_PER_SM = 65536
 SM90_SHARED_PER_SM = 228 * 1024
 SM90_THREADS_PER_SM = 2048
@@ -102,20 +103,19 @@ def _compile_here(specs: list, arch: int) -> list:
 def compile_kernels(specs: list, arch: int = 90, timeout: float = 600) -> list:
     """Compile ``specs`` for sm_``arch`` in a child process (see the module docstring); a list of result dicts."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     code = ("import json, sys; sys.path.insert(0, %r); import sm90_compile as c; "
             "specs = json.load(sys.stdin); print(json.dumps(c._compile_here(specs, %d)))"
             % (os.path.dirname(os.path.abspath(__file__)), arch))
     done = subprocess.run([sys.executable, "-c", code], input=json.dumps(specs), capture_output=True, text=True,
-                          env=env, cwd=root, timeout=timeout)
+                          env=env, cwd=ROOT, timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"sm_{arch} compile failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's fastft
+    sys.path.insert(0, ROOT)  # this checkout's fastft
     import lowrank_specs
 
     arch = int(sys.argv[1]) if len(sys.argv) > 1 else 90

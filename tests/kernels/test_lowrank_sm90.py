@@ -1,5 +1,5 @@
 """The low-rank and row kernels as the GPU gets them, checked without a GPU: each is compiled ahead of time for
-sm_90 (tests/sm90_compile.py, tests/lowrank_specs.py: the launchers' production configurations) and its TTIR,
+sm_90 (tests/kernels/sm90_compile.py, tests/kernels/lowrank_specs.py: the launchers' production configurations) and its TTIR,
 PTX and cubin are read. One child-process compile for the module (~1 min on this CPU)."""
 from __future__ import annotations
 
