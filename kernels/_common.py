@@ -86,6 +86,8 @@ def gradient_buffer(logits: Tensor, out: Optional[Tensor], name: str) -> Tensor:
     n, v = logits.shape
     if out is None:
         return torch.empty((n, v), dtype=logits.dtype, device=logits.device)
+    if out is logits and logits.is_contiguous():  # the chunked heads' call: no storage pointers to compare
+        return out
     if out.shape != (n, v) or out.dtype != logits.dtype or not out.is_contiguous() or out.device != logits.device:
         raise ValueError(f"{name}: out must be a contiguous ({n}, {v}) {logits.dtype} tensor on {logits.device}")
     if out.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr() and not (
