@@ -37,7 +37,7 @@ namespace {
 
 using at::vec::Vectorized;
 using namespace row_softmax;  // acc_t, row_values, row_max, row_sum_exp, store_row, fill_row, Scratch,
-                              // store_streaming, for_each_chunk_aligned, zero_row
+                              // store_streaming, for_each_chunk_aligned, for_each_vector, lane_sum, zero_row
 
 // Sweep 2 of full_kl: S_p, S_r and D (see the top), parking the exps when asked.
 template <typename acc>
@@ -60,13 +60,10 @@ void kl_row_sums(const acc* xp, const acc* xr, int64_t V, acc inv_t, acc m_a, ac
     sr = sr + f;
     d = d + Vec::blendv(e * (vp - vr), zero, e == zero);  // pi_j = 0 counts 0 (never 0 * inf)
   };
-  int64_t j = 0;
-  for (; j + Vec::size() <= V; j += Vec::size()) chunk(j, Vec::size());
-  if (j < V) chunk(j, V - j);
-  auto add = [](Vec& x, Vec& y) { return x + y; };
-  S_p = at::vec::vec_reduce_all<acc>(add, sp);
-  S_r = at::vec::vec_reduce_all<acc>(add, sr);
-  D = at::vec::vec_reduce_all<acc>(add, d);
+  for_each_vector<acc>(V, chunk);
+  S_p = lane_sum(sp);
+  S_r = lane_sum(sr);
+  D = lane_sum(d);
 }
 
 // Gradient sweep of full_kl, shared by the fused forward and the backward:
@@ -288,12 +285,9 @@ void entropy_row_sums(const acc* xs, int64_t V, acc inv_t, acc m, acc& S, acc& D
     s = s + e;
     d = d + Vec::blendv(e * t, zero, e == zero);
   };
-  int64_t j = 0;
-  for (; j + Vec::size() <= V; j += Vec::size()) chunk(j, Vec::size());
-  if (j < V) chunk(j, V - j);
-  auto add = [](Vec& x, Vec& y) { return x + y; };
-  S = at::vec::vec_reduce_all<acc>(add, s);
-  D = at::vec::vec_reduce_all<acc>(add, d);
+  for_each_vector<acc>(V, chunk);
+  S = lane_sum(s);
+  D = lane_sum(d);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_log_softmax_fwd_cpu(const at::Tensor& logits,
@@ -405,9 +399,7 @@ at::Tensor selective_log_softmax_bwd_cpu(const at::Tensor& grad_logp, const c10:
           const Vec gj = zero - p * at::vec::fmadd(khv, logp + hv, kv);
           Vec::blendv(gj, zero, p == zero).store(dst + j, n);
         };
-        int64_t j = 0;
-        for (; j + Vec::size() <= V; j += Vec::size()) chunk(j, Vec::size());
-        if (j < V) chunk(j, V - j);
+        for_each_vector<acc>(V, chunk);
         const acc logp_y = z_y - l, p_y = std::exp(logp_y);
         dst[y] = k - (p_y > acc(0) ? p_y * (k + kh * (logp_y + H)) : acc(0));
         if constexpr (!same) store_row<scalar_t, acc>(g, dst, V);

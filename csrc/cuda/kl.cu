@@ -40,6 +40,7 @@ namespace fastft {
 namespace {
 
 using cuda_rows::block_allreduce;
+using cuda_rows::combine_online;
 using cuda_rows::CombineMaxSum;
 using cuda_rows::MaxSum;
 using cuda_rows::online_add;
@@ -77,14 +78,9 @@ __device__ __forceinline__ void policy_add(PolicySums& st, float a, float delta)
 struct CombinePolicySums {
   __device__ __forceinline__ static PolicySums identity() { return {-INFINITY, 0.f, 0.f}; }
   __device__ __forceinline__ PolicySums operator()(PolicySums a, PolicySums b) const {
-    if (b.m > a.m) {
-      const PolicySums t = a;
-      a = b;
-      b = t;
-    }
-    if (b.m == -INFINITY) return a;
-    const float r = expf(b.m - a.m);
-    return {a.m, a.s + b.s * r, a.d + scaled(b.d, r)};
+    return combine_online(a, b, [](PolicySums x, PolicySums y, float r) {
+      return PolicySums{x.m, x.s + y.s * r, x.d + scaled(y.d, r)};
+    });
   }
 };
 
@@ -279,14 +275,10 @@ __device__ __forceinline__ void entropy_add(EntropySums& st, float z) {
 struct CombineEntropySums {
   __device__ __forceinline__ static EntropySums identity() { return {-INFINITY, 0.f, 0.f}; }
   __device__ __forceinline__ EntropySums operator()(EntropySums a, EntropySums b) const {
-    if (b.m > a.m) {
-      const EntropySums t = a;
-      a = b;
-      b = t;
-    }
-    if (b.m == -INFINITY) return a;  // nothing on one side; avoids (-inf) - (-inf)
-    const float r = expf(b.m - a.m);
-    return {a.m, a.s + b.s * r, a.d + (r > 0.f ? r * (b.d + (b.m - a.m) * b.s) : 0.f)};
+    // b's D moves from b's max to a's: r (D_b + (m_b - m_a) S_b)
+    return combine_online(a, b, [](EntropySums x, EntropySums y, float r) {
+      return EntropySums{x.m, x.s + y.s * r, x.d + (r > 0.f ? r * (y.d + (y.m - x.m) * y.s) : 0.f)};
+    });
   }
 };
 

@@ -144,13 +144,18 @@ def linear_cross_entropy_truth(input, linear_weight, target, *, linear_bias=None
     return cross_entropy_truth(F.linear(input, linear_weight, linear_bias), target, **kw)
 
 
-def linear_cross_entropy_samples(dtype, device):
-    n, h, v = 11, 19, 37
+def linear_head_inputs(dtype, device, n=11, h=19, v=37):
+    """(hidden [n, h], weight [v, h], bias [v], targets [n] with every third -100) of the linear-head samples."""
     x = torch.randn(n, h, device=device).to(dtype).requires_grad_()
     w = (torch.randn(v, h, device=device) / h ** 0.5).to(dtype).requires_grad_()
     b = (torch.randn(v, device=device) * 0.1).to(dtype).requires_grad_()
     t = torch.randint(0, v, (n,), device=device)
     t[::3] = -100
+    return x, w, b, t
+
+
+def linear_cross_entropy_samples(dtype, device):
+    x, w, b, t = linear_head_inputs(dtype, device)
     return [
         Sample((x, w, t), {"chunk_size": 4}, "mean, 3 chunks"),
         Sample((x, w, t), {"linear_bias": b, "reduction": "none", "label_smoothing": 0.1}, "none+bias"),
@@ -274,12 +279,8 @@ def linear_selective_log_softmax_truth(hidden, weight, target, *, bias=None, tem
 
 
 def linear_selective_log_softmax_samples(dtype, device):
-    n, h, v = 11, 19, 37
-    x = torch.randn(n, h, device=device).to(dtype).requires_grad_()
-    w = (torch.randn(v, h, device=device) / h ** 0.5).to(dtype).requires_grad_()
-    b = (torch.randn(v, device=device) * 0.1).to(dtype).requires_grad_()
-    t = torch.randint(0, v, (n,), device=device)
-    t[::3] = -100
+    x, w, b, t = linear_head_inputs(dtype, device)
+    n, h = x.shape
     return [
         Sample((x, w, t), {"chunk_size": 4}, "3 chunks"),
         Sample((x, w, t), {"bias": b, "temperature": 0.7}, "bias, T=0.7"),

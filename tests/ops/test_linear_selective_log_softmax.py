@@ -13,28 +13,14 @@ import torch
 import torch.nn.functional as F
 
 import fastft
-import fastft.kernels.kl as triton_kl
 from fastft.ops import linear_selective_log_softmax, selective_log_softmax
 from fastft.ops.defs.linear_selective_log_softmax import linear_log_softmax_stats
 from op_db import log_softmax_entropy_truth
+# the KL family's hostile-value suite: its Triton tile (TILE = 64 columns, an autouse fixture) and backend skip
+from test_hostile_kl import BACKENDS, INF, TILE, _skip_unusable, small_triton_tiles  # noqa: F401
 
-BACKENDS = ["reference", "cpp", "triton"]
-TILE = 64  # Triton tile under the interpreter here: V = 203 is four lanes' tiles, the last one partial
-V, H = 203, 24
-INF = float("inf")
+V, H = 203, 24  # four Triton tiles of 64 per row, the last one partial
 ATOL = {torch.float32: 2e-6, torch.bfloat16: 1.6e-2}
-
-
-@pytest.fixture(autouse=True)
-def small_triton_tiles(monkeypatch):
-    monkeypatch.setattr(triton_kl, "row_config", lambda v, device: (TILE, 4))
-    monkeypatch.setattr(triton_kl, "lane_stats_config", lambda v, device: (TILE, 4))
-
-
-def _skip_unusable(backend):
-    ok, why = fastft.backend.status(backend)
-    if not ok:
-        pytest.skip(f"{backend}: {why}")
 
 
 def _case(n, seed=0, scale=1.0):
