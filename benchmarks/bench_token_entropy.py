@@ -129,28 +129,30 @@ def main(argv=None) -> str:
         loss.backward()
         return loss.detach()
 
-    losses = {name: step(name) for name in providers}  # also the warm-up
-    grads = {}
-    for name in providers:
-        step(name)
-        grads[name] = (hidden.grad.clone(), weight.grad.clone())
-    times = interleave({name: (lambda r, name=name: step(name)) for name in providers}, args.rounds,
-                       warmup_rounds=0, alternate=True)
-    peaks = {}
-    for name in providers:
+    def counted_peak(name):
         hidden.grad = weight.grad = None
         with LiveBytes() as tracker:
             step(name)
-        peaks[name] = tracker.peak
+        return tracker.peak
+
+    def grads_of(name):
+        step(name)
+        return hidden.grad.clone(), weight.grad.clone()
+
+    losses = {name: step(name) for name in providers}  # also the warm-up
+    grads = {name: grads_of(name) for name in providers}
+    times = interleave({name: (lambda r, name=name: step(name)) for name in providers}, args.rounds,
+                       warmup_rounds=0, alternate=True)
+    peaks = {name: counted_peak(name) for name in providers}
     full, old, ours = providers
     grad_err = max((x - y).abs().max().item() for x, y in zip(grads[ours], grads[full]))
-    lines = [f"log-probs + entropy, fwd+bwd (loss = sum(logp * a) + {ENTROPY_COEF} sum(entropy)), N={args.tokens} "
+    title = (f"log-probs + entropy, fwd+bwd (loss = sum(logp * a) + {ENTROPY_COEF} sum(entropy)), N={args.tokens} "
              f"H={args.hidden} V={args.vocab} fp32, CPU ({torch.get_num_threads()} threads), {args.rounds} "
-             "interleaved rounds", "", *loss_time_memory_table(losses, times, peaks, full)]
-    lines += ["", f"|fastft - full| loss = {abs(losses[ours] - losses[full]).item():.2e}, max |grad difference| "
-                  f"(hidden, weight) = {grad_err:.2e}; the old route's loss differs by the entropy's gradient only "
-                  f"(|old - full| loss = {abs(losses[old] - losses[full]).item():.2e}: same value, no entropy gradient)"]
-    return emit_text_report(lines, args.out)
+             "interleaved rounds")
+    agreement = (f"|fastft - full| loss = {abs(losses[ours] - losses[full]).item():.2e}, max |grad difference| "
+                 f"(hidden, weight) = {grad_err:.2e}; the old route's loss differs by the entropy's gradient only "
+                 f"(|old - full| loss = {abs(losses[old] - losses[full]).item():.2e}: same value, no entropy gradient)")
+    return emit_text_report([title, "", *loss_time_memory_table(losses, times, peaks, full), "", agreement], args.out)
 
 
 if __name__ == "__main__":

@@ -255,23 +255,6 @@ struct EntropySums {
   float d;
 };
 
-__device__ __forceinline__ void entropy_add(EntropySums& st, float z) {
-  if (z > st.m) {
-    if (z == INFINITY) {  // no softmax (inf / inf): NaN, as online_add
-      st.s = st.d = __int_as_float(0x7fc00000);
-    } else {
-      const float r = expf(st.m - z);  // 0 for the first element (m = -inf, S = D = 0)
-      st.d = r > 0.f ? r * (st.d + (st.m - z) * st.s) : 0.f;
-      st.s = st.s * r + 1.f;  // the new element adds exp(0) (z - m') = 0 to D
-    }
-    st.m = z;
-  } else if (z != -INFINITY) {  // p = 0 adds nothing (never 0 * -inf); NaN lands here and poisons S and D
-    const float t = z - st.m, e = expf(t);
-    st.s += e;
-    st.d += e * t;
-  }
-}
-
 struct CombineEntropySums {
   __device__ __forceinline__ static EntropySums identity() { return {-INFINITY, 0.f, 0.f}; }
   __device__ __forceinline__ EntropySums operator()(EntropySums a, EntropySums b) const {
@@ -281,6 +264,10 @@ struct CombineEntropySums {
     });
   }
 };
+
+// One logit z = x / T: merged as the one-element state {z, 1, 0}. That covers the first element (m = -inf), -inf
+// (p = 0: dropped, never 0 * -inf), NaN (r = NaN poisons S) and +inf (S = 1 at m = +inf: lse_of gives NaN).
+__device__ __forceinline__ void entropy_add(EntropySums& st, float z) { st = CombineEntropySums{}(st, {z, 1.f, 0.f}); }
 
 __device__ __forceinline__ EntropySums shfl_xor(EntropySums v, int lane_mask) {
   return {__shfl_xor_sync(0xffffffffu, v.m, lane_mask), __shfl_xor_sync(0xffffffffu, v.s, lane_mask),

@@ -163,26 +163,34 @@ def linear_cross_entropy_samples(dtype, device):
     ]
 
 
-def linear_cross_entropy_bad_inputs(device):
+def linear_head_bad_inputs(device, weight_name: str, bias_name: str, integer_message: str):
+    """(hidden, weight, target, the bad inputs every linear head refuses): the functional's arguments named
+    ``weight_name`` / ``bias_name`` (keyword) in its messages."""
     x = torch.randn(4, 8, device=device)
     w = torch.randn(10, 8, device=device)
     t = torch.zeros(4, dtype=torch.int64, device=device)
     bad = BadInput
-    return [
+    return x, w, t, [
         bad((x, torch.randn(10, 7, device=device), t), {}, ValueError, r"hidden size mismatch.*\(4, 8\).*\(10, 7\)"),
-        bad((x, w, t), {"linear_bias": torch.randn(9, device=device)}, ValueError,
-            r"linear_bias shape \(9,\).*\(10,\)"),
+        bad((x, w, t), {bias_name: torch.randn(9, device=device)}, ValueError, bias_name + r" shape \(9,\).*\(10,\)"),
         bad((torch.randn(2, 3, 8, device=device), w, torch.zeros(6, dtype=torch.int64, device=device)), {},
             ValueError, r"target shape \(6,\).*\(2, 3\)"),
-        bad((x, torch.randn(10, 8, 2, device=device), t), {}, ValueError, "linear_weight must be 2-D"),
-        bad((x, w.double(), t), {}, TypeError, "linear_weight dtype"),
-        bad((x, w, t.float()), {}, TypeError, "integer class indices"),
+        bad((x, torch.randn(10, 8, 2, device=device), t), {}, ValueError, f"{weight_name} must be 2-D"),
+        bad((x, w.double(), t), {}, TypeError, f"{weight_name} dtype"),
+        bad((x, w, t.float()), {}, TypeError, integer_message),
         bad((x, w, torch.full((4,), 10, device=device)), {}, ValueError, "out of range"),
+        bad((x, w, t), {"chunk_size": 0}, ValueError, "chunk_size"),
+        bad((x, w.to("meta"), t), {}, ValueError, f"{weight_name} is on meta"),
+    ]
+
+
+def linear_cross_entropy_bad_inputs(device):
+    x, w, t, common = linear_head_bad_inputs(device, "linear_weight", "linear_bias", "integer class indices")
+    bad = BadInput
+    return common + [
         bad((x, w, t), {"weight": torch.rand(9, device=device)}, ValueError, r"weight.*\(10,\)"),
         bad((x, w, t), {"reduction": "avg"}, ValueError, "reduction must be one of"),
-        bad((x, w, t), {"chunk_size": 0}, ValueError, "chunk_size"),
         bad((x, w, t), {"softcap": -1.0}, ValueError, "softcap"),
-        bad((x, w.to("meta"), t), {}, ValueError, "linear_weight is on meta"),
     ]
 
 
@@ -290,24 +298,12 @@ def linear_selective_log_softmax_samples(dtype, device):
 
 
 def linear_selective_log_softmax_bad_inputs(device):
-    x = torch.randn(4, 8, device=device)
-    w = torch.randn(10, 8, device=device)
-    t = torch.zeros(4, dtype=torch.int64, device=device)
+    x, w, t, common = linear_head_bad_inputs(device, "weight", "bias", "integer")
     bad = BadInput
-    return [
-        bad((x, torch.randn(10, 7, device=device), t), {}, ValueError, r"hidden size mismatch.*\(4, 8\).*\(10, 7\)"),
-        bad((x, w, t), {"bias": torch.randn(9, device=device)}, ValueError, r"bias shape \(9,\).*\(10,\)"),
-        bad((torch.randn(2, 3, 8, device=device), w, torch.zeros(6, dtype=torch.int64, device=device)), {},
-            ValueError, r"target shape \(6,\).*\(2, 3\)"),
-        bad((x, torch.randn(10, 8, 2, device=device), t), {}, ValueError, "weight must be 2-D"),
-        bad((x, w.double(), t), {}, TypeError, "weight dtype"),
-        bad((x, w, t.float()), {}, TypeError, "integer"),
-        bad((x, w, torch.full((4,), 10, device=device)), {}, ValueError, "out of range"),
+    return common + [
         bad((x, w, t), {"temperature": 0.0}, ValueError, "temperature"),
-        bad((x, w, t), {"chunk_size": 0}, ValueError, "chunk_size"),
         bad((x, w, t), {"ignore_index": 1.5}, TypeError, "ignore_index"),
         bad((x, w, t), {"return_entropy": 1}, TypeError, "return_entropy"),
-        bad((x, w.to("meta"), t), {}, ValueError, "weight is on meta"),
     ]
 
 
