@@ -23,10 +23,14 @@ TORCH_LIBRARY(fastft, m) {
   m.def(
       "full_kl_bwd_kernel(Tensor grad_kl, Tensor policy_logits, Tensor ref_logits, Tensor? mask, Tensor lse_p, "
       "Tensor lse_r, Tensor kl, float temperature, bool grad_policy, bool grad_ref) -> (Tensor, Tensor)");
-  m.def("selective_log_softmax_fwd_kernel(Tensor logits, Tensor index, float temperature) -> (Tensor, Tensor)");
+  // selective log-softmax + entropy: rows whose index is ignore_index give 0s and a zero gradient row;
+  // grad_out as cross-entropy's (it may be the logits; the result is then an empty tensor).
   m.def(
-      "selective_log_softmax_bwd_kernel(Tensor grad_logp, Tensor logits, Tensor index, Tensor lse, "
-      "float temperature) -> Tensor");
+      "selective_log_softmax_fwd_kernel(Tensor logits, Tensor index, float temperature, int ignore_index) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "selective_log_softmax_bwd_kernel(Tensor grad_logp, Tensor? grad_entropy, Tensor logits, Tensor index, "
+      "Tensor lse, Tensor entropy, float temperature, int ignore_index, Tensor(a!)? grad_out=None) -> Tensor");
 
   // LoRA linear (csrc/cpu/lora.cpp, csrc/cuda/lora.cu)
   m.def(

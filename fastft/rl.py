@@ -3,6 +3,7 @@ head (GAE, clipped policy and value losses, an adaptive KL coefficient), DPO, Br
 modelling and distillation between two models' heads.
 
     logp = token_logprobs(hidden, lm_head.weight, targets)            # fused linear cross-entropy, negated
+    logp, entropy = token_logprobs(hidden, lm_head.weight, targets, return_entropy=True)  # + differentiable entropy
     adv, ret = gae(rewards, values, mask, gamma=1.0, lam=0.95)
     pg, stats = ppo_policy_loss(logp, old_logp, adv, mask, clip_range=0.2)
     vf = value_loss(values, old_values, ret, mask, clip_range=0.2)
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import linear_cross_entropy, linear_full_kl
+from .ops import linear_cross_entropy, linear_full_kl, linear_selective_log_softmax
 
 __all__ = ["token_logprobs", "masked_mean", "gae", "ppo_policy_loss", "value_loss", "AdaptiveKLController",
            "dpo_loss", "bradley_terry_loss", "distillation_loss", "DISTILLATION_MODES", "DPO_LOSS_TYPES"]
@@ -39,18 +40,29 @@ def _check_same_shape(**tensors: Tensor) -> None:
 
 def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Optional[Tensor] = None,
                    temperature: float = 1.0, softcap: Optional[float] = None, ignore_index: int = -100,
-                   chunk_size: Optional[int] = None) -> Tensor:
+                   chunk_size: Optional[int] = None, return_entropy: bool = False):
     """``log_softmax(softcap(hidden @ weight.T + bias) / temperature).gather(-1, targets)`` per token, fp32, 0
-    where ``targets == ignore_index``, computed by fastft's fused linear cross-entropy in token chunks: the
-    [N, V] logits are never held, and gradients reach ``hidden``, ``weight`` and ``bias``. ``softcap``: the
-    tanh cap of Gemma-2/3 heads (``cap * tanh(z / cap)``), None for none. The temperature divides the logits,
-    so it is folded into the hidden states and bias, and into the cap: softcap_c(z) / T = softcap_{c/T}(z / T).
-    A model's head as it stands in the model (FSDP2-sharded, LoRA'd, scaled) gives its operands through
-    :func:`fastft.integrations.fused_head.call_with_fused_head`."""
+    where ``targets == ignore_index``, computed in token chunks: the [N, V] logits are never held, and
+    gradients reach ``hidden``, ``weight`` and ``bias``. ``softcap``: the tanh cap of Gemma-2/3 heads
+    (``cap * tanh(z / cap)``), None for none. A model's head as it stands in the model (FSDP2-sharded, LoRA'd,
+    scaled) gives its operands through :func:`fastft.integrations.fused_head.call_with_fused_head`.
+
+    Without the entropy: fastft's fused linear cross-entropy (it computes the gradients in forward; the
+    temperature is folded into the hidden states and bias, and into the cap: softcap_c(z) / T =
+    softcap_{c/T}(z / T)). ``return_entropy=True``: ``(logp, entropy)`` from
+    ``fastft.ops.linear_selective_log_softmax``, the entropy ``-sum_v p_v log p_v`` of the same softmax per
+    token (0 where ignored), both differentiable (an entropy bonus trains the policy through it); that op
+    takes no soft cap."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be > 0 or None, got {softcap!r}")
+    if return_entropy:
+        if softcap is not None:
+            raise ValueError("token_logprobs(return_entropy=True) takes no softcap: "
+                             "fastft.ops.linear_selective_log_softmax has no soft-cap option")
+        return linear_selective_log_softmax(hidden, weight, targets, bias=bias, temperature=temperature,
+                                            ignore_index=ignore_index, chunk_size=chunk_size, return_entropy=True)
     if temperature != 1.0:
         hidden = hidden / temperature
         bias = None if bias is None else bias / temperature

@@ -2,14 +2,14 @@
 interpreter's bf16 rounding workaround), tanh, per-row launch configuration and the device context."""
 import contextlib
 import functools
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["bf16_by_hand", "cast_for_store", "device_ctx", "row_config", "sm_count", "tanh"]
+__all__ = ["bf16_by_hand", "cast_for_store", "device_ctx", "gradient_buffer", "row_config", "sm_count", "tanh"]
 
 
 @triton.jit
@@ -78,3 +78,19 @@ def device_ctx(t: Tensor):
 def bf16_by_hand(t: Tensor) -> bool:
     # See cast_for_store: only the interpreter (tensors off CUDA) needs bf16 rounding done by hand.
     return t.dtype == torch.bfloat16 and t.device.type != "cuda"
+
+
+def gradient_buffer(logits: Tensor, out: Optional[Tensor], name: str) -> Tensor:
+    """``out`` (checked) or a new tensor like logits. ``out`` may be the logits themselves, contiguous:
+    each program reads a row's block before it stores that block's gradient."""
+    n, v = logits.shape
+    if out is None:
+        return torch.empty((n, v), dtype=logits.dtype, device=logits.device)
+    if out is logits and logits.is_contiguous():  # the chunked heads' call: no storage pointers to compare
+        return out
+    if out.shape != (n, v) or out.dtype != logits.dtype or not out.is_contiguous() or out.device != logits.device:
+        raise ValueError(f"{name}: out must be a contiguous ({n}, {v}) {logits.dtype} tensor on {logits.device}")
+    if out.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr() and not (
+            out.data_ptr() == logits.data_ptr() and logits.is_contiguous()):
+        raise ValueError(f"{name}: out shares logits' storage, so it must be exactly the (contiguous) logits")
+    return out

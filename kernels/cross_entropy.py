@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from ._common import bf16_by_hand, cast_for_store, device_ctx, row_config, sm_count, tanh
+from ._common import bf16_by_hand, cast_for_store, device_ctx, gradient_buffer, row_config, sm_count, tanh
 
 __all__ = ["cross_entropy_fwd", "cross_entropy_bwd", "scale_if_not_one_"]
 
@@ -333,20 +333,6 @@ def _alignment(logits: Tensor) -> dict:
     return dict(VEC=vec, GRAD_ALIGNED_LIKE_LOGITS=(logits.stride(0) - logits.shape[1]) % vec == 0)
 
 
-def _gradient_buffer(logits: Tensor, out: Optional[Tensor], name: str) -> Tensor:
-    """``out`` (checked) or a new tensor like logits. ``out`` may be the logits themselves, contiguous:
-    each program reads a row's block before it stores that block's gradient."""
-    n, v = logits.shape
-    if out is None:
-        return torch.empty((n, v), dtype=logits.dtype, device=logits.device)
-    if out.shape != (n, v) or out.dtype != logits.dtype or not out.is_contiguous() or out.device != logits.device:
-        raise ValueError(f"{name}: out must be a contiguous ({n}, {v}) {logits.dtype} tensor on {logits.device}")
-    if out.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr() and not (
-            out.data_ptr() == logits.data_ptr() and logits.is_contiguous()):
-        raise ValueError(f"{name}: out shares logits' storage, so it must be exactly the (contiguous) logits")
-    return out
-
-
 def cross_entropy_fwd(
     logits: Tensor,
     target: Tensor,
@@ -375,7 +361,7 @@ def cross_entropy_fwd(
     if out is not None and not return_grad:
         raise ValueError("cross_entropy_fwd: out= is the gradient's buffer; it needs grad_scale")
     if return_grad:
-        grad = _gradient_buffer(logits, out, "cross_entropy_fwd")
+        grad = gradient_buffer(logits, out, "cross_entropy_fwd")
     else:
         grad = torch.empty((0,), dtype=logits.dtype, device=device)
     if n == 0:
@@ -421,7 +407,7 @@ def cross_entropy_bwd(
     new tensor and may be ``logits`` itself (each block is read before its gradient is stored)."""
     n, v = _check_logits(logits, target, "cross_entropy_bwd")
     device = logits.device
-    grad = _gradient_buffer(logits, out, "cross_entropy_bwd")
+    grad = gradient_buffer(logits, out, "cross_entropy_bwd")
     if n == 0:
         return grad
     if grad_loss.numel() != n or lse.numel() != n:

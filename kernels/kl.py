@@ -21,15 +21,21 @@ Hostile values (the contract every backend keeps; tests/ops/test_hostile_kl.py):
   - The policy has mass where the reference logit is -inf -> KL = +inf (the math's value); the policy
     gradient row is NaN (an infinite loss has none), the reference gradient (rho - pi) / T stays finite.
 
-selective_log_softmax: logp = x_y / T - lse(x / T); d/dx_j = ([j == y] - softmax(x / T)_j) / T.
+selective_log_softmax, per row with z = x / T, p = softmax(z), index y (rows with y == ignore_index are not
+read: logp = lse = entropy = 0 and a zero gradient row; another y outside [0, V) gives NaN logp / gradient):
+    logp = z_y - lse(z),   H = -sum_j p_j log p_j = lse - sum_j p_j z_j = log S - D / S
+    with S = sum_j exp(z_j - M), D = sum_j exp(z_j - M) (z_j - M) for the row max M: D rides along the online
+    max and sum (_lane_entropy_step), relative to the max, so H does not cancel against it at large logits.
+    dz_j = g_logp ([j == y] - p_j) - g_H p_j (log p_j + H)   (d/dx = dz / T; p_j = 0 terms are 0)
 
 Launchers (the signatures fastft.ops.kl calls for backend "triton"; same as the C++ kernels):
   full_kl_fwd(policy, ref, mask, grad_scale, temperature, grad_policy, grad_ref)
       -> (kl[N] f32, lse_p[N] f32, lse_r[N] f32, grad_policy[N, V] | (0,), grad_ref[N, V] | (0,))
   full_kl_bwd(grad_kl, policy, ref, mask, lse_p, lse_r, kl, temperature, grad_policy, grad_ref)
       -> (grad_policy | (0,), grad_ref | (0,))
-  selective_log_softmax_fwd(logits, index, temperature) -> (logp[N] f32, lse[N] f32)
-  selective_log_softmax_bwd(grad_logp, logits, index, lse, temperature) -> grad[N, V]
+  selective_log_softmax_fwd(logits, index, temperature, ignore_index) -> (logp, lse, entropy: [N] f32)
+  selective_log_softmax_bwd(grad_logp, grad_entropy | None, logits, index, lse, entropy, temperature,
+                            ignore_index, out=None) -> grad[N, V] (out, which may be the logits, when given)
 Values are loaded, cast to fp32, computed on and cast on store (bf16 arithmetic is wrong in the
 interpreter). Row offsets are int64 (N * V passes 2**31 at LLM sizes).
 """
@@ -39,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from ._common import bf16_by_hand, cast_for_store, device_ctx, row_config
+from ._common import bf16_by_hand, cast_for_store, device_ctx, gradient_buffer, row_config
 
 
 __all__ = ["full_kl_fwd", "full_kl_bwd", "selective_log_softmax_fwd", "selective_log_softmax_bwd", "lane_stats_config"]
@@ -189,45 +195,78 @@ def _full_kl_bwd_kernel(
 
 
 @triton.jit
+def _lane_entropy_step(d, s, m_old, m_new, alpha, e, a):
+    """One lane's entropy numerator D = sum exp(a - m) (a - m), kept relative to the lane's running max m
+    (so it never cancels against the max, as sum exp(a - m) a would at logits of 1e4): when m grows to m',
+    D' = alpha (D + (m - m') S) with the lane's old sum S, then the new value adds e (a - m'). A lane that
+    has seen only -inf (alpha = 0, S = 0) restarts at 0, and e = 0 (a = -inf) adds 0, never 0 * inf."""
+    shift = tl.where(m_old < m_new, m_old - m_new, 0.0)
+    d = tl.where(alpha > 0.0, alpha * (d + shift * s), 0.0)
+    return d + tl.where(e > 0.0, e * (a - m_new), 0.0)
+
+
+@triton.jit
 def _selective_log_softmax_fwd_kernel(
-    logits_ptr, stride_row, index_ptr, logp_ptr, lse_ptr, V, inv_t, BLOCK: tl.constexpr,
+    logits_ptr, stride_row, index_ptr, logp_ptr, lse_ptr, entropy_ptr, V, inv_t, ignore_index, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = logits_ptr + row * stride_row
+    y = tl.load(index_ptr + row)
+    counted = y != ignore_index
     cols = tl.arange(0, BLOCK)
     m = tl.full((BLOCK,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK,), tl.float32)
+    d = tl.zeros((BLOCK,), tl.float32)
     for start in range(0, V, BLOCK):  # per-lane statistics, as in _full_kl_fwd_kernel
         offs = start + cols
-        a = tl.load(x_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_t
-        m, alpha, e = _lane_online_step(m, a)
+        a = tl.load(x_row + offs, mask=(offs < V) & counted, other=float("-inf")).to(tl.float32) * inv_t
+        m_new, alpha, e = _lane_online_step(m, a)
+        d = _lane_entropy_step(d, s, m, m_new, alpha, e, a)
         s = s * alpha + e
-    lane_w, m = _lane_weights(m)
-    lse = m + tl.log(tl.sum(s * lane_w, axis=0))
-    y = tl.load(index_ptr + row)
+        m = m_new
+    lane_w, row_max = _lane_weights(m)
+    # each lane's D moved from its own max to the row's: w (D + (m_lane - M) S_lane); empty lanes add 0
+    d = tl.sum(tl.where(lane_w > 0.0, lane_w * (d + tl.where(lane_w > 0.0, m - row_max, 0.0) * s), 0.0), axis=0)
+    s = tl.sum(s * lane_w, axis=0)
+    s = tl.where(counted, s, 1.0)  # an ignored row read nothing: keep its (discarded) stats finite
+    lse = row_max + tl.log(s)
+    entropy = tl.log(s) - d / s  # H = lse - sum_j p_j a_j = log S - D / S
     in_range = (y >= 0) & (y < V)
-    x_y = tl.load(x_row + tl.where(in_range, y, 0)).to(tl.float32)
-    tl.store(lse_ptr + row, lse)
-    tl.store(logp_ptr + row, tl.where(in_range, x_y * inv_t - lse, float("nan")))
+    x_y = tl.load(x_row + tl.where(in_range, y, 0), mask=counted, other=0.0).to(tl.float32)
+    tl.store(lse_ptr + row, tl.where(counted, lse, 0.0))
+    tl.store(entropy_ptr + row, tl.where(counted, entropy, 0.0))
+    tl.store(logp_ptr + row, tl.where(counted, tl.where(in_range, x_y * inv_t - lse, float("nan")), 0.0))
 
 
 @triton.jit
 def _selective_log_softmax_bwd_kernel(
-    grad_ptr_in, logits_ptr, stride_row, index_ptr, lse_ptr, grad_ptr, V, inv_t,
-    BF16_RNE_BY_HAND: tl.constexpr, BLOCK: tl.constexpr,
+    grad_logp_ptr, grad_entropy_ptr, logits_ptr, stride_row, index_ptr, lse_ptr, entropy_ptr, grad_ptr, V, inv_t,
+    ignore_index, HAS_GRAD_ENTROPY: tl.constexpr, BF16_RNE_BY_HAND: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    """dz_j = (1/T) [g_logp ([j == y] - p_j) - g_H p_j (log p_j + H)]; the p_j = 0 terms are 0 (log p_j = -inf).
+    grad_ptr may be the logits themselves: each element is read before its gradient is stored."""
     row = tl.program_id(0).to(tl.int64)
     x_row = logits_ptr + row * stride_row
     y = tl.load(index_ptr + row)
+    counted = y != ignore_index
     in_range = (y >= 0) & (y < V)
-    k = tl.where(in_range, tl.load(grad_ptr_in + row) * inv_t, float("nan"))
+    k = tl.where(in_range, tl.load(grad_logp_ptr + row) * inv_t, float("nan"))
+    k = tl.where(counted, k, 0.0)
     lse = tl.load(lse_ptr + row)
+    if HAS_GRAD_ENTROPY:
+        k_h = tl.where(counted, tl.load(grad_entropy_ptr + row) * inv_t, 0.0)
+        h = tl.load(entropy_ptr + row)
+        k_h = tl.where(h == h, k_h, float("nan"))  # a row without a distribution has no entropy gradient
     cols = tl.arange(0, BLOCK)
     for start in range(0, V, BLOCK):
         offs = start + cols
         mask = offs < V
-        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-        g = k * (tl.where(offs == y, 1.0, 0.0) - tl.exp(x * inv_t - lse))
+        z = tl.load(x_row + offs, mask=mask & counted, other=0.0).to(tl.float32) * inv_t
+        p = tl.exp(z - lse)
+        g = k * (tl.where(offs == y, 1.0, 0.0) - p)
+        if HAS_GRAD_ENTROPY:
+            g -= tl.where(p > 0.0, k_h * p * (z - lse + h), 0.0)
+        g = tl.where(counted, g, 0.0)
         tl.store(grad_ptr + row * V + offs, cast_for_store(g, grad_ptr.dtype.element_ty, BF16_RNE_BY_HAND), mask=mask)
 
 
@@ -331,34 +370,41 @@ def _check_index(logits: Tensor, index: Tensor, name: str) -> Tuple[int, int]:
     return n, v
 
 
-def selective_log_softmax_fwd(logits: Tensor, index: Tensor, temperature: float) -> Tuple[Tensor, Tensor]:
-    """(log softmax(logits / T)[index], lse(logits / T)) per row, fp32 [N] each."""
+def selective_log_softmax_fwd(logits: Tensor, index: Tensor, temperature: float,
+                              ignore_index: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """(log softmax(logits / T)[index], lse(logits / T), entropy of softmax(logits / T)) per row, fp32 [N]
+    each; rows whose index is ``ignore_index`` are not read and give 0, 0, 0."""
     n, v = _check_index(logits, index, "selective_log_softmax_fwd")
-    logp = torch.empty(n, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+    logp, lse, entropy = (torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(3))
     if n == 0:
-        return logp, lse
+        return logp, lse, entropy
     block, num_warps = lane_stats_config(v, logits.device)
     with device_ctx(logits):
         _selective_log_softmax_fwd_kernel[(n,)](
-            logits, logits.stride(0), index.contiguous(), logp, lse, v, 1.0 / float(temperature),
-            BLOCK=block, num_warps=num_warps,
+            logits, logits.stride(0), index.contiguous(), logp, lse, entropy, v, 1.0 / float(temperature),
+            int(ignore_index), BLOCK=block, num_warps=num_warps,
         )
-    return logp, lse
+    return logp, lse, entropy
 
 
-def selective_log_softmax_bwd(grad_logp: Tensor, logits: Tensor, index: Tensor, lse: Tensor,
-                              temperature: float) -> Tensor:
-    """``grad_logp[i] * dlogp_i/dlogits`` as a contiguous [N, V] tensor in logits' dtype."""
+def selective_log_softmax_bwd(grad_logp: Tensor, grad_entropy: Optional[Tensor], logits: Tensor, index: Tensor,
+                              lse: Tensor, entropy: Tensor, temperature: float, ignore_index: int,
+                              out: Optional[Tensor] = None) -> Tensor:
+    """``grad_logp[i] * dlogp_i/dlogits + grad_entropy[i] * dH_i/dlogits`` (``grad_entropy`` None: 0) as a
+    contiguous [N, V] tensor in logits' dtype: ``out`` when given (it may be ``logits`` itself, contiguous:
+    every element is read before its gradient is stored), else a new one. Ignored rows are zero."""
     n, v = _check_index(logits, index, "selective_log_softmax_bwd")
-    grad = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
+    grad = gradient_buffer(logits, out, "selective_log_softmax_bwd")
     if n == 0:
         return grad
+    f32 = lambda t: t.reshape(n).to(torch.float32).contiguous()  # noqa: E731
+    lse, entropy = f32(lse), f32(entropy)
     block, num_warps = row_config(v, logits.device)
     with device_ctx(logits):
         _selective_log_softmax_bwd_kernel[(n,)](
-            grad_logp.reshape(n).to(torch.float32).contiguous(), logits, logits.stride(0), index.contiguous(),
-            lse.reshape(n).to(torch.float32).contiguous(), grad, v, 1.0 / float(temperature),
-            BF16_RNE_BY_HAND=bf16_by_hand(logits), BLOCK=block, num_warps=num_warps,
+            f32(grad_logp), f32(grad_entropy) if grad_entropy is not None else lse, logits, logits.stride(0),
+            index.contiguous(), lse, entropy, grad, v, 1.0 / float(temperature), int(ignore_index),
+            HAS_GRAD_ENTROPY=grad_entropy is not None, BF16_RNE_BY_HAND=bf16_by_hand(logits), BLOCK=block,
+            num_warps=num_warps,
         )
     return grad

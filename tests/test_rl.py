@@ -51,6 +51,36 @@ def test_token_logprobs_bf16_within_twice_torch_error(name):
     assert (got.double() - truth).abs().max() <= 2 * torch_err + 1e-2
 
 
+@pytest.mark.parametrize("name", BACKENDS)
+def test_token_logprobs_with_entropy_match_torch(name):
+    """return_entropy=True: (logp, entropy) of log_softmax(h @ W.T / T), both differentiable (an entropy bonus)."""
+    torch.manual_seed(2)
+    hidden = torch.randn(3, 7, 24, requires_grad=True)
+    weight = torch.randn(101, 24, requires_grad=True)
+    targets = torch.randint(0, 101, (3, 7))
+    targets[0, :2] = -100
+    upstream = torch.linspace(-1, 1, 7)
+
+    def loss(logp, entropy):
+        return (logp * upstream).sum() - 0.1 * entropy.sum()
+
+    with backend.use(name):
+        logp, entropy = rl.token_logprobs(hidden, weight, targets, temperature=0.7, return_entropy=True)
+        loss(logp, entropy).backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    logits = hidden @ weight.T / 0.7
+    counted = targets != -100
+    want_entropy = torch.where(counted, torch.distributions.Categorical(logits=logits).entropy(), 0.0)
+    want_logp = stock_logprobs(hidden, weight, targets, 0.7)
+    loss(want_logp, want_entropy).backward()
+    assert logp.dtype == entropy.dtype == torch.float32 and entropy.shape == targets.shape
+    torch.testing.assert_close(logp, want_logp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, want_entropy, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[0], hidden.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grads[1], weight.grad, atol=1e-5, rtol=1e-4)
+
+
 def test_token_logprobs_rejects_bad_temperature():
     with pytest.raises(ValueError, match="temperature must be > 0"):
         rl.token_logprobs(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0, 1]), temperature=0)

@@ -192,6 +192,19 @@ def _lce(d, dtype, **options):
     return (x, w, target), lambda: linear_cross_entropy(x, w, target, **options).backward()
 
 
+def _lsl(d, dtype, **options):
+    from fastft.ops import linear_selective_log_softmax
+    x = torch.randn(d["N"], d["H"], dtype=dtype, requires_grad=True)
+    w = (torch.randn(d["V"], d["H"], dtype=dtype) * 0.02).requires_grad_()
+    target = torch.randint(0, d["V"], (d["N"],))
+    a = torch.randn(d["N"])
+
+    def step():  # a policy term and an entropy bonus: both outputs' gradients
+        logp, entropy = linear_selective_log_softmax(x, w, target, return_entropy=True)
+        ((logp * a).sum() + 0.01 * entropy.sum()).backward()
+    return (x, w, target, a), step
+
+
 def _kl(d, dtype, **options):
     from fastft.ops import full_kl
     p = torch.randn(d["N"], d["V"], dtype=dtype, requires_grad=True)
@@ -264,6 +277,12 @@ PLANS: List[OpPlan] = [
            lambda d: (d["V"] * d["H"] * B2 + d["N"] * d["H"] * B2, "grad_W + grad_x (+ one logits chunk, below)"),
            lambda d: (3 * (d["N"] * d["H"] + d["V"] * d["H"]) * B2 + 4 * d["N"] * d["V"] * B2,
                       "3 GEMMs' operands once + the logits chunk written, read, written, read"),
+           chunked=True),
+    OpPlan("linear_selective_log_softmax", {"N": 8192, "H": 4096, "V": 128256}, {"N": 256, "H": 128, "V": 2004}, _lsl,
+           lambda d: (d["V"] * d["H"] * B2 + d["N"] * d["H"] * B2, "grad_W + grad_x (+ one logits chunk, below)"),
+           lambda d: (4 * (d["N"] * d["H"] + d["V"] * d["H"]) * B2 + 7 * d["N"] * d["V"] * B2,
+                      "4 GEMMs' operands once (fwd, recompute, grad_x, grad_W) + the logits chunk written, read (fwd), "
+                      "written, read + written (bwd kernel), read twice (grad GEMMs)"),
            chunked=True),
     OpPlan("full_kl", {"N": 8192, "V": 128256}, {"N": 256, "V": 2004}, _kl,
            lambda d: (_nv(d), "grad_policy [N, V]"), lambda d: (3 * _nv(d), "read policy + ref, write grad")),

@@ -127,12 +127,15 @@ def _kl_bwd(v, dtype, n=8192):
     return call
 
 
-def _sel_fwd_bwd(v, dtype, n=8192):
+def _sel_fwd_bwd(v, dtype, grad_entropy=True, n=8192):
+    """The selective log-softmax (+ entropy) as linear_selective_log_softmax runs it on a logits chunk: ignore_index
+    -100, the gradient written over the logits; grad_entropy=False: selective_log_softmax's log-prob-only backward."""
     def call(fake):
         from fastft.kernels.kl import selective_log_softmax_bwd, selective_log_softmax_fwd
         logits, index = fake((n, v), dtype), fake((n,), torch.int64)
-        _, lse = selective_log_softmax_fwd(logits, index, 1.0)
-        return selective_log_softmax_bwd(fake((n,), FP32), logits, index, lse, 1.0)
+        _, lse, entropy = selective_log_softmax_fwd(logits, index, 1.0, -100)
+        return selective_log_softmax_bwd(fake((n,), FP32), fake((n,), FP32) if grad_entropy else None, logits, index,
+                                         lse, entropy, 1.0, -100, out=logits)
     return call
 
 
@@ -195,7 +198,8 @@ def _scenarios() -> List[Scenario]:
     s.append(Scenario("full_kl", "fwd+grad V=128256 fp32", _kl_fwd(128256, FP32)))
     s.append(Scenario("full_kl", "bwd V=128256 bf16", _kl_bwd(128256, BF16)))
     for v in (32001, 128256):
-        s.append(Scenario("selective_log_softmax", f"fwd+bwd V={v} bf16", _sel_fwd_bwd(v, BF16)))
+        s.append(Scenario("selective_log_softmax", f"fwd+bwd (logp, entropy) V={v} bf16", _sel_fwd_bwd(v, BF16)))
+    s.append(Scenario("selective_log_softmax", "fwd+bwd (logp only) V=128256 bf16", _sel_fwd_bwd(128256, BF16, False)))
     for dtype in (BF16, FP32):
         s.append(Scenario("lora_linear", f"fwd+bwd 8192x4096->4096 r=16 {_DTYPE_NAMES[dtype]}", _lora(dtype, 0.0)))
     s.append(Scenario("lora_linear", "fwd+bwd dropout 0.1 bf16", _lora(BF16, 0.1)))

@@ -160,6 +160,20 @@ inline void for_each_chunk_aligned(const acc* dst, int64_t V, F&& chunk) {
   if (j < V) chunk(j, V - j);
 }
 
+// Calls chunk(j, n) over [0, V): whole vectors, then one partial tail (n < Vec::size()) when V is not a multiple.
+template <typename acc, typename F>
+inline void for_each_vector(int64_t V, F&& chunk) {
+  using Vec = Vectorized<acc>;
+  int64_t j = 0;
+  for (; j + Vec::size() <= V; j += Vec::size()) chunk(j, Vec::size());
+  if (j < V) chunk(j, V - j);
+}
+
+template <typename acc>
+inline acc lane_sum(const Vectorized<acc>& v) {
+  return at::vec::vec_reduce_all<acc>([](Vectorized<acc>& a, Vectorized<acc>& b) { return a + b; }, v);
+}
+
 template <typename scalar_t>
 void zero_row(scalar_t* out, int64_t V) {
   if constexpr (std::is_same_v<scalar_t, float>) {

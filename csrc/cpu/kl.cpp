@@ -15,10 +15,13 @@
 // (no online rescaling), so a row that starts with -inf needs no guard; NaN, +inf and an all -inf row
 // reach the sums as NaN (exp(inf - inf)), and poison_undefined_grads keeps the gradient contract.
 //
-// selective_log_softmax: logp = x_y / T - lse(x / T); d/dx_j = ([j == y] - softmax(x / T)_j) / T.
+// selective_log_softmax (kernels/kl.py's header has the math): z = x / T, logp = z_y - lse(z), the entropy
+// H = log S - D / S (S, D: entropy_row_sums), dz_j = g_logp ([j == y] - p_j) - g_H p_j (log p_j + H), d/dx = dz / T.
+// Rows whose index is ignore_index are not read (logp = lse = H = 0, a zero gradient row).
 #include "cpu/_vec.h"  // must precede other ATen includes (sets the Vectorized ISA)
 #include "cpu/_buffer_cache.h"
 #include "cpu/_row_softmax.h"
+#include "_cross_entropy_grad_out.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -34,7 +37,7 @@ namespace {
 
 using at::vec::Vectorized;
 using namespace row_softmax;  // acc_t, row_values, row_max, row_sum_exp, store_row, fill_row, Scratch,
-                              // store_streaming, for_each_chunk_aligned, zero_row
+                              // store_streaming, for_each_chunk_aligned, for_each_vector, lane_sum, zero_row
 
 // Sweep 2 of full_kl: S_p, S_r and D (see the top), parking the exps when asked.
 template <typename acc>
@@ -57,13 +60,10 @@ void kl_row_sums(const acc* xp, const acc* xr, int64_t V, acc inv_t, acc m_a, ac
     sr = sr + f;
     d = d + Vec::blendv(e * (vp - vr), zero, e == zero);  // pi_j = 0 counts 0 (never 0 * inf)
   };
-  int64_t j = 0;
-  for (; j + Vec::size() <= V; j += Vec::size()) chunk(j, Vec::size());
-  if (j < V) chunk(j, V - j);
-  auto add = [](Vec& x, Vec& y) { return x + y; };
-  S_p = at::vec::vec_reduce_all<acc>(add, sp);
-  S_r = at::vec::vec_reduce_all<acc>(add, sr);
-  D = at::vec::vec_reduce_all<acc>(add, d);
+  for_each_vector<acc>(V, chunk);
+  S_p = lane_sum(sp);
+  S_r = lane_sum(sr);
+  D = lane_sum(d);
 }
 
 // Gradient sweep of full_kl, shared by the fused forward and the backward:
@@ -270,13 +270,34 @@ void check_index(const char* op, const at::Tensor& logits, const at::Tensor& ind
               op, ": index must be a contiguous int64 [N] tensor");
 }
 
-std::tuple<at::Tensor, at::Tensor> selective_log_softmax_fwd_cpu(const at::Tensor& logits, const at::Tensor& index,
-                                                                 double temperature) {
+// Sweep 2 of selective_log_softmax (after the max m): S = sum_j e_j and D = sum_j e_j (z_j - m), e_j = exp(z_j - m),
+// z = x / T. D is taken relative to the max so that H = log S - D / S does not cancel against it; e_j = 0
+// (x_j = -inf) adds 0 to D, never 0 * -inf.
+template <typename acc>
+void entropy_row_sums(const acc* xs, int64_t V, acc inv_t, acc m, acc& S, acc& D) {
+  using Vec = Vectorized<acc>;
+  const Vec it(inv_t), sh(-m), zero(acc(0));
+  Vec s(zero), d(zero);
+  auto chunk = [&](int64_t j, int64_t n) {
+    const Vec t = at::vec::fmadd(Vec::loadu(xs + j, n), it, sh);
+    Vec e = t.exp_u20();
+    if (n < Vec::size()) e = Vec::set(zero, e, n);  // the tail's unused lanes add nothing
+    s = s + e;
+    d = d + Vec::blendv(e * t, zero, e == zero);
+  };
+  for_each_vector<acc>(V, chunk);
+  S = lane_sum(s);
+  D = lane_sum(d);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_log_softmax_fwd_cpu(const at::Tensor& logits,
+                                                                             const at::Tensor& index,
+                                                                             double temperature, int64_t ignore_index) {
   check_index("selective_log_softmax_fwd", logits, index);
   TORCH_CHECK(temperature > 0, "selective_log_softmax_fwd: temperature must be > 0");
   const int64_t N = logits.size(0), V = logits.size(1);
   auto acc_opts = logits.options().dtype(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  at::Tensor logp = at::empty({N}, acc_opts), lse = at::empty({N}, acc_opts);
+  at::Tensor logp = at::empty({N}, acc_opts), lse = at::empty({N}, acc_opts), entropy = at::empty({N}, acc_opts);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "selective_log_softmax_fwd", [&] {
     using acc = acc_t<scalar_t>;
@@ -284,34 +305,58 @@ std::tuple<at::Tensor, at::Tensor> selective_log_softmax_fwd_cpu(const at::Tenso
     const acc inv_t = static_cast<acc>(1.0 / temperature);
     const scalar_t* x0 = logits.data_ptr<scalar_t>();
     const int64_t row_stride = logits.stride(0);
-    const at::Tensor index_c = index.contiguous();  // read by position: a strided view would misread
-    const int64_t* idx = index_c.data_ptr<int64_t>();
+    const int64_t* idx = index.data_ptr<int64_t>();
     acc* out = logp.data_ptr<acc>();
     acc* lse_p = lse.data_ptr<acc>();
+    acc* ent = entropy.data_ptr<acc>();
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
       Scratch<acc> scratch;
       for (int64_t i = begin; i < end; ++i) {
+        const int64_t y = idx[i];
+        if (y == ignore_index) {  // not read
+          out[i] = lse_p[i] = ent[i] = acc(0);
+          continue;
+        }
         const acc* xs = row_values<scalar_t, acc>(x0 + i * row_stride, V, acc(0), same ? nullptr : scratch.get(V));
         const acc m = row_max(xs, V) * inv_t;
-        const acc l = lse_of(m, row_sum_exp<acc>(xs, V, m, nullptr, inv_t));
+        acc S, D;
+        entropy_row_sums(xs, V, inv_t, m, S, D);
+        const acc l = lse_of(m, S);
         lse_p[i] = l;
-        const int64_t y = idx[i];
+        // NaN for a row without a softmax (lse NaN: NaN or +inf in it; S = 0: all -inf), as its logp
+        ent[i] = std::isnan(l) || !(S > acc(0)) ? std::numeric_limits<acc>::quiet_NaN() : std::log(S) - D / S;
         out[i] = (y >= 0 && y < V) ? xs[y] * inv_t - l : std::numeric_limits<acc>::quiet_NaN();
       }
     });
   });
-  return {logp, lse};
+  return {logp, lse, entropy};
 }
 
-at::Tensor selective_log_softmax_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& logits,
-                                         const at::Tensor& index, const at::Tensor& lse, double temperature) {
+// grad_out: as the cross-entropy kernels' (csrc/_cross_entropy_grad_out.h); it may be the logits themselves.
+at::Tensor selective_log_softmax_bwd_cpu(const at::Tensor& grad_logp, const c10::optional<at::Tensor>& grad_entropy,
+                                         const at::Tensor& logits, const at::Tensor& index, const at::Tensor& lse,
+                                         const at::Tensor& entropy, double temperature, int64_t ignore_index,
+                                         const c10::optional<at::Tensor>& grad_out) {
   check_index("selective_log_softmax_bwd", logits, index);
   const int64_t N = logits.size(0), V = logits.size(1);
   const auto acc_type = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(grad_logp.numel() == N && grad_logp.scalar_type() == acc_type && grad_logp.is_contiguous() &&
-                  lse.numel() == N && lse.scalar_type() == acc_type && lse.is_contiguous(),
-              "selective_log_softmax_bwd: grad_logp and lse must be contiguous [N] tensors of the accumulation type");
-  at::Tensor grad = cached_empty("selective_log_softmax.grad", {N, V}, logits.options());
+  for (const at::Tensor* t : {&grad_logp, &lse, &entropy}) {
+    TORCH_CHECK(t->numel() == N && t->scalar_type() == acc_type && t->is_contiguous(),
+                "selective_log_softmax_bwd: grad_logp, lse and entropy must be contiguous [N] tensors of the "
+                "accumulation type");
+  }
+  const bool has_gh = grad_entropy.has_value();
+  if (has_gh) {
+    TORCH_CHECK(grad_entropy->numel() == N && grad_entropy->scalar_type() == acc_type && grad_entropy->is_contiguous(),
+                "selective_log_softmax_bwd: grad_entropy must be a contiguous [N] tensor of the accumulation type");
+  }
+  at::Tensor grad;
+  if (grad_out.has_value()) {
+    check_grad_out(logits, *grad_out, "selective_log_softmax_bwd");
+    grad = *grad_out;
+  } else {
+    grad = cached_empty("selective_log_softmax.grad", {N, V}, logits.options());
+  }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "selective_log_softmax_bwd", [&] {
     using acc = acc_t<scalar_t>;
@@ -320,34 +365,48 @@ at::Tensor selective_log_softmax_bwd_cpu(const at::Tensor& grad_logp, const at::
     const acc inv_t = static_cast<acc>(1.0 / temperature);
     const scalar_t* x0 = logits.data_ptr<scalar_t>();
     const int64_t row_stride = logits.stride(0);
-    const at::Tensor index_c = index.contiguous();  // read by position: a strided view would misread
-    const int64_t* idx = index_c.data_ptr<int64_t>();
+    const int64_t* idx = index.data_ptr<int64_t>();
     const acc* go = grad_logp.data_ptr<acc>();
+    const acc* gh = has_gh ? grad_entropy->data_ptr<acc>() : nullptr;
     const acc* lse_p = lse.data_ptr<acc>();
+    const acc* ent = entropy.data_ptr<acc>();
     scalar_t* g0 = grad.data_ptr<scalar_t>();
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
       Scratch<acc> scratch;
       for (int64_t i = begin; i < end; ++i) {
         scalar_t* g = g0 + i * V;
         const int64_t y = idx[i];
-        if (y < 0 || y >= V || std::isnan(lse_p[i])) {  // the fast exp would not carry a NaN lse into the row
+        if (y == ignore_index) {
+          zero_row(g, V);
+          continue;
+        }
+        const acc l = lse_p[i], H = ent[i];
+        // the fast exp would not carry a NaN lse into the row; a row without a distribution has no gradient
+        if (y < 0 || y >= V || std::isnan(l) || std::isnan(H)) {
           fill_row(g, V, std::numeric_limits<double>::quiet_NaN());
           continue;
         }
         acc* buf = same ? nullptr : scratch.get(2 * V);
         const acc* xs = row_values<scalar_t, acc>(x0 + i * row_stride, V, acc(0), buf);
-        acc* dst = same ? reinterpret_cast<acc*>(g) : buf + V;
-        const acc k = go[i] * inv_t;
-        const Vec it(inv_t), sh(-lse_p[i]), nk(-k);
-        int64_t j = 0;
-        for (; j + Vec::size() <= V; j += Vec::size())
-          (nk * at::vec::fmadd(Vec::loadu(xs + j), it, sh).exp_u20()).store(dst + j);
-        if (j < V) (nk * at::vec::fmadd(Vec::loadu(xs + j, V - j), it, sh).exp_u20()).store(dst + j, V - j);
-        dst[y] = k * (acc(1) - std::exp(std::fma(xs[y], inv_t, -lse_p[i])));
+        acc* dst = same ? reinterpret_cast<acc*>(g) : buf + V;  // fp32 with grad_out = logits: dst == xs
+        const acc z_y = xs[y] * inv_t;  // read before the sweep overwrites it
+        const acc k = go[i] * inv_t, kh = has_gh ? gh[i] * inv_t : acc(0);
+        // dz_j = -p_j (k + kh (log p_j + H)) off the target, p_j = exp(z_j - lse); 0 where p_j = 0
+        const Vec it(inv_t), sh(-l), kv(k), khv(kh), hv(H), zero(acc(0));
+        auto chunk = [&](int64_t j, int64_t n) {
+          const Vec logp = at::vec::fmadd(Vec::loadu(xs + j, n), it, sh);
+          const Vec p = logp.exp_u20();
+          const Vec gj = zero - p * at::vec::fmadd(khv, logp + hv, kv);
+          Vec::blendv(gj, zero, p == zero).store(dst + j, n);
+        };
+        for_each_vector<acc>(V, chunk);
+        const acc logp_y = z_y - l, p_y = std::exp(logp_y);
+        dst[y] = k - (p_y > acc(0) ? p_y * (k + kh * (logp_y + H)) : acc(0));
         if constexpr (!same) store_row<scalar_t, acc>(g, dst, V);
       }
     });
   });
+  if (grad_out.has_value()) return at::empty({0}, logits.options());
   return grad;
 }
 

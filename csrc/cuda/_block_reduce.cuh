@@ -43,16 +43,24 @@ __device__ __forceinline__ void online_add(MaxSum& a, float v) {
   }
 }
 
+// Merging two online-softmax states (any struct with the running max m): a becomes the one with the larger max,
+// and merge(a, b, r) rescales b's sums by r = exp(b.m - a.m) onto a's. A side that saw nothing (m = -inf) is
+// dropped first, which avoids (-inf) - (-inf).
+template <typename State, typename Merge>
+__device__ __forceinline__ State combine_online(State a, State b, Merge merge) {
+  if (b.m > a.m) {
+    const State t = a;
+    a = b;
+    b = t;
+  }
+  if (b.m == -INFINITY) return a;
+  return merge(a, b, expf(b.m - a.m));
+}
+
 struct CombineMaxSum {
   __device__ __forceinline__ static MaxSum identity() { return {-INFINITY, 0.f}; }
   __device__ __forceinline__ MaxSum operator()(MaxSum a, MaxSum b) const {
-    if (b.m > a.m) {
-      const MaxSum t = a;
-      a = b;
-      b = t;
-    }
-    if (b.m == -INFINITY) return a;  // nothing on one side; avoids (-inf) - (-inf)
-    return {a.m, a.s + b.s * expf(b.m - a.m)};
+    return combine_online(a, b, [](MaxSum x, MaxSum y, float r) { return MaxSum{x.m, x.s + y.s * r}; });
   }
 };
 

@@ -8,8 +8,9 @@
 //   dKL/dx_r,j = (rho_j - pi_j) / T
 // Forward with grad_scale writes k * dKL/dx with k = *grad_scale (read on the device: no host sync);
 // backward writes grad_kl[row] * dKL/dx from the saved lse_p, lse_r and KL (c = lse_p - lse_r + KL).
-// selective_log_softmax: logp = x_y / T - lse(x / T); d/dx_j = ([j == y] - softmax(x / T)_j) / T; an index
-// outside [0, V) gives NaN (its logp and gradient row), as on the CPU.
+// selective_log_softmax: logp = x_y / T - lse(x / T), the entropy H = log S - D / S (EntropySums), and
+// d/dx_j = (g_logp ([j == y] - p_j) - g_H p_j (log p_j + H)) / T; an index outside [0, V) gives NaN (its logp and
+// gradient row), one equal to ignore_index zeros (the row is not read), as on the CPU.
 //
 // Layout: one thread block per row, fp32 math. Sweep 1 reads both rows once with an online softmax
 // (Milakov & Gimelshein 2018) that also carries D = sum_j e_j (x_p,j - x_r,j) under the running max, so
@@ -21,6 +22,7 @@
 // -inf row give NaN (KL, logp) and NaN gradient rows; a +inf KL (policy mass on a reference -inf) a NaN policy
 // gradient row and the finite (rho - pi) / T for the reference.
 #include "cuda/_block_reduce.cuh"
+#include "_cross_entropy_grad_out.h"
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -38,6 +40,7 @@ namespace fastft {
 namespace {
 
 using cuda_rows::block_allreduce;
+using cuda_rows::combine_online;
 using cuda_rows::CombineMaxSum;
 using cuda_rows::MaxSum;
 using cuda_rows::online_add;
@@ -75,14 +78,9 @@ __device__ __forceinline__ void policy_add(PolicySums& st, float a, float delta)
 struct CombinePolicySums {
   __device__ __forceinline__ static PolicySums identity() { return {-INFINITY, 0.f, 0.f}; }
   __device__ __forceinline__ PolicySums operator()(PolicySums a, PolicySums b) const {
-    if (b.m > a.m) {
-      const PolicySums t = a;
-      a = b;
-      b = t;
-    }
-    if (b.m == -INFINITY) return a;
-    const float r = expf(b.m - a.m);
-    return {a.m, a.s + b.s * r, a.d + scaled(b.d, r)};
+    return combine_online(a, b, [](PolicySums x, PolicySums y, float r) {
+      return PolicySums{x.m, x.s + y.s * r, x.d + scaled(y.d, r)};
+    });
   }
 };
 
@@ -248,47 +246,90 @@ __global__ void __launch_bounds__(cuda_rows::kMaxThreads, kMinRowBlocksPerSM)
               lse_p[row] - lse_r[row] + kl[row], kl[row], grad_kl[row] * inv_t);
 }
 
-template <typename T>
-__global__ void __launch_bounds__(cuda_rows::kMaxThreads, kMinRowBlocksPerSM)
-    selective_log_softmax_fwd_kernel(const T* __restrict__ logits, int64_t stride, int64_t V,
-                                     const int64_t* __restrict__ index, float inv_t, float* __restrict__ logp,
-                                     float* __restrict__ lse_out) {
-  const int64_t row = blockIdx.x;
-  const T* x = logits + row * stride;
-  MaxSum ms{-INFINITY, 0.f};
-  sweep16(
-      x, true, V, [&](int64_t j) { online_add(ms, static_cast<float>(x[j]) * inv_t); },
-      [&](int64_t j) {
-        const Pack<T> p = load_pack(x + j);
-#pragma unroll
-        for (int e = 0; e < Pack<T>::kSize; ++e) online_add(ms, static_cast<float>(p.v[e]) * inv_t);
-      });
-  ms = block_allreduce(ms, CombineMaxSum{});
-  if (threadIdx.x == 0) {
-    const float lse = lse_of(ms.m, ms.s);
-    const int64_t y = index[row];
-    lse_out[row] = lse;
-    logp[row] = (y >= 0 && y < V) ? static_cast<float>(x[y]) * inv_t - lse : std::numeric_limits<float>::quiet_NaN();
+// Sweep 1 of selective_log_softmax: the online max m and S = sum exp(z - m) with the entropy numerator
+// D = sum exp(z - m) (z - m), kept relative to the running max (H = log S - D / S then does not cancel against the
+// max at large logits): when m grows to m', D' = r (D + (m - m') S) with r = exp(m - m').
+struct EntropySums {
+  float m;
+  float s;
+  float d;
+};
+
+struct CombineEntropySums {
+  __device__ __forceinline__ static EntropySums identity() { return {-INFINITY, 0.f, 0.f}; }
+  __device__ __forceinline__ EntropySums operator()(EntropySums a, EntropySums b) const {
+    // b's D moves from b's max to a's: r (D_b + (m_b - m_a) S_b)
+    return combine_online(a, b, [](EntropySums x, EntropySums y, float r) {
+      return EntropySums{x.m, x.s + y.s * r, x.d + (r > 0.f ? r * (y.d + (y.m - x.m) * y.s) : 0.f)};
+    });
   }
+};
+
+// One logit z = x / T: merged as the one-element state {z, 1, 0}. That covers the first element (m = -inf), -inf
+// (p = 0: dropped, never 0 * -inf), NaN (r = NaN poisons S) and +inf (S = 1 at m = +inf: lse_of gives NaN).
+__device__ __forceinline__ void entropy_add(EntropySums& st, float z) { st = CombineEntropySums{}(st, {z, 1.f, 0.f}); }
+
+__device__ __forceinline__ EntropySums shfl_xor(EntropySums v, int lane_mask) {
+  return {__shfl_xor_sync(0xffffffffu, v.m, lane_mask), __shfl_xor_sync(0xffffffffu, v.s, lane_mask),
+          __shfl_xor_sync(0xffffffffu, v.d, lane_mask)};
 }
 
 template <typename T>
 __global__ void __launch_bounds__(cuda_rows::kMaxThreads, kMinRowBlocksPerSM)
-    selective_log_softmax_bwd_kernel(const float* __restrict__ grad_logp, const T* __restrict__ logits,
-                                     int64_t stride, int64_t V, const int64_t* __restrict__ index,
-                                     const float* __restrict__ lse, float inv_t, T* __restrict__ grad) {
+    selective_log_softmax_fwd_kernel(const T* __restrict__ logits, int64_t stride, int64_t V,
+                                     const int64_t* __restrict__ index, float inv_t, int64_t ignore_index,
+                                     float* __restrict__ logp, float* __restrict__ lse_out,
+                                     float* __restrict__ entropy_out) {
+  const int64_t row = blockIdx.x;
+  const int64_t y = index[row];
+  if (y == ignore_index) {  // block-uniform: an ignored row is not read
+    if (threadIdx.x == 0) logp[row] = lse_out[row] = entropy_out[row] = 0.f;
+    return;
+  }
+  const T* x = logits + row * stride;
+  EntropySums es = CombineEntropySums::identity();
+  sweep16(
+      x, true, V, [&](int64_t j) { entropy_add(es, static_cast<float>(x[j]) * inv_t); },
+      [&](int64_t j) {
+        const Pack<T> p = load_pack(x + j);
+#pragma unroll
+        for (int e = 0; e < Pack<T>::kSize; ++e) entropy_add(es, static_cast<float>(p.v[e]) * inv_t);
+      });
+  es = block_allreduce(es, CombineEntropySums{});
+  if (threadIdx.x == 0) {
+    const float lse = lse_of(es.m, es.s);
+    lse_out[row] = lse;
+    entropy_out[row] = isnan(lse) || !(es.s > 0.f) ? __int_as_float(0x7fc00000) : logf(es.s) - es.d / es.s;
+    logp[row] = (y >= 0 && y < V) ? static_cast<float>(x[y]) * inv_t - lse : std::numeric_limits<float>::quiet_NaN();
+  }
+}
+
+// dz_j = g_logp ([j == y] - p_j) - g_H p_j (log p_j + H), d/dx = dz / T (0 where p_j = 0). grad may be the logits
+// themselves: every element is read before its gradient is stored (the packs are read whole, then written).
+template <typename T>
+__global__ void __launch_bounds__(cuda_rows::kMaxThreads, kMinRowBlocksPerSM)
+    selective_log_softmax_bwd_kernel(const float* __restrict__ grad_logp, const float* __restrict__ grad_entropy,
+                                     const T* logits, int64_t stride, int64_t V, const int64_t* __restrict__ index,
+                                     const float* __restrict__ lse, const float* __restrict__ entropy, float inv_t,
+                                     int64_t ignore_index, T* grad) {
   const int64_t row = blockIdx.x;
   const T* x = logits + row * stride;
   T* g = grad + row * V;
   const int64_t y = index[row];
-  if (y < 0 || y >= V) {
+  if (y == ignore_index) {
+    zero_row(g, V);
+    return;
+  }
+  const float l = lse[row], h = entropy[row];
+  if (y < 0 || y >= V || isnan(l) || isnan(h)) {  // a row without a distribution has no gradient
     for (int64_t j = threadIdx.x; j < V; j += blockDim.x) g[j] = static_cast<T>(std::numeric_limits<float>::quiet_NaN());
     return;
   }
-  const float k = grad_logp[row] * inv_t, l = lse[row];
+  const float k = grad_logp[row] * inv_t, kh = grad_entropy != nullptr ? grad_entropy[row] * inv_t : 0.f;
   auto grad_at = [&](int64_t j, float v) {
-    const float p = expf(v * inv_t - l);
-    return static_cast<T>(j == y ? k * (1.f - p) : -k * p);
+    const float logp = v * inv_t - l, p = expf(logp);
+    const float d = p > 0.f ? p * (k + kh * (logp + h)) : 0.f;
+    return static_cast<T>(j == y ? k - d : -d);
   };
   sweep16(
       x, aligned_alike(x, g), V, [&](int64_t j) { g[j] = grad_at(j, static_cast<float>(x[j])); },
@@ -405,45 +446,63 @@ void check_index(const char* op, const at::Tensor& logits, const at::Tensor& ind
               op, ": index must be a contiguous int64 [N] tensor on the logits' device");
 }
 
-std::tuple<at::Tensor, at::Tensor> selective_log_softmax_fwd_cuda(const at::Tensor& logits, const at::Tensor& index,
-                                                                  double temperature) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_log_softmax_fwd_cuda(const at::Tensor& logits,
+                                                                              const at::Tensor& index,
+                                                                              double temperature,
+                                                                              int64_t ignore_index) {
   constexpr const char* op = "fastft::selective_log_softmax_fwd_kernel (CUDA)";
   check_index(op, logits, index);
   TORCH_CHECK(temperature > 0, op, ": temperature must be > 0");
   const int64_t N = logits.size(0), V = logits.size(1);
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto f32 = logits.options().dtype(at::kFloat);
-  at::Tensor logp = at::empty({N}, f32), lse = at::empty({N}, f32);
-  if (N == 0) return {logp, lse};
+  at::Tensor logp = at::empty({N}, f32), lse = at::empty({N}, f32), entropy = at::empty({N}, f32);
+  if (N == 0) return {logp, lse, entropy};
   TORCH_CHECK(V > 0, op, ": logits have 0 classes");
   FASTFT_ROWS_DISPATCH(logits.scalar_type(), "selective_log_softmax_fwd_cuda", [&] {
     selective_log_softmax_fwd_kernel<scalar_t><<<static_cast<unsigned>(N), threads_for_row(V, sizeof(scalar_t)), 0,
                                                  c10::cuda::getCurrentCUDAStream()>>>(
         logits.const_data_ptr<scalar_t>(), logits.stride(0), V, index.const_data_ptr<int64_t>(),
-        static_cast<float>(1.0 / temperature), logp.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>());
+        static_cast<float>(1.0 / temperature), ignore_index, logp.mutable_data_ptr<float>(),
+        lse.mutable_data_ptr<float>(), entropy.mutable_data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {logp, lse};
+  return {logp, lse, entropy};
 }
 
-at::Tensor selective_log_softmax_bwd_cuda(const at::Tensor& grad_logp, const at::Tensor& logits,
-                                          const at::Tensor& index, const at::Tensor& lse, double temperature) {
+// grad_out: as the cross-entropy kernels' (csrc/_cross_entropy_grad_out.h); it may be the logits themselves.
+at::Tensor selective_log_softmax_bwd_cuda(const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
+                                          const at::Tensor& logits, const at::Tensor& index, const at::Tensor& lse,
+                                          const at::Tensor& entropy, double temperature, int64_t ignore_index,
+                                          const std::optional<at::Tensor>& grad_out) {
   constexpr const char* op = "fastft::selective_log_softmax_bwd_kernel (CUDA)";
   check_index(op, logits, index);
   const int64_t N = logits.size(0), V = logits.size(1);
   check_row_vector(op, "grad_logp", grad_logp, N, at::kFloat, logits);
+  if (grad_entropy.has_value()) check_row_vector(op, "grad_entropy", *grad_entropy, N, at::kFloat, logits);
   check_row_vector(op, "lse", lse, N, at::kFloat, logits);
+  check_row_vector(op, "entropy", entropy, N, at::kFloat, logits);
   const c10::cuda::CUDAGuard guard(logits.device());
-  at::Tensor grad = at::empty({N, V}, logits.options());
-  if (N == 0 || V == 0) return grad;
-  FASTFT_ROWS_DISPATCH(logits.scalar_type(), "selective_log_softmax_bwd_cuda", [&] {
-    selective_log_softmax_bwd_kernel<scalar_t><<<static_cast<unsigned>(N), threads_for_row(V, sizeof(scalar_t)), 0,
-                                                 c10::cuda::getCurrentCUDAStream()>>>(
-        grad_logp.const_data_ptr<float>(), logits.const_data_ptr<scalar_t>(), logits.stride(0), V,
-        index.const_data_ptr<int64_t>(), lse.const_data_ptr<float>(), static_cast<float>(1.0 / temperature),
-        grad.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  at::Tensor grad;
+  if (grad_out.has_value()) {
+    check_grad_out(logits, *grad_out, op);
+    grad = *grad_out;
+  } else {
+    grad = at::empty({N, V}, logits.options());
+  }
+  if (N > 0 && V > 0) {
+    FASTFT_ROWS_DISPATCH(logits.scalar_type(), "selective_log_softmax_bwd_cuda", [&] {
+      selective_log_softmax_bwd_kernel<scalar_t><<<static_cast<unsigned>(N), threads_for_row(V, sizeof(scalar_t)), 0,
+                                                   c10::cuda::getCurrentCUDAStream()>>>(
+          grad_logp.const_data_ptr<float>(),
+          grad_entropy.has_value() ? grad_entropy->const_data_ptr<float>() : nullptr,
+          logits.const_data_ptr<scalar_t>(), logits.stride(0), V, index.const_data_ptr<int64_t>(),
+          lse.const_data_ptr<float>(), entropy.const_data_ptr<float>(), static_cast<float>(1.0 / temperature),
+          ignore_index, grad.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  if (grad_out.has_value()) return at::empty({0}, logits.options());
   return grad;
 }
 

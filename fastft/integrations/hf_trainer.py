@@ -17,10 +17,11 @@ head on it and accelerate prepared it -- on the model the trainer trains:
   sit under TRL's head wrapper, which undo could not keep). So an ``evaluate()`` before the first ``train()``
   runs stock; call ``fastft.patch(trainer.model)`` first if it should not.
 * when TRL is imported: ``fastft.integrations.trl.patch()``, which routes TRL's fused LM head through
-  fastft's fused linear cross-entropy -- SFTTrainer's loss and its ``entropy`` / ``mean_token_accuracy``
-  metrics included (``fastft.integrations.trl.linear_cross_entropy_with_metrics``), reference-model
-  log-probs of DPO / GRPO / KTO / RLOO, ``selective_log_softmax``. ``trl_metrics=False`` leaves the calls
-  that ask for the entropy to TRL (needed for GRPO's entropy bonus, ``entropy_coef != 0``).
+  fastft's chunked heads -- SFTTrainer's loss and its ``entropy`` / ``mean_token_accuracy`` metrics and GRPO's
+  policy pass (``fastft.ops.linear_selective_log_softmax``: the entropy differentiable, so GRPO's entropy bonus
+  trains), reference-model log-probs of DPO / GRPO / KTO / RLOO (fused linear cross-entropy),
+  ``selective_log_softmax``. ``trl_metrics=False`` leaves the calls that ask for the entropy to TRL (on a
+  softcapped head fastft's entropy has no gradient; see fastft.integrations.trl).
 
 The report of what was patched is ``callback.handle.report`` (the model's) and ``callback.trl_handle.report()``
 (TRL's calls, counted); ``verbose=True`` prints the model's. ``callback.undo()`` restores both. The patches

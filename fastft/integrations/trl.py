@@ -18,11 +18,13 @@ What :func:`patch` routes:
   transform ``tanh-cap((h W^T + b) * scale) / T`` folds in exactly: input ``h * scale / T``, bias
   ``b * scale / T``, cap ``cap / T``. A call that also asks for the entropy and/or top-1 flags (the
   trained policy in SFT and GRPO: SFTTrainer's loss and its ``entropy`` / ``mean_token_accuracy``
-  metrics) goes through :func:`linear_cross_entropy_with_metrics`: the log-probs from the same fused op,
-  the metrics from one more chunked forward GEMM of the head under no_grad. Those metrics carry no
-  gradient: a loss that differentiates the entropy (GRPO's entropy bonus, ``entropy_coef != 0``) raises
-  at backward, naming ``patch(metrics=False)``, which leaves such calls to TRL. A call asking for
-  ``mean_logits`` or ``log_sum_sq_probs`` stays TRL's.
+  metrics, GRPO's entropy and entropy bonus) goes to ``fastft.ops.linear_selective_log_softmax``: log-probs
+  and entropy from one chunked pass, both differentiable (GRPO's ``entropy_coef != 0`` trains through the
+  entropy), the top-1 flags from the logits chunk the forward holds (no extra GEMM). A head with a logit
+  softcap (Gemma 2), which that op does not take, uses :func:`linear_cross_entropy_with_metrics` instead:
+  the fused cross-entropy plus a no_grad metrics pass (one more forward GEMM); its entropy carries no
+  gradient, and a loss that differentiates it raises at backward, naming ``patch(metrics=False)``, which
+  leaves such calls to TRL. A call asking for ``mean_logits`` or ``log_sum_sq_probs`` stays TRL's.
 * ``selective_log_softmax`` (in every loaded ``trl`` module that holds TRL's function) ->
   ``fastft.ops.selective_log_softmax`` for one index per row; top-K indices and ``row_mask`` as TRL.
 * The GRPO KL penalty is not routed: TRL computes it inline in ``GRPOTrainer._compute_loss``
@@ -41,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops.defs.linear_cross_entropy import linear_cross_entropy
+from ..ops.defs.linear_selective_log_softmax import linear_log_softmax_stats, linear_selective_log_softmax
 from ..ops.defs.selective_log_softmax import selective_log_softmax as fastft_selective_log_softmax
 
 __all__ = ["patch", "TRLPatchHandle", "TokenMetrics", "linear_cross_entropy_with_metrics"]
@@ -65,6 +68,8 @@ def linear_cross_entropy_with_metrics(hidden: Tensor, weight: Tensor, target: Te
     linear cross-entropy (autograd; fp32 loss; ``reduction`` "sum", "mean" or "none"), plus the per-token
     entropy and top-1 flags that TRL's SFTTrainer logs (``entropy``, ``mean_token_accuracy``), computed
     under no_grad. ``hidden`` [N, H], ``weight`` [V, H], ``target`` [N]. Neither pass holds [N, V] logits.
+    Without a softcap, ``fastft.ops.linear_selective_log_softmax`` gives the log-probs and a differentiable
+    entropy in one pass (and ``linear_log_softmax_stats`` the top-1 flags too); the patch uses it there.
 
     Cost: the metrics take one more chunked forward GEMM of the head (N x H x V multiply-adds, the size of
     the loss's own forward GEMM) plus a softmax over each chunk; the fused op computes only the logsumexp and
@@ -151,7 +156,8 @@ class TRLPatchHandle:
 
 def patch(metrics: bool = True) -> TRLPatchHandle:
     """Route TRL's log-prob computations through fastft (see the module docstring). ``metrics``: also the
-    calls that ask for the entropy / top-1 flags (SFTTrainer's loss; the metrics carry no gradient).
+    calls that ask for the entropy / top-1 flags (SFTTrainer's loss, GRPO's policy pass; the entropy is
+    differentiable except on a softcapped head).
     Idempotent while a patch is live (returns that handle; a different ``metrics`` raises)."""
     global _active
     if _active is not None:
@@ -211,6 +217,14 @@ class _FastftChunkedLogProb:
             nll = linear_cross_entropy(scaled_hidden, weight, targets, linear_bias=scaled_bias, reduction="none",
                                        softcap=softcap, loss_dtype=torch.float32)
             return -nll, None, None, None, None
+        if softcap is None:
+            self.counts[f"fastft: log-probs + {'/'.join(extra)} from fastft.ops.linear_selective_log_softmax"] += 1
+            if "is_top1" in extra:
+                logp, entropy, is_top1 = linear_log_softmax_stats(scaled_hidden, weight, targets, bias=scaled_bias)
+            else:
+                (logp, entropy), is_top1 = linear_selective_log_softmax(
+                    scaled_hidden, weight, targets, bias=scaled_bias, return_entropy=True), None
+            return logp, (entropy if "entropy" in extra else None), None, None, is_top1
         self.counts[f"fastft: log-probs + {'/'.join(extra)} from linear_cross_entropy_with_metrics"] += 1
         nll, metrics = linear_cross_entropy_with_metrics(scaled_hidden, weight, targets, bias=scaled_bias,
                                                          softcap=softcap, reduction="none")

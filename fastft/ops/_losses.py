@@ -19,7 +19,10 @@ from ._define import accumulator_dtype, extension_kernels, triton_kernels
 #   cross-entropy  ce_fwd, ce_bwd, scale_ (grad *= scale unless scale == 1). ce_fwd and ce_bwd take ``out=``,
 #                  the gradient's buffer, on every backend; it may be the logits themselves (contiguous), which
 #                  then hold the gradient when the call returns.
-#   KL             kl_fwd, kl_bwd, scale_;   selective log-softmax: fwd, bwd.
+#   KL             kl_fwd, kl_bwd, scale_.
+#   selective log-softmax (+ entropy)  fwd(logits, index, T, ignore_index) -> (logp, lse, entropy),
+#                  bwd(grad_logp, grad_entropy|None, logits, index, lse, entropy, T, ignore_index, out=None),
+#                  ``out=`` as cross-entropy's.
 
 
 def ce_extension_kernels(backend) -> SimpleNamespace:
@@ -49,6 +52,24 @@ def kl_triton_kernels(backend) -> SimpleNamespace:
     kl = triton_kernels("kl", kl_fwd="full_kl_fwd", kl_bwd="full_kl_bwd")(backend)
     kl.scale_ = ce_triton_kernels(backend).scale_  # one in-place scaling kernel for every fused loss
     return kl
+
+
+# The ignore_index of a selective log-softmax call that ignores no row (the int64 minimum: no token id).
+NO_IGNORE_INDEX = -(2 ** 63)
+
+
+def log_softmax_extension_kernels(backend) -> SimpleNamespace:
+    fwd = backend.extension_kernel("selective_log_softmax_fwd_kernel")
+    bwd = backend.extension_kernel("selective_log_softmax_bwd_kernel")
+
+    def run_bwd(grad_logp, grad_entropy, logits, index, lse, entropy, temperature, ignore_index, out=None):
+        grad = bwd(grad_logp, grad_entropy, logits, index, lse, entropy, temperature, ignore_index, out)
+        return grad if out is None else out  # the schema's result is empty when out is given (see ce_extension_kernels)
+
+    return SimpleNamespace(fwd=fwd, bwd=run_bwd)
+
+
+log_softmax_triton_kernels = triton_kernels("kl", fwd="selective_log_softmax_fwd", bwd="selective_log_softmax_bwd")
 
 
 def scale_in_place(scale_):

@@ -1,4 +1,5 @@
-"""The KL family on CUDA: full_kl, selective_log_softmax, linear_full_kl (Triton and CUDA-extension backends) and
+"""The KL family on CUDA: full_kl, selective_log_softmax, linear_full_kl, linear_selective_log_softmax (log-probs and
+entropy) (Triton and CUDA-extension backends) and
 kl_penalty (plain torch) x fp32/bf16/fp16 x reductions, mask, temperature, against fp64 truths by the 2x rule
 (tests/cuda/cuda_truth.py), at odd shapes (N = 423 tokens, V = 32001, H = 100)."""
 import pytest
@@ -94,6 +95,39 @@ def test_kl_penalty(dtype, estimator):
     ref_logprobs = -torch.rand(N, generator=g, device="cuda") * 5
     compare(fastft.ops.kl_penalty, OP_DB["kl_penalty"].truth, (logprobs, ref_logprobs),
             {"estimator": estimator, "mask": _mask(), "reduction": "mean"}, dtype, backend=None)
+
+
+def _logp_and_entropy(fn):
+    """fn(..., return_entropy=True) as one [2, ...] output, so one comparison checks both and both gradients."""
+    return lambda *args, **kwargs: torch.stack(fn(*args, return_entropy=True, **kwargs))
+
+
+def _head_with_masked_vocabulary():
+    hp, wp, _, _ = _heads()
+    g = torch.Generator(device="cuda").manual_seed(6)
+    bias = (torch.randn(V, generator=g, device="cuda") * 0.3).requires_grad_()
+    with torch.no_grad():
+        bias[::11] = -float("inf")  # masked vocabulary entries: finite logp / entropy / gradients
+    target = _index()
+    target[target % 11 == 0] += 1
+    target[::5] = -100
+    return hp, wp, target, bias
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_selective_log_softmax_with_entropy(backend, dtype):
+    hp, wp, target, bias = _head_with_masked_vocabulary()
+    compare(_logp_and_entropy(fastft.ops.linear_selective_log_softmax),
+            _logp_and_entropy(OP_DB["linear_selective_log_softmax"].truth), (hp, wp, target),
+            {"bias": bias, "temperature": 0.8, "chunk_size": 128}, dtype, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_selective_log_softmax_compiled(backend):
+    hp, wp, target, bias = _head_with_masked_vocabulary()
+    compiled_matches_eager(_logp_and_entropy(fastft.ops.linear_selective_log_softmax), (hp, wp, target),
+                           {"bias": bias, "chunk_size": 128}, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

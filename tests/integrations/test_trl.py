@@ -53,8 +53,9 @@ def test_chunked_log_probs_match_trl(with_bias, temperature, softcap, scale):
 @pytest.mark.parametrize("with_bias,temperature,softcap,scale",
                          [(False, 1.0, None, 1.0), (True, 0.7, 3.0, 0.5)])
 def test_log_probs_with_entropy_and_top1_match_trl(with_bias, temperature, softcap, scale):
-    """The calls of SFTTrainer (and GRPO's policy): log-probs through fastft's fused op, entropy and top-1 flags
-    from fastft's metrics pass, equal to TRL's; a tied maximum counts as top-1 only at its first index, as TRL."""
+    """The calls of SFTTrainer (and GRPO's policy): log-probs, entropy and top-1 flags equal to TRL's, from
+    fastft.ops.linear_selective_log_softmax (entropy differentiable, as TRL's) or, on a softcapped head, the fused
+    cross-entropy plus the no-grad metrics pass; a tied maximum counts as top-1 only at its first index, as TRL."""
     trl_head = trl_utils._ChunkedLogProbFunction
     counts = Counter()
     fastft_head = fastft_trl._FastftChunkedLogProb(trl_head, counts)
@@ -79,12 +80,19 @@ def test_log_probs_with_entropy_and_top1_match_trl(with_bias, temperature, softc
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=2e-6)
     assert got[2] is None and got[3] is None and torch.equal(got[4], want[4])
     assert got[4][:4].tolist() == [True, False, True, False]
-    grads = [torch.autograd.grad(out[0].sum(), [hidden, weight]) for out in (got, want)]
+    grads = [torch.autograd.grad(out[0].sum(), [hidden, weight], retain_graph=True) for out in (got, want)]
     for g, w in zip(*grads):  # fp32 rounding of logits up to ~20 (the peaked first rows)
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
-    assert counts == Counter({"fastft: log-probs + entropy/is_top1 from linear_cross_entropy_with_metrics": 1})
-    with pytest.raises(RuntimeError, match=r"patch\(metrics=False\)"):  # the metrics carry no gradient
-        torch.autograd.grad(got[1].sum(), [hidden])
+    if softcap is None:
+        assert counts == Counter({"fastft: log-probs + entropy/is_top1 from fastft.ops.linear_selective_log_softmax": 1})
+        weights = torch.linspace(-1, 1, 12)  # an entropy bonus plus a policy term: both gradients reach the head
+        grads = [torch.autograd.grad((out[0] * weights + 0.3 * out[1]).sum(), [hidden, weight]) for out in (got, want)]
+        for g, w in zip(*grads):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    else:
+        assert counts == Counter({"fastft: log-probs + entropy/is_top1 from linear_cross_entropy_with_metrics": 1})
+        with pytest.raises(RuntimeError, match=r"patch\(metrics=False\)"):  # these metrics carry no gradient
+            torch.autograd.grad(got[1].sum(), [hidden])
 
 
 def test_linear_cross_entropy_with_metrics_matches_torch():
@@ -235,7 +243,7 @@ def test_grpo_two_steps_patched_matches_stock(model_dir, tmp_path):
     fused, (_, trl_handle) = run(True)
     # the reference model's log-probs (the KL term) and the policy's (with the entropy it logs) ran on fastft
     assert trl_handle.counts["fastft: log-probs from fastft.ops.linear_cross_entropy"] == 2
-    assert trl_handle.counts["fastft: log-probs + entropy from linear_cross_entropy_with_metrics"] > 0
+    assert trl_handle.counts["fastft: log-probs + entropy from fastft.ops.linear_selective_log_softmax"] > 0
     assert not [k for k in trl_handle.counts if k.startswith("TRL:")]
     assert len(stock) == len(fused) == 2 and any(e["reward_std"] > 0 for e in stock)
     for s, f in zip(stock, fused):

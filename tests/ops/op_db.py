@@ -144,13 +144,18 @@ def linear_cross_entropy_truth(input, linear_weight, target, *, linear_bias=None
     return cross_entropy_truth(F.linear(input, linear_weight, linear_bias), target, **kw)
 
 
-def linear_cross_entropy_samples(dtype, device):
-    n, h, v = 11, 19, 37
+def linear_head_inputs(dtype, device, n=11, h=19, v=37):
+    """(hidden [n, h], weight [v, h], bias [v], targets [n] with every third -100) of the linear-head samples."""
     x = torch.randn(n, h, device=device).to(dtype).requires_grad_()
     w = (torch.randn(v, h, device=device) / h ** 0.5).to(dtype).requires_grad_()
     b = (torch.randn(v, device=device) * 0.1).to(dtype).requires_grad_()
     t = torch.randint(0, v, (n,), device=device)
     t[::3] = -100
+    return x, w, b, t
+
+
+def linear_cross_entropy_samples(dtype, device):
+    x, w, b, t = linear_head_inputs(dtype, device)
     return [
         Sample((x, w, t), {"chunk_size": 4}, "mean, 3 chunks"),
         Sample((x, w, t), {"linear_bias": b, "reduction": "none", "label_smoothing": 0.1}, "none+bias"),
@@ -158,26 +163,34 @@ def linear_cross_entropy_samples(dtype, device):
     ]
 
 
-def linear_cross_entropy_bad_inputs(device):
+def linear_head_bad_inputs(device, weight_name: str, bias_name: str, integer_message: str):
+    """(hidden, weight, target, the bad inputs every linear head refuses): the functional's arguments named
+    ``weight_name`` / ``bias_name`` (keyword) in its messages."""
     x = torch.randn(4, 8, device=device)
     w = torch.randn(10, 8, device=device)
     t = torch.zeros(4, dtype=torch.int64, device=device)
     bad = BadInput
-    return [
+    return x, w, t, [
         bad((x, torch.randn(10, 7, device=device), t), {}, ValueError, r"hidden size mismatch.*\(4, 8\).*\(10, 7\)"),
-        bad((x, w, t), {"linear_bias": torch.randn(9, device=device)}, ValueError,
-            r"linear_bias shape \(9,\).*\(10,\)"),
+        bad((x, w, t), {bias_name: torch.randn(9, device=device)}, ValueError, bias_name + r" shape \(9,\).*\(10,\)"),
         bad((torch.randn(2, 3, 8, device=device), w, torch.zeros(6, dtype=torch.int64, device=device)), {},
             ValueError, r"target shape \(6,\).*\(2, 3\)"),
-        bad((x, torch.randn(10, 8, 2, device=device), t), {}, ValueError, "linear_weight must be 2-D"),
-        bad((x, w.double(), t), {}, TypeError, "linear_weight dtype"),
-        bad((x, w, t.float()), {}, TypeError, "integer class indices"),
+        bad((x, torch.randn(10, 8, 2, device=device), t), {}, ValueError, f"{weight_name} must be 2-D"),
+        bad((x, w.double(), t), {}, TypeError, f"{weight_name} dtype"),
+        bad((x, w, t.float()), {}, TypeError, integer_message),
         bad((x, w, torch.full((4,), 10, device=device)), {}, ValueError, "out of range"),
+        bad((x, w, t), {"chunk_size": 0}, ValueError, "chunk_size"),
+        bad((x, w.to("meta"), t), {}, ValueError, f"{weight_name} is on meta"),
+    ]
+
+
+def linear_cross_entropy_bad_inputs(device):
+    x, w, t, common = linear_head_bad_inputs(device, "linear_weight", "linear_bias", "integer class indices")
+    bad = BadInput
+    return common + [
         bad((x, w, t), {"weight": torch.rand(9, device=device)}, ValueError, r"weight.*\(10,\)"),
         bad((x, w, t), {"reduction": "avg"}, ValueError, "reduction must be one of"),
-        bad((x, w, t), {"chunk_size": 0}, ValueError, "chunk_size"),
         bad((x, w, t), {"softcap": -1.0}, ValueError, "softcap"),
-        bad((x, w.to("meta"), t), {}, ValueError, "linear_weight is on meta"),
     ]
 
 
@@ -246,6 +259,51 @@ def selective_log_softmax_bad_inputs(device):
         bad((x, idx), {"temperature": 0}, ValueError, "temperature"),
         bad((x, idx.float()), {}, TypeError, "integer"),
         bad((x, idx.to("meta")), {}, ValueError, "index is on meta"),
+    ]
+
+
+# ------------------------------------------------------------------------------------------------
+# linear_selective_log_softmax
+# ------------------------------------------------------------------------------------------------
+
+
+def log_softmax_entropy_truth(logits, temperature=1.0):
+    """(log_softmax(logits / T), entropy) in plain torch, in the logits' dtype; p = 0 tokens count 0."""
+    logp = torch.log_softmax(logits / temperature, -1)
+    p = logp.exp()
+    return logp, -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)
+
+
+def linear_selective_log_softmax_truth(hidden, weight, target, *, bias=None, temperature=1.0, ignore_index=-100,
+                                       chunk_size=None, return_entropy=False):
+    """Computed in the inputs' dtype (torch's own error), returned as fastft's: fp32 (fp64 for fp64)."""
+    logp, entropy = log_softmax_entropy_truth(F.linear(hidden, weight, bias), temperature)
+    counted = target != ignore_index
+    picked = logp.gather(-1, torch.where(counted, target, 0).long()[..., None])[..., 0]
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    picked, entropy = (torch.where(counted, t, zero).to(acc) for t in (picked, entropy))
+    return (picked, entropy) if return_entropy else picked
+
+
+def linear_selective_log_softmax_samples(dtype, device):
+    x, w, b, t = linear_head_inputs(dtype, device)
+    n, h = x.shape
+    return [
+        Sample((x, w, t), {"chunk_size": 4}, "3 chunks"),
+        Sample((x, w, t), {"bias": b, "temperature": 0.7}, "bias, T=0.7"),
+        Sample((x.detach().view(1, n, h), w, torch.where(t == -100, 5, t).view(1, n)), {"ignore_index": 5},
+               "frozen input, [1, N], ignore_index=5"),
+    ]
+
+
+def linear_selective_log_softmax_bad_inputs(device):
+    x, w, t, common = linear_head_bad_inputs(device, "weight", "bias", "integer")
+    bad = BadInput
+    return common + [
+        bad((x, w, t), {"temperature": 0.0}, ValueError, "temperature"),
+        bad((x, w, t), {"ignore_index": 1.5}, TypeError, "ignore_index"),
+        bad((x, w, t), {"return_entropy": 1}, TypeError, "return_entropy"),
     ]
 
 
@@ -487,6 +545,8 @@ OP_DB = {
     'full_kl': OpInfo(full_kl_samples, full_kl_truth, full_kl_bad_inputs),
     'selective_log_softmax': OpInfo(selective_log_softmax_samples, selective_log_softmax_truth, selective_log_softmax_bad_inputs),
     'kl_penalty': OpInfo(kl_penalty_samples, kl_penalty_truth, kl_penalty_bad_inputs),
+    'linear_selective_log_softmax': OpInfo(linear_selective_log_softmax_samples, linear_selective_log_softmax_truth,
+                                           linear_selective_log_softmax_bad_inputs),
     'linear_full_kl': OpInfo(linear_full_kl_samples, linear_full_kl_truth, linear_full_kl_bad_inputs),
     'lora_linear': OpInfo(lora_linear_samples, lora_linear_truth, lora_linear_bad_inputs),
     'adapter': OpInfo(adapter_samples, adapter_truth, adapter_bad_inputs),

@@ -27,13 +27,15 @@ SCRIPT = textwrap.dedent(r"""
                   kl_ptr=F, lse_p_ptr=F, lse_r_ptr=F, grad_p_ptr=P, grad_r_ptr=P, V="i32", inv_t="fp32")
     kl_bwd = dict(grad_kl_ptr=F, policy_ptr=P, stride_p="i32", ref_ptr=P, stride_r="i32", mask_ptr="*i1",
                   lse_p_ptr=F, lse_r_ptr=F, kl_ptr=F, grad_p_ptr=P, grad_r_ptr=P, V="i32", inv_t="fp32")
-    sel_fwd = dict(logits_ptr=P, stride_row="i32", index_ptr="*i64", logp_ptr=F, lse_ptr=F, V="i32", inv_t="fp32")
-    sel_bwd = dict(grad_ptr_in=F, logits_ptr=P, stride_row="i32", index_ptr="*i64", lse_ptr=F, grad_ptr=P,
-                   V="i32", inv_t="fp32")
+    sel_fwd = dict(logits_ptr=P, stride_row="i32", index_ptr="*i64", logp_ptr=F, lse_ptr=F, entropy_ptr=F,
+                   V="i32", inv_t="fp32", ignore_index="i64")
+    sel_bwd = dict(grad_logp_ptr=F, grad_entropy_ptr=F, logits_ptr=P, stride_row="i32", index_ptr="*i64",
+                   lse_ptr=F, entropy_ptr=F, grad_ptr=P, V="i32", inv_t="fp32", ignore_index="i64")
     grads = dict(HAS_MASK=True, GRAD_POLICY=True, GRAD_REF=True, BF16_RNE_BY_HAND=False, BLOCK=2048)
     cases = [(K._full_kl_fwd_kernel, kl_fwd, grads), (K._full_kl_bwd_kernel, kl_bwd, grads),
              (K._selective_log_softmax_fwd_kernel, sel_fwd, dict(BLOCK=2048)),
-             (K._selective_log_softmax_bwd_kernel, sel_bwd, dict(BF16_RNE_BY_HAND=False, BLOCK=2048))]
+             (K._selective_log_softmax_bwd_kernel, sel_bwd, dict(HAS_GRAD_ENTROPY=True, BF16_RNE_BY_HAND=False,
+                                                                      BLOCK=2048))]
     for fn, sig, consts in cases:
         sig = dict(sig, **{k: "constexpr" for k in consts})
         compiled = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),

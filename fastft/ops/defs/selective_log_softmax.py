@@ -1,11 +1,16 @@
-"""fastft.ops.selective_log_softmax: log pi(index) without materializing the [N, V] log-softmax
-(TRL's ``selective_log_softmax``, the per-token log-probs of PPO / GRPO).
+"""fastft.ops.selective_log_softmax: log pi(index) -- and on request the entropy of pi -- without
+materializing the [N, V] log-softmax (TRL's ``selective_log_softmax``, the per-token log-probs of PPO / GRPO).
 
 Kernels (same signature on every backend; "cpp"/"cuda" torch.ops.fastft.* from csrc/cpu/kl.cpp and its
-CUDA twin, "triton" fastft.kernels.kl, "reference" fastft.reference.kl with plain autograd):
-  selective_log_softmax_fwd(logits[N,V], index[N] i64, temperature) -> (logp[N] f32, lse[N] f32)
-  selective_log_softmax_bwd(grad_logp[N] f32, logits, index, lse, temperature) -> grad[N,V]
-  (f32 is fp64 for fp64 logits on the C++ backend.)
+CUDA twin, "triton" fastft.kernels.kl, "reference" fastft.reference.kl with plain autograd; fastft.ops._losses
+binds them, shared with fastft.ops.linear_selective_log_softmax):
+  selective_log_softmax_fwd(logits[N,V], index[N] i64, temperature, ignore_index) -> (logp, lse, entropy: [N] f32)
+  selective_log_softmax_bwd(grad_logp[N] f32, grad_entropy[N] f32 | None, logits, index, lse, entropy,
+                            temperature, ignore_index, out=None) -> grad[N,V]
+  (f32 is fp64 for fp64 logits on the C++ backend.) This op ignores no row (NO_IGNORE_INDEX).
+
+The op's differentiable output is one [1, N] (logp) or [2, N] (logp; entropy) tensor, so one autograd
+template (fastft.ops._define: output 0 is the differentiable one) carries both gradients.
 """
 from __future__ import annotations
 
@@ -18,56 +23,66 @@ from ...reference import kl as _reference
 from .. import registry
 from ..checks import (check_float_tensor, flat_index, check_index_tensor, check_indices_in_range, check_number,
                       check_same_device, rows)
-from .._define import accumulator_dtype, define_op, extension_kernels, standard_backends, triton_kernels
+from .._define import accumulator_dtype, define_op, standard_backends
+from .._losses import NO_IGNORE_INDEX, log_softmax_extension_kernels, log_softmax_triton_kernels
 
 __all__ = ["selective_log_softmax"]
+
 
 @dataclass(frozen=True)
 class SelectiveLogSoftmaxOptions:
     temperature: float = 1.0
+    with_entropy: bool = False  # output 0 is [2, N] (logp; entropy) instead of [1, N]
 
 
-def _forward(logits: Tensor, index: Tensor, options: SelectiveLogSoftmaxOptions, backend: str) -> tuple[Tensor, Tensor]:
-    logp, lse = selective_log_softmax_op.kernels(backend).fwd(logits, index, options.temperature)
-    return logp.to(logits.dtype, copy=True), lse
+def _forward(logits: Tensor, index: Tensor, options: SelectiveLogSoftmaxOptions,
+             backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    logp, lse, entropy = selective_log_softmax_op.kernels(backend).fwd(logits, index, options.temperature,
+                                                                       NO_IGNORE_INDEX)
+    stats = torch.stack((logp, entropy)) if options.with_entropy else logp.unsqueeze(0)
+    return stats, lse, entropy
 
 
 def _fake(logits, index, options, backend):
-    n = logits.shape[0]
-    return logits.new_empty((n,)), logits.new_empty((n,), dtype=accumulator_dtype(logits.dtype))
+    n, acc = logits.shape[0], accumulator_dtype(logits.dtype)
+    return (logits.new_empty((1 + options.with_entropy, n), dtype=acc), logits.new_empty((n,), dtype=acc),
+            logits.new_empty((n,), dtype=acc))
 
 
-def _backward_impl(grad_logp: Tensor, logits: Tensor, index: Tensor, lse: Tensor,
+def _backward_impl(grad_stats: Tensor, logits: Tensor, index: Tensor, lse: Tensor, entropy: Tensor,
                    options: SelectiveLogSoftmaxOptions, backend: str) -> Tensor:
-    return selective_log_softmax_op.kernels(backend).bwd(grad_logp.to(lse.dtype).contiguous(), logits, index, lse,
-                                                         options.temperature)
+    grad_stats = grad_stats.to(lse.dtype)
+    grad_entropy = grad_stats[1].contiguous() if options.with_entropy else None
+    return selective_log_softmax_op.kernels(backend).bwd(grad_stats[0].contiguous(), grad_entropy, logits, index, lse,
+                                                         entropy, options.temperature, NO_IGNORE_INDEX)
 
 
 def _setup(ctx, inputs, outputs):
     logits, index = inputs
-    ctx.save_for_backward(logits, index, outputs[1])
+    ctx.save_for_backward(logits, index, outputs[1], outputs[2])
 
 
-def _backward(ctx, grad_logp):
-    logits, index, lse = ctx.saved_tensors
-    return ctx.run_backward(grad_logp, logits, index, lse), None
+def _backward(ctx, grad_stats):
+    logits, index, lse, entropy = ctx.saved_tensors
+    return ctx.run_backward(grad_stats, logits, index, lse, entropy), None
 
 
 selective_log_softmax_op = define_op(
     "selective_log_softmax", forward=_forward, fake=_fake, setup=_setup, backward=_backward,
-    backward_impl=_backward_impl, backward_fake=lambda grad_logp, logits, index, lse, options, backend:
+    backward_impl=_backward_impl, backward_fake=lambda grad_stats, logits, index, lse, entropy, options, backend:
     torch.empty_like(logits), options=SelectiveLogSoftmaxOptions,
     reference=_reference.selective_log_softmax,
-    backends=standard_backends(
-        extension_kernels(fwd="selective_log_softmax_fwd_kernel", bwd="selective_log_softmax_bwd_kernel"),
-        triton_kernels("kl", fwd="selective_log_softmax_fwd", bwd="selective_log_softmax_bwd")),
+    backends=standard_backends(log_softmax_extension_kernels, log_softmax_triton_kernels),
 )
 
 
-def selective_log_softmax(logits: Tensor, index: Tensor, *, temperature: float = 1.0) -> Tensor:
+def selective_log_softmax(logits: Tensor, index: Tensor, *, temperature: float = 1.0,
+                          return_entropy: bool = False):
     """``log_softmax(logits / T, -1).gather(-1, index[..., None])[..., 0]`` without the [..., V]
     log-softmax: the log-probability of the chosen tokens (TRL's ``selective_log_softmax``), in
-    the logits' dtype, with its gradient. ``index`` has the logits' leading shape."""
+    the logits' dtype, with its gradient. ``index`` has the logits' leading shape. With
+    ``return_entropy=True``: ``(logp, entropy)``, the entropy ``-sum_v p_v log p_v`` of ``softmax(logits / T)``
+    per row (same dtype, differentiable too: an entropy bonus trains through it)."""
     check_float_tensor("logits", logits, min_dim=1)
     check_index_tensor("index", index, "token ids")
     if tuple(index.shape) != tuple(logits.shape[:-1]):
@@ -77,17 +92,20 @@ def selective_log_softmax(logits: Tensor, index: Tensor, *, temperature: float =
         raise ValueError("logits have a vocabulary of size 0")
     check_same_device("logits", logits, index=index)
     temperature = check_number("temperature", temperature, low=0.0, low_open=True)
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"return_entropy must be a bool, got {return_entropy!r}")
     v = logits.shape[-1]
     check_indices_in_range("index", index, v)
-    return selective_log_softmax_op.dispatch(_run_kernels, logits, index, temperature=temperature)
+    return selective_log_softmax_op.dispatch(_run_kernels, logits, index, temperature=temperature,
+                                             return_entropy=return_entropy)
 
 
-def _run_kernels(backend, logits, index, *, temperature):
+def _run_kernels(backend, logits, index, *, temperature, return_entropy):
     v = logits.shape[-1]
-    index_rows = flat_index(index)
-    logp = selective_log_softmax_op(rows(logits, v), index_rows, options=SelectiveLogSoftmaxOptions(temperature),
-                                    backend=backend)[0]
-    return logp.reshape(index.shape)
+    options = SelectiveLogSoftmaxOptions(temperature, return_entropy)
+    stats = selective_log_softmax_op(rows(logits, v), flat_index(index), options=options, backend=backend)[0]
+    stats = stats.to(logits.dtype).unflatten(1, index.shape)
+    return (stats[0], stats[1]) if return_entropy else stats[0]
 
 
 registry.register(registry.OpEntry(
