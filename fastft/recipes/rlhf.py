@@ -25,7 +25,8 @@ the head weight (the fused linear cross-entropy: no [B, T, V] logits); off, the 
   carries a value head (``model.builder = "causal_lm_value_head"``: a :class:`ScalarHead` on the final
   hidden states, trained in full); per-token reward ``-kl_coef * KL_t`` plus the sequence's score at its
   last completion token (the reward model's score with ``reward_model = "<folder>"``, else the rule
-  reward); GAE advantages and returns (``fastft.rl.gae``); the clipped policy and value losses
+  reward; ``normalize_scores``: standardised over the rollouts so far, ``missing_eos_penalty``: less for a
+  completion cut before its EOS); GAE advantages and returns (``fastft.rl.gae``); the clipped policy and value losses
   (``fastft.rl.ppo_policy_loss``, ``value_loss``), ``policy + vf_coef * value``. A batch of rollouts is
   generated once and trained on for ``ppo_epochs`` runtime steps with its old log-probs and values, so
   the ratio moves away from 1 and the clipping acts. ``kl_target > 0``: the KL coefficient adapts
@@ -33,8 +34,9 @@ the head weight (the fused linear cross-entropy: no [B, T, V] logits); off, the 
 
 The reference is the model as the builder returns it (a second copy, frozen); with LoRA on the policy
 that is the pretrained model. Logged per step: reward, exact_match, final_answer, kl (the chosen
-estimator, per token), completion_tokens; with ppo also rm_score, value_loss, policy_loss,
-clip_fraction, approx_kl, kl_coef. Eval: both matches of greedy answers to held-out prompts.
+estimator, per token), completion_tokens, ended_in_eos; with ppo also rm_score (the reward model's raw
+score), value_loss, policy_loss, clip_fraction, approx_kl, kl_coef. Eval: both matches of greedy answers to
+held-out prompts.
 """
 from __future__ import annotations
 
@@ -83,6 +85,8 @@ class RLOptions:
     kl_target: float = 0.0        # > 0: adaptive KL coefficient towards this KL per completion (summed over tokens)
     kl_horizon: int = 10000       # the adaptive controller's horizon, in completions
     value_head_lr: float = 0.0    # the value head's learning rate (0: optim.lr): it starts from zero, LoRA does not
+    normalize_scores: bool = False  # scores to (score - mean) / std over every rollout so far (TRL's score norm)
+    missing_eos_penalty: float = 0.0  # subtracted from the score of a completion cut at max_new_tokens (TRL's)
 
     def validate(self) -> None:
         check_choice("algorithm", self.algorithm, ("grpo", "rloo", "ppo"))
@@ -93,7 +97,7 @@ class RLOptions:
         for key in ("temperature", "clip_range", "kl_horizon"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"recipe.options.{key} must be > 0, got {getattr(self, key)!r}")
-        for key in ("beta", "value_clip_range", "vf_coef", "kl_target", "value_head_lr"):
+        for key in ("beta", "value_clip_range", "vf_coef", "kl_target", "value_head_lr", "missing_eos_penalty"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"recipe.options.{key} must be >= 0, got {getattr(self, key)!r}")
         for key in ("max_new_tokens", "ppo_epochs"):
@@ -106,9 +110,46 @@ class RLOptions:
             known = ", ".join(b for b in BUILDERS if b != VALUE_HEAD_BUILDER)
             raise ConfigError(f"recipe.options.backbone = {self.backbone!r} is not a causal-LM builder; known: {known}")
         if self.algorithm != "ppo":
-            changed = [k for k in ("reward_model", "ppo_epochs", "kl_target") if getattr(self, k) != getattr(RLOptions, k)]
+            changed = [k for k in ("reward_model", "ppo_epochs", "kl_target", "normalize_scores", "missing_eos_penalty")
+                       if getattr(self, k) != getattr(RLOptions, k)]
             if changed:
                 raise ConfigError(f"recipe.options.{changed[0]} is a ppo option; algorithm = {self.algorithm!r}")
+
+
+class RunningMoments:
+    """Mean and standard deviation of every value seen so far, updated a batch at a time (Chan et al. 1979's
+    pairwise combination: no value is kept). Per process: under DDP each rank normalises by its own scores."""
+
+    def __init__(self):
+        self.count, self.mean, self.var = 0, 0.0, 0.0  # var: the population variance
+
+    def update(self, values: Tensor) -> None:
+        values = values.detach().double().flatten()
+        n = values.numel()
+        if n == 0:
+            return
+        batch_mean, batch_var = values.mean().item(), values.var(unbiased=False).item()
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.var = (self.var * self.count + batch_var * n + delta * delta * self.count * n / total) / total
+        self.mean += delta * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        """The sample standard deviation (0 before two values were seen)."""
+        return (self.var * self.count / (self.count - 1)) ** 0.5 if self.count > 1 else 0.0
+
+    def normalize(self, values: Tensor) -> Tensor:
+        """``(values - mean) / std``; only centred while every value seen was the same (std 0)."""
+        std = self.std
+        return (values - self.mean) / (std if std > 1e-6 else 1.0)
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "var": self.var}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.mean, self.var = int(state["count"]), float(state["mean"]), float(state["var"])
 
 
 @register_model(VALUE_HEAD_BUILDER)
@@ -243,6 +284,7 @@ class RLTask(RecipeTask):
             self.reference = reference.eval().requires_grad_(False)
         self.kl_control = rl.AdaptiveKLController(o.beta, o.kl_target, o.kl_horizon) if o.kl_target > 0 else None
         self.kl_coef = o.beta
+        self.score_moments = RunningMoments()
         self.reward_model = self.rm_tokenizer = None
         if o.reward_model:
             from .reward_model import load_reward_model
@@ -319,6 +361,8 @@ class RLTask(RecipeTask):
             self.stats.add(name, value.sum().item(), n)
         self.stats.add("kl", (kl.detach() * m).sum().item(), m.sum().item())
         self.stats.add("completion_tokens", m.sum().item(), n)
+        completions = sample["seqs"][:, sample["prompt_len"]:]
+        self.stats.add("ended_in_eos", (completions == self.eos_id).any(-1).sum().item(), n)
 
     def loss(self, model: nn.Module, batch: dict, normalizer: Tensor) -> Tensor:
         if self.options.algorithm == "ppo":
@@ -370,6 +414,21 @@ class RLTask(RecipeTask):
         with torch.no_grad():
             return score_batch(self.reward_model, rows, rm_pad, device).float()
 
+    def shaped_scores(self, score: Tensor, sample: dict) -> Tensor:
+        """The score the reward adds at the last token: with ``normalize_scores``, standardised by the mean and
+        standard deviation of every score so far, this batch's included (a reward model's scores sit at an
+        arbitrary offset, -11 for the shipped one: a zero-initialised value head would spend the run learning
+        that offset, and until it does GAE's advantages carry it); minus ``missing_eos_penalty`` for each
+        completion without an EOS (cut at max_new_tokens), in the units of the normalised score."""
+        o = self.options
+        if o.normalize_scores:
+            self.score_moments.update(score)
+            score = self.score_moments.normalize(score)
+        if o.missing_eos_penalty:
+            cut = ~(sample["seqs"][:, sample["prompt_len"]:] == self.eos_id).any(-1)
+            score = score - o.missing_eos_penalty * cut.to(score.dtype)
+        return score
+
     @torch.no_grad()
     def make_rollout(self, model: nn.Module, batch: dict) -> dict:
         """Samples, scores, and freezes what the next ``ppo_epochs`` steps train on: old log-probs and values
@@ -387,7 +446,7 @@ class RLTask(RecipeTask):
         score = self.sequence_scores(sample)
         rewards = -self.kl_coef * kl * m
         last = (m.sum(-1) - 1).clamp_min(0).long()
-        rewards[torch.arange(len(last), device=last.device), last] += score
+        rewards[torch.arange(len(last), device=last.device), last] += self.shaped_scores(score, sample)
         advantages, returns = rl.gae(rewards, old_values, m, gamma=o.gamma, lam=o.lam)
         if o.whiten_advantages:
             mean = rl.masked_mean(advantages, m)
@@ -460,10 +519,12 @@ class RolloutSchedule(Callback):
         trainer.task.step, trainer.task.micro = step, 0
 
     def state_dict(self, trainer) -> dict:
-        return {"kl_coef": float(trainer.task.kl_coef)}
+        return {"kl_coef": float(trainer.task.kl_coef), "score_moments": trainer.task.score_moments.state_dict()}
 
     def load_state_dict(self, trainer, state: dict) -> None:
         task = trainer.task
         task.kl_coef = float(state["kl_coef"])
+        if "score_moments" in state:  # checkpoints written before score normalisation lack it
+            task.score_moments.load_state_dict(state["score_moments"])
         if task.kl_control is not None:
             task.kl_control.load_state_dict({"coef": task.kl_coef})

@@ -209,19 +209,80 @@ def test_ppo_epochs_reuse_rollouts_and_clipping_acts(tmp_path, monkeypatch):
     assert h[1]["reward"] == h[0]["reward"]  # the same rollouts
 
 
+@pytest.mark.parametrize("offset,normalize", [(0.0, False), (-10.0, True)])
+def test_ppo_raises_the_rule_reward(tmp_path, offset, normalize):
+    """30 steps of the recipe's PPO (value head, GAE, whitening, clipping, KL in the reward) on a rule reward
+    (the digits' share of a 4-token completion + the right sum): the mean reward of the last 5 steps beats
+    the first 5 by >= 0.2, the KL stays finite. A reward offset of -10 (what a reward model's scores look
+    like to a zero-initialised value head) is undone by normalize_scores; without it the same run went
+    0.02 -> 0.11 only (0.02 -> 0.29 with no offset, 0.02 -> 0.39 normalised)."""
+    trainer = Trainer(ppo_config(tmp_path, {"group_size": 4, "max_new_tokens": 4, "normalize_scores": normalize},
+                                 run={"max_steps": 30}))
+    rule_scores = trainer.task.sequence_scores
+    trainer.task.sequence_scores = lambda sample: rule_scores(sample) + offset
+    trainer.fit()
+    h = trainer.history
+    first, last = _mean(h, "reward", lambda x: x[:5]), _mean(h, "reward", lambda x: x[-5:])
+    assert last >= first + 0.2, [round(r["reward"], 3) for r in h]
+    assert all(r["kl"] == r["kl"] and abs(r["kl"]) < 10 for r in h), [r["kl"] for r in h]
+    assert max(r["clip_fraction"] for r in h) > 0
+
+
+def test_running_moments_equal_the_moments_of_everything_seen():
+    from fastft.recipes.rlhf import RunningMoments
+
+    batches = [torch.randn(5, dtype=torch.float64) * 3 - 11, torch.randn(1, dtype=torch.float64), torch.randn(8)]
+    moments = RunningMoments()
+    assert moments.std == 0.0
+    torch.testing.assert_close(moments.normalize(torch.tensor([2.0])), torch.tensor([2.0]))  # nothing seen: as is
+    for b in batches:
+        moments.update(b)
+    seen = torch.cat([b.double() for b in batches])
+    assert moments.count == 14
+    assert abs(moments.mean - seen.mean().item()) < 1e-12 and abs(moments.std - seen.std().item()) < 1e-12
+    x = torch.tensor([-11.0, 0.0])
+    torch.testing.assert_close(moments.normalize(x), (x - seen.mean().float()) / seen.std().float())
+    copy = RunningMoments()
+    copy.load_state_dict(moments.state_dict())
+    assert copy.state_dict() == moments.state_dict()
+    same = RunningMoments()
+    same.update(torch.full((4,), 3.0))  # std 0: centred, not divided by 0
+    assert same.normalize(torch.tensor([3.0, 5.0])).tolist() == [0.0, 2.0]
+
+
+def test_shaped_scores_normalise_and_penalise_completions_without_eos(tmp_path):
+    trainer = Trainer(ppo_config(tmp_path, {"normalize_scores": True, "missing_eos_penalty": 0.5},
+                                 run={"max_steps": 1}))
+    task = trainer.task
+    eos = task.eos_id
+    other = (eos + 1) % 50
+    seqs = torch.tensor([[9, other, eos], [9, other, other], [9, eos, eos], [9, other, other]])
+    score = torch.tensor([-12.0, -10.0, -11.0, -11.0])
+    shaped = task.shaped_scores(score, {"seqs": seqs, "prompt_len": 1})
+    normalised = (score - score.mean()) / score.std()
+    torch.testing.assert_close(shaped, normalised - 0.5 * torch.tensor([0.0, 1.0, 0.0, 1.0]))
+    assert task.score_moments.count == 4
+
+
 def test_adaptive_kl_coefficient_moves_and_is_checkpointed(tmp_path):
     from fastft.recipes.rlhf import RolloutSchedule
 
-    trainer = Trainer(ppo_config(tmp_path, {"kl_target": 1e-4, "kl_horizon": 10, "ppo_epochs": 1},
+    trainer = Trainer(ppo_config(tmp_path, {"kl_target": 1e-4, "kl_horizon": 10, "ppo_epochs": 1,
+                                            "normalize_scores": True},
                                  run={"max_steps": 3}, optim={"lr": 3e-2}))
     trainer.fit()
     task = trainer.task
     assert task.kl_coef != task.options.beta
+    assert task.score_moments.count == 3 * 8 * 2  # every rollout's scores: 3 steps of 8 prompts x 2 samples
     cb = next(c for c in trainer.callbacks if isinstance(c, RolloutSchedule))
     state = cb.state_dict(trainer)
+    moments = dict(state["score_moments"])
     task.kl_coef = task.kl_control.coef = 123.0
+    task.score_moments.load_state_dict({"count": 0, "mean": 0.0, "var": 0.0})
     cb.load_state_dict(trainer, state)
     assert task.kl_coef == state["kl_coef"] == task.kl_control.coef
+    assert task.score_moments.state_dict() == moments
+    cb.load_state_dict(trainer, {"kl_coef": 1.0})  # a checkpoint from before score normalisation
 
 
 def test_ppo_scores_with_an_exported_reward_model(tmp_path):
@@ -244,6 +305,10 @@ def test_bad_ppo_options(tmp_path):
             Trainer(ppo_config(tmp_path, {key: value}))
     with pytest.raises(ConfigError, match="kl_target"):
         Trainer(config(tmp_path, {"kl_target": 1.0}))
+    with pytest.raises(ConfigError, match="normalize_scores"):
+        Trainer(config(tmp_path, {"normalize_scores": True}))
+    with pytest.raises(ConfigError, match="missing_eos_penalty"):
+        Trainer(ppo_config(tmp_path, {"missing_eos_penalty": -1.0}))
     with pytest.raises(ValueError, match="no_such_folder"):
         Trainer(ppo_config(tmp_path, {"reward_model": str(tmp_path / "no_such_folder")}))
 
