@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "integrations"))
 
 from gloo_workers import worker_main  # noqa: E402
-from patch_models import tiny_model  # noqa: E402
+from patch_models import tiny_model, with_peft_lora  # noqa: E402
 
 from fastft import rl  # noqa: E402
 from fastft.integrations.fused_head import call_with_fused_head  # noqa: E402
@@ -32,15 +32,7 @@ def logprobs(model, ids):
 
 def build(lora_head: bool):
     model = tiny_model("llama", tie_word_embeddings=False)
-    if lora_head:
-        import peft
-
-        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.1)
-    return model
+    return with_peft_lora(model, ["q_proj", "lm_head"], std=0.1) if lora_head else model
 
 
 def check(lora_head: bool, rank: int, world: int) -> None:

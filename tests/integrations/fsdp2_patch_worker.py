@@ -11,11 +11,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "distributed"))
 
-import peft  # noqa: E402
 
 import fastft  # noqa: E402
 from gloo_workers import worker_main  # noqa: E402
-from patch_models import batches, tiny_model  # noqa: E402
+from patch_models import batches, tiny_model, with_peft_lora  # noqa: E402
 
 try:
     from torch.distributed.fsdp import fully_shard
@@ -27,13 +26,7 @@ STEPS = 5
 
 def lora_model(model_type):
     model = tiny_model(model_type)
-    targets = ["q_proj", "v_proj", "down_proj", "lm_head"]
-    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    return model
+    return with_peft_lora(model, ["q_proj", "v_proj", "down_proj", "lm_head"])
 
 
 def check(model_type, rank, world):

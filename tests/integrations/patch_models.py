@@ -95,3 +95,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def with_peft_lora(model, targets, std: float = 0.05, r: int = 4, lora_alpha: int = 8):
+    """``model`` under PEFT LoRA on ``targets`` with lora_B drawn from N(0, std) (PEFT starts it at 0, where the
+    LoRA branch adds nothing and a wrong branch would pass unnoticed)."""
+    import peft
+
+    model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=targets))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, std)
+    return model

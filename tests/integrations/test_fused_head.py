@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from fastft import rl  # noqa: E402
 from fastft.integrations.fused_head import call_with_fused_head, fused_head_unsupported  # noqa: E402
-from patch_models import tiny_model  # noqa: E402
+from patch_models import tiny_model, with_peft_lora  # noqa: E402
 
 TEMPERATURE = 0.7
 
@@ -31,12 +31,11 @@ def fused_logprobs(model, ids, targets):
 
 def lora(model, kind):
     if kind == "peft":
-        peft = pytest.importorskip("peft")
-        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
-    else:
-        from fastft.tuners.lora import LoraConfig, apply
+        pytest.importorskip("peft")
+        return with_peft_lora(model, ["q_proj", "lm_head"], std=0.1)
+    from fastft.tuners.lora import LoraConfig, apply
 
-        apply(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
+    apply(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:

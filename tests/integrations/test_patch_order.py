@@ -12,19 +12,14 @@ transformers = pytest.importorskip("transformers")
 
 import fastft  # noqa: E402
 from fastft.integrations.patch import get_handle  # noqa: E402
-from patch_models import batches, one_thread, tiny_config, tiny_model  # noqa: E402,F401
+from patch_models import batches, one_thread, tiny_config, tiny_model, with_peft_lora  # noqa: E402,F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TARGETS = ["q_proj", "v_proj", "gate_proj", "down_proj", "lm_head"]
 
 
 def _lora(model):
-    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    return peft_model
+    return with_peft_lora(model, TARGETS)
 
 
 def peft_lora_layers(model):
