@@ -16,13 +16,17 @@ TORCH_LIBRARY(fastft, m) {
       "int ignore_index, float label_smoothing, float z_loss, float softcap, Tensor(a!)? grad_out=None) -> Tensor");
   m.def("scale_if_not_one_kernel_(Tensor(a!) grad, Tensor scale) -> ()");
 
-  // full KL and selective log-softmax (csrc/cpu/kl.cpp, csrc/cuda/kl.cu)
+  // full KL and selective log-softmax (csrc/cpu/kl.cpp, csrc/cuda/kl.cu). full_kl's row loss is
+  // (1 - reverse_weight) KL(pi || rho) + reverse_weight KL(rho || pi); outputs (kl, lse_p, lse_r, kl_rev, grad_policy,
+  // grad_ref) with kl = KL(pi || rho) and kl_rev = KL(rho || pi) (empty when reverse_weight == 0).
   m.def(
       "full_kl_fwd_kernel(Tensor policy_logits, Tensor ref_logits, Tensor? mask, Tensor? grad_scale, "
-      "float temperature, bool grad_policy, bool grad_ref) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "float temperature, bool grad_policy, bool grad_ref, float reverse_weight=0.0) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "full_kl_bwd_kernel(Tensor grad_kl, Tensor policy_logits, Tensor ref_logits, Tensor? mask, Tensor lse_p, "
-      "Tensor lse_r, Tensor kl, float temperature, bool grad_policy, bool grad_ref) -> (Tensor, Tensor)");
+      "Tensor lse_r, Tensor kl, float temperature, bool grad_policy, bool grad_ref, Tensor? kl_rev=None, "
+      "float reverse_weight=0.0) -> (Tensor, Tensor)");
   // selective log-softmax + entropy: rows whose index is ignore_index give 0s and a zero gradient row;
   // grad_out as cross-entropy's (it may be the logits; the result is then an empty tensor).
   m.def(

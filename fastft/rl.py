@@ -216,19 +216,19 @@ def distillation_loss(student_hidden: Tensor, student_weight: Tensor, teacher_hi
     models' final hidden states and head weights (fastft.ops.linear_full_kl: chunked, neither [N, V] logits
     held), mean over the counted tokens. ``mode``: ``forward`` = KL(teacher || student) (mode-covering,
     the classic distillation loss), ``reverse`` = KL(student || teacher) (mode-seeking, MiniLLM), ``mixed``
-    = ``mix * forward + (1 - mix) * reverse``. Gradients reach the student's inputs only (the teacher's
-    are detached)."""
+    = ``mix * forward + (1 - mix) * reverse``, both directions from ONE linear_full_kl pass (one pair of head
+    GEMMs and one kernel sweep per chunk: ``reverse_weight = 1 - mix`` with the teacher as its "policy").
+    Gradients reach the student's inputs only (the teacher's are detached)."""
     if mode not in DISTILLATION_MODES:
         raise ValueError(f"mode must be one of {', '.join(DISTILLATION_MODES)}, got {mode!r}")
     if not 0.0 <= mix <= 1.0:
         raise ValueError(f"mix must be in [0, 1], got {mix!r}")
     teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
     kwargs = dict(mask=mask, temperature=temperature, reduction="mean", chunk_size=chunk_size)
-    loss = None
-    if mode in ("forward", "mixed"):
-        forward = linear_full_kl(teacher_hidden, teacher_weight, student_hidden, student_weight, **kwargs)
-        loss = forward if mode == "forward" else mix * forward
-    if mode in ("reverse", "mixed"):
-        reverse = linear_full_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, **kwargs)
-        loss = reverse if mode == "reverse" else loss + (1.0 - mix) * reverse
-    return loss
+    if mode == "reverse":
+        return linear_full_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, **kwargs)
+    # forward KL(teacher || student) has the teacher as full_kl's "policy"; the kernel's gradient to its
+    # "reference" side is the student's
+    reverse_weight = 0.0 if mode == "forward" else 1.0 - mix
+    return linear_full_kl(teacher_hidden, teacher_weight, student_hidden, student_weight,
+                          reverse_weight=reverse_weight, **kwargs)

@@ -9,7 +9,13 @@ kept per lane: every lane of the BLOCK-wide tile carries its own running maxima 
 S_p = sum exp(a - m_a), S_r = sum exp(b - m_b), D = sum exp(a - m_a) (a - b) over the columns it sees
 (one exp per element and side: the smaller of the old maximum and the new value against the larger),
 and the lanes are combined ONCE per row at the end (no block reductions inside the loop). Then
-c = D / S_p. The gradient, when wanted, is a second sweep over the same rows (usually still in L2 on a
+c = D / S_p.
+With reverse_weight w > 0 (HAS_REVERSE) the row loss is (1 - w) KL(pi || rho) + w KL(rho || pi); the same
+sweep also keeps D_r = sum exp(b - m_b) (b - a) per lane (c_r = D_r / S_r, KL_rev = c_r - lse_r + lse_p) and
+    dL/dx_p,j = ((1 - w) pi_j ((a_j - b_j) - c) + w (pi_j - rho_j)) / T
+    dL/dx_r,j = ((1 - w) (rho_j - pi_j) + w rho_j ((b_j - a_j) - c_r)) / T
+(a weight-0 direction is left out, so its +inf or NaN does not leak through 0 * inf; rho_j = 0 terms are 0).
+The gradient, when wanted, is a second sweep over the same rows (usually still in L2 on a
 GPU). Tokens with pi_j = 0 (x_p,j = -inf) count 0, not 0 * inf = NaN. Masked rows load nothing and
 store zeros.
 
@@ -20,6 +26,8 @@ Hostile values (the contract every backend keeps; tests/ops/test_hostile_kl.py):
     NaN and its policy gradient row (and, for NaN KL, the reference gradient row) is all NaN.
   - The policy has mass where the reference logit is -inf -> KL = +inf (the math's value); the policy
     gradient row is NaN (an infinite loss has none), the reference gradient (rho - pi) / T stays finite.
+  - Two directions (w > 0): each direction of weight > 0 keeps this contract on its own, the reverse one with
+    the roles swapped (KL_rev = +inf where rho has mass on a policy -inf -> a NaN reference gradient row).
 
 selective_log_softmax, per row with z = x / T, p = softmax(z), index y (rows with y == ignore_index are not
 read: logp = lse = entropy = 0 and a zero gradient row; another y outside [0, V) gives NaN logp / gradient):
@@ -29,10 +37,11 @@ read: logp = lse = entropy = 0 and a zero gradient row; another y outside [0, V)
     dz_j = g_logp ([j == y] - p_j) - g_H p_j (log p_j + H)   (d/dx = dz / T; p_j = 0 terms are 0)
 
 Launchers (the signatures fastft.ops.kl calls for backend "triton"; same as the C++ kernels):
-  full_kl_fwd(policy, ref, mask, grad_scale, temperature, grad_policy, grad_ref)
-      -> (kl[N] f32, lse_p[N] f32, lse_r[N] f32, grad_policy[N, V] | (0,), grad_ref[N, V] | (0,))
-  full_kl_bwd(grad_kl, policy, ref, mask, lse_p, lse_r, kl, temperature, grad_policy, grad_ref)
-      -> (grad_policy | (0,), grad_ref | (0,))
+  full_kl_fwd(policy, ref, mask, grad_scale, temperature, grad_policy, grad_ref, reverse_weight=0.0)
+      -> (kl[N] f32, lse_p[N] f32, lse_r[N] f32, kl_rev[N] f32 | (0,), grad_policy[N, V] | (0,),
+          grad_ref[N, V] | (0,))      kl = KL(pi || rho), kl_rev = KL(rho || pi) (only when reverse_weight > 0)
+  full_kl_bwd(grad_kl, policy, ref, mask, lse_p, lse_r, kl, temperature, grad_policy, grad_ref, kl_rev=None,
+              reverse_weight=0.0) -> (grad_policy | (0,), grad_ref | (0,))
   selective_log_softmax_fwd(logits, index, temperature, ignore_index) -> (logp, lse, entropy: [N] f32)
   selective_log_softmax_bwd(grad_logp, grad_entropy | None, logits, index, lse, entropy, temperature,
                             ignore_index, out=None) -> grad[N, V] (out, which may be the logits, when given)
@@ -95,9 +104,32 @@ def _kl_grad_block(xp, xr, lse_p, lse_r, inv_t, k_p, c, k_r, GRAD_POLICY: tl.con
 
 
 @triton.jit
+def _kl_mixed_grad_block(xp, xr, lse_p, lse_r, inv_t, k, c, c_r, kl_rev, w,
+                         GRAD_POLICY: tl.constexpr, GRAD_REF: tl.constexpr):
+    """k * dL/dx of the weighted two-direction row loss (the top): pi (rho) products are 0 where pi (rho) is 0,
+    a weight-0 direction adds nothing, and each direction of weight > 0 poisons as the one-direction kernel."""
+    pi = tl.exp(xp * inv_t - lse_p)
+    rho = tl.exp(xr * inv_t - lse_r)
+    wf = 1.0 - w
+    no_fwd = wf == 0.0  # w == 1: KL(pi || rho) has weight 0 and must not leak its inf / NaN
+    kl = c - lse_p + lse_r
+    gp = pi
+    gr = pi
+    if GRAD_POLICY:
+        inner = tl.where(no_fwd, w, wf * ((xp - xr) * inv_t - c) + w)
+        gp = k * (tl.where(pi > 0.0, pi * inner, 0.0) - w * rho)
+        gp = tl.where(((c - c == 0.0) | no_fwd) & (kl_rev == kl_rev), gp, float("nan"))
+    if GRAD_REF:
+        gr = k * (tl.where(rho > 0.0, rho * (w * ((xr - xp) * inv_t - c_r) + wf), 0.0) - wf * pi)
+        gr = tl.where(((kl == kl) | no_fwd) & (c_r - c_r == 0.0), gr, float("nan"))
+    return gp, gr
+
+
+@triton.jit
 def _write_kl_grad_rows(
-    p_row, r_row, gp_row, gr_row, V, counted, lse_p, lse_r, inv_t, k, c,
-    GRAD_POLICY: tl.constexpr, GRAD_REF: tl.constexpr, BF16_RNE_BY_HAND: tl.constexpr, BLOCK: tl.constexpr,
+    p_row, r_row, gp_row, gr_row, V, counted, lse_p, lse_r, inv_t, k, c, c_r, kl_rev, w,
+    GRAD_POLICY: tl.constexpr, GRAD_REF: tl.constexpr, HAS_REVERSE: tl.constexpr, BF16_RNE_BY_HAND: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """The gradient sweep over one row pair, shared by forward's fused gradient and backward.
     Masked rows load nothing and store zeros."""
@@ -108,7 +140,10 @@ def _write_kl_grad_rows(
         ld = in_row & counted
         xp = tl.load(p_row + offs, mask=ld, other=0.0).to(tl.float32)
         xr = tl.load(r_row + offs, mask=ld, other=0.0).to(tl.float32)
-        gp, gr = _kl_grad_block(xp, xr, lse_p, lse_r, inv_t, k, c, k, GRAD_POLICY, GRAD_REF)
+        if HAS_REVERSE:
+            gp, gr = _kl_mixed_grad_block(xp, xr, lse_p, lse_r, inv_t, k, c, c_r, kl_rev, w, GRAD_POLICY, GRAD_REF)
+        else:
+            gp, gr = _kl_grad_block(xp, xr, lse_p, lse_r, inv_t, k, c, k, GRAD_POLICY, GRAD_REF)
         if GRAD_POLICY:
             gp = tl.where(counted, gp, 0.0)
             tl.store(gp_row + offs, cast_for_store(gp, gp_row.dtype.element_ty, BF16_RNE_BY_HAND), mask=in_row)
@@ -120,9 +155,9 @@ def _write_kl_grad_rows(
 @triton.jit
 def _full_kl_fwd_kernel(
     policy_ptr, stride_p, ref_ptr, stride_r, mask_ptr, grad_scale_ptr,
-    kl_ptr, lse_p_ptr, lse_r_ptr, grad_p_ptr, grad_r_ptr,
-    V, inv_t,
-    HAS_MASK: tl.constexpr, GRAD_POLICY: tl.constexpr, GRAD_REF: tl.constexpr,
+    kl_ptr, lse_p_ptr, lse_r_ptr, kl_rev_ptr, grad_p_ptr, grad_r_ptr,
+    V, inv_t, w,
+    HAS_MASK: tl.constexpr, GRAD_POLICY: tl.constexpr, GRAD_REF: tl.constexpr, HAS_REVERSE: tl.constexpr,
     BF16_RNE_BY_HAND: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -138,6 +173,7 @@ def _full_kl_fwd_kernel(
     s_p = tl.zeros((BLOCK,), tl.float32)
     s_r = tl.zeros((BLOCK,), tl.float32)
     d = tl.zeros((BLOCK,), tl.float32)
+    d_r = tl.zeros((BLOCK,), tl.float32)
     for start in range(0, V, BLOCK):
         offs = start + cols
         ld = (offs < V) & counted
@@ -150,6 +186,8 @@ def _full_kl_fwd_kernel(
         s_p = s_p * alpha + e
         s_r = s_r * beta + f
         d = _lane_rescale(d, alpha) + tl.where(e > 0.0, e * (a - b), 0.0)
+        if HAS_REVERSE:
+            d_r = _lane_rescale(d_r, beta) + tl.where(f > 0.0, f * (b - a), 0.0)
     # The lanes' statistics, combined once per row.
     lane_wa, m_a = _lane_weights(m_a)
     lane_wb, m_b = _lane_weights(m_b)
@@ -165,18 +203,24 @@ def _full_kl_fwd_kernel(
     tl.store(kl_ptr + row, tl.where(counted, kl, 0.0))
     tl.store(lse_p_ptr + row, tl.where(counted, lse_p, 0.0))
     tl.store(lse_r_ptr + row, tl.where(counted, lse_r, 0.0))
+    c_r = c
+    kl_rev = kl
+    if HAS_REVERSE:
+        c_r = tl.sum(_lane_rescale(d_r, lane_wb), axis=0) / s_r
+        kl_rev = c_r - lse_r + lse_p
+        tl.store(kl_rev_ptr + row, tl.where(counted, kl_rev, 0.0))
 
     if GRAD_POLICY or GRAD_REF:
         k = tl.load(grad_scale_ptr) * inv_t
         _write_kl_grad_rows(p_row, r_row, grad_p_ptr + row * V, grad_r_ptr + row * V, V, counted, lse_p, lse_r,
-                            inv_t, k, c, GRAD_POLICY, GRAD_REF, BF16_RNE_BY_HAND, BLOCK)
+                            inv_t, k, c, c_r, kl_rev, w, GRAD_POLICY, GRAD_REF, HAS_REVERSE, BF16_RNE_BY_HAND, BLOCK)
 
 
 @triton.jit
 def _full_kl_bwd_kernel(
-    grad_kl_ptr, policy_ptr, stride_p, ref_ptr, stride_r, mask_ptr, lse_p_ptr, lse_r_ptr, kl_ptr,
-    grad_p_ptr, grad_r_ptr, V, inv_t,
-    HAS_MASK: tl.constexpr, GRAD_POLICY: tl.constexpr, GRAD_REF: tl.constexpr,
+    grad_kl_ptr, policy_ptr, stride_p, ref_ptr, stride_r, mask_ptr, lse_p_ptr, lse_r_ptr, kl_ptr, kl_rev_ptr,
+    grad_p_ptr, grad_r_ptr, V, inv_t, w,
+    HAS_MASK: tl.constexpr, GRAD_POLICY: tl.constexpr, GRAD_REF: tl.constexpr, HAS_REVERSE: tl.constexpr,
     BF16_RNE_BY_HAND: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -189,9 +233,14 @@ def _full_kl_bwd_kernel(
     lse_p = tl.load(lse_p_ptr + row)
     lse_r = tl.load(lse_r_ptr + row)
     c = lse_p - lse_r + tl.load(kl_ptr + row)
+    c_r = c
+    kl_rev = c
+    if HAS_REVERSE:
+        kl_rev = tl.load(kl_rev_ptr + row)
+        c_r = lse_r - lse_p + kl_rev
     k = tl.load(grad_kl_ptr + row) * inv_t
     _write_kl_grad_rows(p_row, r_row, grad_p_ptr + row * V, grad_r_ptr + row * V, V, counted, lse_p, lse_r,
-                        inv_t, k, c, GRAD_POLICY, GRAD_REF, BF16_RNE_BY_HAND, BLOCK)
+                        inv_t, k, c, c_r, kl_rev, w, GRAD_POLICY, GRAD_REF, HAS_REVERSE, BF16_RNE_BY_HAND, BLOCK)
 
 
 @triton.jit
@@ -303,41 +352,56 @@ def _check_pair(policy: Tensor, ref: Tensor, mask: Optional[Tensor], name: str) 
     return n, v
 
 
+def _check_reverse_weight(w: float, name: str) -> float:
+    w = float(w)
+    if not 0.0 <= w <= 1.0:
+        raise ValueError(f"{name}: reverse_weight must be in [0, 1], got {w!r}")
+    return w
+
+
 def full_kl_fwd(
     policy: Tensor, ref: Tensor, mask: Optional[Tensor], grad_scale: Optional[Tensor], temperature: float,
-    grad_policy: bool, grad_ref: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Per-row KL and both logsumexps (fp32, [N]); with ``grad_scale`` (0-dim) also
-    ``grad_scale * dKL_i/dlogits`` for the policy and/or reference (else empty (0,) tensors)."""
+    grad_policy: bool, grad_ref: bool, reverse_weight: float = 0.0,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-row KL(pi || rho) and both logsumexps (fp32, [N]), KL(rho || pi) per row when ``reverse_weight`` w > 0
+    (else an empty (0,) tensor); with ``grad_scale`` (0-dim) also ``grad_scale * dL_i/dlogits`` of the row loss
+    L_i = (1 - w) KL(pi || rho) + w KL(rho || pi) for the policy and/or reference (else empty (0,) tensors)."""
     n, v = _check_pair(policy, ref, mask, "full_kl_fwd")
+    w = _check_reverse_weight(reverse_weight, "full_kl_fwd")
     device = policy.device
     kl, lse_p, lse_r = (torch.empty(n, dtype=torch.float32, device=device) for _ in range(3))
+    kl_rev = torch.empty(n if w > 0 else 0, dtype=torch.float32, device=device)
     want_p = grad_scale is not None and grad_policy
     want_r = grad_scale is not None and grad_ref
     gp = torch.empty((n, v) if want_p else (0,), dtype=policy.dtype, device=device)
     gr = torch.empty((n, v) if want_r else (0,), dtype=policy.dtype, device=device)
     if n == 0:
-        return kl, lse_p, lse_r, gp, gr
+        return kl, lse_p, lse_r, kl_rev, gp, gr
     scale = grad_scale.reshape(()).to(torch.float32) if grad_scale is not None else kl  # placeholder
     block, num_warps = lane_stats_config(v, device)
     mask_arg = mask.contiguous() if mask is not None else kl  # placeholder, never read
     with device_ctx(policy):
         _full_kl_fwd_kernel[(n,)](
             policy, policy.stride(0), ref, ref.stride(0), mask_arg, scale,
-            kl, lse_p, lse_r, gp if want_p else kl, gr if want_r else kl,
-            v, 1.0 / float(temperature),
-            HAS_MASK=mask is not None, GRAD_POLICY=want_p, GRAD_REF=want_r,
+            kl, lse_p, lse_r, kl_rev if w > 0 else kl, gp if want_p else kl, gr if want_r else kl,
+            v, 1.0 / float(temperature), w,
+            HAS_MASK=mask is not None, GRAD_POLICY=want_p, GRAD_REF=want_r, HAS_REVERSE=w > 0,
             BF16_RNE_BY_HAND=bf16_by_hand(policy), BLOCK=block, num_warps=num_warps,
         )
-    return kl, lse_p, lse_r, gp, gr
+    return kl, lse_p, lse_r, kl_rev, gp, gr
 
 
 def full_kl_bwd(
     grad_kl: Tensor, policy: Tensor, ref: Tensor, mask: Optional[Tensor], lse_p: Tensor, lse_r: Tensor, kl: Tensor,
-    temperature: float, grad_policy: bool, grad_ref: bool,
+    temperature: float, grad_policy: bool, grad_ref: bool, kl_rev: Optional[Tensor] = None,
+    reverse_weight: float = 0.0,
 ) -> Tuple[Tensor, Tensor]:
-    """``grad_kl[i] * dKL_i/dlogits`` for the policy and/or reference, from forward's saved rows."""
+    """``grad_kl[i] * dL_i/dlogits`` (L_i as in full_kl_fwd) for the policy and/or reference, from forward's saved
+    rows (``kl_rev`` needed when ``reverse_weight`` > 0)."""
     n, v = _check_pair(policy, ref, mask, "full_kl_bwd")
+    w = _check_reverse_weight(reverse_weight, "full_kl_bwd")
+    if w > 0 and kl_rev is None:
+        raise ValueError("full_kl_bwd: reverse_weight > 0 needs forward's kl_rev")
     device = policy.device
     gp = torch.empty((n, v) if grad_policy else (0,), dtype=policy.dtype, device=device)
     gr = torch.empty((n, v) if grad_ref else (0,), dtype=policy.dtype, device=device)
@@ -345,13 +409,14 @@ def full_kl_bwd(
         return gp, gr
     f32 = lambda t: t.reshape(n).to(torch.float32).contiguous()  # noqa: E731
     grad_kl, lse_p, lse_r, kl = f32(grad_kl), f32(lse_p), f32(lse_r), f32(kl)
+    kl_rev = f32(kl_rev) if w > 0 else kl  # placeholder, never read
     block, num_warps = row_config(v, device)
     mask_arg = mask.contiguous() if mask is not None else kl
     with device_ctx(policy):
         _full_kl_bwd_kernel[(n,)](
-            grad_kl, policy, policy.stride(0), ref, ref.stride(0), mask_arg, lse_p, lse_r, kl,
-            gp if grad_policy else kl, gr if grad_ref else kl, v, 1.0 / float(temperature),
-            HAS_MASK=mask is not None, GRAD_POLICY=grad_policy, GRAD_REF=grad_ref,
+            grad_kl, policy, policy.stride(0), ref, ref.stride(0), mask_arg, lse_p, lse_r, kl, kl_rev,
+            gp if grad_policy else kl, gr if grad_ref else kl, v, 1.0 / float(temperature), w,
+            HAS_MASK=mask is not None, GRAD_POLICY=grad_policy, GRAD_REF=grad_ref, HAS_REVERSE=w > 0,
             BF16_RNE_BY_HAND=bf16_by_hand(policy), BLOCK=block, num_warps=num_warps,
         )
     return gp, gr

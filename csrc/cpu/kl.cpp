@@ -8,6 +8,12 @@
 //   dKL/dx_p,j = pi_j (log pi_j - log rho_j - KL) / T = (e_j / (T S_p)) ((x_p,j - x_r,j) / T - c)
 //   dKL/dx_r,j = (rho_j - pi_j) / T = (f_j / S_r - e_j / S_p) / T
 // (log pi - log rho - KL = (a - b) - (lse_p - lse_r) - KL = (a - b) - c.)
+// With reverse_weight w > 0 the row loss is (1 - w) KL(pi || rho) + w KL(rho || pi): the same sweep also sums
+//   D_r = sum_j f_j (x_r,j - x_p,j), c_r = D_r / (T S_r), KL_rev = c_r - lse_r + lse_p, and the gradients are
+//   d/dx_p,j = ((1 - w) pi_j ((a_j - b_j) - c) + w (pi_j - rho_j)) / T
+//   d/dx_r,j = ((1 - w) (rho_j - pi_j) + w rho_j ((b_j - a_j) - c_r)) / T
+// (a weight-0 direction is left out entirely, so its +inf or NaN cannot leak through 0 * inf). w == 0 runs
+// the one-direction code unchanged.
 // Sweeps per row: 1) both maxima (the only reads from memory), 2) e, f and the three sums, parking e
 // (and f) in per-thread scratch, 3) the gradient, from the parked exps, streamed to memory. A 32k row is 128 KB of fp32: the
 // two rows and the gradient stay in L2 (here 2 MB+ per core) between sweeps. Masked rows are never read.
@@ -39,13 +45,14 @@ using at::vec::Vectorized;
 using namespace row_softmax;  // acc_t, row_values, row_max, row_sum_exp, store_row, fill_row, Scratch,
                               // store_streaming, for_each_chunk_aligned, for_each_vector, lane_sum, zero_row
 
-// Sweep 2 of full_kl: S_p, S_r and D (see the top), parking the exps when asked.
-template <typename acc>
+// Sweep 2 of full_kl: S_p, S_r and D (see the top), parking the exps when asked; with REVERSE also
+// D_r = sum f (x_r - x_p) (rho_j = 0 counts 0).
+template <bool REVERSE, typename acc>
 void kl_row_sums(const acc* xp, const acc* xr, int64_t V, acc inv_t, acc m_a, acc m_b, acc* e_out, acc* f_out,
-                 acc& S_p, acc& S_r, acc& D) {
+                 acc& S_p, acc& S_r, acc& D, acc& D_r) {
   using Vec = Vectorized<acc>;
   const Vec it(inv_t), sa(-m_a), sb(-m_b), zero(acc(0));
-  Vec sp(acc(0)), sr(acc(0)), d(acc(0));
+  Vec sp(acc(0)), sr(acc(0)), d(acc(0)), dr(acc(0));
   auto chunk = [&](int64_t j, int64_t n) {
     const Vec vp = Vec::loadu(xp + j, n), vr = Vec::loadu(xr + j, n);
     Vec e = at::vec::fmadd(vp, it, sa).exp_u20();
@@ -59,11 +66,13 @@ void kl_row_sums(const acc* xp, const acc* xr, int64_t V, acc inv_t, acc m_a, ac
     sp = sp + e;
     sr = sr + f;
     d = d + Vec::blendv(e * (vp - vr), zero, e == zero);  // pi_j = 0 counts 0 (never 0 * inf)
+    if constexpr (REVERSE) dr = dr + Vec::blendv(f * (vr - vp), zero, f == zero);
   };
   for_each_vector<acc>(V, chunk);
   S_p = lane_sum(sp);
   S_r = lane_sum(sr);
   D = lane_sum(d);
+  D_r = REVERSE ? lane_sum(dr) : acc(0);
 }
 
 // Gradient sweep of full_kl, shared by the fused forward and the backward:
@@ -102,6 +111,45 @@ void kl_grad_row(scalar_t* gp, scalar_t* gr, const acc* xp, const acc* xr, const
   }
 }
 
+// Gradient sweep of the weighted two-direction row loss (reverse_weight w > 0, see the top), shared by the
+// fused forward and the backward: pi_j = e_j * n_p, rho_j = f_j * n_r with e_j, f_j parked or
+// exp(x / T - shift) (fused forward: shifts = maxima, n = 1 / S; backward: shifts = logsumexps, n = 1), and
+//   grad_p,j = k (pi_j ((1 - w) ((x_p,j - x_r,j) / T - c) + w) - w rho_j)
+//   grad_r,j = k (rho_j (w ((x_r,j - x_p,j) / T - c_r) + (1 - w)) - (1 - w) pi_j)
+// the pi_j (rho_j) product is 0 where pi_j (rho_j) is 0. Outputs and staging as kl_grad_row.
+template <typename scalar_t, typename acc>
+void kl_mixed_grad_row(scalar_t* gp, scalar_t* gr, const acc* xp, const acc* xr, const acc* e_park,
+                       const acc* f_park, acc shift_p, acc shift_r, acc n_p, acc n_r, acc inv_t, acc k, acc c,
+                       acc c_r, acc w, int64_t V, acc* tmp_p, acc* tmp_r) {
+  using Vec = Vectorized<acc>;
+  constexpr bool same = std::is_same_v<scalar_t, acc>;
+  acc* dst_p = gp == nullptr ? nullptr : same ? reinterpret_cast<acc*>(gp) : tmp_p;
+  acc* dst_r = gr == nullptr ? nullptr : same ? reinterpret_cast<acc*>(gr) : tmp_r;
+  const acc wf = acc(1) - w;
+  const Vec it(inv_t), sp(-shift_p), sr(-shift_r), np(n_p), nr(n_r), kv(k), cv(-c), crv(-c_r), wv(w), wfv(wf),
+      zero(acc(0));
+  for_each_chunk_aligned<acc>(dst_p ? dst_p : dst_r, V, [&](int64_t j, int64_t n) {
+    const Vec vp = Vec::loadu(xp + j, n), vr = Vec::loadu(xr + j, n);
+    const Vec pi = (e_park ? Vec::loadu(e_park + j, n) : at::vec::fmadd(vp, it, sp).exp_u20()) * np;
+    const Vec rho = (f_park ? Vec::loadu(f_park + j, n) : at::vec::fmadd(vr, it, sr).exp_u20()) * nr;
+    if (dst_p) {
+      // a weight-0 forward direction adds nothing, not 0 * inf where x_r = -inf
+      const Vec inner = wf > acc(0) ? at::vec::fmadd(wfv, at::vec::fmadd(vp - vr, it, cv), wv) : wv;
+      const Vec g = kv * (Vec::blendv(pi * inner, zero, pi == zero) - wv * rho);
+      store_streaming(dst_p + j, g, n);
+    }
+    if (dst_r) {
+      const Vec inner = at::vec::fmadd(wv, at::vec::fmadd(vr - vp, it, crv), wfv);
+      const Vec g = kv * (Vec::blendv(rho * inner, zero, rho == zero) - wfv * pi);
+      store_streaming(dst_r + j, g, n);
+    }
+  });
+  if constexpr (!same) {
+    if (gp) store_row<scalar_t, acc>(gp, tmp_p, V);
+    if (gr) store_row<scalar_t, acc>(gr, tmp_r, V);
+  }
+}
+
 // The hostile-value contract (kernels/kl.py's header): a row whose KL is NaN gets NaN gradient rows, and
 // one whose KL is +inf (policy mass where the reference logit is -inf) a NaN policy gradient row; the
 // sweep above would leave zeros where pi_j = 0 and -inf elsewhere. Rare rows: refilled after the sweep.
@@ -110,6 +158,16 @@ void poison_undefined_grads(scalar_t* gp, scalar_t* gr, int64_t V, acc c, acc kl
   const double nan = std::numeric_limits<double>::quiet_NaN();
   if (gp != nullptr && !std::isfinite(c)) fill_row(gp, V, nan);
   if (gr != nullptr && std::isnan(kl)) fill_row(gr, V, nan);
+}
+
+// The same contract for the two-direction loss, each direction with weight > 0 in its own right (the reverse
+// one with the roles swapped): a non-finite c (c_r) poisons the policy (reference) row, a NaN KL both.
+template <typename scalar_t, typename acc>
+void poison_undefined_mixed_grads(scalar_t* gp, scalar_t* gr, int64_t V, acc c, acc kl, acc c_r, acc kl_rev, acc w) {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const bool fwd = w < acc(1);
+  if (gp != nullptr && ((fwd && !std::isfinite(c)) || std::isnan(kl_rev))) fill_row(gp, V, nan);
+  if (gr != nullptr && ((fwd && std::isnan(kl)) || !std::isfinite(c_r))) fill_row(gr, V, nan);
 }
 
 // log-sum-exp from the row maximum m and S = sum exp(x - m): a +inf logit has no softmax (inf / inf), so NaN.
@@ -134,16 +192,25 @@ void check_pair(const char* op, const at::Tensor& policy, const at::Tensor& ref,
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> full_kl_fwd_cpu(
+void check_reverse_weight(const char* op, double w) {
+  TORCH_CHECK(w >= 0.0 && w <= 1.0, op, ": reverse_weight must be in [0, 1], got ", w);
+}
+
+// kl_rev: KL(rho || pi) per row when reverse_weight > 0, else an empty tensor (nothing computed for it).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> full_kl_fwd_cpu(
     const at::Tensor& policy, const at::Tensor& ref, const c10::optional<at::Tensor>& mask,
-    const c10::optional<at::Tensor>& grad_scale, double temperature, bool grad_policy, bool grad_ref) {
+    const c10::optional<at::Tensor>& grad_scale, double temperature, bool grad_policy, bool grad_ref,
+    double reverse_weight) {
   check_pair("full_kl_fwd", policy, ref, mask);
   TORCH_CHECK(temperature > 0, "full_kl_fwd: temperature must be > 0");
+  check_reverse_weight("full_kl_fwd", reverse_weight);
+  const bool mixed = reverse_weight > 0.0;
   const int64_t N = policy.size(0), V = policy.size(1);
   const bool fused = grad_scale.has_value();
   const bool want_p = fused && grad_policy, want_r = fused && grad_ref;
   auto acc_opts = policy.options().dtype(policy.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   at::Tensor kl = at::empty({N}, acc_opts), lse_p = at::empty({N}, acc_opts), lse_r = at::empty({N}, acc_opts);
+  at::Tensor kl_rev = at::empty({mixed ? N : 0}, acc_opts);
   // Distinct empties: a custom op's outputs must not alias each other.
   at::Tensor gp = want_p ? cached_empty("full_kl.grad_policy", {N, V}, policy.options()) : at::empty({0}, policy.options());
   at::Tensor gr = want_r ? cached_empty("full_kl.grad_ref", {N, V}, policy.options()) : at::empty({0}, policy.options());
@@ -153,6 +220,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> full_kl_f
     constexpr bool same = std::is_same_v<scalar_t, acc>;
     const acc inv_t = static_cast<acc>(1.0 / temperature);
     const acc scale = fused ? static_cast<acc>(grad_scale->item<double>()) : acc(0);
+    const acc w = static_cast<acc>(reverse_weight);
     const scalar_t* p0 = policy.data_ptr<scalar_t>();
     const scalar_t* r0 = ref.data_ptr<scalar_t>();
     const int64_t sp_row = policy.stride(0), sr_row = ref.stride(0);
@@ -160,6 +228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> full_kl_f
     acc* kl_p = kl.data_ptr<acc>();
     acc* lp = lse_p.data_ptr<acc>();
     acc* lr = lse_r.data_ptr<acc>();
+    acc* kl_rev_p = mixed ? kl_rev.data_ptr<acc>() : nullptr;
     scalar_t* gp0 = want_p ? gp.data_ptr<scalar_t>() : nullptr;
     scalar_t* gr0 = want_r ? gr.data_ptr<scalar_t>() : nullptr;
     // Scratch (per thread, stays in L2): [0, V) policy row and [V, 2V) reference row (reduced precision
@@ -174,6 +243,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> full_kl_f
         scalar_t* g_r = want_r ? gr0 + i * V : nullptr;
         if (counted && !counted[i]) {
           kl_p[i] = lp[i] = lr[i] = acc(0);
+          if (mixed) kl_rev_p[i] = acc(0);
           if (g_p) zero_row(g_p, V);
           if (g_r) zero_row(g_r, V);
           continue;
@@ -185,15 +255,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> full_kl_f
         acc* e_park = nullptr;
         acc* f_park = nullptr;
         if (want_p || want_r) e_park = buf + 2 * V;
-        if (want_r) f_park = buf + 3 * V;
-        acc S_p, S_r, D;
-        kl_row_sums(xp, xr, V, inv_t, m_a, m_b, e_park, f_park, S_p, S_r, D);
+        if (want_r || (mixed && want_p)) f_park = buf + 3 * V;
+        acc S_p, S_r, D, D_r;
+        if (mixed) {
+          kl_row_sums<true>(xp, xr, V, inv_t, m_a, m_b, e_park, f_park, S_p, S_r, D, D_r);
+        } else {
+          kl_row_sums<false>(xp, xr, V, inv_t, m_a, m_b, e_park, f_park, S_p, S_r, D, D_r);
+        }
         const acc l_p = lse_of(m_a, S_p), l_r = lse_of(m_b, S_r);
         const acc c = inv_t * D / S_p;
         lp[i] = l_p;
         lr[i] = l_r;
         kl_p[i] = c - l_p + l_r;
-        if (want_p || want_r) {
+        if (mixed) {
+          const acc c_r = inv_t * D_r / S_r;
+          kl_rev_p[i] = c_r - l_r + l_p;
+          if (want_p || want_r) {
+            kl_mixed_grad_row<scalar_t, acc>(g_p, g_r, xp, xr, e_park, f_park, m_a, m_b, acc(1) / S_p, acc(1) / S_r,
+                                             inv_t, scale * inv_t, c, c_r, w, V, buf ? buf + 2 * V : nullptr,
+                                             buf ? buf + 3 * V : nullptr);
+            poison_undefined_mixed_grads<scalar_t, acc>(g_p, g_r, V, c, kl_p[i], c_r, kl_rev_p[i], w);
+          }
+        } else if (want_p || want_r) {
           const acc k_p = scale * inv_t / S_p;
           kl_grad_row<scalar_t, acc>(g_p, g_r, xp, xr, e_park, f_park, m_a, m_b, inv_t, k_p, c, k_p,
                                      scale * inv_t / S_r, V, buf ? buf + 2 * V : nullptr,
@@ -204,20 +287,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> full_kl_f
       FASTFT_STREAM_FENCE();  // order this thread's streaming stores before the gradients are handed out
     });
   });
-  return {kl, lse_p, lse_r, gp, gr};
+  return {kl, lse_p, lse_r, kl_rev, gp, gr};
 }
 
 std::tuple<at::Tensor, at::Tensor> full_kl_bwd_cpu(const at::Tensor& grad_kl, const at::Tensor& policy,
                                                    const at::Tensor& ref, const c10::optional<at::Tensor>& mask,
                                                    const at::Tensor& lse_p, const at::Tensor& lse_r,
                                                    const at::Tensor& kl, double temperature, bool grad_policy,
-                                                   bool grad_ref) {
+                                                   bool grad_ref, const c10::optional<at::Tensor>& kl_rev,
+                                                   double reverse_weight) {
   check_pair("full_kl_bwd", policy, ref, mask);
+  check_reverse_weight("full_kl_bwd", reverse_weight);
+  const bool mixed = reverse_weight > 0.0;
+  TORCH_CHECK(!mixed || kl_rev.has_value(), "full_kl_bwd: reverse_weight > 0 needs forward's kl_rev");
   const int64_t N = policy.size(0), V = policy.size(1);
   const auto acc_type = policy.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  for (const at::Tensor* t : {&grad_kl, &lse_p, &lse_r, &kl}) {
+  for (const at::Tensor* t : {&grad_kl, &lse_p, &lse_r, &kl, mixed ? &*kl_rev : &kl}) {
     TORCH_CHECK(t->numel() == N && t->scalar_type() == acc_type && t->is_contiguous(),
-                "full_kl_bwd: grad_kl, lse_p, lse_r and kl must be contiguous [N] tensors of the accumulation type");
+                "full_kl_bwd: grad_kl, lse_p, lse_r, kl and kl_rev must be contiguous [N] tensors of the "
+                "accumulation type");
   }
   at::Tensor gp = grad_policy ? cached_empty("full_kl.grad_policy", {N, V}, policy.options()) : at::empty({0}, policy.options());
   at::Tensor gr = grad_ref ? cached_empty("full_kl.grad_ref", {N, V}, policy.options()) : at::empty({0}, policy.options());
@@ -234,6 +322,8 @@ std::tuple<at::Tensor, at::Tensor> full_kl_bwd_cpu(const at::Tensor& grad_kl, co
     const acc* lp = lse_p.data_ptr<acc>();
     const acc* lr = lse_r.data_ptr<acc>();
     const acc* klv = kl.data_ptr<acc>();
+    const acc* kl_rev_v = mixed ? kl_rev->data_ptr<acc>() : nullptr;
+    const acc w = static_cast<acc>(reverse_weight);
     scalar_t* gp0 = grad_policy ? gp.data_ptr<scalar_t>() : nullptr;
     scalar_t* gr0 = grad_ref ? gr.data_ptr<scalar_t>() : nullptr;
 
@@ -251,10 +341,17 @@ std::tuple<at::Tensor, at::Tensor> full_kl_bwd_cpu(const at::Tensor& grad_kl, co
         const acc* xp = row_values<scalar_t, acc>(p0 + i * sp_row, V, acc(0), buf);
         const acc* xr = row_values<scalar_t, acc>(r0 + i * sr_row, V, acc(0), buf ? buf + V : nullptr);
         const acc k = go[i] * inv_t;
-        kl_grad_row<scalar_t, acc>(g_p, g_r, xp, xr, nullptr, nullptr, lp[i], lr[i], inv_t, k,
-                                   lp[i] - lr[i] + klv[i], k, k, V, buf ? buf + 2 * V : nullptr,
-                                   buf ? buf + 3 * V : nullptr);
-        poison_undefined_grads<scalar_t, acc>(g_p, g_r, V, lp[i] - lr[i] + klv[i], klv[i]);
+        const acc c = lp[i] - lr[i] + klv[i];
+        if (mixed) {
+          const acc c_r = lr[i] - lp[i] + kl_rev_v[i];
+          kl_mixed_grad_row<scalar_t, acc>(g_p, g_r, xp, xr, nullptr, nullptr, lp[i], lr[i], acc(1), acc(1), inv_t,
+                                           k, c, c_r, w, V, buf ? buf + 2 * V : nullptr, buf ? buf + 3 * V : nullptr);
+          poison_undefined_mixed_grads<scalar_t, acc>(g_p, g_r, V, c, klv[i], c_r, kl_rev_v[i], w);
+          continue;
+        }
+        kl_grad_row<scalar_t, acc>(g_p, g_r, xp, xr, nullptr, nullptr, lp[i], lr[i], inv_t, k, c, k, k, V,
+                                   buf ? buf + 2 * V : nullptr, buf ? buf + 3 * V : nullptr);
+        poison_undefined_grads<scalar_t, acc>(g_p, g_r, V, c, klv[i]);
       }
       FASTFT_STREAM_FENCE();
     });

@@ -8,6 +8,10 @@
 //   dKL/dx_r,j = (rho_j - pi_j) / T
 // Forward with grad_scale writes k * dKL/dx with k = *grad_scale (read on the device: no host sync);
 // backward writes grad_kl[row] * dKL/dx from the saved lse_p, lse_r and KL (c = lse_p - lse_r + KL).
+// reverse_weight w > 0 (kernels instantiated with REVERSE): the row loss (1 - w) KL(pi || rho) + w KL(rho || pi);
+// sweep 1 also carries D_r = sum_j f_j (x_r,j - x_p,j) under the reference's running max (c_r = D_r / (T S_r),
+// KL_rev = c_r - lse_r + lse_p), and the gradients are csrc/cpu/kl.cpp's (kl_mixed_grad_row). w == 0 instantiates
+// the one-direction kernels, unchanged.
 // selective_log_softmax: logp = x_y / T - lse(x / T), the entropy H = log S - D / S (EntropySums), and
 // d/dx_j = (g_logp ([j == y] - p_j) - g_H p_j (log p_j + H)) / T; an index outside [0, V) gives NaN (its logp and
 // gradient row), one equal to ignore_index zeros (the row is not read), as on the CPU.
@@ -35,6 +39,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 namespace fastft {
 namespace {
@@ -55,7 +60,8 @@ constexpr int kMinRowBlocksPerSM = 2;
 // negligible against a later maximum): +inf * 0 would make the KL NaN instead of the fp32 value.
 __device__ __forceinline__ float scaled(float d, float r) { return r > 0.f ? d * r : 0.f; }
 
-// The policy side of sweep 1: running max m of a, S = sum exp(a - m), D = sum exp(a - m) (x_p - x_r).
+// The policy side of sweep 1: running max m of a, S = sum exp(a - m), D = sum exp(a - m) (x_p - x_r); with
+// REVERSE also the reference side (roles swapped: max of b, D_r = sum exp(b - m_b) (x_r - x_p)).
 struct PolicySums {
   float m;
   float s;
@@ -183,17 +189,61 @@ __device__ __forceinline__ void kl_grad_row(const T* __restrict__ xp, const T* _
   sweep16(xp, aligned_alike(xp, xr, gp, gr), V, scalar, packed);
 }
 
+// The weighted two-direction gradient (REVERSE, w > 0; csrc/cpu/kl.cpp's kl_mixed_grad_row):
+//   g_p = k (pi ((1 - w) ((x_p - x_r) / T - c) + w) - w rho),  g_r = k (rho (w ((x_r - x_p) / T - c_r) + 1 - w) - (1 - w) pi)
+// with the pi (rho) product 0 where pi (rho) is 0 and a weight-0 direction left out. Poisoned rows, per direction
+// of weight > 0: a non-finite c (c_r) -> NaN policy (reference) row, a NaN KL (KL_rev) -> both rows NaN.
 template <typename T>
+__device__ __forceinline__ void kl_mixed_grad_row(const T* __restrict__ xp, const T* __restrict__ xr,
+                                                  T* __restrict__ gp, T* __restrict__ gr, int64_t V, float inv_t,
+                                                  float lse_p, float lse_r, float c, float kl, float c_r,
+                                                  float kl_rev, float w, float k) {
+  const float nan = __int_as_float(0x7fc00000);
+  const float wf = 1.f - w;
+  const bool fwd = wf > 0.f;
+  const bool policy_defined = !(fwd && !isfinite(c)) && !isnan(kl_rev);
+  const bool ref_defined = !(fwd && isnan(kl)) && isfinite(c_r);
+  const float c_used = fwd ? c : 0.f;
+  auto grads = [&](float vp, float vr, float& g_p, float& g_r) {
+    const float pi = expf(vp * inv_t - lse_p), rho = expf(vr * inv_t - lse_r);
+    const float inner_p = fwd ? wf * ((vp - vr) * inv_t - c_used) + w : w;
+    g_p = !policy_defined ? nan : k * ((pi == 0.f ? 0.f : pi * inner_p) - w * rho);
+    g_r = !ref_defined ? nan : k * ((rho == 0.f ? 0.f : rho * (w * ((vr - vp) * inv_t - c_r) + wf)) - wf * pi);
+  };
+  auto scalar = [&](int64_t j) {
+    float g_p, g_r;
+    grads(static_cast<float>(xp[j]), static_cast<float>(xr[j]), g_p, g_r);
+    if (gp != nullptr) gp[j] = static_cast<T>(g_p);
+    if (gr != nullptr) gr[j] = static_cast<T>(g_r);
+  };
+  auto packed = [&](int64_t j) {
+    const Pack<T> p = load_pack(xp + j), r = load_pack(xr + j);
+    Pack<T> out_p, out_r;
+#pragma unroll
+    for (int e = 0; e < Pack<T>::kSize; ++e) {
+      float g_p, g_r;
+      grads(static_cast<float>(p.v[e]), static_cast<float>(r.v[e]), g_p, g_r);
+      out_p.v[e] = static_cast<T>(g_p);
+      out_r.v[e] = static_cast<T>(g_r);
+    }
+    if (gp != nullptr) *reinterpret_cast<Pack<T>*>(gp + j) = out_p;
+    if (gr != nullptr) *reinterpret_cast<Pack<T>*>(gr + j) = out_r;
+  };
+  sweep16(xp, aligned_alike(xp, xr, gp, gr), V, scalar, packed);
+}
+
+template <typename T, bool REVERSE>
 __global__ void __launch_bounds__(cuda_rows::kMaxThreads, kMinRowBlocksPerSM)
     full_kl_fwd_kernel(const T* __restrict__ policy, int64_t p_stride, const T* __restrict__ ref, int64_t r_stride,
                        int64_t V, const bool* __restrict__ mask, const float* __restrict__ grad_scale, float inv_t,
-                       float* __restrict__ kl, float* __restrict__ lse_p_out, float* __restrict__ lse_r_out,
-                       T* __restrict__ grad_p, T* __restrict__ grad_r) {
+                       float w, float* __restrict__ kl, float* __restrict__ lse_p_out, float* __restrict__ lse_r_out,
+                       float* __restrict__ kl_rev, T* __restrict__ grad_p, T* __restrict__ grad_r) {
   const int64_t row = blockIdx.x;
   T* gp = grad_p != nullptr ? grad_p + row * V : nullptr;
   T* gr = grad_r != nullptr ? grad_r + row * V : nullptr;
   if (mask != nullptr && !mask[row]) {  // block-uniform: a masked row is not read
     if (threadIdx.x == 0) kl[row] = lse_p_out[row] = lse_r_out[row] = 0.f;
+    if (REVERSE && threadIdx.x == 0) kl_rev[row] = 0.f;
     if (gp != nullptr) zero_row(gp, V);
     if (gr != nullptr) zero_row(gr, V);
     return;
@@ -201,10 +251,20 @@ __global__ void __launch_bounds__(cuda_rows::kMaxThreads, kMinRowBlocksPerSM)
   const T* xp = policy + row * p_stride;
   const T* xr = ref + row * r_stride;
   PolicySums ps = CombinePolicySums::identity();
-  MaxSum rs{-INFINITY, 0.f};
+  using RefSums = std::conditional_t<REVERSE, PolicySums, MaxSum>;
+  RefSums rs{};
+  if constexpr (REVERSE) {
+    rs = CombinePolicySums::identity();
+  } else {
+    rs = MaxSum{-INFINITY, 0.f};
+  }
   auto add = [&](float vp, float vr) {
     policy_add(ps, vp * inv_t, vp - vr);
-    online_add(rs, vr * inv_t);
+    if constexpr (REVERSE) {
+      policy_add(rs, vr * inv_t, vr - vp);
+    } else {
+      online_add(rs, vr * inv_t);
+    }
   };
   sweep16(
       xp, aligned_alike(xp, xr), V, [&](int64_t j) { add(static_cast<float>(xp[j]), static_cast<float>(xr[j])); },
@@ -214,26 +274,41 @@ __global__ void __launch_bounds__(cuda_rows::kMaxThreads, kMinRowBlocksPerSM)
         for (int e = 0; e < Pack<T>::kSize; ++e) add(static_cast<float>(p.v[e]), static_cast<float>(r.v[e]));
       });
   ps = block_allreduce(ps, CombinePolicySums{});
-  rs = block_allreduce(rs, CombineMaxSum{});
+  if constexpr (REVERSE) {
+    rs = block_allreduce(rs, CombinePolicySums{});
+  } else {
+    rs = block_allreduce(rs, CombineMaxSum{});
+  }
   const float lse_p = lse_of(ps.m, ps.s), lse_r = lse_of(rs.m, rs.s);
   const float c = inv_t * ps.d / ps.s;
   const float kl_row = c - lse_p + lse_r;
+  float c_r = 0.f, kl_rev_row = 0.f;
+  if constexpr (REVERSE) {
+    c_r = inv_t * rs.d / rs.s;
+    kl_rev_row = c_r - lse_r + lse_p;
+  }
   if (threadIdx.x == 0) {
     kl[row] = kl_row;
     lse_p_out[row] = lse_p;
     lse_r_out[row] = lse_r;
+    if (REVERSE) kl_rev[row] = kl_rev_row;
   }
   if (gp != nullptr || gr != nullptr) {
-    kl_grad_row(xp, xr, gp, gr, V, inv_t, lse_p, lse_r, c, kl_row, *grad_scale * inv_t);
+    if constexpr (REVERSE) {
+      kl_mixed_grad_row(xp, xr, gp, gr, V, inv_t, lse_p, lse_r, c, kl_row, c_r, kl_rev_row, w, *grad_scale * inv_t);
+    } else {
+      kl_grad_row(xp, xr, gp, gr, V, inv_t, lse_p, lse_r, c, kl_row, *grad_scale * inv_t);
+    }
   }
 }
 
-template <typename T>
+template <typename T, bool REVERSE>
 __global__ void __launch_bounds__(cuda_rows::kMaxThreads, kMinRowBlocksPerSM)
     full_kl_bwd_kernel(const float* __restrict__ grad_kl, const T* __restrict__ policy, int64_t p_stride,
                        const T* __restrict__ ref, int64_t r_stride, int64_t V, const bool* __restrict__ mask,
                        const float* __restrict__ lse_p, const float* __restrict__ lse_r, const float* __restrict__ kl,
-                       float inv_t, T* __restrict__ grad_p, T* __restrict__ grad_r) {
+                       const float* __restrict__ kl_rev, float inv_t, float w, T* __restrict__ grad_p,
+                       T* __restrict__ grad_r) {
   const int64_t row = blockIdx.x;
   T* gp = grad_p != nullptr ? grad_p + row * V : nullptr;
   T* gr = grad_r != nullptr ? grad_r + row * V : nullptr;
@@ -242,8 +317,14 @@ __global__ void __launch_bounds__(cuda_rows::kMaxThreads, kMinRowBlocksPerSM)
     if (gr != nullptr) zero_row(gr, V);
     return;
   }
-  kl_grad_row(policy + row * p_stride, ref + row * r_stride, gp, gr, V, inv_t, lse_p[row], lse_r[row],
-              lse_p[row] - lse_r[row] + kl[row], kl[row], grad_kl[row] * inv_t);
+  const float c = lse_p[row] - lse_r[row] + kl[row];
+  if constexpr (REVERSE) {
+    kl_mixed_grad_row(policy + row * p_stride, ref + row * r_stride, gp, gr, V, inv_t, lse_p[row], lse_r[row], c,
+                      kl[row], lse_r[row] - lse_p[row] + kl_rev[row], kl_rev[row], w, grad_kl[row] * inv_t);
+  } else {
+    kl_grad_row(policy + row * p_stride, ref + row * r_stride, gp, gr, V, inv_t, lse_p[row], lse_r[row], c, kl[row],
+                grad_kl[row] * inv_t);
+  }
 }
 
 // Sweep 1 of selective_log_softmax: the online max m and S = sum exp(z - m) with the entropy numerator
@@ -378,12 +459,16 @@ void check_row_vector(const char* op, const char* name, const at::Tensor& t, int
               " ", t.scalar_type(), " on ", t.device());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> full_kl_fwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> full_kl_fwd_cuda(
     const at::Tensor& policy, const at::Tensor& ref, const std::optional<at::Tensor>& mask,
-    const std::optional<at::Tensor>& grad_scale, double temperature, bool grad_policy, bool grad_ref) {
+    const std::optional<at::Tensor>& grad_scale, double temperature, bool grad_policy, bool grad_ref,
+    double reverse_weight) {
   constexpr const char* op = "fastft::full_kl_fwd_kernel (CUDA)";
   check_pair(op, policy, ref, mask);
   TORCH_CHECK(temperature > 0, op, ": temperature must be > 0");
+  TORCH_CHECK(reverse_weight >= 0.0 && reverse_weight <= 1.0, op, ": reverse_weight must be in [0, 1], got ",
+              reverse_weight);
+  const bool mixed = reverse_weight > 0.0;
   const bool fused = grad_scale.has_value();
   if (fused) check_row_vector(op, "grad_scale", *grad_scale, 1, at::kFloat, policy);
   const bool want_p = fused && grad_policy, want_r = fused && grad_ref;
@@ -391,48 +476,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> full_kl_f
   const c10::cuda::CUDAGuard guard(policy.device());
   const auto f32 = policy.options().dtype(at::kFloat);
   at::Tensor kl = at::empty({N}, f32), lse_p = at::empty({N}, f32), lse_r = at::empty({N}, f32);
+  at::Tensor kl_rev = at::empty({mixed ? N : 0}, f32);
   // Distinct empties: a custom op's outputs must not alias each other.
   at::Tensor gp = want_p ? at::empty({N, V}, policy.options()) : at::empty({0}, policy.options());
   at::Tensor gr = want_r ? at::empty({N, V}, policy.options()) : at::empty({0}, policy.options());
-  if (N == 0) return {kl, lse_p, lse_r, gp, gr};
+  if (N == 0) return {kl, lse_p, lse_r, kl_rev, gp, gr};
   const float inv_t = static_cast<float>(1.0 / temperature);
   FASTFT_ROWS_DISPATCH(policy.scalar_type(), "full_kl_fwd_cuda", [&] {
-    full_kl_fwd_kernel<scalar_t><<<static_cast<unsigned>(N), threads_for_row(V, sizeof(scalar_t)), 0,
-                                   c10::cuda::getCurrentCUDAStream()>>>(
+    auto kernel = mixed ? full_kl_fwd_kernel<scalar_t, true> : full_kl_fwd_kernel<scalar_t, false>;
+    kernel<<<static_cast<unsigned>(N), threads_for_row(V, sizeof(scalar_t)), 0, c10::cuda::getCurrentCUDAStream()>>>(
         policy.const_data_ptr<scalar_t>(), policy.stride(0), ref.const_data_ptr<scalar_t>(), ref.stride(0), V,
         mask.has_value() ? mask->const_data_ptr<bool>() : nullptr,
-        fused ? grad_scale->const_data_ptr<float>() : nullptr, inv_t, kl.mutable_data_ptr<float>(),
-        lse_p.mutable_data_ptr<float>(), lse_r.mutable_data_ptr<float>(),
-        want_p ? gp.mutable_data_ptr<scalar_t>() : nullptr, want_r ? gr.mutable_data_ptr<scalar_t>() : nullptr);
+        fused ? grad_scale->const_data_ptr<float>() : nullptr, inv_t, static_cast<float>(reverse_weight),
+        kl.mutable_data_ptr<float>(), lse_p.mutable_data_ptr<float>(), lse_r.mutable_data_ptr<float>(),
+        mixed ? kl_rev.mutable_data_ptr<float>() : nullptr, want_p ? gp.mutable_data_ptr<scalar_t>() : nullptr,
+        want_r ? gr.mutable_data_ptr<scalar_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {kl, lse_p, lse_r, gp, gr};
+  return {kl, lse_p, lse_r, kl_rev, gp, gr};
 }
 
 std::tuple<at::Tensor, at::Tensor> full_kl_bwd_cuda(const at::Tensor& grad_kl, const at::Tensor& policy,
                                                     const at::Tensor& ref, const std::optional<at::Tensor>& mask,
                                                     const at::Tensor& lse_p, const at::Tensor& lse_r,
                                                     const at::Tensor& kl, double temperature, bool grad_policy,
-                                                    bool grad_ref) {
+                                                    bool grad_ref, const std::optional<at::Tensor>& kl_rev,
+                                                    double reverse_weight) {
   constexpr const char* op = "fastft::full_kl_bwd_kernel (CUDA)";
   check_pair(op, policy, ref, mask);
   TORCH_CHECK(temperature > 0, op, ": temperature must be > 0");
+  TORCH_CHECK(reverse_weight >= 0.0 && reverse_weight <= 1.0, op, ": reverse_weight must be in [0, 1], got ",
+              reverse_weight);
+  const bool mixed = reverse_weight > 0.0;
+  TORCH_CHECK(!mixed || kl_rev.has_value(), op, ": reverse_weight > 0 needs forward's kl_rev");
   const int64_t N = policy.size(0), V = policy.size(1);
   check_row_vector(op, "grad_kl", grad_kl, N, at::kFloat, policy);
   check_row_vector(op, "lse_p", lse_p, N, at::kFloat, policy);
   check_row_vector(op, "lse_r", lse_r, N, at::kFloat, policy);
   check_row_vector(op, "kl", kl, N, at::kFloat, policy);
+  if (mixed) check_row_vector(op, "kl_rev", *kl_rev, N, at::kFloat, policy);
   const c10::cuda::CUDAGuard guard(policy.device());
   at::Tensor gp = grad_policy ? at::empty({N, V}, policy.options()) : at::empty({0}, policy.options());
   at::Tensor gr = grad_ref ? at::empty({N, V}, policy.options()) : at::empty({0}, policy.options());
   if (N == 0 || !(grad_policy || grad_ref)) return {gp, gr};
   FASTFT_ROWS_DISPATCH(policy.scalar_type(), "full_kl_bwd_cuda", [&] {
-    full_kl_bwd_kernel<scalar_t><<<static_cast<unsigned>(N), threads_for_row(V, sizeof(scalar_t)), 0,
-                                   c10::cuda::getCurrentCUDAStream()>>>(
+    auto kernel = mixed ? full_kl_bwd_kernel<scalar_t, true> : full_kl_bwd_kernel<scalar_t, false>;
+    kernel<<<static_cast<unsigned>(N), threads_for_row(V, sizeof(scalar_t)), 0, c10::cuda::getCurrentCUDAStream()>>>(
         grad_kl.const_data_ptr<float>(), policy.const_data_ptr<scalar_t>(), policy.stride(0),
         ref.const_data_ptr<scalar_t>(), ref.stride(0), V, mask.has_value() ? mask->const_data_ptr<bool>() : nullptr,
         lse_p.const_data_ptr<float>(), lse_r.const_data_ptr<float>(), kl.const_data_ptr<float>(),
-        static_cast<float>(1.0 / temperature), grad_policy ? gp.mutable_data_ptr<scalar_t>() : nullptr,
+        mixed ? kl_rev->const_data_ptr<float>() : nullptr, static_cast<float>(1.0 / temperature),
+        static_cast<float>(reverse_weight), grad_policy ? gp.mutable_data_ptr<scalar_t>() : nullptr,
         grad_ref ? gr.mutable_data_ptr<scalar_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

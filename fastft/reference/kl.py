@@ -3,6 +3,7 @@
 Notation per token (row) with policy logits x_p, reference logits x_r, temperature T:
     a = x_p / T, b = x_r / T, pi = softmax(a), rho = softmax(b)
     full_kl      = sum_v pi_v (log pi_v - log rho_v)                         (= KL(pi || rho))
+                   with reverse_weight w: (1 - w) KL(pi || rho) + w KL(rho || pi) (a weight-0 direction left out)
     selective_log_softmax(x, y) = log softmax(x / T)[y]   (and the entropy H = -sum_v pi_v log pi_v)
     linear_selective_log_softmax(h, W, y) = selective_log_softmax(h @ W^T (+ b), y)
     kl_penalty   per-token estimators of KL(pi || rho) from the sampled tokens' log-probs
@@ -55,6 +56,7 @@ def full_kl(
     mask: Optional[Tensor] = None,
     temperature: float = 1.0,
     reduction: str = "mean",
+    reverse_weight: float = 0.0,
 ) -> Tensor:
     acc = _acc(policy_logits.dtype)
     policy, ref = policy_logits.to(acc), ref_logits.to(acc)
@@ -66,12 +68,22 @@ def full_kl(
         ref = torch.where(counted, ref, torch.zeros_like(ref))
     logp = torch.log_softmax(policy / temperature, dim=-1)
     logr = torch.log_softmax(ref / temperature, dim=-1)
-    p = logp.exp()
-    # A token the policy bans (logit -inf, p = 0) contributes 0, not 0 * inf = NaN; the where sits
-    # inside the product so no NaN reaches the gradient either.
-    diff = torch.where(p > 0, logp - logr, torch.zeros_like(p))
-    per_token = (p * diff).sum(-1)
+    # Each direction only when its weight is > 0: a weight-0 KL of +inf would make the mix 0 * inf = NaN.
+    per_token = 0
+    if reverse_weight < 1:
+        per_token = (1 - reverse_weight) * _kl_rows(logp, logr)
+    if reverse_weight > 0:
+        per_token = per_token + reverse_weight * _kl_rows(logr, logp)
     return _reduce(per_token, mask, reduction, policy_logits.dtype)
+
+
+def _kl_rows(logp: Tensor, logr: Tensor) -> Tensor:
+    """sum_v p_v (log p_v - log r_v) over the last dimension from two log-softmaxes."""
+    p = logp.exp()
+    # A token p bans (logit -inf, p = 0) contributes 0, not 0 * inf = NaN; the where sits inside the
+    # product so no NaN reaches the gradient either.
+    diff = torch.where(p > 0, logp - logr, torch.zeros_like(p))
+    return (p * diff).sum(-1)
 
 
 def log_softmax_entropy(logits: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
@@ -146,9 +158,10 @@ def linear_full_kl(
     mask: Optional[Tensor] = None,
     temperature: float = 1.0,
     reduction: str = "mean",
+    reverse_weight: float = 0.0,
 ) -> Tensor:
     out = full_kl(
         policy_hidden @ policy_weight.t(), ref_hidden @ ref_weight.t(),
-        mask=mask, temperature=temperature, reduction=reduction,
+        mask=mask, temperature=temperature, reduction=reduction, reverse_weight=reverse_weight,
     )
     return out

@@ -1,4 +1,5 @@
-"""fastft.ops.linear_full_kl: full_kl of two linear heads' logits, never holding either [N, V] logits.
+"""fastft.ops.linear_full_kl: full_kl of two linear heads' logits, never holding either [N, V] logits (with
+``reverse_weight``, both KL directions from the same GEMMs and kernel sweep).
 
 Per token chunk: two GEMMs into chunk logits, the full_kl kernel with its fused gradient (reduction
 mean/sum), and the GEMMs into grad_hidden / grad_weight of each head (fastft.ops._losses.HeadGrads, the
@@ -22,7 +23,7 @@ from ..checks import (check_chunk_size, check_float_tensor, check_mask, check_nu
 from .._define import accumulator_dtype, define_op, save_fused_grads, scale_fused_grads, standard_backends
 from .._losses import (HeadGrads, autocast_operands, chunk_rows, count_reduction_scale, counted_rows,
                       kl_extension_kernels, kl_triton_kernels, scale_in_place, scatter_rows)
-from .full_kl import KLOptions
+from .full_kl import KLOptions, mix_kl_directions
 
 __all__ = ["linear_full_kl", "LinearKLOptions"]
 
@@ -33,16 +34,18 @@ class LinearKLOptions(KLOptions):
 
 
 def _run_chunks(hp, wp, hr, wr, mask, options, backend, needs, grad_scale=None, row_grad=None, stats=None):
-    """Forward (``row_grad`` None): (kl, lse_p, lse_r) rows and, with ``grad_scale``, the four gradients.
-    Backward (``row_grad`` [N] and ``stats`` = (kl, lse_p, lse_r)): the four gradients."""
+    """Forward (``row_grad`` None): (kl, lse_p, lse_r, kl_rev) rows (kl_rev empty unless reverse_weight > 0) and,
+    with ``grad_scale``, the four gradients. Backward (``row_grad`` [N] and ``stats`` = forward's four): the four
+    gradients."""
     n = hp.shape[0]
+    has_rev = options.reverse_weight > 0
     idx = counted_rows(mask)
     if idx is not None:
-        pick = (lambda t: None if t is None else t.index_select(0, idx))
+        pick = (lambda t: t if t is None or t.shape[0] != n else t.index_select(0, idx))  # kl_rev may be (0,)
         sub_stats = None if stats is None else tuple(pick(s) for s in stats)
         out_stats, grads = _run_chunks(pick(hp), wp, pick(hr), wr, None, options, backend, needs, grad_scale,
                                        pick(row_grad), sub_stats)
-        out_stats = tuple(scatter_rows(s, idx, n) for s in out_stats)
+        out_stats = tuple(scatter_rows(s, idx, n) if s.numel() else s for s in out_stats)
         if grads is not None:
             grads = (scatter_rows(grads[0], idx, n) if needs[0] else grads[0], grads[1],
                      scatter_rows(grads[2], idx, n) if needs[2] else grads[2], grads[3])
@@ -56,21 +59,26 @@ def _run_chunks(hp, wp, hr, wr, mask, options, backend, needs, grad_scale=None, 
     sinks = (HeadGrads(hp, wp, None, needs[0], needs[1], False),
              HeadGrads(hr, wr, None, needs[2], needs[3], False)) if want_grads else None
     acc = accumulator_dtype(hp.dtype)
-    out_stats = tuple(torch.zeros((n,), dtype=acc, device=hp.device) for _ in range(3)) if stats is None else stats
+    if stats is None:
+        out_stats = tuple(torch.zeros((n if i < 3 or has_rev else 0,), dtype=acc, device=hp.device) for i in range(4))
+    else:
+        out_stats = stats
     for start in range(0, n, step):
         end = min(start + step, n)
         lp = hp[start:end] @ wp.t()
         lr = hr[start:end] @ wr.t()
         m = None if mask is None else mask[start:end]
         if row_grad is None:
-            kl_c, lp_c, lr_c, gp, gr = k.kl_fwd(lp, lr, m, grad_scale, options.temperature, grad_p and want_grads,
-                                               grad_r and want_grads)
-            for dst, src in zip(out_stats, (kl_c, lp_c, lr_c)):
+            chunk_stats = k.kl_fwd(lp, lr, m, grad_scale, options.temperature, grad_p and want_grads,
+                                   grad_r and want_grads, options.reverse_weight)
+            gp, gr = chunk_stats[4:]
+            for dst, src in zip(out_stats[:4 if has_rev else 3], chunk_stats[:4]):
                 dst[start:end] = src
-            del kl_c, lp_c, lr_c
+            del chunk_stats
         else:
-            kl_s, lp_s, lr_s = (s[start:end] for s in stats)
-            gp, gr = k.kl_bwd(row_grad[start:end], lp, lr, m, lp_s, lr_s, kl_s, options.temperature, grad_p, grad_r)
+            kl_s, lp_s, lr_s, kl_rev_s = (s[start:end] if s.numel() else None for s in stats)
+            gp, gr = k.kl_bwd(row_grad[start:end], lp, lr, m, lp_s, lr_s, kl_s, options.temperature, grad_p, grad_r,
+                              kl_rev_s, options.reverse_weight)
         del lp, lr
         if want_grads:
             if grad_p:
@@ -97,12 +105,13 @@ def _forward(hp: Tensor, wp: Tensor, hr: Tensor, wr: Tensor, mask: Optional[Tens
     n = hp.shape[0]
     scale = count_reduction_scale(mask, n, options.reduction, accumulator_dtype(hp.dtype), hp.device)
     fused = _fused(options, needs)
-    (kl, lse_p, lse_r), grads = _run_chunks(hp, wp, hr, wr, mask, options, backend, needs,
-                                            grad_scale=scale if fused else None)
+    (kl, lse_p, lse_r, kl_rev), grads = _run_chunks(hp, wp, hr, wr, mask, options, backend, needs,
+                                                    grad_scale=scale if fused else None)
     if grads is None:
         grads = tuple(hp.new_empty((0,)) for _ in range(4))
-    loss = kl.to(hp.dtype, copy=True) if options.reduction == "none" else (kl.sum() * scale).to(hp.dtype)
-    return loss, kl, lse_p, lse_r, *grads
+    row_loss = mix_kl_directions(kl, kl_rev, options.reverse_weight)
+    loss = row_loss.to(hp.dtype, copy=True) if options.reduction == "none" else (row_loss.sum() * scale).to(hp.dtype)
+    return loss, kl, lse_p, lse_r, kl_rev, *grads
 
 
 def _grads_fake(like, needs):
@@ -112,20 +121,22 @@ def _grads_fake(like, needs):
 def _fake(hp, wp, hr, wr, mask, needs, options, backend):
     n = hp.shape[0]
     loss = hp.new_empty((n,) if options.reduction == "none" else ())
-    stats = [hp.new_empty((n,), dtype=accumulator_dtype(hp.dtype)) for _ in range(3)]
+    acc = accumulator_dtype(hp.dtype)
+    stats = [hp.new_empty((n,), dtype=acc) for _ in range(3)]
+    kl_rev = hp.new_empty((n,) if options.reverse_weight > 0 else (0,), dtype=acc)
     fused = _fused(options, needs)
-    return loss, *stats, *_grads_fake((hp, wp, hr, wr), [fused and need for need in needs])
+    return loss, *stats, kl_rev, *_grads_fake((hp, wp, hr, wr), [fused and need for need in needs])
 
 
 def _backward_impl(row_grad: Tensor, hp: Tensor, wp: Tensor, hr: Tensor, wr: Tensor, mask: Optional[Tensor],
-                   kl: Tensor, lse_p: Tensor, lse_r: Tensor, needs: list[bool], options: LinearKLOptions,
-                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   kl: Tensor, lse_p: Tensor, lse_r: Tensor, kl_rev: Tensor, needs: list[bool],
+                   options: LinearKLOptions, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _, grads = _run_chunks(hp, wp, hr, wr, mask, options, backend, needs, row_grad=row_grad.to(kl.dtype).contiguous(),
-                           stats=(kl, lse_p, lse_r))
+                           stats=(kl, lse_p, lse_r, kl_rev))
     return grads
 
 
-def _backward_fake(row_grad, hp, wp, hr, wr, mask, kl, lse_p, lse_r, needs, options, backend):
+def _backward_fake(row_grad, hp, wp, hr, wr, mask, kl, lse_p, lse_r, kl_rev, needs, options, backend):
     return _grads_fake((hp, wp, hr, wr), needs)
 
 
@@ -134,9 +145,9 @@ def _setup(ctx, inputs, outputs):
     ctx.needs = list(needs)
     ctx.fused = _fused(ctx.options, needs)
     if ctx.fused:
-        save_fused_grads(ctx, *outputs[4:])
+        save_fused_grads(ctx, *outputs[5:])
     else:
-        ctx.save_for_backward(hp, wp, hr, wr, mask, *outputs[1:4])
+        ctx.save_for_backward(hp, wp, hr, wr, mask, *outputs[1:5])
 
 
 def _backward(ctx, grad_loss):
@@ -147,11 +158,11 @@ def _backward(ctx, grad_loss):
     elif not any(needs):
         grads = [None] * 4
     else:
-        hp, wp, hr, wr, mask, kl, lse_p, lse_r = ctx.saved_tensors
+        hp, wp, hr, wr, mask, kl, lse_p, lse_r, kl_rev = ctx.saved_tensors
         if ctx.options.reduction != "none":
             scale = count_reduction_scale(mask, hp.shape[0], ctx.options.reduction, kl.dtype, kl.device)
             grad_loss = (grad_loss.to(kl.dtype) * scale).expand(hp.shape[0])
-        grads = ctx.run_backward(grad_loss, hp, wp, hr, wr, mask, kl, lse_p, lse_r, needs)
+        grads = ctx.run_backward(grad_loss, hp, wp, hr, wr, mask, kl, lse_p, lse_r, kl_rev, needs)
         grads = [g if need else None for g, need in zip(grads, needs)]
     return (*grads, None, None)
 
@@ -178,12 +189,14 @@ def linear_full_kl(
     temperature: float = 1.0,
     reduction: str = "mean",
     chunk_size: Optional[int] = None,
+    reverse_weight: float = 0.0,
 ) -> Tensor:
     """``full_kl(policy_hidden @ policy_weight.T, ref_hidden @ ref_weight.T, ...)`` computed in token
     chunks, never holding either [N, V] logits: per chunk two GEMMs, the full_kl kernel with its
     fused gradient, and the GEMMs into grad_hidden / grad_weight. Masked tokens are skipped (on CPU no
     GEMM at all). Gradients to every input that requires grad (usually the policy's hidden states and
-    head). ``chunk_size`` (token rows) overrides the automatic choice. The hidden sizes of the two models
+    head). ``chunk_size`` (token rows) overrides the automatic choice. ``reverse_weight`` w in [0, 1]: per token
+    (1 - w) KL(pi || pi_ref) + w KL(pi_ref || pi) from the same GEMMs and kernel sweep (as full_kl's). The hidden sizes of the two models
     may differ; ref tensors of another floating dtype are cast to the policy's."""
     for t, name in ((policy_hidden, "policy_hidden"), (policy_weight, "policy_weight"), (ref_hidden, "ref_hidden"),
                     (ref_weight, "ref_weight")):
@@ -210,6 +223,7 @@ def linear_full_kl(
     check_chunk_size(chunk_size)
     temperature = check_number("temperature", temperature, low=0.0, low_open=True)
     check_reduction(reduction)
+    reverse_weight = check_number("reverse_weight", reverse_weight, low=0.0, high=1.0)
     check_mask("mask", mask, tuple(policy_hidden.shape[:-1]), policy_hidden.device)
     # under autocast the four GEMM operands take its dtype, as F.linear's would, and the loss is fp32
     policy_hidden, policy_weight, ref_hidden, ref_weight, autocast_dtype = autocast_operands(
@@ -217,18 +231,20 @@ def linear_full_kl(
     dtype = policy_hidden.dtype
     policy_weight, ref_hidden, ref_weight = (t.to(dtype) for t in (policy_weight, ref_hidden, ref_weight))
     loss = linear_full_kl_op.dispatch(_run_kernels, policy_hidden, policy_weight, ref_hidden, ref_weight, mask=mask,
-                                      temperature=temperature, reduction=reduction, chunk_size=chunk_size)
+                                      temperature=temperature, reduction=reduction, chunk_size=chunk_size,
+                                      reverse_weight=reverse_weight)
     return loss.to(autocast_dtype) if autocast_dtype is not None else loss
 
 
 def _run_kernels(backend, policy_hidden, policy_weight, ref_hidden, ref_weight, *, mask, temperature, reduction,
-                 chunk_size):
+                 chunk_size, reverse_weight):
     grad_on = torch.is_grad_enabled()
     ins = (policy_hidden.reshape(-1, policy_hidden.shape[-1]), policy_weight,
            ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight)
     needs = [bool(grad_on and t.requires_grad) for t in ins]
     ins = tuple(t.contiguous() for t in ins)
-    options = LinearKLOptions(temperature, reduction, int(chunk_size or 0))
+    options = LinearKLOptions(temperature=temperature, reduction=reduction, reverse_weight=reverse_weight,
+                              chunk_size=int(chunk_size or 0))
     loss = linear_full_kl_op(*ins, flat_token_mask(mask), needs, options=options, backend=backend)[0]
     return loss.reshape(policy_hidden.shape[:-1]) if reduction == "none" else loss
 
