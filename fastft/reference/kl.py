@@ -81,8 +81,9 @@ def _kl_rows(logp: Tensor, logr: Tensor) -> Tensor:
     """sum_v p_v (log p_v - log r_v) over the last dimension from two log-softmaxes."""
     p = logp.exp()
     # A token p bans (logit -inf, p = 0) contributes 0, not 0 * inf = NaN; the where sits inside the
-    # product so no NaN reaches the gradient either.
-    diff = torch.where(p > 0, logp - logr, torch.zeros_like(p))
+    # product so no NaN reaches the gradient either. A NaN p keeps its NaN (p == 0 is False for it): the
+    # other row's gradient must not come out a silent 0 through the where.
+    diff = torch.where(p == 0, torch.zeros_like(p), logp - logr)
     return (p * diff).sum(-1)
 
 

@@ -34,6 +34,10 @@ FULL_KL_OPTIONS = {
     "mask": {"mask": "MASK"},
     "temperature": {"temperature": 0.7},
     "grad_ref": {},
+    # both KL directions from one pass (reverse_weight), gradients to both sides
+    "reverse_0.3_none_mask": {"reverse_weight": 0.3, "reduction": "none", "mask": "MASK", "temperature": 0.7},
+    "reverse_0.3_mean": {"reverse_weight": 0.3},
+    "reverse_1_sum": {"reverse_weight": 1.0, "reduction": "sum"},
 }
 
 
@@ -45,7 +49,8 @@ def _options(table: dict, option: str) -> dict:
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_full_kl(backend, dtype, option):
-    compare(fastft.ops.full_kl, OP_DB["full_kl"].truth, _pair(grad_ref=option == "grad_ref"),
+    grad_ref = option == "grad_ref" or option.startswith("reverse")
+    compare(fastft.ops.full_kl, OP_DB["full_kl"].truth, _pair(grad_ref=grad_ref),
             _options(FULL_KL_OPTIONS, option), dtype, backend)
 
 
@@ -75,6 +80,8 @@ def _heads():
 LINEAR_KL_OPTIONS = {
     "mean": {},
     "mask_temperature_chunked": {"mask": "MASK", "temperature": 0.7, "chunk_size": 128},
+    "reverse_0.3_mask_chunked": {"mask": "MASK", "chunk_size": 128, "reverse_weight": 0.3},
+    "reverse_0.3_none": {"reduction": "none", "reverse_weight": 0.3},
 }
 
 
@@ -133,6 +140,12 @@ def test_linear_selective_log_softmax_compiled(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_full_kl_compiled(backend):
     compiled_matches_eager(fastft.ops.full_kl, _pair(), {"mask": _mask()}, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_full_kl_reverse_weight_compiled(backend):
+    compiled_matches_eager(fastft.ops.full_kl, _pair(grad_ref=True), {"mask": _mask(), "reverse_weight": 0.3},
+                           backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

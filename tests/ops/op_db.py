@@ -199,11 +199,13 @@ def linear_cross_entropy_bad_inputs(device):
 # ------------------------------------------------------------------------------------------------
 
 
-def full_kl_truth(policy_logits, ref_logits, *, mask=None, temperature=1.0, reduction="mean"):
-    """Plain torch KL(softmax(p/T) || softmax(r/T)) per token with fastft's mask/reduction rules."""
+def full_kl_truth(policy_logits, ref_logits, *, mask=None, temperature=1.0, reduction="mean", reverse_weight=0.0):
+    """Plain torch (1 - w) KL(p || r) + w KL(r || p), p = softmax(policy/T), r = softmax(ref/T), per token with
+    fastft's mask/reduction rules (w = reverse_weight)."""
     logp = torch.log_softmax(policy_logits / temperature, -1)
     logr = torch.log_softmax(ref_logits / temperature, -1)
-    return masked_reduction((logp.exp() * (logp - logr)).sum(-1), mask, reduction)
+    per_token = ((1 - reverse_weight) * logp.exp() * (logp - logr) + reverse_weight * logr.exp() * (logr - logp))
+    return masked_reduction(per_token.sum(-1), mask, reduction)
 
 
 def full_kl_samples(dtype, device):
@@ -215,6 +217,8 @@ def full_kl_samples(dtype, device):
         Sample((p, r.detach()), {}, "mean"),
         Sample((p, r), {"mask": mask, "reduction": "none", "temperature": 0.7}, "none+mask, both grads"),
         Sample((p, r.detach()), {"mask": mask, "reduction": "sum"}, "sum+mask"),
+        Sample((p, r), {"mask": mask, "reduction": "none", "reverse_weight": 0.3}, "none+mask, w=0.3, both grads"),
+        Sample((p, r), {"reverse_weight": 0.6, "temperature": 1.3}, "mean, w=0.6, both grads"),
     ]
 
 
@@ -228,6 +232,8 @@ def full_kl_bad_inputs(device):
         bad((p, p), {"temperature": 0.0}, ValueError, "temperature"),
         bad((p, p), {"temperature": -1.0}, ValueError, "temperature"),
         bad((p, p), {"reduction": "avg"}, ValueError, "reduction must be one of"),
+        bad((p, p), {"reverse_weight": 1.5}, ValueError, "reverse_weight"),
+        bad((p, p), {"reverse_weight": -0.1}, ValueError, "reverse_weight"),
         bad((p, p.to("meta")), {}, ValueError, "ref_logits is on meta"),
         bad((p.long(), p), {}, TypeError, "policy_logits"),
         bad((p, [[0.0] * 10] * 4), {}, TypeError, "ref_logits"),
@@ -354,12 +360,17 @@ def linear_full_kl_samples(dtype, device):
     hr = torch.randn(n, h_ref, device=device).to(dtype)
     wr = (torch.randn(v, h_ref, device=device) / h_ref ** 0.5 * 2).to(dtype)
     mask = torch.rand(n, device=device) > 0.3
+    wr_leaf = wr.detach().clone().requires_grad_()
     return [
         Sample((hp, wp, hr, wr), {"chunk_size": 4}, "mean, 3 chunks"),
         Sample((hp, wp, hr.requires_grad_(), wr), {"mask": mask, "reduction": "none", "temperature": 0.8},
                         "none+mask"),
         Sample((hp, wp.detach(), hr.detach(), wr), {"mask": mask, "reduction": "sum", "chunk_size": 5},
                         "sum+mask, frozen head"),
+        Sample((hp, wp, hr, wr_leaf), {"mask": mask, "reduction": "none", "chunk_size": 4, "reverse_weight": 0.3},
+               "none+mask, w=0.3, 3 chunks, all four grads"),
+        Sample((hp.detach(), wp.detach(), hr.detach(), wr_leaf), {"reverse_weight": 1.0},
+               "mean, w=1, grads to the ref head only"),
     ]
 
 
@@ -373,6 +384,7 @@ def linear_full_kl_bad_inputs(device):
         bad((hp, wp, hr[:3], wr), {}, ValueError, "token shape"),
         bad((hp, wp, hr, wr), {"mask": torch.ones(5, dtype=torch.bool, device=device)}, ValueError, "mask shape"),
         bad((hp, wp, hr, wr), {"temperature": float("nan")}, ValueError, "temperature"),
+        bad((hp, wp, hr, wr), {"reverse_weight": float("nan")}, ValueError, "reverse_weight"),
         bad((hp, wp, hr, wr), {"chunk_size": 0}, ValueError, "chunk_size"),
         bad((hp, wp, hr, wr), {"reduction": "avg"}, ValueError, "reduction must be one of"),
         bad((hp, wp, hr, wr.to("meta")), {}, ValueError, "ref_weight is on meta"),
