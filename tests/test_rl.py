@@ -222,3 +222,40 @@ def test_distillation_loss_matches_kl_div_on_full_logits(name, mode):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grads[0], hs.grad, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(grads[1], ws.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("mix", [0.0, 0.3, 1.0])
+def test_distillation_mixed_is_one_linear_full_kl_pass(name, mix, monkeypatch):
+    """mode="mixed" makes ONE linear_full_kl call (teacher as its policy, reverse_weight = 1 - mix): values and
+    student gradients equal the fp64 truth mix * KL(teacher || student) + (1 - mix) * KL(student || teacher),
+    the teacher gets no gradient, and mix = 1 / 0 equal the forward / reverse modes."""
+    calls = []
+    real = rl.linear_full_kl
+    monkeypatch.setattr(rl, "linear_full_kl", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    g = torch.Generator().manual_seed(9)
+    hs = torch.randn(3, 7, 16, generator=g, requires_grad=True)
+    ws = (torch.randn(1000, 16, generator=g) * 0.3).requires_grad_()
+    ht = torch.randn(3, 7, 20, generator=g, requires_grad=True)
+    wt = (torch.randn(1000, 20, generator=g) * 0.3).requires_grad_()
+    mask = torch.rand(3, 7, generator=g) > 0.3
+    with backend.use(name):
+        got = rl.distillation_loss(hs, ws, ht, wt, mode="mixed", mix=mix, mask=mask, temperature=0.9)
+        got.backward()
+    assert len(calls) == 1 and calls[0]["reverse_weight"] == pytest.approx(1.0 - mix)
+    assert ht.grad is None and wt.grad is None
+    S = [t.detach().double().requires_grad_() for t in (hs, ws)]
+    log_s = torch.log_softmax((S[0] @ S[1].T)[mask] / 0.9, -1)
+    log_t = torch.log_softmax((ht.detach().double() @ wt.detach().double().T)[mask] / 0.9, -1)
+    forward = (log_t.exp() * (log_t - log_s)).sum(-1).mean()
+    reverse = (log_s.exp() * (log_s - log_t)).sum(-1).mean()
+    want = mix * forward + (1 - mix) * reverse
+    want.backward()
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hs.grad.double(), S[0].grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ws.grad.double(), S[1].grad, rtol=1e-4, atol=1e-6)
+    if mix in (0.0, 1.0):
+        with backend.use(name):
+            same = rl.distillation_loss(hs, ws, ht, wt, mode="forward" if mix == 1.0 else "reverse", mask=mask,
+                                        temperature=0.9)
+        torch.testing.assert_close(same, got, rtol=1e-6, atol=1e-7)
