@@ -24,15 +24,20 @@ SCRIPT = textwrap.dedent(r"""
 
     P, F = "*bf16", "*fp32"
     kl_fwd = dict(policy_ptr=P, stride_p="i32", ref_ptr=P, stride_r="i32", mask_ptr="*i1", grad_scale_ptr=F,
-                  kl_ptr=F, lse_p_ptr=F, lse_r_ptr=F, grad_p_ptr=P, grad_r_ptr=P, V="i32", inv_t="fp32")
+                  kl_ptr=F, lse_p_ptr=F, lse_r_ptr=F, kl_rev_ptr=F, grad_p_ptr=P, grad_r_ptr=P, V="i32",
+                  inv_t="fp32", w="fp32")
     kl_bwd = dict(grad_kl_ptr=F, policy_ptr=P, stride_p="i32", ref_ptr=P, stride_r="i32", mask_ptr="*i1",
-                  lse_p_ptr=F, lse_r_ptr=F, kl_ptr=F, grad_p_ptr=P, grad_r_ptr=P, V="i32", inv_t="fp32")
+                  lse_p_ptr=F, lse_r_ptr=F, kl_ptr=F, kl_rev_ptr=F, grad_p_ptr=P, grad_r_ptr=P, V="i32",
+                  inv_t="fp32", w="fp32")
     sel_fwd = dict(logits_ptr=P, stride_row="i32", index_ptr="*i64", logp_ptr=F, lse_ptr=F, entropy_ptr=F,
                    V="i32", inv_t="fp32", ignore_index="i64")
     sel_bwd = dict(grad_logp_ptr=F, grad_entropy_ptr=F, logits_ptr=P, stride_row="i32", index_ptr="*i64",
                    lse_ptr=F, entropy_ptr=F, grad_ptr=P, V="i32", inv_t="fp32", ignore_index="i64")
-    grads = dict(HAS_MASK=True, GRAD_POLICY=True, GRAD_REF=True, BF16_RNE_BY_HAND=False, BLOCK=2048)
+    grads = dict(HAS_MASK=True, GRAD_POLICY=True, GRAD_REF=True, HAS_REVERSE=False, BF16_RNE_BY_HAND=False,
+                 BLOCK=2048)
+    mixed = dict(grads, HAS_REVERSE=True)  # both KL directions (reverse_weight > 0)
     cases = [(K._full_kl_fwd_kernel, kl_fwd, grads), (K._full_kl_bwd_kernel, kl_bwd, grads),
+             (K._full_kl_fwd_kernel, kl_fwd, mixed), (K._full_kl_bwd_kernel, kl_bwd, mixed),
              (K._selective_log_softmax_fwd_kernel, sel_fwd, dict(BLOCK=2048)),
              (K._selective_log_softmax_bwd_kernel, sel_bwd, dict(HAS_GRAD_ENTROPY=True, BF16_RNE_BY_HAND=False,
                                                                       BLOCK=2048))]
@@ -58,4 +63,4 @@ def test_triton_kl_row_offsets_are_int64():
     run = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("widened to i64") == 4, run.stdout
+    assert run.stdout.count("widened to i64") == 6, run.stdout  # full_kl fwd / bwd with and without HAS_REVERSE
