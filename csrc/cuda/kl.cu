@@ -154,19 +154,11 @@ __device__ __forceinline__ float lse_of(float m, float s) {
   return m == INFINITY ? __int_as_float(0x7fc00000) : m + logf(s);
 }
 
-// gp / gr (nullptr: not wanted) = k * dKL/dx of the row (see the top), from lse_p, lse_r, c and KL. A KL that is
-// NaN gives NaN rows; c = +inf (KL = +inf) a NaN policy row.
-template <typename T>
-__device__ __forceinline__ void kl_grad_row(const T* __restrict__ xp, const T* __restrict__ xr, T* __restrict__ gp,
-                                            T* __restrict__ gr, int64_t V, float inv_t, float lse_p, float lse_r,
-                                            float c, float kl, float k) {
-  const float nan = __int_as_float(0x7fc00000);
-  const bool policy_defined = isfinite(c), ref_defined = !isnan(kl);
-  auto grads = [&](float vp, float vr, float& g_p, float& g_r) {
-    const float pi = expf(vp * inv_t - lse_p);
-    g_p = !policy_defined ? nan : pi == 0.f ? 0.f : k * pi * ((vp - vr) * inv_t - c);
-    g_r = ref_defined ? k * (expf(vr * inv_t - lse_r) - pi) : nan;
-  };
+// The gradient sweep of a row pair: grads(x_p, x_r, g_p&, g_r&) per element, stored to gp / gr (nullptr: not
+// wanted) in 16-byte packs where the rows allow.
+template <typename T, typename Grads>
+__device__ __forceinline__ void write_grad_rows(const T* __restrict__ xp, const T* __restrict__ xr,
+                                                T* __restrict__ gp, T* __restrict__ gr, int64_t V, Grads&& grads) {
   auto scalar = [&](int64_t j) {
     float g_p, g_r;
     grads(static_cast<float>(xp[j]), static_cast<float>(xr[j]), g_p, g_r);
@@ -187,6 +179,22 @@ __device__ __forceinline__ void kl_grad_row(const T* __restrict__ xp, const T* _
     if (gr != nullptr) *reinterpret_cast<Pack<T>*>(gr + j) = out_r;
   };
   sweep16(xp, aligned_alike(xp, xr, gp, gr), V, scalar, packed);
+}
+
+// gp / gr (nullptr: not wanted) = k * dKL/dx of the row (see the top), from lse_p, lse_r, c and KL. A KL that is
+// NaN gives NaN rows; c = +inf (KL = +inf) a NaN policy row.
+template <typename T>
+__device__ __forceinline__ void kl_grad_row(const T* __restrict__ xp, const T* __restrict__ xr, T* __restrict__ gp,
+                                            T* __restrict__ gr, int64_t V, float inv_t, float lse_p, float lse_r,
+                                            float c, float kl, float k) {
+  const float nan = __int_as_float(0x7fc00000);
+  const bool policy_defined = isfinite(c), ref_defined = !isnan(kl);
+  auto grads = [&](float vp, float vr, float& g_p, float& g_r) {
+    const float pi = expf(vp * inv_t - lse_p);
+    g_p = !policy_defined ? nan : pi == 0.f ? 0.f : k * pi * ((vp - vr) * inv_t - c);
+    g_r = ref_defined ? k * (expf(vr * inv_t - lse_r) - pi) : nan;
+  };
+  write_grad_rows(xp, xr, gp, gr, V, grads);
 }
 
 // The weighted two-direction gradient (REVERSE, w > 0; csrc/cpu/kl.cpp's kl_mixed_grad_row):
@@ -210,26 +218,7 @@ __device__ __forceinline__ void kl_mixed_grad_row(const T* __restrict__ xp, cons
     g_p = !policy_defined ? nan : k * ((pi == 0.f ? 0.f : pi * inner_p) - w * rho);
     g_r = !ref_defined ? nan : k * ((rho == 0.f ? 0.f : rho * (w * ((vr - vp) * inv_t - c_r) + wf)) - wf * pi);
   };
-  auto scalar = [&](int64_t j) {
-    float g_p, g_r;
-    grads(static_cast<float>(xp[j]), static_cast<float>(xr[j]), g_p, g_r);
-    if (gp != nullptr) gp[j] = static_cast<T>(g_p);
-    if (gr != nullptr) gr[j] = static_cast<T>(g_r);
-  };
-  auto packed = [&](int64_t j) {
-    const Pack<T> p = load_pack(xp + j), r = load_pack(xr + j);
-    Pack<T> out_p, out_r;
-#pragma unroll
-    for (int e = 0; e < Pack<T>::kSize; ++e) {
-      float g_p, g_r;
-      grads(static_cast<float>(p.v[e]), static_cast<float>(r.v[e]), g_p, g_r);
-      out_p.v[e] = static_cast<T>(g_p);
-      out_r.v[e] = static_cast<T>(g_r);
-    }
-    if (gp != nullptr) *reinterpret_cast<Pack<T>*>(gp + j) = out_p;
-    if (gr != nullptr) *reinterpret_cast<Pack<T>*>(gr + j) = out_r;
-  };
-  sweep16(xp, aligned_alike(xp, xr, gp, gr), V, scalar, packed);
+  write_grad_rows(xp, xr, gp, gr, V, grads);
 }
 
 template <typename T, bool REVERSE>
