@@ -101,7 +101,7 @@ def _fused(options: LinearKLOptions, needs) -> bool:
 
 def _forward(hp: Tensor, wp: Tensor, hr: Tensor, wr: Tensor, mask: Optional[Tensor], needs: list[bool],
              options: LinearKLOptions, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                             Tensor]:
+                                                             Tensor, Tensor]:
     n = hp.shape[0]
     scale = count_reduction_scale(mask, n, options.reduction, accumulator_dtype(hp.dtype), hp.device)
     fused = _fused(options, needs)
