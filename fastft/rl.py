@@ -25,7 +25,8 @@ from torch import Tensor
 
 from .ops import linear_cross_entropy, linear_full_kl, linear_selective_log_softmax
 
-__all__ = ["token_logprobs", "masked_mean", "gae", "ppo_policy_loss", "value_loss", "AdaptiveKLController",
+__all__ = ["token_logprobs", "masked_mean", "gae", "ppo_policy_loss", "value_loss", "explained_variance",
+           "AdaptiveKLController",
            "dpo_loss", "bradley_terry_loss", "distillation_loss", "DISTILLATION_MODES", "DPO_LOSS_TYPES"]
 
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo")
@@ -145,6 +146,20 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
         clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
         error = torch.maximum(error, (clipped - returns) ** 2)
     return 0.5 * masked_mean(error, mask)
+
+
+@torch.no_grad()
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """``1 - Var(returns - values) / Var(returns)`` over the counted tokens (TRL's ``val/var_explained``):
+    1 when the values predict the returns, 0 for a constant guess at their mean, negative when worse. Unlike
+    the value loss it does not grow with the returns' own spread (e.g. a KL penalty that grows during a run).
+    NaN when the returns do not vary (nothing to explain)."""
+    _check_same_shape(values=values, returns=returns, mask=mask)
+    returns = returns.double()  # small: the [B, T] of a rollout
+    spread = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    error = returns - values.double()
+    residual = masked_mean((error - masked_mean(error, mask)) ** 2, mask)
+    return float(1.0 - residual / spread) if spread > 0 else float("nan")
 
 
 class AdaptiveKLController:

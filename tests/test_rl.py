@@ -1,5 +1,8 @@
 """fastft.rl: the RLHF losses against plain-torch reimplementations (and the fused log-probs against
 log_softmax(h @ W.T).gather on every CPU backend, fp32 and bf16 under the 2x-torch-error rule)."""
+import math
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -146,6 +149,23 @@ def test_value_loss_clipped_and_plain():
     torch.testing.assert_close(loss, want)
     plain = rl.value_loss(v, old, ret, mask, clip_range=None)
     torch.testing.assert_close(plain, 0.5 * (((v - ret) ** 2) * mask).sum() / 2)
+
+
+def test_explained_variance_against_numpy_and_its_limits():
+    torch.manual_seed(0)
+    ret = torch.randn(3, 9, dtype=torch.float64)
+    mask = torch.rand(3, 9) > 0.3
+    values = ret + 0.5 * torch.randn(3, 9, dtype=torch.float64)
+    r, v = ret[mask].numpy(), values[mask].numpy()
+    assert rl.explained_variance(values, ret, mask) == pytest.approx(1 - np.var(r - v) / np.var(r), rel=1e-9)
+    assert rl.explained_variance(ret, ret, mask) == pytest.approx(1.0)
+    assert rl.explained_variance(torch.full_like(ret, 7.0), ret, mask) == pytest.approx(0.0, abs=1e-12)
+    assert rl.explained_variance(-ret, ret, mask) < 0  # worse than a constant
+    values[~mask] = 1e6  # uncounted tokens are not read
+    assert rl.explained_variance(values, ret, mask) == pytest.approx(1 - np.var(r - v) / np.var(r), rel=1e-9)
+    assert math.isnan(rl.explained_variance(values, torch.ones_like(ret), mask))
+    with pytest.raises(ValueError, match="shapes must match"):
+        rl.explained_variance(values[:, :4], ret, mask)
 
 
 def test_adaptive_kl_controller_moves_towards_the_target():
