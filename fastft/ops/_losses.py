@@ -72,6 +72,27 @@ def log_softmax_extension_kernels(backend) -> SimpleNamespace:
 log_softmax_triton_kernels = triton_kernels("kl", fwd="selective_log_softmax_fwd", bwd="selective_log_softmax_bwd")
 
 
+# The logit soft cap of the selective log-softmax ops (Gemma-2/3's final_logit_softcapping), applied around the
+# kernels rather than inside them, so every backend gets it: forward caps the logits in hand, backward recomputes
+# the cap and multiplies the kernel's gradient (with respect to the capped logits) by the cap's derivative.
+
+
+def softcap_(logits: Tensor, softcap: float) -> Tensor:
+    """logits <- softcap * tanh(logits / softcap), in place (then / temperature in the kernel: torch's order)."""
+    return logits.div_(softcap).tanh_().mul_(softcap)
+
+
+def softcap_with_derivative(logits: Tensor, softcap: float, *, capped_out: Tensor, derivative_out: Tensor) -> Tensor:
+    """capped_out <- softcap * tanh(u), derivative_out <- 1 - tanh(u)^2, u = logits / softcap; capped_out may be
+    ``logits`` itself. The derivative is computed as cosh(u)^-2: 1 - t^2 from a rounded t cancels to nothing
+    near saturation (t = 0.999 in bf16), cosh(u)^-2 keeps its relative precision and is 0 where cosh overflows
+    (|u| > ~89, or ~11 in fp16), which is the rounded answer. Returns capped_out."""
+    torch.div(logits, softcap, out=derivative_out)
+    torch.tanh(derivative_out, out=capped_out).mul_(softcap)
+    derivative_out.cosh_().pow_(-2)
+    return capped_out
+
+
 def scale_in_place(scale_):
     """(grad, upstream 0-dim gradient) -> None with the kernel set's ``scale_``: grad *= upstream, touching
     nothing when it is exactly 1."""
