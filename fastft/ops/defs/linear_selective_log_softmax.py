@@ -108,9 +108,6 @@ def _backward_chunks(grad_logp, grad_entropy, x, weight, bias, target, lse, entr
         if capped:
             cap_derivative = cap_derivative_buf[: end - start]
             softcap_with_derivative(logits, options.softcap, capped_out=logits, derivative_out=cap_derivative)
-            # the kernel gives an ignored row a zero gradient without reading it; its derivative must not be
-            # NaN (NaN hidden states in padding) or 0 * NaN would reach grad_W
-            cap_derivative.masked_fill_((t == options.ignore_index).unsqueeze(1), 0.0)
         dlogits = bwd(grad_logp[start:end], grad_entropy[start:end], logits, t, lse[start:end],
                       entropy[start:end], options.temperature, options.ignore_index, out=logits)
         if capped:
