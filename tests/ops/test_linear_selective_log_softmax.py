@@ -269,3 +269,42 @@ def test_selective_log_softmax_return_entropy(backend, softcap, monkeypatch):
     assert got[0].dtype == got[1].dtype == torch.float32
     for a, b in zip(got, truth):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_selective_log_softmax_softcap_hostile_logits(backend, dtype):
+    """Half-precision logits holding +-1e4, +-inf and, in one row, NaN under a cap of 5: every other row is
+    finite (the cap maps +-inf and +-1e4 to +-5, as torch's c * tanh(x / c)) with finite gradients, within 2x
+    torch's own error in that dtype against the fp64 truth; the NaN row's log-prob, entropy and gradient are
+    NaN, as torch's."""
+    _skip_unusable(backend)
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(6, V, generator=g, dtype=torch.float64) * 3
+    x[0, 10], x[0, 11], x[1, 12], x[1, 13] = 1e4, -1e4, INF, -INF
+    x[2, :TILE] = -INF
+    x[3, 50] = float("nan")
+    index = torch.tensor([10, 13, 100, 4, 11, 200])
+    up = torch.randn(2, 6, generator=g, dtype=torch.float64)
+
+    def run(dt, fn):
+        X = x.detach().to(dt).requires_grad_()
+        logp, entropy = fn(X)
+        ((logp * up[0].to(dt)).sum() + (entropy * up[1].to(dt)).sum()).backward()
+        return logp.detach(), entropy.detach(), X.grad
+
+    def torch_way(X):
+        logp, entropy = log_softmax_entropy_truth(soft_capped(X, 5.0), 0.9)
+        return logp.gather(-1, index[:, None])[:, 0], entropy
+
+    def fastft_way(X):
+        with fastft.backend.use(backend):
+            return selective_log_softmax(X, index, temperature=0.9, softcap=5.0, return_entropy=True)
+
+    truth, own, got = run(torch.float64, torch_way), run(dtype, torch_way), run(dtype, fastft_way)
+    ok = torch.arange(6) != 3
+    for name, g_, t, o in zip(("logp", "entropy", "grad"), got, truth, own):
+        assert torch.isnan(g_[3]).all() and torch.isnan(t[3]).all(), name
+        assert torch.isfinite(g_[ok]).all(), name
+        bound = 2 * _err(o[ok], t[ok]) + ATOL[dtype] * max(t[ok].abs().max().item(), 1.0)
+        assert _err(g_[ok], t[ok]) <= bound, f"{name}: {_err(g_[ok], t[ok]):.3g} > {bound:.3g}"
