@@ -83,13 +83,17 @@ def softcap_(logits: Tensor, softcap: float) -> Tensor:
 
 
 def softcap_with_derivative(logits: Tensor, softcap: float, *, capped_out: Tensor, derivative_out: Tensor) -> Tensor:
-    """capped_out <- softcap * tanh(u), derivative_out <- 1 - tanh(u)^2, u = logits / softcap; capped_out may be
-    ``logits`` itself. The derivative is computed as cosh(u)^-2: 1 - t^2 from a rounded t cancels to nothing
-    near saturation (t = 0.999 in bf16), cosh(u)^-2 keeps its relative precision and is 0 where cosh overflows
-    (|u| > ~89, or ~11 in fp16), which is the rounded answer. Returns capped_out."""
-    torch.div(logits, softcap, out=derivative_out)
-    torch.tanh(derivative_out, out=capped_out).mul_(softcap)
-    derivative_out.cosh_().pow_(-2)
+    """capped_out <- softcap_(logits) (rounded as the forward's, so it matches the saved statistics; it may be
+    ``logits`` itself) and derivative_out <- 1 - tanh(u)^2, u = logits / softcap. derivative_out has the
+    accumulation dtype (fp32 for half-precision logits): u rounded to bf16 costs the derivative u * 2^-8 of
+    relative error (2% at u = 5; measured: bf16 head gradients 1.3x torch's own error instead of 0.7x). It is
+    computed as cosh(u)^-2: 1 - t^2 from a rounded t cancels near saturation, cosh(u)^-2 keeps its relative
+    precision and is 0 where cosh overflows (|u| > ~89), the rounded answer. Returns capped_out."""
+    derivative_out.copy_(logits)
+    if capped_out is not logits:
+        capped_out.copy_(logits)
+    softcap_(capped_out, softcap)
+    derivative_out.div_(softcap).cosh_().pow_(-2)
     return capped_out
 
 

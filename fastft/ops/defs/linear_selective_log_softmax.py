@@ -15,8 +15,8 @@ fastft.ops._losses: chunk_rows, logits_into, HeadGrads); per chunk:
 Backward recomputes each chunk's logits (one GEMM), runs the selective log-softmax backward kernel with both
 upstream gradients, written over the logits buffer it reads (out=), and sends that gradient to grad_x / grad_W /
 grad_b through HeadGrads -- only for inputs that require grad. With a soft cap the chunk is capped in place
-before the kernel, the cap's derivative 1 - tanh^2 kept in a second [rows x vocab] buffer (the chunk policy
-counts it), and the kernel's gradient multiplied by it: no kernel knows about the cap, so every backend has it. Unlike linear_cross_entropy, the gradients are
+before the kernel, the cap's derivative 1 - tanh^2 kept in a second [rows x vocab] buffer (fp32: the chunk
+policy counts it), and the kernel's gradient multiplied by it: no kernel knows about the cap, so every backend has it. Unlike linear_cross_entropy, the gradients are
 not computed in forward: the upstream gradients of two per-token outputs are only known in backward.
 So each step costs one forward GEMM, and in backward one recompute GEMM plus the GEMMs of the wanted gradients.
 
@@ -96,11 +96,14 @@ def _backward_chunks(grad_logp, grad_entropy, x, weight, bias, target, lse, entr
         return (scatter_rows(gx, idx, n) if gx.numel() else gx), gw, gb
     bwd = linear_selective_log_softmax_op.kernels(backend).bwd
     capped = bool(options.softcap)
-    rows = _chunk_rows(n, x, weight, needs[1], 1 + capped, options.chunk_size)
+    acc = accumulator_dtype(x.dtype)
+    # with a cap, the derivative buffer (accumulation dtype) in units of the logits buffer: 2 for bf16, 1 for fp32
+    derivative_buffers = acc.itemsize // x.dtype.itemsize if capped else 0
+    rows = _chunk_rows(n, x, weight, needs[1], 1 + derivative_buffers, options.chunk_size)
     sink = HeadGrads(x, weight, bias, *needs)
     shape = (min(rows, n), weight.shape[0])
     buf = torch.empty(shape, dtype=x.dtype, device=x.device)
-    cap_derivative_buf = torch.empty(shape, dtype=x.dtype, device=x.device) if capped else None
+    cap_derivative_buf = torch.empty(shape, dtype=acc, device=x.device) if capped else None
     for start in range(0, n, rows):
         end = min(start + rows, n)
         x_chunk, t = x[start:end], target[start:end]

@@ -69,8 +69,9 @@ def _backward_impl(grad_stats: Tensor, logits: Tensor, index: Tensor, lse: Tenso
         return bwd(grad_logp, grad_entropy, logits, index, lse, entropy, options.temperature, NO_IGNORE_INDEX)
     n, v = logits.shape
     grad = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
-    rows = chunk_rows(n, v, logits.dtype, logits.device.type, 1, 0)
-    derivative_buf = torch.empty((min(rows, n), v), dtype=logits.dtype, device=logits.device)
+    acc = accumulator_dtype(logits.dtype)
+    rows = chunk_rows(n, v, acc, logits.device.type, 1, 0)
+    derivative_buf = torch.empty((min(rows, n), v), dtype=acc, device=logits.device)
     for start in range(0, n, rows):
         end = min(start + rows, n)
         derivative = derivative_buf[: end - start]
