@@ -6,8 +6,8 @@ fp32 tight, bf16 by the rule error <= 2 x torch's own bf16 error + atol. Odd sha
 partial last one, N = 1), ignored targets, temperature != 1, -inf bias entries (a masked vocabulary), +-1e4
 hidden states in bf16, NaN rows, torch.compile(fullgraph=True), the top-1 flags, the kernels' ignore_index and
 in-place gradient (out = the logits). The logit soft cap (Gemma-2/3: log_softmax(c * tanh(z / c) / T)) through the
-same checks: values, entropy and gradients through the cap, saturated (+-1e4 logits) and infinite logits, NaN. The generic suite (test_ops_generic.py, op_db.py) adds opcheck, bad inputs
-and a second backward.
+same checks: values, entropy and gradients through the cap, saturated (+-1e4 logits) and infinite logits, NaN.
+The generic suite (test_ops_generic.py, op_db.py) adds opcheck, bad inputs and a second backward.
 """
 import pytest
 import torch

@@ -16,7 +16,8 @@ Backward recomputes each chunk's logits (one GEMM), runs the selective log-softm
 upstream gradients, written over the logits buffer it reads (out=), and sends that gradient to grad_x / grad_W /
 grad_b through HeadGrads -- only for inputs that require grad. With a soft cap the chunk is capped in place
 before the kernel, the cap's derivative 1 - tanh^2 kept in a second [rows x vocab] buffer (fp32: the chunk
-policy counts it), and the kernel's gradient multiplied by it: no kernel knows about the cap, so every backend has it. Unlike linear_cross_entropy, the gradients are
+policy counts it), and the kernel's gradient multiplied by it: no kernel knows about the cap, so every backend
+has it. Unlike linear_cross_entropy, the gradients are
 not computed in forward: the upstream gradients of two per-token outputs are only known in backward.
 So each step costs one forward GEMM, and in backward one recompute GEMM plus the GEMMs of the wanted gradients.
 
@@ -79,7 +80,7 @@ def _forward_chunks(x, weight, bias, target, options, backend):
         t = target[start:end]
         for dst, src in zip((logp, lse, entropy), fwd(logits, t, options.temperature, options.ignore_index)):
             dst[start:end].copy_(src)
-        if options.with_top1:  # argmax is the first maximum: TRL's tie rule; 1/T > 0 keeps the order (TRL caps first too)
+        if options.with_top1:  # argmax is the first maximum: TRL's tie rule (of the capped logits, as TRL's)
             torch.logical_and(logits.argmax(-1) == t, t != options.ignore_index, out=is_top1[start:end])
         del logits
     return logp, lse, entropy, is_top1
