@@ -6,7 +6,7 @@ GPU claim. Uses only what every fastft version has (the patch and TRL's own head
 checkout before and after a change:
 
     PYTHONPATH=<checkout> python benchmarks/trl_softcap_route.py --label after [--tokens 2048 --hidden 512
-        --vocab 32768 --softcap 30 --rounds 3]
+        --vocab 32768 --softcap 30 --rounds 3 --skip-stock]
 
 Steps: "policy" = loss -sum(logp * a) (entropy and top-1 as metrics: SFT), "policy + entropy bonus" = that
 - 0.01 * sum(entropy) (GRPO with entropy_coef); the latter only where the entropy has a gradient.
@@ -34,6 +34,8 @@ def main(argv=None) -> None:
     parser.add_argument("--vocab", type=int, default=32768)
     parser.add_argument("--softcap", type=float, default=30.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--skip-stock", action="store_true", help="only the patched steps (stock TRL is measured "
+                        "once, from either checkout)")
     args = parser.parse_args(argv)
 
     g = torch.Generator().manual_seed(0)
@@ -78,7 +80,8 @@ def main(argv=None) -> None:
     print("| checkout | step | ms | counted peak MiB | values |\n| --- | --- | --- | --- | --- |")
     for entropy_bonus in (False, True):
         what = "policy + entropy bonus" if entropy_bonus else "policy (entropy, top-1 as metrics)"
-        measure(f"stock TRL, {what}", entropy_bonus)
+        if not args.skip_stock:
+            measure(f"stock TRL, {what}", entropy_bonus)
         handle = fastft_trl.patch()
         try:
             measure(f"fastft patch, {what}", entropy_bonus)
