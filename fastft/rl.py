@@ -52,18 +52,16 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Opt
     temperature is folded into the hidden states and bias, and into the cap: softcap_c(z) / T =
     softcap_{c/T}(z / T)). ``return_entropy=True``: ``(logp, entropy)`` from
     ``fastft.ops.linear_selective_log_softmax``, the entropy ``-sum_v p_v log p_v`` of the same softmax per
-    token (0 where ignored), both differentiable (an entropy bonus trains the policy through it); that op
-    takes no soft cap."""
+    token (0 where ignored), both differentiable through the soft cap too (an entropy bonus trains the policy
+    through it)."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be > 0 or None, got {softcap!r}")
     if return_entropy:
-        if softcap is not None:
-            raise ValueError("token_logprobs(return_entropy=True) takes no softcap: "
-                             "fastft.ops.linear_selective_log_softmax has no soft-cap option")
         return linear_selective_log_softmax(hidden, weight, targets, bias=bias, temperature=temperature,
-                                            ignore_index=ignore_index, chunk_size=chunk_size, return_entropy=True)
+                                            softcap=softcap, ignore_index=ignore_index, chunk_size=chunk_size,
+                                            return_entropy=True)
     if temperature != 1.0:
         hidden = hidden / temperature
         bias = None if bias is None else bias / temperature
