@@ -1,19 +1,17 @@
 """Per-token log-probs AND entropy of a linear head, forward + backward (a policy term plus an entropy bonus),
-three ways on the same inputs, interleaved in one process:
+two ways on the same inputs, interleaved in one process:
 
   fastft   ``fastft.rl.token_logprobs(..., return_entropy=True)``: fastft.ops.linear_selective_log_softmax, token
            chunks, both outputs differentiable (one forward GEMM; backward: one recompute GEMM + the gradients').
-  old      the route TRL's patch took before: log-probs from the fused linear cross-entropy (gradients computed in
-           forward) + the entropy from a second chunked no-grad pass of the head
-           (``fastft.integrations.trl.linear_cross_entropy_with_metrics``). Its entropy has NO gradient, so its
-           backward does less than the others' (the loss differentiates only the log-probs there).
   full     plain torch on the whole [N, V] logits: log_softmax + gather, entropy -sum p log p, autograd.
 
+``--softcap C``: both on the capped logits ``C * tanh(z / C)`` (Gemma-2/3's head).
 Loss = sum(logp * a) + 0.01 * sum(entropy), with a fixed random a. Peak memory: bytes of the tensors the step
 creates (``LiveBytes``, a dispatch-mode counter; the inputs and weights are not counted). CPU figures: ratios
 measured in one run, not a GPU claim.
 
-    python -m benchmarks.bench_token_entropy [--tokens 512] [--hidden 256] [--vocab 32000] [--rounds 5] [--out FILE]
+    python -m benchmarks.bench_token_entropy [--tokens 512] [--hidden 256] [--vocab 32000] [--softcap C]
+                                             [--rounds 5] [--out FILE]
     python -m benchmarks.bench_token_entropy --accuracy     # max |error| vs fp64 per backend and dtype instead
 
 ``--accuracy``: logp, entropy and the gradients (hidden, weight, bias) of every CPU backend in fp32 and bf16 against
@@ -31,7 +29,6 @@ import torch
 from benchmarks.gpu_static.memory_plan import LiveBytes
 from benchmarks.harness import emit_text_report, interleave, loss_time_memory_table
 from fastft import rl
-from fastft.integrations.trl import linear_cross_entropy_with_metrics
 
 ENTROPY_COEF = 0.01
 
@@ -42,7 +39,7 @@ def _log_softmax_entropy(logits, temperature):
     return logp, -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)
 
 
-def accuracy(out=None) -> str:
+def accuracy(out=None, softcap=None) -> str:
     from fastft import backend
     from fastft.ops import linear_selective_log_softmax
 
@@ -57,7 +54,10 @@ def accuracy(out=None) -> str:
     upstream = torch.randn(2, n, generator=g, dtype=torch.float64)
 
     def torch_way(x, w, b, t):
-        logp, entropy = _log_softmax_entropy(torch.nn.functional.linear(x, w, b), temperature)
+        logits = torch.nn.functional.linear(x, w, b)
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        logp, entropy = _log_softmax_entropy(logits, temperature)
         counted = t != -100
         picked = logp.gather(-1, torch.where(counted, t, 0)[:, None])[:, 0]
         return torch.where(counted, picked, 0.0), torch.where(counted, entropy, 0.0)
@@ -71,12 +71,15 @@ def accuracy(out=None) -> str:
     def fastft_way(name):
         def fn(x, w, b, t):
             with backend.use(name):
-                return linear_selective_log_softmax(x, w, t, bias=b, temperature=temperature, return_entropy=True)
+                return linear_selective_log_softmax(x, w, t, bias=b, temperature=temperature, softcap=softcap,
+                                                    return_entropy=True)
         return fn
 
     truth = run(torch_way, torch.float64)
     cols = ("logp", "entropy", "grad hidden", "grad weight", "grad bias")
-    lines = [f"max |error| vs fp64, N={n} H={h} V={v}, T={temperature}, -inf bias on V/10, 1/4 targets ignored", "",
+    capped = "" if softcap is None else f", softcap {softcap:g}"
+    lines = [f"max |error| vs fp64, N={n} H={h} V={v}, T={temperature}{capped}, -inf bias on V/10, 1/4 targets ignored",
+             "",
              "| computed by | dtype | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for dtype in (torch.float32, torch.bfloat16):
         for name, fn in [("torch (same dtype)", torch_way)] + [(f"fastft {b}", fastft_way(b))
@@ -93,11 +96,12 @@ def main(argv=None) -> str:
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--softcap", type=float, default=None, help="cap the logits: C * tanh(z / C)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.accuracy:
-        return accuracy(args.out)
+        return accuracy(args.out, args.softcap)
 
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(args.tokens, args.hidden, generator=g).requires_grad_()
@@ -105,21 +109,21 @@ def main(argv=None) -> str:
     targets = torch.randint(0, args.vocab, (args.tokens,), generator=g)
     a = torch.randn(args.tokens, generator=g)
 
+    softcap = args.softcap
+
     def fastft_route():
-        logp, entropy = rl.token_logprobs(hidden, weight, targets, return_entropy=True)
+        logp, entropy = rl.token_logprobs(hidden, weight, targets, softcap=softcap, return_entropy=True)
         return logp, entropy
 
-    def old_route():
-        nll, metrics = linear_cross_entropy_with_metrics(hidden, weight, targets, reduction="none")
-        return -nll, metrics.entropy
-
     def full_logits():
-        logp_all = torch.log_softmax(hidden @ weight.T, -1)
+        logits = hidden @ weight.T
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        logp_all = torch.log_softmax(logits, -1)
         p = logp_all.exp()
         return logp_all.gather(-1, targets[:, None])[:, 0], -(p * logp_all).sum(-1)
 
     providers = {"full logits (log_softmax + gather + entropy on [N, V])": full_logits,
-                 "old route (fused CE + no-grad metrics pass; entropy without gradient)": old_route,
                  "fastft token_logprobs(return_entropy=True)": fastft_route}
 
     def step(name):
@@ -144,14 +148,14 @@ def main(argv=None) -> str:
     times = interleave({name: (lambda r, name=name: step(name)) for name in providers}, args.rounds,
                        warmup_rounds=0, alternate=True)
     peaks = {name: counted_peak(name) for name in providers}
-    full, old, ours = providers
+    full, ours = providers
     grad_err = max((x - y).abs().max().item() for x, y in zip(grads[ours], grads[full]))
+    capped = "" if softcap is None else f", softcap {softcap:g}"
     title = (f"log-probs + entropy, fwd+bwd (loss = sum(logp * a) + {ENTROPY_COEF} sum(entropy)), N={args.tokens} "
-             f"H={args.hidden} V={args.vocab} fp32, CPU ({torch.get_num_threads()} threads), {args.rounds} "
+             f"H={args.hidden} V={args.vocab}{capped} fp32, CPU ({torch.get_num_threads()} threads), {args.rounds} "
              "interleaved rounds")
     agreement = (f"|fastft - full| loss = {abs(losses[ours] - losses[full]).item():.2e}, max |grad difference| "
-                 f"(hidden, weight) = {grad_err:.2e}; the old route's loss differs by the entropy's gradient only "
-                 f"(|old - full| loss = {abs(losses[old] - losses[full]).item():.2e}: same value, no entropy gradient)")
+                 f"(hidden, weight) = {grad_err:.2e}")
     return emit_text_report([title, "", *loss_time_memory_table(losses, times, peaks, full), "", agreement], args.out)
 
 

@@ -25,7 +25,8 @@ from torch import Tensor
 
 from .ops import linear_cross_entropy, linear_full_kl, linear_selective_log_softmax
 
-__all__ = ["token_logprobs", "masked_mean", "gae", "ppo_policy_loss", "value_loss", "AdaptiveKLController",
+__all__ = ["token_logprobs", "masked_mean", "gae", "ppo_policy_loss", "value_loss", "explained_variance",
+           "AdaptiveKLController",
            "dpo_loss", "bradley_terry_loss", "distillation_loss", "DISTILLATION_MODES", "DPO_LOSS_TYPES"]
 
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo")
@@ -51,18 +52,16 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Opt
     temperature is folded into the hidden states and bias, and into the cap: softcap_c(z) / T =
     softcap_{c/T}(z / T)). ``return_entropy=True``: ``(logp, entropy)`` from
     ``fastft.ops.linear_selective_log_softmax``, the entropy ``-sum_v p_v log p_v`` of the same softmax per
-    token (0 where ignored), both differentiable (an entropy bonus trains the policy through it); that op
-    takes no soft cap."""
+    token (0 where ignored), both differentiable through the soft cap too (an entropy bonus trains the policy
+    through it)."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be > 0 or None, got {softcap!r}")
     if return_entropy:
-        if softcap is not None:
-            raise ValueError("token_logprobs(return_entropy=True) takes no softcap: "
-                             "fastft.ops.linear_selective_log_softmax has no soft-cap option")
         return linear_selective_log_softmax(hidden, weight, targets, bias=bias, temperature=temperature,
-                                            ignore_index=ignore_index, chunk_size=chunk_size, return_entropy=True)
+                                            softcap=softcap, ignore_index=ignore_index, chunk_size=chunk_size,
+                                            return_entropy=True)
     if temperature != 1.0:
         hidden = hidden / temperature
         bias = None if bias is None else bias / temperature
@@ -145,6 +144,20 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
         clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
         error = torch.maximum(error, (clipped - returns) ** 2)
     return 0.5 * masked_mean(error, mask)
+
+
+@torch.no_grad()
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """``1 - Var(returns - values) / Var(returns)`` over the counted tokens (TRL's ``val/var_explained``):
+    1 when the values predict the returns, 0 for a constant guess at their mean, negative when worse. Unlike
+    the value loss it does not grow with the returns' own spread (e.g. a KL penalty that grows during a run).
+    NaN when the returns do not vary (nothing to explain)."""
+    _check_same_shape(values=values, returns=returns, mask=mask)
+    returns = returns.double()  # small: the [B, T] of a rollout
+    spread = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    error = returns - values.double()
+    residual = masked_mean((error - masked_mean(error, mask)) ** 2, mask)
+    return float(1.0 - residual / spread) if spread > 0 else float("nan")
 
 
 class AdaptiveKLController:

@@ -1,5 +1,8 @@
 """fastft.rl: the RLHF losses against plain-torch reimplementations (and the fused log-probs against
 log_softmax(h @ W.T).gather on every CPU backend, fp32 and bf16 under the 2x-torch-error rule)."""
+import math
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -52,8 +55,10 @@ def test_token_logprobs_bf16_within_twice_torch_error(name):
 
 
 @pytest.mark.parametrize("name", BACKENDS)
-def test_token_logprobs_with_entropy_match_torch(name):
-    """return_entropy=True: (logp, entropy) of log_softmax(h @ W.T / T), both differentiable (an entropy bonus)."""
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_token_logprobs_with_entropy_match_torch(name, softcap):
+    """return_entropy=True: (logp, entropy) of log_softmax(softcap(h @ W.T) / T), both differentiable (an entropy
+    bonus), through the cap too (Gemma-2/3 heads)."""
     torch.manual_seed(2)
     hidden = torch.randn(3, 7, 24, requires_grad=True)
     weight = torch.randn(101, 24, requires_grad=True)
@@ -65,14 +70,19 @@ def test_token_logprobs_with_entropy_match_torch(name):
         return (logp * upstream).sum() - 0.1 * entropy.sum()
 
     with backend.use(name):
-        logp, entropy = rl.token_logprobs(hidden, weight, targets, temperature=0.7, return_entropy=True)
+        logp, entropy = rl.token_logprobs(hidden, weight, targets, temperature=0.7, softcap=softcap,
+                                          return_entropy=True)
         loss(logp, entropy).backward()
     grads = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
-    logits = hidden @ weight.T / 0.7
+    logits = hidden @ weight.T
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    logits = logits / 0.7
     counted = targets != -100
     want_entropy = torch.where(counted, torch.distributions.Categorical(logits=logits).entropy(), 0.0)
-    want_logp = stock_logprobs(hidden, weight, targets, 0.7)
+    want_logp = torch.where(counted, torch.log_softmax(logits, -1).gather(-1, targets.clamp_min(0)[..., None])[..., 0],
+                            0.0)
     loss(want_logp, want_entropy).backward()
     assert logp.dtype == entropy.dtype == torch.float32 and entropy.shape == targets.shape
     torch.testing.assert_close(logp, want_logp, atol=1e-5, rtol=1e-5)
@@ -81,9 +91,13 @@ def test_token_logprobs_with_entropy_match_torch(name):
     torch.testing.assert_close(grads[1], weight.grad, atol=1e-5, rtol=1e-4)
 
 
-def test_token_logprobs_rejects_bad_temperature():
+def test_token_logprobs_rejects_bad_temperature_and_softcap():
     with pytest.raises(ValueError, match="temperature must be > 0"):
         rl.token_logprobs(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0, 1]), temperature=0)
+    for return_entropy in (False, True):
+        with pytest.raises(ValueError, match="softcap must be > 0 or None"):
+            rl.token_logprobs(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0, 1]), softcap=-1.0,
+                              return_entropy=return_entropy)
 
 
 def plain_gae(rewards, values, mask, gamma, lam):
@@ -146,6 +160,23 @@ def test_value_loss_clipped_and_plain():
     torch.testing.assert_close(loss, want)
     plain = rl.value_loss(v, old, ret, mask, clip_range=None)
     torch.testing.assert_close(plain, 0.5 * (((v - ret) ** 2) * mask).sum() / 2)
+
+
+def test_explained_variance_against_numpy_and_its_limits():
+    torch.manual_seed(0)
+    ret = torch.randn(3, 9, dtype=torch.float64)
+    mask = torch.rand(3, 9) > 0.3
+    values = ret + 0.5 * torch.randn(3, 9, dtype=torch.float64)
+    r, v = ret[mask].numpy(), values[mask].numpy()
+    assert rl.explained_variance(values, ret, mask) == pytest.approx(1 - np.var(r - v) / np.var(r), rel=1e-9)
+    assert rl.explained_variance(ret, ret, mask) == pytest.approx(1.0)
+    assert rl.explained_variance(torch.full_like(ret, 7.0), ret, mask) == pytest.approx(0.0, abs=1e-12)
+    assert rl.explained_variance(-ret, ret, mask) < 0  # worse than a constant
+    values[~mask] = 1e6  # uncounted tokens are not read
+    assert rl.explained_variance(values, ret, mask) == pytest.approx(1 - np.var(r - v) / np.var(r), rel=1e-9)
+    assert math.isnan(rl.explained_variance(values, torch.ones_like(ret), mask))
+    with pytest.raises(ValueError, match="shapes must match"):
+        rl.explained_variance(values[:, :4], ret, mask)
 
 
 def test_adaptive_kl_controller_moves_towards_the_target():

@@ -20,8 +20,7 @@ head on it and accelerate prepared it -- on the model the trainer trains:
   fastft's chunked heads -- SFTTrainer's loss and its ``entropy`` / ``mean_token_accuracy`` metrics and GRPO's
   policy pass (``fastft.ops.linear_selective_log_softmax``: the entropy differentiable, so GRPO's entropy bonus
   trains), reference-model log-probs of DPO / GRPO / KTO / RLOO (fused linear cross-entropy),
-  ``selective_log_softmax``. ``trl_metrics=False`` leaves the calls that ask for the entropy to TRL (on a
-  softcapped head fastft's entropy has no gradient; see fastft.integrations.trl).
+  ``selective_log_softmax``. ``trl_metrics=False`` leaves the calls that ask for the entropy to TRL.
 
 The report of what was patched is ``callback.handle.report`` (the model's) and ``callback.trl_handle.report()``
 (TRL's calls, counted); ``verbose=True`` prints the model's. ``callback.undo()`` restores both. The patches

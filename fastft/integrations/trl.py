@@ -21,10 +21,9 @@ What :func:`patch` routes:
   metrics, GRPO's entropy and entropy bonus) goes to ``fastft.ops.linear_selective_log_softmax``: log-probs
   and entropy from one chunked pass, both differentiable (GRPO's ``entropy_coef != 0`` trains through the
   entropy), the top-1 flags from the logits chunk the forward holds (no extra GEMM). A head with a logit
-  softcap (Gemma 2), which that op does not take, uses :func:`linear_cross_entropy_with_metrics` instead:
-  the fused cross-entropy plus a no_grad metrics pass (one more forward GEMM); its entropy carries no
-  gradient, and a loss that differentiates it raises at backward, naming ``patch(metrics=False)``, which
-  leaves such calls to TRL. A call asking for ``mean_logits`` or ``log_sum_sq_probs`` stays TRL's.
+  softcap (Gemma-2/3) takes the same route: the op caps each chunk (same fold as above), and the entropy's
+  gradient passes through the cap. ``patch(metrics=False)`` leaves such calls to TRL. A call asking for
+  ``mean_logits`` or ``log_sum_sq_probs`` stays TRL's.
 * ``selective_log_softmax`` (in every loaded ``trl`` module that holds TRL's function) ->
   ``fastft.ops.selective_log_softmax`` for one index per row; top-K indices and ``row_mask`` as TRL.
 * The GRPO KL penalty is not routed: TRL computes it inline in ``GRPOTrainer._compute_loss``
@@ -35,99 +34,16 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops.defs.linear_cross_entropy import linear_cross_entropy
 from ..ops.defs.linear_selective_log_softmax import linear_log_softmax_stats, linear_selective_log_softmax
 from ..ops.defs.selective_log_softmax import selective_log_softmax as fastft_selective_log_softmax
 
-__all__ = ["patch", "TRLPatchHandle", "TokenMetrics", "linear_cross_entropy_with_metrics"]
-
-# fp32 bytes of the [rows, vocab] logits and exponentials the metrics pass holds per chunk
-METRICS_CHUNK_BYTES = 64 << 20
-
-
-@dataclass(frozen=True)
-class TokenMetrics:
-    """Per-token statistics of the head's softmax, as TRL logs them (no gradient)."""
-
-    entropy: Tensor  # [N] fp32: -sum_v p_v log p_v (0 on ignored rows)
-    is_top1: Tensor  # [N] bool: the target is the first argmax of the logits (False on ignored rows)
-
-
-def linear_cross_entropy_with_metrics(hidden: Tensor, weight: Tensor, target: Tensor, *, bias: Optional[Tensor] = None,
-                                      softcap: Optional[float] = None, ignore_index: int = -100,
-                                      reduction: str = "sum",
-                                      chunk_size: Optional[int] = None) -> tuple[Tensor, TokenMetrics]:
-    """The cross-entropy of ``softcap(hidden @ weight.T + bias)`` against ``target`` through fastft's fused
-    linear cross-entropy (autograd; fp32 loss; ``reduction`` "sum", "mean" or "none"), plus the per-token
-    entropy and top-1 flags that TRL's SFTTrainer logs (``entropy``, ``mean_token_accuracy``), computed
-    under no_grad. ``hidden`` [N, H], ``weight`` [V, H], ``target`` [N]. Neither pass holds [N, V] logits.
-    Without a softcap, ``fastft.ops.linear_selective_log_softmax`` gives the log-probs and a differentiable
-    entropy in one pass (and ``linear_log_softmax_stats`` the top-1 flags too); the patch uses it there.
-
-    Cost: the metrics take one more chunked forward GEMM of the head (N x H x V multiply-adds, the size of
-    the loss's own forward GEMM) plus a softmax over each chunk; the fused op computes only the logsumexp and
-    the target logit, so they cannot come from it. ``chunk_size``: token rows per metrics chunk (default: as
-    many as fit ``METRICS_CHUNK_BYTES`` of fp32 [rows, V] buffers). The chunk's logits are computed in the
-    dtype TRL's head uses (autocast's, else the hidden states') and reduced in fp32, as TRL does."""
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden [N, H] and weight [V, H] expected, got {tuple(hidden.shape)} and "
-                         f"{tuple(weight.shape)}")
-    if target.shape != hidden.shape[:1]:
-        raise ValueError(f"target must be [N] = {tuple(hidden.shape[:1])}, got {tuple(target.shape)}")
-    if chunk_size is not None and chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    loss = linear_cross_entropy(hidden, weight, target, linear_bias=bias, ignore_index=ignore_index,
-                                reduction=reduction, softcap=softcap, loss_dtype=torch.float32)
-    with torch.no_grad():
-        metrics = _token_metrics(hidden, weight, bias, target, softcap, ignore_index, chunk_size)
-    return loss, metrics
-
-
-def _token_metrics(hidden, weight, bias, target, softcap, ignore_index, chunk_size) -> TokenMetrics:
-    n, vocab = hidden.shape[0], weight.shape[0]
-    device_type = hidden.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
-    rows = chunk_size or max(1, METRICS_CHUNK_BYTES // (2 * 4 * vocab))  # logits and exponentials, fp32
-    weight = weight.to(dtype)
-    bias = bias.to(dtype) if bias is not None else None
-    entropy = torch.zeros(n, device=hidden.device, dtype=torch.float32)
-    is_top1 = torch.zeros(n, device=hidden.device, dtype=torch.bool)
-    with torch.autocast(device_type, enabled=False):
-        for start in range(0, n, rows):
-            stop = min(start + rows, n)
-            logits = F.linear(hidden[start:stop].to(dtype), weight, bias).float()
-            if softcap is not None:
-                logits = softcap * torch.tanh(logits / softcap)
-            log_z = torch.logsumexp(logits, dim=-1)
-            probs = torch.exp(logits - log_z.unsqueeze(-1))
-            counted = target[start:stop] != ignore_index
-            # H = log Z - sum_v p_v z_v; argmax returns the first maximum, as TRL's tie rule (target > earlier max)
-            entropy[start:stop] = torch.where(counted, log_z - (probs * logits).sum(-1), 0.0)
-            is_top1[start:stop] = counted & (logits.argmax(-1) == target[start:stop])
-    return TokenMetrics(entropy, is_top1)
-
-
-class _MetricWithoutGradient(torch.autograd.Function):
-    """``values`` attached to the graph of ``anchor`` so that TRL's masking ops keep working, with a
-    backward that says why it cannot differentiate them instead of silently returning zero."""
-
-    @staticmethod
-    def forward(ctx, anchor: Tensor, values: Tensor) -> Tensor:
-        return values.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        raise RuntimeError(
-            "a loss differentiates the entropy that fastft.integrations.trl computed for metrics only (e.g. "
-            "GRPO's entropy bonus); call fastft.integrations.trl.patch(metrics=False) so that such calls run "
-            "TRL's own head")
+__all__ = ["patch", "TRLPatchHandle"]
 
 _active: Optional["TRLPatchHandle"] = None
 
@@ -157,7 +73,7 @@ class TRLPatchHandle:
 def patch(metrics: bool = True) -> TRLPatchHandle:
     """Route TRL's log-prob computations through fastft (see the module docstring). ``metrics``: also the
     calls that ask for the entropy / top-1 flags (SFTTrainer's loss, GRPO's policy pass; the entropy is
-    differentiable except on a softcapped head).
+    differentiable, on softcapped heads too).
     Idempotent while a patch is live (returns that handle; a different ``metrics`` raises)."""
     global _active
     if _active is not None:
@@ -217,19 +133,14 @@ class _FastftChunkedLogProb:
             nll = linear_cross_entropy(scaled_hidden, weight, targets, linear_bias=scaled_bias, reduction="none",
                                        softcap=softcap, loss_dtype=torch.float32)
             return -nll, None, None, None, None
-        if softcap is None:
-            self.counts[f"fastft: log-probs + {'/'.join(extra)} from fastft.ops.linear_selective_log_softmax"] += 1
-            if "is_top1" in extra:
-                logp, entropy, is_top1 = linear_log_softmax_stats(scaled_hidden, weight, targets, bias=scaled_bias)
-            else:
-                (logp, entropy), is_top1 = linear_selective_log_softmax(
-                    scaled_hidden, weight, targets, bias=scaled_bias, return_entropy=True), None
-            return logp, (entropy if "entropy" in extra else None), None, None, is_top1
-        self.counts[f"fastft: log-probs + {'/'.join(extra)} from linear_cross_entropy_with_metrics"] += 1
-        nll, metrics = linear_cross_entropy_with_metrics(scaled_hidden, weight, targets, bias=scaled_bias,
-                                                         softcap=softcap, reduction="none")
-        entropy = _MetricWithoutGradient.apply(scaled_hidden, metrics.entropy) if "entropy" in extra else None
-        return -nll, entropy, None, None, (metrics.is_top1 if "is_top1" in extra else None)
+        self.counts[f"fastft: log-probs + {'/'.join(extra)} from fastft.ops.linear_selective_log_softmax"] += 1
+        if "is_top1" in extra:
+            logp, entropy, is_top1 = linear_log_softmax_stats(scaled_hidden, weight, targets, bias=scaled_bias,
+                                                              softcap=softcap)
+        else:
+            (logp, entropy), is_top1 = linear_selective_log_softmax(
+                scaled_hidden, weight, targets, bias=scaled_bias, softcap=softcap, return_entropy=True), None
+        return logp, (entropy if "entropy" in extra else None), None, None, is_top1
 
 
 def _selective_log_softmax(original, counts: Counter):

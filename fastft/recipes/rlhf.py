@@ -35,7 +35,8 @@ the head weight (the fused linear cross-entropy: no [B, T, V] logits); off, the 
 The reference is the model as the builder returns it (a second copy, frozen); with LoRA on the policy
 that is the pretrained model. Logged per step: reward, exact_match, final_answer, kl (the chosen
 estimator, per token), completion_tokens, ended_in_eos; with ppo also rm_score (the reward model's raw
-score), value_loss, policy_loss, clip_fraction, approx_kl, kl_coef. Eval: both matches of greedy answers to
+score), value_loss, value_explained_variance (of the rollout's returns by the values predicted before
+training on it), policy_loss, clip_fraction, approx_kl, kl_coef. Eval: both matches of greedy answers to
 held-out prompts.
 """
 from __future__ import annotations
@@ -454,7 +455,9 @@ class RLTask(RecipeTask):
             advantages = (advantages - mean) * torch.rsqrt(var + 1e-8) * m
         sequence_kl = (kl * m).sum(-1)
         rollout = {**sample, "old_logp": old_logp, "old_values": old_values, "advantages": advantages,
-                   "returns": returns, "kl": kl, "score": score, "kl_coef": self.kl_coef}
+                   "returns": returns, "kl": kl, "score": score, "kl_coef": self.kl_coef,
+                   # the value head's prediction on samples it has not trained on yet
+                   "value_explained_variance": rl.explained_variance(old_values, returns, m)}
         if self.kl_control is not None:  # the next rollouts' coefficient, from the KL these were sampled at
             self.kl_coef = self.kl_control.update(float(sequence_kl.mean()), len(sequence_kl))
         return rollout
@@ -478,7 +481,7 @@ class RLTask(RecipeTask):
             self.stats.add("rm_score", r["score"].sum().item(), n)
         for name, value in (("policy_loss", policy_loss.item()), ("value_loss", vf.item()),
                             ("clip_fraction", st.clip_fraction), ("approx_kl", st.approx_kl),
-                            ("kl_coef", r["kl_coef"])):
+                            ("kl_coef", r["kl_coef"]), ("value_explained_variance", r["value_explained_variance"])):
             self.stats.add(name, value * n, n)
         # fastft.rl's losses are means over the micro-batch's completion tokens; weighted by its completions
         # so that micro-batches and ranks add up to the step's mean

@@ -4,7 +4,8 @@ Notation per token (row) with policy logits x_p, reference logits x_r, temperatu
     a = x_p / T, b = x_r / T, pi = softmax(a), rho = softmax(b)
     full_kl      = sum_v pi_v (log pi_v - log rho_v)                         (= KL(pi || rho))
                    with reverse_weight w: (1 - w) KL(pi || rho) + w KL(rho || pi) (a weight-0 direction left out)
-    selective_log_softmax(x, y) = log softmax(x / T)[y]   (and the entropy H = -sum_v pi_v log pi_v)
+    selective_log_softmax(x, y) = log softmax(x / T)[y]   (and the entropy H = -sum_v pi_v log pi_v);
+                 with a soft cap c the logits are c * tanh(x / c) first, then / T (Gemma-2/3's head)
     linear_selective_log_softmax(h, W, y) = selective_log_softmax(h @ W^T (+ b), y)
     kl_penalty   per-token estimators of KL(pi || rho) from the sampled tokens' log-probs
                  (Schulman, "Approximating KL divergence", 2020; TRL's names), d = logp - ref_logp:
@@ -87,30 +88,36 @@ def _kl_rows(logp: Tensor, logr: Tensor) -> Tensor:
     return (p * diff).sum(-1)
 
 
-def log_softmax_entropy(logits: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
-    """(log_softmax(logits / T) [..., V], its entropy -sum_v p_v log p_v [...]) in the accumulation dtype. A
-    token with p_v = 0 (logit -inf) contributes 0: the where sits inside the product, so neither the value
-    nor the gradient meets 0 * -inf."""
-    logp = torch.log_softmax(logits.to(_acc(logits.dtype)) / temperature, dim=-1)
+def log_softmax_entropy(logits: Tensor, temperature: float = 1.0,
+                        softcap: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    """(log_softmax(softcap(logits) / T) [..., V], its entropy -sum_v p_v log p_v [...]) in the accumulation
+    dtype; ``softcap``: ``c * tanh(logits / c)``, None for none. A token with p_v = 0 (logit -inf) contributes
+    0: the where sits inside the product, so neither the value nor the gradient meets 0 * -inf."""
+    logits = logits.to(_acc(logits.dtype))
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    logp = torch.log_softmax(logits / temperature, dim=-1)
     p = logp.exp()
     entropy = -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)
     return logp, entropy
 
 
-def selective_log_softmax(logits: Tensor, index: Tensor, *, temperature: float = 1.0, return_entropy: bool = False):
-    logp, entropy = log_softmax_entropy(logits, temperature)
+def selective_log_softmax(logits: Tensor, index: Tensor, *, temperature: float = 1.0,
+                          softcap: Optional[float] = None, return_entropy: bool = False):
+    logp, entropy = log_softmax_entropy(logits, temperature, softcap)
     picked = logp.gather(-1, index.unsqueeze(-1).to(torch.int64)).squeeze(-1).to(logits.dtype)
     return (picked, entropy.to(logits.dtype)) if return_entropy else picked
 
 
 def linear_selective_log_softmax(hidden: Tensor, weight: Tensor, index: Tensor, *, bias: Optional[Tensor] = None,
-                                 temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False):
+                                 temperature: float = 1.0, softcap: Optional[float] = None, ignore_index: int = -100,
+                                 return_entropy: bool = False):
     """selective_log_softmax of ``hidden @ weight.T + bias`` (the whole logits), in the accumulation dtype
     (fp32; fp64 for fp64); rows whose index is ``ignore_index`` give 0 (and no gradient)."""
     logits = torch.nn.functional.linear(hidden, weight, bias)
     counted = index != ignore_index
     safe = torch.where(counted, index, torch.zeros_like(index)).to(torch.int64)
-    logp, entropy = log_softmax_entropy(logits, temperature)
+    logp, entropy = log_softmax_entropy(logits, temperature, softcap)
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     picked = torch.where(counted, logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1), zero)
     return (picked, torch.where(counted, entropy, zero)) if return_entropy else picked

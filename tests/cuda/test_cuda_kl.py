@@ -59,13 +59,13 @@ def _index():
     return torch.randint(0, V, (N,), generator=g, device="cuda")
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("temperature,softcap", [(1.0, None), (0.7, None), (0.7, 3.0)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_selective_log_softmax(backend, dtype, temperature):
+def test_selective_log_softmax(backend, dtype, temperature, softcap):
     logits, _ = _pair()
     compare(fastft.ops.selective_log_softmax, OP_DB["selective_log_softmax"].truth, (logits, _index()),
-            {"temperature": temperature}, dtype, backend)
+            {"temperature": temperature, "softcap": softcap}, dtype, backend)
 
 
 def _heads():
@@ -121,13 +121,15 @@ def _head_with_masked_vocabulary():
     return hp, wp, target, bias
 
 
+@pytest.mark.parametrize("softcap", [None, 2.0])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_linear_selective_log_softmax_with_entropy(backend, dtype):
+def test_linear_selective_log_softmax_with_entropy(backend, dtype, softcap):
+    """softcap 2: the cap bends logits of a few units (the -inf bias entries cap to -2, as in torch)."""
     hp, wp, target, bias = _head_with_masked_vocabulary()
     compare(_logp_and_entropy(fastft.ops.linear_selective_log_softmax),
             _logp_and_entropy(OP_DB["linear_selective_log_softmax"].truth), (hp, wp, target),
-            {"bias": bias, "temperature": 0.8, "chunk_size": 128}, dtype, backend)
+            {"bias": bias, "temperature": 0.8, "chunk_size": 128, "softcap": softcap}, dtype, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

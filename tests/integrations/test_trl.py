@@ -54,8 +54,8 @@ def test_chunked_log_probs_match_trl(with_bias, temperature, softcap, scale):
                          [(False, 1.0, None, 1.0), (True, 0.7, 3.0, 0.5)])
 def test_log_probs_with_entropy_and_top1_match_trl(with_bias, temperature, softcap, scale):
     """The calls of SFTTrainer (and GRPO's policy): log-probs, entropy and top-1 flags equal to TRL's, from
-    fastft.ops.linear_selective_log_softmax (entropy differentiable, as TRL's) or, on a softcapped head, the fused
-    cross-entropy plus the no-grad metrics pass; a tied maximum counts as top-1 only at its first index, as TRL."""
+    fastft.ops.linear_selective_log_softmax (entropy differentiable, as TRL's, through the softcap too); a tied
+    maximum counts as top-1 only at its first index, as TRL."""
     trl_head = trl_utils._ChunkedLogProbFunction
     counts = Counter()
     fastft_head = fastft_trl._FastftChunkedLogProb(trl_head, counts)
@@ -83,32 +83,48 @@ def test_log_probs_with_entropy_and_top1_match_trl(with_bias, temperature, softc
     grads = [torch.autograd.grad(out[0].sum(), [hidden, weight], retain_graph=True) for out in (got, want)]
     for g, w in zip(*grads):  # fp32 rounding of logits up to ~20 (the peaked first rows)
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
-    if softcap is None:
-        assert counts == Counter({"fastft: log-probs + entropy/is_top1 from fastft.ops.linear_selective_log_softmax": 1})
-        weights = torch.linspace(-1, 1, 12)  # an entropy bonus plus a policy term: both gradients reach the head
-        grads = [torch.autograd.grad((out[0] * weights + 0.3 * out[1]).sum(), [hidden, weight]) for out in (got, want)]
-        for g, w in zip(*grads):
-            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
-    else:
-        assert counts == Counter({"fastft: log-probs + entropy/is_top1 from linear_cross_entropy_with_metrics": 1})
-        with pytest.raises(RuntimeError, match=r"patch\(metrics=False\)"):  # these metrics carry no gradient
-            torch.autograd.grad(got[1].sum(), [hidden])
+    assert counts == Counter({"fastft: log-probs + entropy/is_top1 from fastft.ops.linear_selective_log_softmax": 1})
+    weights = torch.linspace(-1, 1, 12)  # an entropy bonus plus a policy term: both gradients reach the head
+    grads = [torch.autograd.grad((out[0] * weights + 0.3 * out[1]).sum(), [hidden, weight]) for out in (got, want)]
+    for g, w in zip(*grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
-def test_linear_cross_entropy_with_metrics_matches_torch():
-    hidden, weight = torch.randn(9, 8, dtype=torch.float64), torch.randn(13, 8, dtype=torch.float64)
-    target = torch.tensor([0, 1, -100, 3, 4, 5, -100, 7, 12])
-    loss, metrics = fastft_trl.linear_cross_entropy_with_metrics(hidden, weight, target, softcap=2.0, chunk_size=4)
-    logits = 2.0 * torch.tanh(hidden @ weight.T / 2.0)
-    counted = target != -100
-    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, target, reduction="sum").float())
-    entropy = torch.distributions.Categorical(logits=logits).entropy().float()
-    torch.testing.assert_close(metrics.entropy, torch.where(counted, entropy, 0.0))
-    assert torch.equal(metrics.is_top1, counted & (logits.argmax(-1) == target))
-    with pytest.raises(ValueError, match="target must be"):
-        fastft_trl.linear_cross_entropy_with_metrics(hidden, weight, target[:3])
-    with pytest.raises(ValueError, match="chunk_size"):
-        fastft_trl.linear_cross_entropy_with_metrics(hidden, weight, target, chunk_size=0)
+def test_softcapped_gemma2_policy_pass_entropy_trains_like_stock():
+    """TRL's fused head on a tiny Gemma-2 (final_logit_softcapping = 5) asking for log-probs and entropy, as
+    GRPO's policy pass with an entropy bonus: patched, the call runs fastft.ops.linear_selective_log_softmax, the
+    entropy has a grad_fn (it had none on the old softcap route), and log-probs, entropy and the gradients of a
+    policy term plus an entropy bonus on the head and the backbone equal stock TRL's."""
+    from patch_models import tiny_model
+
+    outputs = ("log_probs", "entropy")
+    ids = torch.randint(3, 128, (2, 11), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :4] = -100  # a prompt: not scored
+
+    def run(patched):
+        model = tiny_model("gemma2")
+        assert model.config.final_logit_softcapping == 5.0
+        trl_utils.add_fused_lm_head(model, temperature=0.7, outputs=outputs)
+        handle = fastft_trl.patch() if patched else None
+        try:
+            out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+            loss = -(out.log_probs * out.label_mask).sum() - 0.1 * (out.entropy * out.label_mask).sum()
+            params = [model.get_output_embeddings().weight, model.model.layers[-1].mlp.down_proj.weight]
+            grads = torch.autograd.grad(loss, params)
+        finally:
+            if handle is not None:
+                handle.undo()
+        return out, grads, handle
+
+    (want, want_grads, _), (got, got_grads, handle) = run(False), run(True)
+    assert handle.counts == Counter({"fastft: log-probs + entropy from fastft.ops.linear_selective_log_softmax": 1})
+    assert got.entropy.grad_fn is not None
+    torch.testing.assert_close(got.log_probs, want.log_probs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.entropy, want.entropy, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        assert w.abs().max() > 0
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("metrics", [True, False])

@@ -245,14 +245,20 @@ def full_kl_bad_inputs(device):
 # ------------------------------------------------------------------------------------------------
 
 
-def selective_log_softmax_truth(logits, index, *, temperature=1.0):
-    return torch.log_softmax(logits / temperature, -1).gather(-1, index[..., None])[..., 0]
+def soft_capped(logits, softcap=None):
+    """Gemma-2/3's logit soft cap ``c * tanh(logits / c)`` in plain torch (None: the logits unchanged)."""
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
+def selective_log_softmax_truth(logits, index, *, temperature=1.0, softcap=None):
+    return torch.log_softmax(soft_capped(logits, softcap) / temperature, -1).gather(-1, index[..., None])[..., 0]
 
 
 def selective_log_softmax_samples(dtype, device):
     x = (torch.randn(3, 5, 37, device=device) * 3).to(dtype).requires_grad_()
     idx = torch.randint(0, 37, (3, 5), device=device)
-    return [Sample((x, idx), {}, "T=1"), Sample((x, idx.int()), {"temperature": 0.6}, "T=0.6")]
+    return [Sample((x, idx), {}, "T=1"), Sample((x, idx.int()), {"temperature": 0.6}, "T=0.6"),
+            Sample((x, idx), {"temperature": 0.6, "softcap": 2.5}, "softcap 2.5, T=0.6")]
 
 
 def selective_log_softmax_bad_inputs(device):
@@ -263,6 +269,9 @@ def selective_log_softmax_bad_inputs(device):
         bad((x, torch.zeros(5, dtype=torch.int64, device=device)), {}, ValueError, "index shape"),
         bad((x, torch.tensor([0, 1, 10, 2], device=device)), {}, ValueError, "out of range"),
         bad((x, idx), {"temperature": 0}, ValueError, "temperature"),
+        bad((x, idx), {"softcap": 0.0}, ValueError, "softcap must be a finite number > 0"),
+        bad((x, idx), {"softcap": float("nan")}, ValueError, "softcap"),
+        bad((x, idx), {"softcap": "30"}, TypeError, "softcap must be a Python number"),
         bad((x, idx.float()), {}, TypeError, "integer"),
         bad((x, idx.to("meta")), {}, ValueError, "index is on meta"),
     ]
@@ -280,10 +289,10 @@ def log_softmax_entropy_truth(logits, temperature=1.0):
     return logp, -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)
 
 
-def linear_selective_log_softmax_truth(hidden, weight, target, *, bias=None, temperature=1.0, ignore_index=-100,
-                                       chunk_size=None, return_entropy=False):
+def linear_selective_log_softmax_truth(hidden, weight, target, *, bias=None, temperature=1.0, softcap=None,
+                                       ignore_index=-100, chunk_size=None, return_entropy=False):
     """Computed in the inputs' dtype (torch's own error), returned as fastft's: fp32 (fp64 for fp64)."""
-    logp, entropy = log_softmax_entropy_truth(F.linear(hidden, weight, bias), temperature)
+    logp, entropy = log_softmax_entropy_truth(soft_capped(F.linear(hidden, weight, bias), softcap), temperature)
     counted = target != ignore_index
     picked = logp.gather(-1, torch.where(counted, target, 0).long()[..., None])[..., 0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -298,6 +307,8 @@ def linear_selective_log_softmax_samples(dtype, device):
     return [
         Sample((x, w, t), {"chunk_size": 4}, "3 chunks"),
         Sample((x, w, t), {"bias": b, "temperature": 0.7}, "bias, T=0.7"),
+        Sample((x, w, t), {"bias": b, "temperature": 0.7, "softcap": 1.5, "chunk_size": 4},
+               "softcap 1.5, bias, T=0.7, 3 chunks"),
         Sample((x.detach().view(1, n, h), w, torch.where(t == -100, 5, t).view(1, n)), {"ignore_index": 5},
                "frozen input, [1, N], ignore_index=5"),
     ]
@@ -308,6 +319,9 @@ def linear_selective_log_softmax_bad_inputs(device):
     bad = BadInput
     return common + [
         bad((x, w, t), {"temperature": 0.0}, ValueError, "temperature"),
+        bad((x, w, t), {"softcap": -30.0}, ValueError, "softcap must be a finite number > 0"),
+        bad((x, w, t), {"softcap": float("inf")}, ValueError, "softcap"),
+        bad((x, w, t), {"softcap": True}, TypeError, "softcap must be a Python number"),
         bad((x, w, t), {"ignore_index": 1.5}, TypeError, "ignore_index"),
         bad((x, w, t), {"return_entropy": 1}, TypeError, "return_entropy"),
     ]

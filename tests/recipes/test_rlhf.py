@@ -195,7 +195,7 @@ def test_ppo_loss_on_a_fixed_rollout_matches_plain_torch(tmp_path):
 
 def test_ppo_epochs_reuse_rollouts_and_clipping_acts(tmp_path, monkeypatch):
     """ppo_epochs = 3 over 6 steps: two generations; the first step of a cycle has ratio 1 (no clipping),
-    the reused ones clip; value loss, approx_kl and kl_coef are logged."""
+    the reused ones clip; value loss, its explained variance, approx_kl and kl_coef are logged."""
     trainer = Trainer(ppo_config(tmp_path, {"ppo_epochs": 3}, run={"max_steps": 6}, optim={"lr": 3e-2}))
     calls = []
     original = trainer.task._generate
@@ -207,6 +207,8 @@ def test_ppo_epochs_reuse_rollouts_and_clipping_acts(tmp_path, monkeypatch):
     assert max(h[1]["clip_fraction"], h[2]["clip_fraction"]) > 0, [r["clip_fraction"] for r in h]
     assert all(k in h[0] for k in ("value_loss", "approx_kl", "kl_coef", "kl", "reward", "policy_loss"))
     assert h[1]["reward"] == h[0]["reward"]  # the same rollouts
+    ev = [r["value_explained_variance"] for r in h]
+    assert ev[0] == ev[1] == ev[2] and ev[3] == ev[4] == ev[5] and all(v <= 1.0 for v in ev), ev  # one per rollout
 
 
 @pytest.mark.parametrize("offset,normalize", [(0.0, False), (-10.0, True)])
