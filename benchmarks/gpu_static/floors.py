@@ -89,12 +89,6 @@ KNOWN_GAPS: List[KnownGap] = [
              "ptxas -v on adapter.cu tells which"),
     KnownGap("cuda", r"^lora_down_grad_kernel$", r"16 B stack",
              "new in this change (dropout applied while loading x); sm_80 only: a 16-byte frame, to remove"),
-    KnownGap("triton", r"^selective_log_softmax_(fwd|bwd)_kernel$", r"no 16-byte loads",
-             "at an odd vocabulary (V=32001) the rows start unaligned, so Triton cannot prove 16-byte alignment; "
-             "needs the aligned main loop + masked head/tail the CE kernel has"),
-    KnownGap("triton", r"^cross_entropy_fwd_kernel$", r"16 B stack",
-             "sm_80 only, with every option on (smoothing + z-loss + softcap + grad, BLOCK 4096 x 16 warps): a "
-             "16-byte frame at 64 registers; sm_90 has none"),
 ]
 
 
