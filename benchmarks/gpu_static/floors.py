@@ -81,9 +81,6 @@ KNOWN_GAPS: List[KnownGap] = [
     KnownGap("cuda", r"^(rms_norm|swiglu)_(fwd|bwd)_kernel$", r"no 16-byte loads",
              "the CUDA-extension RMSNorm/SwiGLU kernels still load element by element (the Triton twins, the default "
              "on CUDA, are vectorised); close with the aligned-pack loop kl.cu and cross_entropy.cu use"),
-    KnownGap("cuda", r"^cross_entropy_fwd_kernel$", r"1 CTA/SM < 2|8 B stack",
-             "1024 threads x 54 registers on sm_90 after the grad_out/+inf changes (sm_80: 32 registers and an 8-byte "
-             "frame); close with __launch_bounds__(1024, 2) as kl.cu has, then check the frame"),
     KnownGap("cuda", r"^act_dropout_kernel$", r"8 B stack",
              "an 8-byte frame (a local whose address is taken in the activation switch), not register pressure; "
              "ptxas -v on adapter.cu tells which"),
