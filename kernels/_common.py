@@ -10,8 +10,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["bf16_by_hand", "cast_for_store", "device_ctx", "gradient_buffer", "rest_offsets", "row_alignment", "row_config",
-           "row_split", "sm_count", "tanh"]
+__all__ = ["bf16_by_hand", "cast_for_store", "device_ctx", "gradient_buffer", "rest_offsets", "row_alignment",
+           "row_config", "row_split", "sm_count", "tanh", "write_row_map"]
 
 
 @triton.jit
@@ -68,6 +68,36 @@ def rest_offsets(start, cols, head, body_end, rest):
     idx = start + cols
     offs = tl.where(idx < head, idx, body_end + idx - head)
     return offs, idx < rest
+
+
+@triton.jit
+def write_row_map(x_ptr, x_start, out_ptr, out_start, V, counted, block_fn: tl.constexpr, fn_args,
+                  FN_FLAGS: tl.constexpr, BF16_RNE_BY_HAND: tl.constexpr, VEC: tl.constexpr,
+                  GRAD_ALIGNED_LIKE_LOGITS: tl.constexpr, BLOCK: tl.constexpr):
+    """out[j] = block_fn(x_j (fp32), j, lane mask, fn_args, FN_FLAGS) over one row of V logits at element x_start, written to
+    the row at element out_start (a gradient row: row_alignment's GRAD_ALIGNED_LIKE_LOGITS), in row_split's order:
+    whole aligned blocks (16-byte loads; 16-byte stores too when the output's rows start at the logits'
+    alignment, as they do for contiguous logits and for a gradient written over them), then the masked rest.
+    A row that is not counted loads nothing and stores zeros. out may be x itself: each block is read before it
+    is stored. block_fn is a @triton.jit function (a constexpr here), fn_args the tuple of its runtime values and
+    FN_FLAGS the tuple of its constexpr flags (kept apart: a constexpr unpacked from fn_args is no longer one)."""
+    cols = tl.arange(0, BLOCK)
+    out_ty = out_ptr.dtype.element_ty
+    head, body_end, rest = row_split(x_start, V, VEC, BLOCK)
+    full = cols < BLOCK
+    for start in range(head, body_end, BLOCK):
+        x = tl.load(x_ptr + tl.multiple_of(x_start + start, VEC) + cols, mask=full & counted, other=0.0)
+        g = tl.where(counted, block_fn(x.to(tl.float32), start + cols, full, fn_args, FN_FLAGS), 0.0)
+        if GRAD_ALIGNED_LIKE_LOGITS:
+            out_base = tl.multiple_of(out_start + start, VEC)
+        else:
+            out_base = out_start + start
+        tl.store(out_ptr + out_base + cols, cast_for_store(g, out_ty, BF16_RNE_BY_HAND))
+    for start in range(0, rest, BLOCK):
+        offs, mask = rest_offsets(start, cols, head, body_end, rest)
+        x = tl.load(x_ptr + x_start + offs, mask=mask & counted, other=0.0)
+        g = tl.where(counted, block_fn(x.to(tl.float32), offs, mask, fn_args, FN_FLAGS), 0.0)
+        tl.store(out_ptr + out_start + offs, cast_for_store(g, out_ty, BF16_RNE_BY_HAND), mask=mask)
 
 
 def row_alignment(logits: Tensor) -> dict:

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from ._common import (bf16_by_hand, cast_for_store, device_ctx, gradient_buffer, rest_offsets, row_alignment,
-                      row_config, row_split, sm_count, tanh)
+                      row_config, row_split, sm_count, tanh, write_row_map)
 
 __all__ = ["cross_entropy_fwd", "cross_entropy_bwd", "scale_if_not_one_"]
 
@@ -41,12 +41,13 @@ __all__ = ["cross_entropy_fwd", "cross_entropy_bwd", "scale_if_not_one_"]
 
 
 @triton.jit
-def _grad_block(
-    x, offs, mask, y, lse, a, c_smooth, c_hit, weight_ptr, softcap,
-    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-):
+def _grad_block(x, offs, mask, args, FLAGS: tl.constexpr):
     """Gradient of one block of raw fp32 logits x (columns offs) given the row's lse:
-    p_j * a - c_smooth * w_j - [j == y] * c_hit, times the softcap derivative."""
+    p_j * a - c_smooth * w_j - [j == y] * c_hit, times the softcap derivative (write_row_map's block_fn)."""
+    y, lse, a, c_smooth, c_hit, weight_ptr, softcap = args
+    HAS_WEIGHT: tl.constexpr = FLAGS[0]
+    HAS_SMOOTHING: tl.constexpr = FLAGS[1]
+    HAS_SOFTCAP: tl.constexpr = FLAGS[2]
     if HAS_SOFTCAP:
         t = tanh(x / softcap)
         x = softcap * t
@@ -130,31 +131,9 @@ def _write_grad_row(
         a += 2.0 * z_loss * lse
     a = tl.where(in_range, a, float("nan")) * upstream
     c_hit = upstream * hit
-    cols = tl.arange(0, BLOCK)
-    out_ty = grad_ptr.dtype.element_ty
-    head, body_end, rest = row_split(x_start, V, VEC, BLOCK)
-    full = cols < BLOCK
-    # Aligned whole blocks (16-byte loads; 16-byte stores too when the gradient's rows start at the
-    # logits' alignment, as they do for contiguous logits and for the gradient written over them).
-    for start in range(head, body_end, BLOCK):
-        offs = start + cols
-        x = tl.load(logits_ptr + tl.multiple_of(x_start + start, VEC) + cols, mask=full & counted,
-                    other=0.0).to(tl.float32)
-        g = _grad_block(x, offs, full, y, lse, a, c_smooth, c_hit, weight_ptr, softcap,
-                        HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
-        g = tl.where(counted, g, 0.0)
-        if GRAD_ALIGNED_LIKE_LOGITS:
-            g_base = tl.multiple_of(g_start + start, VEC)
-        else:
-            g_base = g_start + start
-        tl.store(grad_ptr + g_base + cols, cast_for_store(g, out_ty, BF16_RNE_BY_HAND))
-    for start in range(0, rest, BLOCK):
-        offs, mask = rest_offsets(start, cols, head, body_end, rest)
-        x = tl.load(logits_ptr + x_start + offs, mask=mask & counted, other=0.0).to(tl.float32)
-        g = _grad_block(x, offs, mask, y, lse, a, c_smooth, c_hit, weight_ptr, softcap,
-                        HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
-        g = tl.where(counted, g, 0.0)
-        tl.store(grad_ptr + g_start + offs, cast_for_store(g, out_ty, BF16_RNE_BY_HAND), mask=mask)
+    write_row_map(logits_ptr, x_start, grad_ptr, g_start, V, counted, _grad_block,
+                  (y, lse, a, c_smooth, c_hit, weight_ptr, softcap), (HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP),
+                  BF16_RNE_BY_HAND, VEC, GRAD_ALIGNED_LIKE_LOGITS, BLOCK)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from ._common import (bf16_by_hand, cast_for_store, device_ctx, gradient_buffer, rest_offsets, row_alignment,
-                      row_config, row_split)
+                      row_config, row_split, write_row_map)
 
 
 __all__ = ["full_kl_fwd", "full_kl_bwd", "selective_log_softmax_fwd", "selective_log_softmax_bwd", "lane_stats_config"]
@@ -250,14 +250,17 @@ def _selective_log_softmax_fwd_kernel(
 
 
 @triton.jit
-def _selective_log_softmax_grad_block(x, offs, y, k, lse, inv_t, k_h, h, counted, HAS_GRAD_ENTROPY: tl.constexpr):
-    """One block of the gradient from raw logits x (columns offs): see _selective_log_softmax_bwd_kernel."""
-    z = x.to(tl.float32) * inv_t
+def _selective_log_softmax_grad_block(x, offs, mask, args, FLAGS: tl.constexpr):
+    """One block of the gradient from raw fp32 logits x (columns offs): see _selective_log_softmax_bwd_kernel
+    (write_row_map's block_fn)."""
+    y, k, lse, inv_t, k_h, h = args
+    HAS_GRAD_ENTROPY: tl.constexpr = FLAGS[0]
+    z = x * inv_t
     p = tl.exp(z - lse)
     g = k * (tl.where(offs == y, 1.0, 0.0) - p)
     if HAS_GRAD_ENTROPY:
         g -= tl.where(p > 0.0, k_h * p * (z - lse + h), 0.0)
-    return tl.where(counted, g, 0.0)
+    return g
 
 
 @triton.jit
@@ -269,8 +272,6 @@ def _selective_log_softmax_bwd_kernel(
     """dz_j = (1/T) [g_logp ([j == y] - p_j) - g_H p_j (log p_j + H)]; the p_j = 0 terms are 0 (log p_j = -inf).
     grad_ptr may be the logits themselves: each element is read before its gradient is stored."""
     row = tl.program_id(0).to(tl.int64)
-    x_start = row * stride_row
-    g_start = row * V
     y = tl.load(index_ptr + row)
     counted = y != ignore_index
     in_range = (y >= 0) & (y < V)
@@ -283,25 +284,9 @@ def _selective_log_softmax_bwd_kernel(
         k_h = tl.where(counted, tl.load(grad_entropy_ptr + row) * inv_t, 0.0)
         h = tl.load(entropy_ptr + row)
         k_h = tl.where(h == h, k_h, float("nan"))  # a row without a distribution has no entropy gradient
-    cols = tl.arange(0, BLOCK)
-    out_ty = grad_ptr.dtype.element_ty
-    # row_split's order, as _write_grad_row of kernels/cross_entropy.py: aligned whole blocks (16-byte loads;
-    # 16-byte stores too when the gradient's rows start at the logits' alignment), then the masked rest.
-    head, body_end, rest = row_split(x_start, V, VEC, BLOCK)
-    full = cols < BLOCK
-    for start in range(head, body_end, BLOCK):
-        x = tl.load(logits_ptr + tl.multiple_of(x_start + start, VEC) + cols, mask=full & counted, other=0.0)
-        g = _selective_log_softmax_grad_block(x, start + cols, y, k, lse, inv_t, k_h, h, counted, HAS_GRAD_ENTROPY)
-        if GRAD_ALIGNED_LIKE_LOGITS:
-            g_base = tl.multiple_of(g_start + start, VEC)
-        else:
-            g_base = g_start + start
-        tl.store(grad_ptr + g_base + cols, cast_for_store(g, out_ty, BF16_RNE_BY_HAND))
-    for start in range(0, rest, BLOCK):
-        offs, mask = rest_offsets(start, cols, head, body_end, rest)
-        x = tl.load(logits_ptr + x_start + offs, mask=mask & counted, other=0.0)
-        g = _selective_log_softmax_grad_block(x, offs, y, k, lse, inv_t, k_h, h, counted, HAS_GRAD_ENTROPY)
-        tl.store(grad_ptr + g_start + offs, cast_for_store(g, out_ty, BF16_RNE_BY_HAND), mask=mask)
+    # the row in row_split's order (16-byte loads at any V), as the CE kernels write their gradient
+    write_row_map(logits_ptr, row * stride_row, grad_ptr, row * V, V, counted, _selective_log_softmax_grad_block,
+                  (y, k, lse, inv_t, k_h, h), (HAS_GRAD_ENTROPY,), BF16_RNE_BY_HAND, VEC, GRAD_ALIGNED_LIKE_LOGITS, BLOCK)
 
 
 # ------------------------------------------------------------------------------------------------
