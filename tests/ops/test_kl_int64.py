@@ -33,8 +33,9 @@ SCRIPT = textwrap.dedent(r"""
                    lse_ptr=F, entropy_ptr=F, grad_ptr=P, V="i32", inv_t="fp32", ignore_index="i64")
     grads = dict(HAS_MASK=True, GRAD_POLICY=True, GRAD_REF=True, BF16_RNE_BY_HAND=False, BLOCK=2048)
     cases = [(K._full_kl_fwd_kernel, kl_fwd, grads), (K._full_kl_bwd_kernel, kl_bwd, grads),
-             (K._selective_log_softmax_fwd_kernel, sel_fwd, dict(BLOCK=2048)),
+             (K._selective_log_softmax_fwd_kernel, sel_fwd, dict(VEC=8, BLOCK=2048)),
              (K._selective_log_softmax_bwd_kernel, sel_bwd, dict(HAS_GRAD_ENTROPY=True, BF16_RNE_BY_HAND=False,
+                                                                      VEC=8, GRAD_ALIGNED_LIKE_LOGITS=True,
                                                                       BLOCK=2048))]
     for fn, sig, consts in cases:
         sig = dict(sig, **{k: "constexpr" for k in consts})
