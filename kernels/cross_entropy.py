@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from ._common import bf16_by_hand, cast_for_store, device_ctx, gradient_buffer, row_config, sm_count, tanh
+from ._common import (bf16_by_hand, cast_for_store, device_ctx, gradient_buffer, rest_offsets, row_alignment,
+                      row_config, row_split, sm_count, tanh, write_row_map)
 
 __all__ = ["cross_entropy_fwd", "cross_entropy_bwd", "scale_if_not_one_"]
 
@@ -40,12 +41,13 @@ __all__ = ["cross_entropy_fwd", "cross_entropy_bwd", "scale_if_not_one_"]
 
 
 @triton.jit
-def _grad_block(
-    x, offs, mask, y, lse, a, c_smooth, c_hit, weight_ptr, softcap,
-    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-):
+def _grad_block(x, offs, mask, args, FLAGS: tl.constexpr):
     """Gradient of one block of raw fp32 logits x (columns offs) given the row's lse:
-    p_j * a - c_smooth * w_j - [j == y] * c_hit, times the softcap derivative."""
+    p_j * a - c_smooth * w_j - [j == y] * c_hit, times the softcap derivative (write_row_map's block_fn)."""
+    y, lse, a, c_smooth, c_hit, weight_ptr, softcap = args
+    HAS_WEIGHT: tl.constexpr = FLAGS[0]
+    HAS_SMOOTHING: tl.constexpr = FLAGS[1]
+    HAS_SOFTCAP: tl.constexpr = FLAGS[2]
     if HAS_SOFTCAP:
         t = tanh(x / softcap)
         x = softcap * t
@@ -60,26 +62,6 @@ def _grad_block(
     if HAS_SOFTCAP:
         g = g * (1.0 - t * t)
     return g
-
-
-@triton.jit
-def _row_split(row_start, V, VEC: tl.constexpr, BLOCK: tl.constexpr):
-    """A row of V elements starting at element row_start (of a 16-byte aligned tensor), split for 16-byte
-    loads at any V (e.g. 32001, whose rows start at every alignment): head = elements before the first
-    16-byte boundary (< VEC), then whole BLOCKs from there (aligned, unmasked: the compiler emits
-    ld.global.v4 for them), then the rest = the tail after them plus the head, swept masked."""
-    head = tl.minimum((VEC - row_start % VEC) % VEC, V)
-    body_end = head + ((V - head) // BLOCK) * BLOCK
-    return head, body_end, head + (V - body_end)
-
-
-@triton.jit
-def _rest_offsets(start, cols, head, body_end, rest):
-    """Column offsets and mask of one block of the masked rest: the first `head` lanes of the rest are
-    columns [0, head), the others columns [body_end, V)."""
-    idx = start + cols
-    offs = tl.where(idx < head, idx, body_end + idx - head)
-    return offs, idx < rest
 
 
 @triton.jit
@@ -149,31 +131,9 @@ def _write_grad_row(
         a += 2.0 * z_loss * lse
     a = tl.where(in_range, a, float("nan")) * upstream
     c_hit = upstream * hit
-    cols = tl.arange(0, BLOCK)
-    out_ty = grad_ptr.dtype.element_ty
-    head, body_end, rest = _row_split(x_start, V, VEC, BLOCK)
-    full = cols < BLOCK
-    # Aligned whole blocks (16-byte loads; 16-byte stores too when the gradient's rows start at the
-    # logits' alignment, as they do for contiguous logits and for the gradient written over them).
-    for start in range(head, body_end, BLOCK):
-        offs = start + cols
-        x = tl.load(logits_ptr + tl.multiple_of(x_start + start, VEC) + cols, mask=full & counted,
-                    other=0.0).to(tl.float32)
-        g = _grad_block(x, offs, full, y, lse, a, c_smooth, c_hit, weight_ptr, softcap,
-                        HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
-        g = tl.where(counted, g, 0.0)
-        if GRAD_ALIGNED_LIKE_LOGITS:
-            g_base = tl.multiple_of(g_start + start, VEC)
-        else:
-            g_base = g_start + start
-        tl.store(grad_ptr + g_base + cols, cast_for_store(g, out_ty, BF16_RNE_BY_HAND))
-    for start in range(0, rest, BLOCK):
-        offs, mask = _rest_offsets(start, cols, head, body_end, rest)
-        x = tl.load(logits_ptr + x_start + offs, mask=mask & counted, other=0.0).to(tl.float32)
-        g = _grad_block(x, offs, mask, y, lse, a, c_smooth, c_hit, weight_ptr, softcap,
-                        HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
-        g = tl.where(counted, g, 0.0)
-        tl.store(grad_ptr + g_start + offs, cast_for_store(g, out_ty, BF16_RNE_BY_HAND), mask=mask)
+    write_row_map(logits_ptr, x_start, grad_ptr, g_start, V, counted, _grad_block,
+                  (y, lse, a, c_smooth, c_hit, weight_ptr, softcap), (HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP),
+                  BF16_RNE_BY_HAND, VEC, GRAD_ALIGNED_LIKE_LOGITS, BLOCK)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -206,9 +166,9 @@ def _cross_entropy_fwd_kernel(
     s = 0.0
     sum_wx = 0.0
     sum_w = 0.0
-    # The row in _row_split's order: aligned whole blocks first (16-byte loads), then the masked rest;
+    # The row in row_split's order: aligned whole blocks first (16-byte loads), then the masked rest;
     # every update below is order-independent.
-    head, body_end, rest = _row_split(x_start, V, VEC, BLOCK)
+    head, body_end, rest = row_split(x_start, V, VEC, BLOCK)
     full = cols < BLOCK
     for start in range(head, body_end, BLOCK):
         # Ignored rows (padding, prompt tokens) are never read: their loss and gradient are 0 and
@@ -217,7 +177,7 @@ def _cross_entropy_fwd_kernel(
         m, s, sum_wx, sum_w = _online_block(x.to(tl.float32), start + cols, full, m, s, sum_wx, sum_w, weight_ptr,
                                             softcap, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
     for start in range(0, rest, BLOCK):
-        offs, mask = _rest_offsets(start, cols, head, body_end, rest)
+        offs, mask = rest_offsets(start, cols, head, body_end, rest)
         x = tl.load(x_row + offs, mask=mask & counted, other=0.0)
         m, s, sum_wx, sum_w = _online_block(x.to(tl.float32), offs, mask, m, s, sum_wx, sum_w, weight_ptr,
                                             softcap, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
@@ -321,16 +281,10 @@ def _check_logits(logits: Tensor, target: Tensor, name: str) -> Tuple[int, int]:
     return n, v
 
 
-# 4096 columns x 16 warps on CUDA: 55 registers at sm_90 (8192 x 16 took 81 once the body loads became
-# 16-byte), so 2 CTAs (32 warps) per SM; measured with an ahead-of-time sm_90 compile, see the module doc.
+# 4096 columns x 16 warps on CUDA: 40 registers at sm_90 with the gradient (8192 x 16 took 81 once the body
+# loads became 16-byte, 4096 took 55 until row_split's bounds became int32), so 3 CTAs (48 warps) per SM;
+# measured with an ahead-of-time sm_90 compile (benchmarks/gpu_static).
 _CUDA_BLOCK = 4096
-
-
-def _alignment(logits: Tensor) -> dict:
-    """VEC: elements per 16 bytes. GRAD_ALIGNED_LIKE_LOGITS: whether every row of the contiguous gradient
-    starts at the same offset from a 16-byte boundary as its logits row (then its stores are 16-byte too)."""
-    vec = 16 // logits.element_size()
-    return dict(VEC=vec, GRAD_ALIGNED_LIKE_LOGITS=(logits.stride(0) - logits.shape[1]) % vec == 0)
 
 
 def cross_entropy_fwd(
@@ -382,7 +336,7 @@ def cross_entropy_fwd(
             HAS_SOFTCAP=float(softcap) > 0.0,
             RETURN_GRAD=return_grad,
             BF16_RNE_BY_HAND=bf16_by_hand(logits),
-            **_alignment(logits),
+            **row_alignment(logits),
             BLOCK=block,
             num_warps=num_warps,
         )
@@ -432,7 +386,7 @@ def cross_entropy_bwd(
             HAS_Z_LOSS=float(z_loss) > 0.0,
             HAS_SOFTCAP=float(softcap) > 0.0,
             BF16_RNE_BY_HAND=bf16_by_hand(logits),
-            **_alignment(logits),
+            **row_alignment(logits),
             BLOCK=block,
             num_warps=num_warps,
         )

@@ -54,7 +54,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from ._common import bf16_by_hand, cast_for_store, device_ctx, gradient_buffer, row_config
+from ._common import (bf16_by_hand, cast_for_store, device_ctx, gradient_buffer, rest_offsets, row_alignment,
+                      row_config, row_split, write_row_map)
 
 
 __all__ = ["full_kl_fwd", "full_kl_bwd", "selective_log_softmax_fwd", "selective_log_softmax_bwd", "lane_stats_config"]
@@ -244,35 +245,45 @@ def _full_kl_bwd_kernel(
 
 
 @triton.jit
-def _lane_entropy_step(d, s, m_old, m_new, alpha, e, a):
-    """One lane's entropy numerator D = sum exp(a - m) (a - m), kept relative to the lane's running max m
-    (so it never cancels against the max, as sum exp(a - m) a would at logits of 1e4): when m grows to m',
-    D' = alpha (D + (m - m') S) with the lane's old sum S, then the new value adds e (a - m'). A lane that
-    has seen only -inf (alpha = 0, S = 0) restarts at 0, and e = 0 (a = -inf) adds 0, never 0 * inf."""
-    shift = tl.where(m_old < m_new, m_old - m_new, 0.0)
+def _lane_entropy_step(m, s, d, a):
+    """One block of scaled logits a into each lane's running max m, sum S = sum exp(a - m) and entropy
+    numerator D = sum exp(a - m) (a - m), kept relative to the lane's max (so it never cancels against the
+    max, as sum exp(a - m) a would at logits of 1e4): when m grows to m', D' = alpha (D + (m - m') S) with
+    the lane's old sum S, then the new value adds e (a - m'). A lane that has seen only -inf (alpha = 0,
+    S = 0) restarts at 0, and e = 0 (a = -inf) adds 0, never 0 * inf. Returns (m', S', D')."""
+    m_new, alpha, e = _lane_online_step(m, a)
+    shift = tl.where(m < m_new, m - m_new, 0.0)
     d = tl.where(alpha > 0.0, alpha * (d + shift * s), 0.0)
-    return d + tl.where(e > 0.0, e * (a - m_new), 0.0)
+    return m_new, s * alpha + e, d + tl.where(e > 0.0, e * (a - m_new), 0.0)
 
 
 @triton.jit
 def _selective_log_softmax_fwd_kernel(
-    logits_ptr, stride_row, index_ptr, logp_ptr, lse_ptr, entropy_ptr, V, inv_t, ignore_index, BLOCK: tl.constexpr,
+    logits_ptr, stride_row, index_ptr, logp_ptr, lse_ptr, entropy_ptr, V, inv_t, ignore_index,
+    VEC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    x_row = logits_ptr + row * stride_row
+    x_start = row * stride_row
+    x_row = logits_ptr + x_start
     y = tl.load(index_ptr + row)
     counted = y != ignore_index
     cols = tl.arange(0, BLOCK)
     m = tl.full((BLOCK,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK,), tl.float32)
     d = tl.zeros((BLOCK,), tl.float32)
-    for start in range(0, V, BLOCK):  # per-lane statistics, as in _full_kl_fwd_kernel
-        offs = start + cols
-        a = tl.load(x_row + offs, mask=(offs < V) & counted, other=float("-inf")).to(tl.float32) * inv_t
-        m_new, alpha, e = _lane_online_step(m, a)
-        d = _lane_entropy_step(d, s, m, m_new, alpha, e, a)
-        s = s * alpha + e
-        m = m_new
+    # Per-lane statistics, as in _full_kl_fwd_kernel, over the row in row_split's order: whole aligned blocks
+    # (16-byte loads at any V), then the masked head and tail; a lane's statistics do not depend on which
+    # columns it saw. Ignored rows load nothing (-inf everywhere: their stats stay empty).
+    head, body_end, rest = row_split(x_start, V, VEC, BLOCK)
+    full = cols < BLOCK
+    for start in range(head, body_end, BLOCK):
+        a = tl.load(logits_ptr + tl.multiple_of(x_start + start, VEC) + cols, mask=full & counted,
+                    other=float("-inf")).to(tl.float32) * inv_t
+        m, s, d = _lane_entropy_step(m, s, d, a)
+    for start in range(0, rest, BLOCK):
+        offs, mask = rest_offsets(start, cols, head, body_end, rest)
+        a = tl.load(x_row + offs, mask=mask & counted, other=float("-inf")).to(tl.float32) * inv_t
+        m, s, d = _lane_entropy_step(m, s, d, a)
     lane_w, row_max = _lane_weights(m)
     # each lane's D moved from its own max to the row's: w (D + (m_lane - M) S_lane); empty lanes add 0
     d = tl.sum(tl.where(lane_w > 0.0, lane_w * (d + tl.where(lane_w > 0.0, m - row_max, 0.0) * s), 0.0), axis=0)
@@ -288,35 +299,43 @@ def _selective_log_softmax_fwd_kernel(
 
 
 @triton.jit
+def _selective_log_softmax_grad_block(x, offs, mask, args, FLAGS: tl.constexpr):
+    """One block of the gradient from raw fp32 logits x (columns offs): see _selective_log_softmax_bwd_kernel
+    (write_row_map's block_fn)."""
+    y, k, lse, inv_t, k_h, h = args
+    HAS_GRAD_ENTROPY: tl.constexpr = FLAGS[0]
+    z = x * inv_t
+    p = tl.exp(z - lse)
+    g = k * (tl.where(offs == y, 1.0, 0.0) - p)
+    if HAS_GRAD_ENTROPY:
+        g -= tl.where(p > 0.0, k_h * p * (z - lse + h), 0.0)
+    return g
+
+
+@triton.jit
 def _selective_log_softmax_bwd_kernel(
     grad_logp_ptr, grad_entropy_ptr, logits_ptr, stride_row, index_ptr, lse_ptr, entropy_ptr, grad_ptr, V, inv_t,
-    ignore_index, HAS_GRAD_ENTROPY: tl.constexpr, BF16_RNE_BY_HAND: tl.constexpr, BLOCK: tl.constexpr,
+    ignore_index, HAS_GRAD_ENTROPY: tl.constexpr, BF16_RNE_BY_HAND: tl.constexpr, VEC: tl.constexpr,
+    GRAD_ALIGNED_LIKE_LOGITS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """dz_j = (1/T) [g_logp ([j == y] - p_j) - g_H p_j (log p_j + H)]; the p_j = 0 terms are 0 (log p_j = -inf).
     grad_ptr may be the logits themselves: each element is read before its gradient is stored."""
     row = tl.program_id(0).to(tl.int64)
-    x_row = logits_ptr + row * stride_row
     y = tl.load(index_ptr + row)
     counted = y != ignore_index
     in_range = (y >= 0) & (y < V)
     k = tl.where(in_range, tl.load(grad_logp_ptr + row) * inv_t, float("nan"))
     k = tl.where(counted, k, 0.0)
     lse = tl.load(lse_ptr + row)
+    k_h = 0.0
+    h = 0.0
     if HAS_GRAD_ENTROPY:
         k_h = tl.where(counted, tl.load(grad_entropy_ptr + row) * inv_t, 0.0)
         h = tl.load(entropy_ptr + row)
         k_h = tl.where(h == h, k_h, float("nan"))  # a row without a distribution has no entropy gradient
-    cols = tl.arange(0, BLOCK)
-    for start in range(0, V, BLOCK):
-        offs = start + cols
-        mask = offs < V
-        z = tl.load(x_row + offs, mask=mask & counted, other=0.0).to(tl.float32) * inv_t
-        p = tl.exp(z - lse)
-        g = k * (tl.where(offs == y, 1.0, 0.0) - p)
-        if HAS_GRAD_ENTROPY:
-            g -= tl.where(p > 0.0, k_h * p * (z - lse + h), 0.0)
-        g = tl.where(counted, g, 0.0)
-        tl.store(grad_ptr + row * V + offs, cast_for_store(g, grad_ptr.dtype.element_ty, BF16_RNE_BY_HAND), mask=mask)
+    # the row in row_split's order (16-byte loads at any V), as the CE kernels write their gradient
+    write_row_map(logits_ptr, row * stride_row, grad_ptr, row * V, V, counted, _selective_log_softmax_grad_block,
+                  (y, k, lse, inv_t, k_h, h), (HAS_GRAD_ENTROPY,), BF16_RNE_BY_HAND, VEC, GRAD_ALIGNED_LIKE_LOGITS, BLOCK)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -447,7 +466,7 @@ def selective_log_softmax_fwd(logits: Tensor, index: Tensor, temperature: float,
     with device_ctx(logits):
         _selective_log_softmax_fwd_kernel[(n,)](
             logits, logits.stride(0), index.contiguous(), logp, lse, entropy, v, 1.0 / float(temperature),
-            int(ignore_index), BLOCK=block, num_warps=num_warps,
+            int(ignore_index), VEC=row_alignment(logits)["VEC"], BLOCK=block, num_warps=num_warps,
         )
     return logp, lse, entropy
 
@@ -464,12 +483,14 @@ def selective_log_softmax_bwd(grad_logp: Tensor, grad_entropy: Optional[Tensor],
         return grad
     f32 = lambda t: t.reshape(n).to(torch.float32).contiguous()  # noqa: E731
     lse, entropy = f32(lse), f32(entropy)
-    block, num_warps = row_config(v, logits.device)
+    # 4096 x 16 warps on CUDA, as the CE kernels: 8 columns a thread, 32-40 registers (sm_90 / sm_80), 3-4 CTA/SM
+    # (8192 x 16 needed 64: 2 CTA/SM); compiled ahead of time, benchmarks/gpu_static.
+    block, num_warps = row_config(v, logits.device, cuda_max_block=4096)
     with device_ctx(logits):
         _selective_log_softmax_bwd_kernel[(n,)](
             f32(grad_logp), f32(grad_entropy) if grad_entropy is not None else lse, logits, logits.stride(0),
             index.contiguous(), lse, entropy, grad, v, 1.0 / float(temperature), int(ignore_index),
-            HAS_GRAD_ENTROPY=grad_entropy is not None, BF16_RNE_BY_HAND=bf16_by_hand(logits), BLOCK=block,
-            num_warps=num_warps,
+            HAS_GRAD_ENTROPY=grad_entropy is not None, BF16_RNE_BY_HAND=bf16_by_hand(logits), **row_alignment(logits),
+            BLOCK=block, num_warps=num_warps,
         )
     return grad

@@ -81,20 +81,11 @@ KNOWN_GAPS: List[KnownGap] = [
     KnownGap("cuda", r"^(rms_norm|swiglu)_(fwd|bwd)_kernel$", r"no 16-byte loads",
              "the CUDA-extension RMSNorm/SwiGLU kernels still load element by element (the Triton twins, the default "
              "on CUDA, are vectorised); close with the aligned-pack loop kl.cu and cross_entropy.cu use"),
-    KnownGap("cuda", r"^cross_entropy_fwd_kernel$", r"1 CTA/SM < 2|8 B stack",
-             "1024 threads x 54 registers on sm_90 after the grad_out/+inf changes (sm_80: 32 registers and an 8-byte "
-             "frame); close with __launch_bounds__(1024, 2) as kl.cu has, then check the frame"),
     KnownGap("cuda", r"^act_dropout_kernel$", r"8 B stack",
              "an 8-byte frame (a local whose address is taken in the activation switch), not register pressure; "
              "ptxas -v on adapter.cu tells which"),
     KnownGap("cuda", r"^lora_down_grad_kernel$", r"16 B stack",
              "new in this change (dropout applied while loading x); sm_80 only: a 16-byte frame, to remove"),
-    KnownGap("triton", r"^selective_log_softmax_(fwd|bwd)_kernel$", r"no 16-byte loads",
-             "at an odd vocabulary (V=32001) the rows start unaligned, so Triton cannot prove 16-byte alignment; "
-             "needs the aligned main loop + masked head/tail the CE kernel has"),
-    KnownGap("triton", r"^cross_entropy_fwd_kernel$", r"16 B stack",
-             "sm_80 only, with every option on (smoothing + z-loss + softcap + grad, BLOCK 4096 x 16 warps): a "
-             "16-byte frame at 64 registers; sm_90 has none"),
 ]
 
 

@@ -59,21 +59,22 @@ __device__ __forceinline__ int64_t aligned_head(const T* p, int64_t n) {
 }
 
 // f(j, x_j) for the elements of row x[0, n) owned by this thread (block-strided): a scalar head up
-// to the first 16-byte boundary, 16-byte packs, a scalar tail.
+// to the first 16-byte boundary, 16-byte packs, a scalar tail. In-row indices are 32-bit (n + kMaxThreads
+// < 2^31, checked by the launchers): 64-bit ones cost the forward the registers that kept it from 2 blocks/SM.
 template <typename T, typename F>
 __device__ __forceinline__ void row_read(const T* __restrict__ x, int64_t n, F&& f) {
   constexpr int kVec = Pack<T>::kSize;
-  const int64_t head = aligned_head(x, n);
-  const int64_t npack = (n - head) / kVec;
-  const int64_t tail = head + npack * kVec;
-  for (int64_t j = threadIdx.x; j < head; j += blockDim.x) f(j, static_cast<float>(x[j]));
+  const int head = static_cast<int>(aligned_head(x, n));
+  const int npack = (n - head) / kVec;
+  const int tail = head + npack * kVec;
+  for (int j = threadIdx.x; j < head; j += blockDim.x) f(j, static_cast<float>(x[j]));
   const auto* packs = reinterpret_cast<const Pack<T>*>(x + head);
-  for (int64_t k = threadIdx.x; k < npack; k += blockDim.x) {
+  for (int k = threadIdx.x; k < npack; k += blockDim.x) {
     const Pack<T> p = packs[k];
 #pragma unroll
     for (int e = 0; e < kVec; ++e) f(head + k * kVec + e, static_cast<float>(p.v[e]));
   }
-  for (int64_t j = tail + threadIdx.x; j < n; j += blockDim.x) f(j, static_cast<float>(x[j]));
+  for (int j = tail + threadIdx.x; j < n; j += blockDim.x) f(j, static_cast<float>(x[j]));
 }
 
 // out[j] = f(j, x_j) for the whole row; 16-byte packs when x and out are equally misaligned (always
@@ -84,23 +85,23 @@ template <typename T, typename F>
 __device__ __forceinline__ void row_map(const T* x, T* out, int64_t n, F&& f) {
   constexpr int kVec = Pack<T>::kSize;
   if ((reinterpret_cast<uintptr_t>(x) - reinterpret_cast<uintptr_t>(out)) % 16 != 0) {
-    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) out[j] = static_cast<T>(f(j, static_cast<float>(x[j])));
+    for (int j = threadIdx.x; j < n; j += blockDim.x) out[j] = static_cast<T>(f(j, static_cast<float>(x[j])));
     return;
   }
-  const int64_t head = aligned_head(x, n);
-  const int64_t npack = (n - head) / kVec;
-  const int64_t tail = head + npack * kVec;
-  for (int64_t j = threadIdx.x; j < head; j += blockDim.x) out[j] = static_cast<T>(f(j, static_cast<float>(x[j])));
+  const int head = static_cast<int>(aligned_head(x, n));
+  const int npack = (n - head) / kVec;
+  const int tail = head + npack * kVec;
+  for (int j = threadIdx.x; j < head; j += blockDim.x) out[j] = static_cast<T>(f(j, static_cast<float>(x[j])));
   const auto* in_packs = reinterpret_cast<const Pack<T>*>(x + head);
   auto* out_packs = reinterpret_cast<Pack<T>*>(out + head);
-  for (int64_t k = threadIdx.x; k < npack; k += blockDim.x) {
+  for (int k = threadIdx.x; k < npack; k += blockDim.x) {
     const Pack<T> p = in_packs[k];
     Pack<T> q;
 #pragma unroll
     for (int e = 0; e < kVec; ++e) q.v[e] = static_cast<T>(f(head + k * kVec + e, static_cast<float>(p.v[e])));
     out_packs[k] = q;
   }
-  for (int64_t j = tail + threadIdx.x; j < n; j += blockDim.x) out[j] = static_cast<T>(f(j, static_cast<float>(x[j])));
+  for (int j = tail + threadIdx.x; j < n; j += blockDim.x) out[j] = static_cast<T>(f(j, static_cast<float>(x[j])));
 }
 
 template <typename T>
@@ -139,7 +140,8 @@ __device__ __forceinline__ void write_grad_row(const T* x, T* g, int64_t V, int6
   const float a = b + (o.eps > 0.f ? eps_v * W : 0.f) + (o.z_loss > 0.f ? 2.f * o.z_loss * lse : 0.f);
   const float softcap = o.softcap;
   const float inv_cap = softcap > 0.f ? 1.f / softcap : 0.f;
-  row_map(x, g, V, [&](int64_t j, float v) {
+  const int y_col = static_cast<int>(y);  // in [0, V): the in-row indices are 32-bit
+  row_map(x, g, V, [&](int j, float v) {
     float t = 0.f;
     if (softcap > 0.f) {
       t = tanhf(v * inv_cap);
@@ -147,15 +149,20 @@ __device__ __forceinline__ void write_grad_row(const T* x, T* g, int64_t V, int6
     }
     float d = __expf(v - lse) * a;
     if (o.eps > 0.f) d -= eps_v * (weight != nullptr ? weight[j] : 1.f);
-    if (j == y) d -= b;
+    if (j == y_col) d -= b;
     if (softcap > 0.f) d *= 1.f - t * t;
     return d * scale;
   });
 }
 
+// Two 1024-thread row blocks per SM (at most 32 registers per thread), as kl.cu's row kernels: unbounded, ptxas gave
+// the 16-bit forward 54 registers on sm_90, one block (32 warps) per SM, stalled at every block reduction. Bounded,
+// it spilled 20 bytes until the in-row indices (row_read, row_map, the target's column) became 32-bit.
+constexpr int kMinFwdBlocksPerSM = 2;
+
 // One block per row: loss, lse and, when grad != nullptr, grad = (*grad_scale) * dloss/dx.
 template <typename T>
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(kMaxThreads, kMinFwdBlocksPerSM)
     cross_entropy_fwd_kernel(const T* logits, int64_t row_stride, int64_t V,
                              const int64_t* __restrict__ target, const float* __restrict__ weight,
                              const float* __restrict__ grad_scale, Options o, float* __restrict__ loss,
@@ -184,7 +191,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   MaxSum ms{-INFINITY, 0.f};
   float sum_wx = 0.f;
   float sum_w = 0.f;
-  row_read(x, V, [&](int64_t j, float v) {
+  row_read(x, V, [&](int j, float v) {
     if (softcap > 0.f) v = softcap * tanhf(v * inv_cap);
     online_add(ms, v);
     if (smooth) {
@@ -277,6 +284,9 @@ void check_logits(const at::Tensor& logits, const char* op) {
   TORCH_CHECK(logits.size(1) == 1 || logits.stride(1) == 1, op, ": logits' last dimension must have stride 1, got strides ",
               logits.strides());
   TORCH_CHECK(logits.size(0) <= std::numeric_limits<int32_t>::max(), op, ": too many rows (", logits.size(0), ")");
+  // row_read / row_map index within a row with 32-bit ints (fewer registers: see kMinFwdBlocksPerSM)
+  TORCH_CHECK(logits.size(1) <= std::numeric_limits<int32_t>::max() - kMaxThreads, op, ": too many classes (",
+              logits.size(1), ")");
 }
 
 void check_vector(const at::Tensor& t, const char* op, const char* name, int64_t n, at::ScalarType dtype,

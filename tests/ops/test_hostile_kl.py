@@ -26,7 +26,7 @@ TILE = 64  # Triton tile under test: several tiles per row, a leading -inf range
 
 @pytest.fixture(autouse=True)
 def small_triton_tiles(monkeypatch):
-    monkeypatch.setattr(triton_kl, "row_config", lambda v, device: (TILE, 4))
+    monkeypatch.setattr(triton_kl, "row_config", lambda v, device, **cuda_options: (TILE, 4))
     monkeypatch.setattr(triton_kl, "lane_stats_config", lambda v, device: (TILE, 4))
 
 

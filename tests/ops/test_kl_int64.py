@@ -38,8 +38,9 @@ SCRIPT = textwrap.dedent(r"""
     mixed = dict(grads, HAS_REVERSE=True)  # both KL directions (reverse_weight > 0)
     cases = [(K._full_kl_fwd_kernel, kl_fwd, grads), (K._full_kl_bwd_kernel, kl_bwd, grads),
              (K._full_kl_fwd_kernel, kl_fwd, mixed), (K._full_kl_bwd_kernel, kl_bwd, mixed),
-             (K._selective_log_softmax_fwd_kernel, sel_fwd, dict(BLOCK=2048)),
+             (K._selective_log_softmax_fwd_kernel, sel_fwd, dict(VEC=8, BLOCK=2048)),
              (K._selective_log_softmax_bwd_kernel, sel_bwd, dict(HAS_GRAD_ENTROPY=True, BF16_RNE_BY_HAND=False,
+                                                                      VEC=8, GRAD_ALIGNED_LIKE_LOGITS=True,
                                                                       BLOCK=2048))]
     for fn, sig, consts in cases:
         sig = dict(sig, **{k: "constexpr" for k in consts})
