@@ -138,12 +138,14 @@ def _plain_gae(rewards, values, mask, gamma, lam):
     return adv, (adv + values) * mask
 
 
-def test_ppo_loss_on_a_fixed_rollout_matches_plain_torch(tmp_path):
+@pytest.mark.parametrize("value_clip", [0.2, 0.0], ids=["value_clipped", "value_unclipped"])
+def test_ppo_loss_on_a_fixed_rollout_matches_plain_torch(tmp_path, value_clip):
     """Everything recomputed by hand from the rollout's sampled tokens: log-probs from full logits, values
     from the last hidden state, k3 KL to the reference, per-token rewards with the score at the last
-    token, GAE, whitening, clipped policy and value losses."""
-    trainer = Trainer(ppo_config(tmp_path, {"vf_coef": 0.5, "clip_range": 0.1, "lam": 0.9, "gamma": 0.95},
-                                 run={"max_steps": 1}))
+    token, GAE, whitening, the clipped policy loss and the value loss (clipped, or plain as the shipped
+    recipe's value_clip_range = 0)."""
+    trainer = Trainer(ppo_config(tmp_path, {"vf_coef": 0.5, "clip_range": 0.1, "lam": 0.9, "gamma": 0.95,
+                                            "value_clip_range": value_clip}, run={"max_steps": 1}))
     model, task, o = unwrap(trainer.model), trainer.task, trainer.task.options
     batch = task.collate(task.train_samples[:4])
     trainer.train_step(0)  # the policy leaves the reference (KL > 0) and its values leave 0
@@ -188,8 +190,11 @@ def test_ppo_loss_on_a_fixed_rollout_matches_plain_torch(tmp_path):
     ratio = torch.exp(logp - old_logp)
     pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - o.clip_range, 1 + o.clip_range))
     pg = (pg * m).sum() / m.sum()
-    v_clip = old_values + (values - old_values).clamp(-o.value_clip_range, o.value_clip_range)
-    vf = 0.5 * (torch.maximum((values - ret) ** 2, (v_clip - ret) ** 2) * m).sum() / m.sum()
+    error = (values - ret) ** 2
+    if value_clip:
+        v_clip = old_values + (values - old_values).clamp(-value_clip, value_clip)
+        error = torch.maximum(error, (v_clip - ret) ** 2)
+    vf = 0.5 * (error * m).sum() / m.sum()
     torch.testing.assert_close(ours.double(), (pg + o.vf_coef * vf).detach(), atol=1e-4, rtol=1e-4)
 
 
