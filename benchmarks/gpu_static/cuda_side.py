@@ -132,11 +132,14 @@ def threads_for_row(row_length: int, element_size: int, constants: Dict[str, int
 
 
 _LAUNCH = re.compile(r"\b(\w+)(?:<[^<>;]*>)?\s*<<<\s*([^;]*?)>>>", re.S)
+_KERNEL_ALIAS = re.compile(r"\bauto\s+(\w+)\s*=\s*([^;]*?);")
 
 
 def launch_threads(text: str) -> Dict[str, str]:
-    """{kernel base name: its launch site's threads-per-CTA expression} for one .cu file."""
-    sites = {}
+    """{kernel base name: its launch site's threads-per-CTA expression} for one .cu file. A launch through a
+    variable that picks one of a kernel's instantiations at run time (``auto kernel = mixed ? k<T, true> :
+    k<T, false>; kernel<<<...>>>``) is the site of every kernel named in that choice."""
+    sites, launches = {}, []
     for m in _LAUNCH.finditer(text):
         args, depth, current = [], 0, ""
         for ch in m.group(2):
@@ -150,6 +153,12 @@ def launch_threads(text: str) -> Dict[str, str]:
         args.append(current.strip())
         if len(args) >= 2:
             sites[m.group(1)] = args[1]
+            launches.append((m.start(), m.group(1), args[1]))
+    for alias in _KERNEL_ALIAS.finditer(text):
+        threads = next((t for start, name, t in launches if start > alias.end() and name == alias.group(1)), None)
+        if threads is not None:
+            for name in re.findall(r"\b(\w+)\s*<", alias.group(2)):
+                sites.setdefault(name, threads)
     return sites
 
 

@@ -97,8 +97,11 @@ def test_launch_sites_and_threads_for_row():
     act_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(a, b);
     row_kernel<scalar_t><<<static_cast<unsigned>(N), threads_for_row(V, sizeof(scalar_t)), 0,
                            stream>>>(x, y);
+    auto kernel = mixed ? kl_kernel<scalar_t, true> : kl_kernel<scalar_t, false>;
+    kernel<<<static_cast<unsigned>(N), kRowThreads, 0, stream>>>(x, y);
     """
-    assert launch_threads(source) == {"act_kernel": "kThreads", "row_kernel": "threads_for_row(V, sizeof(scalar_t))"}
+    assert launch_threads(source) == {"act_kernel": "kThreads", "row_kernel": "threads_for_row(V, sizeof(scalar_t))",
+                                      "kernel": "kRowThreads", "kl_kernel": "kRowThreads"}
     constants = {"kWarp": 32, "kMaxThreads": 1024}
     assert threads_for_row(128256, 2, constants) == 1024   # capped
     assert threads_for_row(4096, 2, constants) == 512      # 512 16-byte packs -> 16 warps
