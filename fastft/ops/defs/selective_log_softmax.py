@@ -13,7 +13,7 @@ The op's differentiable output is one [1, N] (logp) or [2, N] (logp; entropy) te
 template (fastft.ops._define: output 0 is the differentiable one) carries both gradients.
 
 A soft cap c (logits -> c * tanh(logits / c), then / T) runs around the kernels, so every backend has it: forward
-caps a copy of the logits (the caller's stay untouched), backward recomputes the cap in row chunks (chunk_rows'
+caps a copy of each row chunk (chunk_rows' budget; the caller's logits stay untouched), backward recomputes the cap in row chunks (chunk_rows'
 budget), runs the kernel in place on the chunk of the gradient and multiplies by the cap's derivative 1 - tanh^2:
 beyond the logits' gradient itself, backward holds one chunk of derivatives.
 """
@@ -45,10 +45,21 @@ class SelectiveLogSoftmaxOptions:
 
 def _forward(logits: Tensor, index: Tensor, options: SelectiveLogSoftmaxOptions,
              backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    if options.softcap:
-        logits = softcap_(logits.clone(memory_format=torch.contiguous_format), options.softcap)
-    logp, lse, entropy = selective_log_softmax_op.kernels(backend).fwd(logits, index, options.temperature,
-                                                                       NO_IGNORE_INDEX)
+    fwd = selective_log_softmax_op.kernels(backend).fwd
+    if not options.softcap:
+        logp, lse, entropy = fwd(logits, index, options.temperature, NO_IGNORE_INDEX)
+    else:  # capped copies of row chunks (chunk_rows' budget), not of the whole logits
+        n, v = logits.shape
+        acc = accumulator_dtype(logits.dtype)
+        logp, lse, entropy = (torch.empty((n,), dtype=acc, device=logits.device) for _ in range(3))
+        rows = chunk_rows(n, v, logits.dtype, logits.device.type, 1, 0)
+        buf = torch.empty((min(rows, n), v), dtype=logits.dtype, device=logits.device)
+        for start in range(0, n, rows):
+            end = min(start + rows, n)
+            capped = softcap_(buf[: end - start].copy_(logits[start:end]), options.softcap)
+            for dst, src in zip((logp, lse, entropy), fwd(capped, index[start:end], options.temperature,
+                                                          NO_IGNORE_INDEX)):
+                dst[start:end].copy_(src)
     stats = torch.stack((logp, entropy)) if options.with_entropy else logp.unsqueeze(0)
     return stats, lse, entropy
 
@@ -110,7 +121,7 @@ def selective_log_softmax(logits: Tensor, index: Tensor, *, temperature: float =
     ``return_entropy=True``: ``(logp, entropy)``, the entropy ``-sum_v p_v log p_v`` of ``softmax(logits / T)``
     per row (same dtype, differentiable too: an entropy bonus trains through it). ``softcap`` (> 0, or None for
     none): the logits are ``softcap * tanh(logits / softcap)`` first, then divided by ``T`` (Gemma-2/3's head,
-    torch's order); gradients pass through the cap. The soft cap costs a capped copy of the logits in forward."""
+    torch's order); gradients pass through the cap. The soft cap costs a capped copy of one row chunk in forward."""
     check_float_tensor("logits", logits, min_dim=1)
     check_index_tensor("index", index, "token ids")
     if tuple(index.shape) != tuple(logits.shape[:-1]):
